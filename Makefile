@@ -1,0 +1,30 @@
+# One command each: `make demo` (install + run the pipeline on the offline testbed), `make test`, `make bench`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Torch goes in first and pinned: a bare `pip install transformers ...` would pull a multi-GB CUDA build.
+# On a GPU machine use e.g. `make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH ?= torch==2.13.0
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -c constraints.txt -e ".[dev]"
+	touch $@
+
+test: install
+	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(OFFLINE) $(PY) run.py experiment=testbed_demo
+
+bench: install
+	$(OFFLINE) $(PY) -m mlalign.bench
+
+clean:
+	rm -rf outputs multirun .cache

@@ -1,0 +1,15 @@
+"""mlalign's one entry point: `python run.py task=analyze|train|eval|pipeline|build_testbed|summarize [overrides]`."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from mlalign.tasks import dispatch
+
+    return dispatch(cfg)
+
+
+if __name__ == "__main__":
+    main()
