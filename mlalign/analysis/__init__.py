@@ -1,0 +1,1 @@
+"""Activation capture (forward hooks on decoder layers) and the per-language, per-layer SAE statistics."""

@@ -1,0 +1,47 @@
+"""Atomic result files: write to a temp file in the same folder, then rename, so a crash never leaves a half file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, data) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def mark_complete(folder: str | Path, info: dict | None = None) -> Path:
+    """Written last: a folder without it is an interrupted run's, whatever else it holds."""
+    return write_json_atomic(Path(folder) / COMPLETE_MARKER, info or {})
+
+
+def is_complete(folder: str | Path) -> bool:
+    return (Path(folder) / COMPLETE_MARKER).is_file()

@@ -1,0 +1,90 @@
+"""Load the SAE of each layer from a sae-lens release (+ id template) or a local directory template, and check it fits."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mlalign.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def resid_post_hook(layer: int) -> str:
+    """TransformerLens / sae-lens name of decoder layer `layer`'s output."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def registry_ids(release: str) -> dict[str, str]:
+    """sae_id -> path of a sae-lens release, from the registry shipped with sae-lens (offline)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise UserError(f"sae-lens has no SAE release {release!r}; pick an sae= option (e.g. sae=gemma2_2b) "
+                        "or a release listed by sae_lens.loading.pretrained_saes_directory")
+    return dict(directory[release].saes_map)
+
+
+def local_sae_path(path_template: str, layer: int) -> Path:
+    """`/dir/layer_{layer}`, or just `/dir` holding `layer_0/`, `layer_1/`, ... (no braces to quote on the command line)."""
+    template = str(path_template)
+    if "{layer}" not in template:
+        template = str(Path(template) / "layer_{layer}")
+    return Path(template.format(layer=layer))
+
+
+def sae_id_for(sae_cfg, layer: int) -> str:
+    return str(sae_cfg.id_template).format(layer=layer)
+
+
+def check_sae_config(sae_cfg, layers: list[int]) -> None:
+    """Fail before any weights load if the release lacks an id for a requested layer."""
+    if sae_cfg.release:
+        known = registry_ids(sae_cfg.release)
+        missing = [layer for layer in layers if sae_id_for(sae_cfg, layer) not in known]
+        if missing:
+            raise UserError(f"SAE release {sae_cfg.release} has no id {sae_id_for(sae_cfg, missing[0])!r} "
+                            f"(layers {missing} have none); choose layers=[...] it covers or another sae=")
+    elif not sae_cfg.path_template:
+        raise UserError("the SAE config names neither a release nor a path; use e.g. sae=gemma2_2b or "
+                        "sae=local sae.path_template=/dir (holding layer_0/, layer_1/, ...)")
+
+
+def load_sae(sae_cfg, layer: int, hidden_size: int, device: str = "cpu"):
+    """The SAE of decoder layer `layer`, validated against the model's hidden size and the layer's residual hook."""
+    from sae_lens import SAE
+
+    dtype = sae_cfg.dtype
+    if sae_cfg.release:
+        sae_id = sae_id_for(sae_cfg, layer)
+        try:
+            sae = SAE.from_pretrained(sae_cfg.release, sae_id, device=str(device), dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load SAE {sae_cfg.release}/{sae_id}: {str(err).splitlines()[0]}; it is not in the "
+                            "local Hugging Face cache (go online once, or `huggingface-cli login` if gated)") from None
+        where = f"{sae_cfg.release}/{sae_id}"
+    else:
+        path = local_sae_path(sae_cfg.path_template, layer)
+        if not (path / "cfg.json").is_file():
+            raise UserError(f"no SAE at {path} (missing cfg.json); set sae.path_template=/dir holding layer_0/, "
+                            "layer_1/, ... written by sae-lens's save_model")
+        sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
+        where = str(path)
+    d_in = int(sae.cfg.d_in)
+    if d_in != hidden_size:
+        raise UserError(f"SAE {where} expects d_in={d_in} but the model's hidden size is {hidden_size}; "
+                        "pick the sae= that matches model= (each model selects its own by default)")
+    hook = sae.cfg.metadata.hook_name
+    if hook is not None and hook != resid_post_hook(layer):
+        raise UserError(f"SAE {where} reads {hook}, not layer {layer}'s residual output {resid_post_hook(layer)}; "
+                        "use a residual-stream (resid_post) SAE set whose id template puts {layer} in the right place")
+    sae.eval()
+    for param in sae.parameters():
+        param.requires_grad_(False)
+    return sae
+
+
+def load_saes(sae_cfg, layers: list[int], hidden_size: int, device: str = "cpu") -> dict:
+    check_sae_config(sae_cfg, layers)
+    return {layer: load_sae(sae_cfg, layer, hidden_size, device) for layer in layers}

@@ -1,0 +1,41 @@
+"""Task dispatch: every task is `run(cfg, ctx) -> dict[str, float]` behind one wrapper (seed, config, errors, tracker)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from omegaconf import DictConfig
+
+from mlalign.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# task name -> module under mlalign.tasks
+TASKS = {
+    "analyze": "analyze",
+    "train": "train",
+    "eval": "evaluate",
+    "pipeline": "pipeline",
+    "build_testbed": "build_testbed",
+    "summarize": "summarize",
+}
+
+
+def dispatch(cfg: DictConfig) -> float | None:
+    """Run `cfg.task`; print a user mistake as one line and exit 1; return the metric a sweeper optimises."""
+    from mlalign.tasks.common import RunContext
+
+    try:
+        if cfg.task not in TASKS:
+            raise UserError(f"unknown task {cfg.task!r}; choose one of: task={' | task='.join(TASKS)}")
+        module = importlib.import_module(f"mlalign.tasks.{TASKS[cfg.task]}")
+        with RunContext(cfg) as ctx:
+            metrics = module.run(cfg, ctx)
+            ctx.finish(metrics)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    objective = getattr(module, "OBJECTIVE", None)
+    return float(metrics[objective]) if objective and objective in metrics else None

@@ -1,0 +1,141 @@
+"""What every task shares: run directory, seeding, resolved config on disk, tracker, languages, layers and loaders."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mlalign.errors import UserError
+from mlalign.io import mark_complete, write_json_atomic, write_text_atomic
+from mlalign.languages import resolve_langs
+from mlalign.tracking import make_tracker, scrub_secrets
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """One seed for python, numpy, torch (and CUDA); accelerate and lm-eval take the same number where they run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def hydra_run_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return None
+
+
+def job_name_and_group(cfg: DictConfig, task: str) -> tuple[str, str]:
+    """W&B run name from the job's overrides; group from the experiment, the sweep directory, or the task."""
+    from hydra.core.hydra_config import HydraConfig
+
+    name, group = task, task
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        overrides = [o for o in hc.overrides.task if not o.startswith(("task=", "logger=", "hydra"))]
+        name = ",".join(overrides) or task
+        if OmegaConf.select(hc, "job.num", default=None) is not None and hc.mode.name == "MULTIRUN":
+            group = Path(hc.sweep.dir).name
+    experiment = OmegaConf.select(cfg, "hydra_experiment", default=None)
+    return name, str(experiment or group)
+
+
+def resolve_layers(layers, num_layers: int) -> list[int]:
+    """`null` = every layer; otherwise a validated, sorted list of distinct layer indices."""
+    if layers is None:
+        return list(range(num_layers))
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    try:
+        layers = [int(layer) for layer in layers]
+    except (TypeError, ValueError):
+        raise UserError(f"layers must be integers, got {list(layers)}; type e.g. layers=[0,5,12]") from None
+    if not layers:
+        raise UserError(f"layers is empty; give at least one layer (0..{num_layers - 1}) or layers=null for all")
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise UserError(f"layer {bad[0]} is out of range: this model has {num_layers} layers (0..{num_layers - 1}); "
+                        f"type e.g. layers=[0,{num_layers // 2},{num_layers - 1}]")
+    return sorted(set(layers))
+
+
+def prepare_testbed(cfg: DictConfig) -> None:
+    """For model=testbed: build it on first use (cached under paths.cache_dir) and point paths.testbed_dir at it."""
+    testbed = cfg.model.get("testbed")
+    if testbed is None or cfg.model.hf_id:
+        return
+    from mlalign.testbed import TestbedSpec, ensure_testbed
+
+    directory = ensure_testbed(TestbedSpec.from_config(testbed), cfg.paths.cache_dir)
+    with open_dict(cfg):
+        cfg.paths.testbed_dir = str(directory)
+
+
+class RunContext:
+    """Opened around each task by `mlalign.tasks.dispatch`; closes the tracker even when the task fails."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.task = str(cfg.task)
+        run_dir = run_dir or hydra_run_dir() or OmegaConf.select(cfg, "paths.output_dir", default=None, throw_on_missing=False)
+        if not run_dir:
+            raise UserError("no run directory: run through run.py, or set paths.output_dir=DIR")
+        self.run_dir = Path(run_dir)
+        self.tracker = None
+
+    def __enter__(self) -> "RunContext":
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(int(cfg.seed))
+        self.langs = resolve_langs(cfg.langs, cfg.reference_lang)
+        prepare_testbed(cfg)
+        resolved = scrub_secrets(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+        write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+        name, group = job_name_and_group(cfg, self.task)
+        self.tracker = make_tracker(cfg, self.run_dir, self.task, name, group)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tracker is not None:
+            self.tracker.finish(exit_code=0 if exc_type is None else 1)
+        if exc_type is not None and not issubclass(exc_type, UserError):
+            log.error("task %s failed: %s: %s", self.task, exc_type.__name__, exc)
+
+    def finish(self, metrics: dict) -> None:
+        """Log the task's scalar results and mark the run directory complete (written last)."""
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.tracker.summary(scalars)
+        write_json_atomic(self.run_dir / "metrics.json", scalars)
+        mark_complete(self.run_dir, {"task": self.task})
+
+    @property
+    def testbed_dir(self) -> str | None:
+        return OmegaConf.select(self.cfg, "paths.testbed_dir", default=None)
+
+    def layers(self, num_layers: int | None = None) -> list[int]:
+        return resolve_layers(self.cfg.layers, int(num_layers or self.cfg.model.num_layers))
+
+    def load_tokenizer(self):
+        from mlalign.models import load_tokenizer
+
+        return load_tokenizer(self.cfg.model, self.testbed_dir)
+
+    def load_model(self, adapter: str | None = None, **kwargs):
+        from mlalign.models import load_model
+
+        return load_model(self.cfg.model, self.testbed_dir, adapter=adapter, **kwargs)
+
+    def load_saes(self, layers: list[int], hidden_size: int, device) -> dict:
+        from mlalign.saes import load_saes
+
+        return load_saes(self.cfg.sae, layers, hidden_size, device=str(device))

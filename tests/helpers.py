@@ -1,0 +1,35 @@
+"""Shared test helpers: compose the project's Hydra config exactly as run.py would, and run run.py in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+
+def compose_cfg(overrides: list[str] | None = None, tmp_path: Path | None = None):
+    """The job config for `overrides`; with tmp_path, caches and outputs go there (no ${hydra:} lookups left)."""
+    overrides = list(overrides or [])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    if tmp_path is not None:
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(tmp_path)
+            cfg.paths.output_dir = str(tmp_path / "run")
+            if not any(o.startswith("paths.cache_dir") for o in overrides):
+                cfg.paths.cache_dir = str(tmp_path / "cache")
+    return cfg
+
+
+def run_cli(args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,53 @@
+"""Every group option and experiment composes; model choices pull their own SAE set."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.helpers import CONF_DIR, compose_cfg
+
+GROUPS = ["model", "sae", "data", "analysis", "loss", "lora", "train", "eval", "logger", "paths", "experiment",
+          "hparams_search"]
+NEEDS = {"data=text_dir": ["data.path=/tmp/corpus"], "sae=local": ["sae.path_template=/tmp/sae"]}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_resolves(override, tmp_path):
+    extra = NEEDS.get(override, [])
+    cfg = compose_cfg([override, *extra], tmp_path)
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert container["task"] in {"analyze", "train", "eval", "pipeline", "build_testbed", "summarize"}
+
+
+def test_top_level_defaults():
+    cfg = compose_cfg()
+    assert cfg.reference_lang == "en" and cfg.layers is None and cfg.seed == 0
+    assert list(cfg.langs) == ["zh", "ru", "es", "it", "id", "ca", "mr", "ml", "hi"]
+    for group in ["model", "sae", "data", "analysis", "loss", "lora", "train", "eval", "logger", "paths"]:
+        assert group in cfg
+
+
+def test_model_selects_its_sae_and_sae_can_be_overridden():
+    assert compose_cfg(["model=testbed"]).sae.name == "testbed"
+    cfg = compose_cfg(["model=gemma2_2b"])
+    assert cfg.sae.release == "gemma-scope-2b-pt-res-canonical"
+    assert cfg.sae.id_template.format(layer=7) == "layer_7/width_16k/canonical"
+    assert compose_cfg(["model=gemma2_2b", "sae=local", "sae.path_template='/x/sae_{layer}'"]).sae.name == "local"
+
+
+def test_experiments_state_their_setting():
+    paper = compose_cfg(["experiment=paper"])
+    assert paper.model.name == "gemma2_2b" and paper.sae.release == "gemma-scope-2b-pt-res-canonical"
+    assert paper.model.num_layers == 26 and paper.layers is None and paper.task == "pipeline"
+    demo = compose_cfg(["experiment=testbed_demo"])
+    assert demo.model.name == "testbed" and demo.sae.name == "testbed" and demo.eval.suite == "bundled"
+
+
+def test_experiment_files_are_global_deltas():
+    for path in (CONF_DIR / "experiment").glob("*.yaml"):
+        assert path.read_text().startswith("# @package _global_"), path

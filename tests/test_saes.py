@@ -1,0 +1,76 @@
+"""SAE sets: every real model/SAE pair matches sae-lens's registry; loading checks d_in and the hook."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlalign.errors import UserError
+from mlalign.saes import check_sae_config, load_sae, registry_ids, resid_post_hook
+from tests.helpers import CONF_DIR, compose_cfg
+
+REAL_MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem != "testbed")
+
+
+@pytest.mark.parametrize("model", REAL_MODELS)
+def test_real_model_sae_pairs_match_the_registry(model):
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    cfg = compose_cfg([f"model={model}"])
+    release = get_pretrained_saes_directory()[cfg.sae.release]
+    ids = registry_ids(cfg.sae.release)
+    missing = [layer for layer in range(cfg.model.num_layers) if cfg.sae.id_template.format(layer=layer) not in ids]
+    assert not missing, f"{model}: no SAE id for layers {missing}"
+    assert release.model.split("/")[-1].lower() == cfg.model.hf_id.split("/")[-1].lower()
+    check_sae_config(cfg.sae, list(range(cfg.model.num_layers)))
+
+
+def test_release_without_a_layer_is_a_user_error():
+    cfg = compose_cfg(["model=gemma2_2b"])
+    with pytest.raises(UserError, match="has no id 'layer_26/width_16k/canonical'"):
+        check_sae_config(cfg.sae, [0, 26])
+
+
+def test_missing_local_sae_is_a_user_error(tmp_path):
+    cfg = compose_cfg(["sae=local", f"sae.path_template={tmp_path}"])
+    with pytest.raises(UserError, match="no SAE at"):
+        load_sae(cfg.sae, 0, hidden_size=64)
+
+
+def _stage_gemma_scope(hf_home: Path, folder: str, d_in: int, d_sae: int) -> dict[str, np.ndarray]:
+    """A Hugging Face cache entry laid out like google/gemma-scope-2b-pt-res, with random weights."""
+    repo = hf_home / "hub" / "models--google--gemma-scope-2b-pt-res"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    target = repo / "snapshots" / commit / folder
+    target.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    params = {
+        "W_enc": rng.standard_normal((d_in, d_sae), dtype=np.float32) * 0.01,
+        "W_dec": rng.standard_normal((d_sae, d_in), dtype=np.float32) * 0.01,
+        "b_enc": np.zeros(d_sae, np.float32),
+        "b_dec": np.zeros(d_in, np.float32),
+        "threshold": np.full(d_sae, 0.01, np.float32),
+    }
+    np.savez(target / "params.npz", **params)
+    return params
+
+
+@pytest.mark.slow
+def test_gemma_scope_loads_from_a_staged_hub_cache(tmp_path, monkeypatch):
+    """The real path for model=gemma2_2b, offline: registry -> hf_hub_download from cache -> JumpReLU SAE on layer 3."""
+    import huggingface_hub.constants as hub_constants
+
+    cfg = compose_cfg(["model=gemma2_2b"])
+    folder = registry_ids(cfg.sae.release)[cfg.sae.id_template.format(layer=3)]
+    params = _stage_gemma_scope(tmp_path, folder, d_in=2304, d_sae=16384)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    sae = load_sae(cfg.sae, 3, hidden_size=2304)
+    assert sae.cfg.metadata.hook_name == resid_post_hook(3) and sae.cfg.d_sae == 16384
+    assert torch.equal(sae.W_enc.detach(), torch.from_numpy(params["W_enc"]))
+    with pytest.raises(UserError, match="expects d_in=2304 but the model's hidden size is 64"):
+        load_sae(cfg.sae, 3, hidden_size=64)
