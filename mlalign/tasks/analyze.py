@@ -94,10 +94,9 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
     write_text_atomic(out_dir / "metrics.csv", buffer.getvalue())
     images = {}
     if acfg.plots:
-        from mlalign.analysis.plots import plot_disparity_heatmap, plot_disparity_lines
+        from mlalign.analysis.plots import make_plots
 
-        images = {"disparity_heatmap": plot_disparity_heatmap(summary, out_dir / "disparity_heatmap.png"),
-                  "disparity_by_layer": plot_disparity_lines(summary, out_dir / "disparity_by_layer.png")}
+        images = {Path(path).stem: Path(path) for path in make_plots(summary, out_dir)}
     summary["plots"] = {name: str(path) for name, path in images.items()}
     write_json_atomic(out_dir / "summary.json", summary)
     ctx.tracker.log_table("analysis/metrics", rows)

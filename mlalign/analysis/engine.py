@@ -1,0 +1,196 @@
+"""Stream each language's sentences through the model once and accumulate SAE statistics for every requested layer."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from mlalign.analysis.capture import ResidualCapture, decoder_layers
+from mlalign.analysis.stats import LayerStats, SentenceSums
+from mlalign.errors import UserError
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with transformers
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+def tokenize_sorted(tokenizer, texts: list[str], max_length: int) -> list[tuple[int, list[int]]]:
+    """(text index, token ids) for every text, shortest first (ties by index) so that batches need little padding.
+
+    Special tokens are added as the tokenizer defines them (BOS for Gemma and Llama); `max_length` truncates.
+    """
+    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda i: (len(encoded[i]), i))
+    return [(i, list(encoded[i])) for i in order]
+
+
+def pad_batch(
+    rows: list[list[int]], pad_id: int, padding_side: str, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and position_ids for one batch.
+
+    position_ids count real tokens only: without them a left-padded row would see shifted rotary positions (HF
+    models default to 0..T-1 regardless of the mask), and left padding would change the numbers.
+    """
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        if not row:
+            continue
+        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        ids[b, span] = torch.tensor(row, dtype=torch.long)
+        mask[b, span] = 1
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": position_ids.to(device),
+    }
+
+
+def analysed_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
+    """[batch, seq] bool: real tokens minus each row's leading BOS (found from the mask, so either padding side works).
+
+    The BOS residual is an attention sink with a norm orders of magnitude above content tokens; it carries no
+    language and would dominate every mean.
+    """
+    keep = attention_mask.bool()
+    if bos_token_id is None:
+        return keep
+    first_real = keep.int().argmax(dim=1)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    is_bos = keep[rows, first_real] & (input_ids[rows, first_real] == bos_token_id)
+    keep = keep.clone()
+    keep[rows[is_bos], first_real[is_bos]] = False
+    return keep
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_inputs(model: nn.Module, saes: dict, batch_size: int, max_length: int, sae_chunk, padding_side: str) -> None:
+    n_layers = len(decoder_layers(model))
+    bad = [layer for layer in saes if not 0 <= int(layer) < n_layers]
+    if bad:
+        raise UserError(f"layers {bad} are out of range for a model with {n_layers} layers; use layers between 0 and {n_layers - 1}")
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    for layer, sae in saes.items():
+        if hidden is not None and sae.cfg.d_in != hidden:
+            raise UserError(
+                f"the SAE for layer {layer} expects d_in={sae.cfg.d_in} but the model's residual stream has {hidden} "
+                f"dimensions; pick the SAE set that belongs to the model (e.g. sae=<same name as model>)"
+            )
+    if batch_size < 1:
+        raise UserError(f"analysis.batch_size must be a positive integer, got {batch_size}")
+    if max_length < 2:
+        raise UserError(f"max_length must be at least 2 (BOS plus one token), got {max_length}")
+    if sae_chunk is not None and int(sae_chunk) < 1:
+        raise UserError(f"analysis.sae_chunk must be null or a positive integer, got {sae_chunk}")
+    if not saes:
+        raise UserError("no layers to analyse; set layers=null (all) or e.g. layers=[0,5,10]")
+    if padding_side not in ("left", "right"):
+        raise UserError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+
+
+@torch.inference_mode()
+def collect_stats(
+    model: nn.Module,
+    tokenizer,
+    saes: dict[int, nn.Module],
+    texts_by_lang: dict[str, list[str]],
+    batch_size: int = 16,
+    max_length: int = 128,
+    sae_chunk: int | None = None,
+    padding_side: str = "right",
+    progress: bool = True,
+) -> dict[str, dict[int, SentenceSums]]:
+    """Per-sentence SAE statistics for every (language, layer): `result[lang][layer]` is a `SentenceSums`.
+
+    model: a HF causal LM (or bare decoder) in eval mode; its device is where everything is computed and summed.
+    tokenizer: adds BOS itself (Gemma, Llama); texts are truncated to `max_length` tokens including BOS.
+    saes: layer -> sae-lens SAE whose input is the output of that decoder layer (`blocks.L.hook_resid_post`).
+    texts_by_lang: sentences per language; per-sentence arrays follow this order.
+
+    One forward pass per batch captures every layer of the current chunk (`stop_after_last`: no later layers, no
+    LM head). Each layer's kept positions (no BOS, no padding) are encoded in one `sae.encode` call over the whole
+    batch. With `sae_chunk=k`, at most k SAEs sit on the model's device at once and the corpus is run once per
+    chunk of k layers (k times fewer SAE bytes resident, ceil(L/k) times the forward passes); results are identical.
+    SAEs are moved to the model's device for their chunk and returned to where they were afterwards.
+    Batch size and padding side change no number beyond float rounding (positions are set from the mask).
+    """
+    _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
+    empty = [lang for lang, texts in texts_by_lang.items() if not texts]
+    if empty:
+        raise UserError(f"no sentences for {', '.join(empty)}; check data.path / the split, or drop them from langs")
+    device = _model_device(model)
+    layers = sorted(int(layer) for layer in saes)
+    chunk = len(layers) if sae_chunk is None else int(sae_chunk)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    bos_id = tokenizer.bos_token_id
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+
+    tokenized = {lang: tokenize_sorted(tokenizer, texts, max_length) for lang, texts in texts_by_lang.items()}
+    result: dict[str, dict[int, SentenceSums]] = {lang: {} for lang in texts_by_lang}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(layers), chunk):
+            chunk_layers = layers[start : start + chunk]
+            homes = {layer: _param_device(saes[layer]) for layer in chunk_layers}
+            for layer in chunk_layers:
+                saes[layer].to(device)
+            try:
+                for lang, items in tokenized.items():
+                    accs = {
+                        layer: LayerStats(len(items), saes[layer].cfg.d_in if hidden is None else hidden, saes[layer].cfg.d_sae, device)
+                        for layer in chunk_layers
+                    }
+                    desc = f"{lang} layers {chunk_layers[0]}-{chunk_layers[-1]}"
+                    batches = list(_batches(items, batch_size))
+                    for batch in _progress(batches, progress, desc=desc, leave=False):
+                        _run_batch(model, saes, accs, batch, pad_id, bos_id, padding_side, device)
+                    for layer, acc in accs.items():
+                        result[lang][layer] = acc.finalize()
+            finally:
+                for layer, home in homes.items():
+                    if home is not None:
+                        saes[layer].to(home)
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _param_device(module: nn.Module) -> torch.device | None:
+    param = next(module.parameters(), None)
+    return None if param is None else param.device
+
+
+def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, padding_side, device) -> None:
+    indices = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
+    inputs = pad_batch([ids for _, ids in batch], pad_id, padding_side, device)
+    keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], bos_id)
+    # Row-major selection: token order is row by row, so each kept token's sentence is its row's text index.
+    sentence_index = indices.unsqueeze(1).expand_as(keep)[keep]
+    with ResidualCapture(model, list(accs), detach=True, stop_after_last=True) as capture:
+        activations = capture.forward(**inputs, use_cache=False)
+    for layer, acc in accs.items():
+        sae = saes[layer]
+        x = activations[layer][keep]
+        feature_acts = sae.encode(x)
+        x_hat = sae.decode(feature_acts)
+        acc.update(x, feature_acts, x_hat, sentence_index)

@@ -1,0 +1,239 @@
+"""Typed schemas of every config group, registered in Hydra's ConfigStore: a typo or a wrong type fails at compose time.
+
+Each YAML file in `conf/<group>/` starts its defaults list with `<group>_schema`, so Hydra validates it against the
+dataclass here. The docstring under each field is its documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "???"
+    """Short name used in outputs and W&B (`gemma2_2b`, `testbed`)."""
+    hf_id: Optional[str] = None
+    """Hugging Face model id or local directory; null for the testbed (resolved to its built copy)."""
+    num_layers: int = "???"  # type: ignore[assignment]
+    """Decoder layers; `layers=null` means all of them. Checked against the loaded weights."""
+    hidden_size: int = "???"  # type: ignore[assignment]
+    """Residual stream width; every SAE's d_in must equal it."""
+    dtype: str = "bfloat16"
+    """Weights dtype: float32, bfloat16 or float16 (float32 on CPU)."""
+    device: str = "auto"
+    """auto (CUDA, then MPS, then CPU), or a torch device string."""
+    attn_implementation: str = "eager"
+    """Attention kernel; Gemma-2 needs eager (soft-capping), others may use sdpa."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model repository. Off unless you trust it."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) to pin the weights."""
+    testbed: Optional[Any] = None
+    """Build spec of the offline testbed (model=testbed only; see mlalign/testbed/build.py:TestbedSpec)."""
+
+
+@dataclass
+class SAEConfig:
+    name: str = "???"
+    """Short name used in outputs."""
+    release: Optional[str] = None
+    """sae-lens release name (its registry is offline); null for local SAEs."""
+    id_template: Optional[str] = None
+    """SAE id within the release, with `{layer}` for the layer number."""
+    path_template: Optional[str] = None
+    """Local SAEs: a directory holding layer_0/, layer_1/, ... (sae-lens `save_model` format), or a template with {layer}."""
+    dtype: str = "float32"
+    """SAE weights dtype (bfloat16 halves memory on a GPU)."""
+    device: Optional[str] = None
+    """null = the model's device."""
+
+
+@dataclass
+class DataSplits:
+    analysis: str = "test"
+    """Split analysed by task=analyze (`+` joins splits, e.g. dev+test)."""
+    train: str = "train"
+    """Split task=train learns from."""
+    heldout: str = "test"
+    """Split training never sees; every "after" number is measured on it."""
+    valid: str = "dev"
+    """Split for the loss curve during training."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "flores"
+    """flores (bundled FLORES-200) or text_dir (one {lang}.txt per language)."""
+    path: Optional[str] = None
+    """Corpus directory; null = the bundled copy (flores)."""
+    splits: DataSplits = field(default_factory=DataSplits)
+    """Which split each task uses."""
+    max_sentences: Optional[int] = None
+    """At most this many sentences per language and split; null = all."""
+    max_length: int = 128
+    """Tokens per sentence (BOS included) after truncation."""
+
+
+@dataclass
+class AnalysisConfig:
+    metric: str = "mean_act"
+    """Primary metric: mean_act, l1, l0, feature_coverage, fvu or resid_norm (docs/method.md)."""
+    aggregate: str = "token"
+    """token: mean over all tokens; sentence: mean per sentence first (fair across tokenizers)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples over sentences for the confidence intervals; 0 disables."""
+    ci: float = 0.95
+    """Confidence level of the intervals."""
+    batch_size: int = 16
+    """Sentences per forward pass (does not change any number)."""
+    sae_chunk: Optional[int] = None
+    """At most this many layers' SAEs on the device at once; null = all."""
+    bands: Optional[Any] = None
+    """{band: [first_layer, last_layer]}; null = thirds of the analysed layers (early, middle, deep)."""
+    cache: bool = True
+    """Reuse per-(language, layer) statistics from paths.cache_dir."""
+    plots: bool = True
+    """Write the heatmap and per-layer line plots."""
+
+
+@dataclass
+class LossConfig:
+    ce: float = 1.0
+    """Weight of the causal-LM cross-entropy on target-language text."""
+    act_align: float = 1.0
+    """Weight of the activation-alignment term (0 = plain LoRA)."""
+    en_retain: float = 1.0
+    """Weight of the English-retention term."""
+    act_align_kind: str = "relative_hinge"
+    """relative_hinge, hinge, mse or log_ratio (docs/training.md)."""
+    margin: float = 0.0
+    """relative_hinge: no penalty once the target reaches (1 + margin) x the reference level."""
+    surrogate: str = "pre_relu"
+    """Differentiable stand-in for JumpReLU activations: pre_relu or ste."""
+    ste_bandwidth: float = 0.1
+    """surrogate=ste: width of the pseudo-derivative window around each threshold."""
+    retain_kind: str = "kl"
+    """kl: KL(base || adapted) on English next-token distributions; act_mse: MSE on English SAE activations."""
+    layers: Optional[Any] = None
+    """Layers whose activations are aligned; null = the analysed layers."""
+
+
+@dataclass
+class LoraConfig:
+    _target_: str = "peft.LoraConfig"
+    r: int = 8
+    """LoRA rank (> 0)."""
+    lora_alpha: int = 16
+    """Scaling numerator: updates are scaled by lora_alpha / r."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"])
+    """Module names that get adapters (attention and MLP projections of every layer)."""
+    bias: str = "none"
+    """Which biases train: none, all or lora_only."""
+    task_type: str = "CAUSAL_LM"
+    """peft task type."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Target-language sentences per step (each with its English translation)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps per optimizer step."""
+    max_length: int = 128
+    """Tokens per training sentence."""
+    optimizer: Any = field(default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True,
+                                                    "lr": 2e-4, "weight_decay": 0.0})
+    """Optimizer, instantiated with the LoRA parameters (`_partial_: true`)."""
+    warmup_steps: int = 50
+    """Linear warm-up steps of the schedule."""
+    scheduler: str = "cosine"
+    """transformers scheduler name: cosine, linear or constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on a GPU that has it, else no), no, bf16 or fp16."""
+    save_every: int = 100
+    """Checkpoint interval in steps."""
+    eval_every: int = 100
+    """Validation-loss interval in steps."""
+    resume: bool = False
+    """Continue from the last checkpoint in this run directory (pass hydra.run.dir=<the interrupted run>)."""
+    resume_from: Optional[str] = None
+    """Or a run directory / checkpoint folder to continue from, writing to a new run directory."""
+
+
+@dataclass
+class EvalConfig:
+    suite: str = "harness"
+    """harness (lm-eval's built-in tasks; downloads) or bundled (offline Okapi ARC/MMLU items)."""
+    benchmarks: Any = field(default_factory=lambda: ["arc_challenge", "mmlu", "hellaswag"])
+    """Benchmarks to run in every language; missing combinations are skipped and recorded."""
+    num_fewshot: int = 0
+    """Few-shot examples per prompt."""
+    limit: Optional[int] = None
+    """At most this many items per task; null = all."""
+    batch_size: int = 8
+    """lm-eval batch size."""
+    compare_base: bool = True
+    """Also evaluate the base model when an adapter is given."""
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"
+    """none or wandb."""
+    project: str = "mlalign"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user); null = your default."""
+    group: Optional[str] = None
+    """W&B group; null = the sweep directory's name (multirun) or the task."""
+    mode: Optional[str] = None
+    """online, offline or disabled; null = WANDB_MODE or online."""
+    tags: Any = field(default_factory=list)
+    """W&B tags."""
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    """Where outputs/ and multirun/ go."""
+    cache_dir: str = ".cache"
+    """Caches that outlive a run: the built testbed, analysis statistics."""
+    output_dir: Optional[str] = None
+    """This run's directory (Hydra's runtime output dir)."""
+    testbed_dir: Optional[str] = None
+    """Set at run time for model=testbed: the built testbed's directory."""
+
+
+SCHEMAS = {
+    "model": ModelConfig,
+    "sae": SAEConfig,
+    "data": DataConfig,
+    "analysis": AnalysisConfig,
+    "loss": LossConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "logger": LoggerConfig,
+    "paths": PathsConfig,
+}
+
+
+def register_configs() -> None:
+    """Store each schema as `<group>/<group>_schema`; YAML files list it first in their defaults."""
+    store = ConfigStore.instance()
+    for group, schema in SCHEMAS.items():
+        store.store(group=group, name=f"{group}_schema", node=schema)
+
+
+register_configs()

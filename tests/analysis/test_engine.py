@@ -1,0 +1,203 @@
+"""The engine against direct computations: capture points, hand-computable SAEs, BOS/padding exclusion, invariances."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.analysis.testkit import D_MODEL, N_LAYERS, identity_sae
+from mlalign.analysis.capture import ResidualCapture
+from mlalign.analysis.engine import analysed_positions, collect_stats, pad_batch
+from mlalign.analysis.metrics import METRICS, compute_metrics
+from mlalign.analysis.stats import PER_SENTENCE_SUMS, LayerStats
+from mlalign.errors import UserError
+
+MAX_LENGTH = 48
+
+
+def layer_outputs_one_by_one(model, tokenizer, texts):
+    """Per text, {layer: [seq, d_model]} decoder-layer outputs from an unpadded batch-1 pass with plain hooks (not
+    ResidualCapture), BOS included."""
+    outputs = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")["input_ids"]
+        seen = {}
+        handles = [
+            block.register_forward_hook(lambda _m, _i, out, layer=layer: seen.__setitem__(layer, out[0] if isinstance(out, tuple) else out))
+            for layer, block in enumerate(model.model.layers)
+        ]
+        try:
+            with torch.inference_mode():
+                model(input_ids=ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        outputs.append({layer: seen[layer][0].double().numpy() for layer in seen})
+    return outputs
+
+
+def numpy_jumprelu(sae, x):
+    """sae-lens JumpReLU, written out: f = pre * (pre > threshold), pre = (x - b_dec) W_enc + b_enc."""
+    w_enc, b_enc, w_dec, b_dec, thr = (p.detach().double().numpy() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold))
+    pre = (x - b_dec) @ w_enc + b_enc
+    feats = pre * (pre > thr)
+    return feats, feats @ w_dec + b_dec
+
+
+def numpy_metrics(feats_per_sentence, x_per_sentence, x_hat_per_sentence, aggregate):
+    feats, x, x_hat = (np.concatenate(a) for a in (feats_per_sentence, x_per_sentence, x_hat_per_sentence))
+    per_token = {
+        "mean_act": feats.mean(axis=1),
+        "l1": np.abs(feats).sum(axis=1),
+        "l0": (feats != 0).sum(axis=1),
+        "resid_norm": np.linalg.norm(x, axis=1),
+    }
+    out = {}
+    if aggregate == "token":
+        out.update({k: v.mean() for k, v in per_token.items()})
+    else:
+        bounds = np.cumsum([0] + [len(s) for s in x_per_sentence])
+        out.update({k: np.mean([v[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:]) if b > a]) for k, v in per_token.items()})
+    out["feature_coverage"] = (feats != 0).any(axis=0).mean()
+    out["fvu"] = ((x - x_hat) ** 2).sum() / ((x - x.mean(axis=0)) ** 2).sum()
+    return out
+
+
+def test_capture_points_are_decoder_layer_outputs(model, tokenizer, texts):
+    enc = tokenizer(texts["en"][:3], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**enc, output_hidden_states=True).hidden_states
+        pre_norm = {}
+        handle = model.model.norm.register_forward_pre_hook(lambda _m, args: pre_norm.__setitem__("x", args[0]))
+        model(**enc)
+        handle.remove()
+        with ResidualCapture(model, list(range(N_LAYERS)), stop_after_last=True) as capture:
+            captured = capture.forward(**enc)
+    assert sorted(captured) == list(range(N_LAYERS))
+    for layer in range(N_LAYERS - 1):
+        torch.testing.assert_close(captured[layer], hidden[layer + 1], rtol=0, atol=0)
+    last = captured[N_LAYERS - 1]
+    assert (last - hidden[-1]).abs().max() > 0.1, "hidden_states[-1] is the final-normed stream, not the layer output"
+    torch.testing.assert_close(last, pre_norm["x"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("aggregate", ["token", "sentence"])
+def test_every_metric_matches_numpy_for_a_jumprelu_sae(model, tokenizer, saes, texts, reference_stats, aggregate):
+    values = compute_metrics(reference_stats, aggregate)
+    for lang in ("en", "hi"):
+        residuals = layer_outputs_one_by_one(model, tokenizer, texts[lang])
+        for layer in range(N_LAYERS):
+            x = [r[layer][1:] for r in residuals]  # position 0 is BOS
+            encoded = [numpy_jumprelu(saes[layer], xs) for xs in x]
+            expected = numpy_metrics([f for f, _ in encoded], x, [h for _, h in encoded], aggregate)
+            for metric in METRICS:
+                assert values[lang][layer][metric] == pytest.approx(expected[metric], rel=1e-5), (lang, layer, metric)
+
+
+def test_identity_sae_gives_hand_computable_metrics(model, tokenizer, texts):
+    """Features relu(x), relu(-x): mean_act = ||x||_1 / (2 d), l1 = ||x||_1, l0 = d, coverage = 1, FVU = 0."""
+    sae = identity_sae(D_MODEL)
+    stats = collect_stats(model, tokenizer, {1: sae}, {"en": texts["en"][:8]}, batch_size=3, max_length=MAX_LENGTH, progress=False)
+    values = compute_metrics(stats)["en"][1]
+    x = np.concatenate([r[1][1:] for r in layer_outputs_one_by_one(model, tokenizer, texts["en"][:8])])
+    l1 = np.abs(x).sum(axis=1).mean()
+    assert values["l1"] == pytest.approx(l1, rel=1e-5)
+    assert values["mean_act"] == pytest.approx(l1 / (2 * D_MODEL), rel=1e-5)
+    assert values["l0"] == D_MODEL
+    assert values["feature_coverage"] == 1.0
+    assert values["fvu"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_bos_and_padding_are_excluded(model, tokenizer, texts, reference_stats):
+    """The BOS residual is identical in every sentence and far from the content tokens: counting it would change
+    n_tokens and every mean."""
+    lengths = np.array([len(tokenizer(t, truncation=True, max_length=MAX_LENGTH)["input_ids"]) for t in texts["en"]])
+    sums = reference_stats["en"][0]
+    np.testing.assert_array_equal(sums.n_tokens, lengths - 1)
+    residuals = layer_outputs_one_by_one(model, tokenizer, texts["en"])
+    with_bos = np.mean([np.linalg.norm(r[0], axis=1).mean() for r in residuals])
+    without_bos = np.mean([np.linalg.norm(r[0][1:], axis=1).mean() for r in residuals])
+    sentence_means = sums.resid_norm / sums.n_tokens
+    assert sentence_means.mean() == pytest.approx(without_bos, rel=1e-6)
+    assert abs(with_bos - without_bos) > 0.01 * without_bos  # far beyond the 1e-6 match above
+
+
+def test_analysed_positions_drop_bos_on_either_side():
+    rows = [[7, 1, 2, 3], [7, 4], [5, 6]]  # 7 = BOS; the third row has none
+    for side in ("left", "right"):
+        batch = pad_batch(rows, pad_id=0, padding_side=side, device=torch.device("cpu"))
+        keep = analysed_positions(batch["input_ids"], batch["attention_mask"], bos_token_id=7)
+        kept = [batch["input_ids"][b][keep[b]].tolist() for b in range(3)]
+        assert kept == [[1, 2, 3], [4], [5, 6]], side
+        real = batch["attention_mask"].bool()
+        assert batch["position_ids"][real].tolist() == [0, 1, 2, 3, 0, 1, 0, 1]
+
+
+def _assert_same_stats(a, b, rtol=1e-5):
+    assert a.keys() == b.keys()
+    for lang in a:
+        assert a[lang].keys() == b[lang].keys()
+        for layer in a[lang]:
+            for name in PER_SENTENCE_SUMS:
+                np.testing.assert_allclose(getattr(a[lang][layer], name), getattr(b[lang][layer], name), rtol=rtol, atol=1e-8, err_msg=f"{lang} {layer} {name}")
+            np.testing.assert_array_equal(a[lang][layer].features_fired, b[lang][layer].features_fired)
+    for aggregate in ("token", "sentence"):
+        va, vb = compute_metrics(a, aggregate), compute_metrics(b, aggregate)
+        for lang in va:
+            for layer in va[lang]:
+                for metric in METRICS:
+                    assert va[lang][layer][metric] == pytest.approx(vb[lang][layer][metric], rel=rtol), (lang, layer, metric)
+
+
+@pytest.mark.parametrize("batch_size,padding_side", [(1, "right"), (16, "left"), (16, "right"), (5, "left")])
+def test_batch_size_and_padding_side_change_no_number(model, tokenizer, saes, texts, reference_stats, batch_size, padding_side):
+    stats = collect_stats(model, tokenizer, saes, texts, batch_size=batch_size, max_length=MAX_LENGTH, padding_side=padding_side, progress=False)
+    _assert_same_stats(stats, reference_stats)
+
+
+@pytest.mark.parametrize("sae_chunk", [1, 3])
+def test_sae_chunk_gives_identical_results_and_restores_sae_devices(model, tokenizer, saes, texts, reference_stats, sae_chunk):
+    stats = collect_stats(model, tokenizer, saes, texts, batch_size=8, max_length=MAX_LENGTH, sae_chunk=sae_chunk, progress=False)
+    _assert_same_stats(stats, reference_stats, rtol=1e-12)
+    assert all(sae.W_enc.device.type == "cpu" for sae in saes.values())
+
+
+def test_streaming_equals_one_update_with_all_tokens(saes):
+    """Chunked updates in any order equal one update holding every token (what a non-streaming pass would do)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(200, D_MODEL, generator=gen) * 3 + 1
+    sentence = torch.sort(torch.randint(0, 12, (200,), generator=gen)).values
+    sae = saes[2]
+    feats = sae.encode(x).detach()
+    x_hat = sae.decode(feats).detach()
+    whole = LayerStats(12, D_MODEL, sae.cfg.d_sae)
+    whole.update(x, feats, x_hat, sentence)
+    streamed = LayerStats(12, D_MODEL, sae.cfg.d_sae)
+    for part in torch.randperm(200, generator=gen).split(17):
+        streamed.update(x[part], feats[part], x_hat[part], sentence[part])
+    a, b = whole.finalize(), streamed.finalize()
+    for name in PER_SENTENCE_SUMS:
+        if name != "sq_dev":  # centred on the first sentence seen, which differs here; the total below does not
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-10)
+    np.testing.assert_array_equal(a.features_fired, b.features_fired)
+    assert a.total_sq_dev_from_mean() == pytest.approx(b.total_sq_dev_from_mean(), rel=1e-10)
+    assert a.total_sq_dev_from_mean() == pytest.approx(((x.double() - x.double().mean(0)) ** 2).sum().item(), rel=1e-10)
+
+
+def test_empty_sentence_counts_no_tokens_and_is_skipped_by_the_sentence_mean(model, tokenizer, saes, texts):
+    sentences = ["", *texts["en"][:4]]
+    stats = collect_stats(model, tokenizer, {0: saes[0]}, {"en": sentences}, batch_size=2, max_length=MAX_LENGTH, progress=False)
+    assert stats["en"][0].n_tokens[0] == 0
+    with_empty = compute_metrics(stats, "sentence")["en"][0]
+    without = compute_metrics(collect_stats(model, tokenizer, {0: saes[0]}, {"en": sentences[1:]}, batch_size=2, max_length=MAX_LENGTH, progress=False), "sentence")["en"][0]
+    for metric in METRICS:
+        assert with_empty[metric] == pytest.approx(without[metric], rel=1e-6)
+
+
+def test_user_mistakes_raise_user_error(model, tokenizer, saes, texts):
+    small = {"en": texts["en"][:2]}
+    with pytest.raises(UserError, match="out of range"):
+        collect_stats(model, tokenizer, {N_LAYERS: saes[0]}, small, progress=False)
+    with pytest.raises(UserError, match="d_in"):
+        collect_stats(model, tokenizer, {0: identity_sae(D_MODEL + 1)}, small, progress=False)
+    with pytest.raises(UserError, match="padding_side"):
+        collect_stats(model, tokenizer, {0: saes[0]}, small, padding_side="middle", progress=False)

@@ -1,0 +1,181 @@
+"""Disparities, bootstrap CIs, layer bands, headline statements and the summary/CSV shapes."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from mlalign.analysis.metrics import (
+    METRICS,
+    METRICS_CSV_COLUMNS,
+    bootstrap_ci,
+    compute_metrics,
+    disparity,
+    headline_statements,
+    layer_bands,
+    metrics_rows,
+    summarize,
+)
+from mlalign.analysis.stats import SentenceSums
+from mlalign.errors import UserError
+
+
+def test_disparity_is_relative_difference_and_zero_for_the_reference(reference_stats):
+    values = compute_metrics(reference_stats)
+    for metric in METRICS:
+        disp = disparity(values, "en", metric)
+        assert all(v == 0.0 for v in disp["en"].values())
+        for layer, v in disp["hi"].items():
+            ref, own = values["en"][layer][metric], values["hi"][layer][metric]
+            assert v == pytest.approx(100 * (own - ref) / ref)
+
+
+def test_sentence_aggregate_is_the_mean_of_sentence_means(reference_stats):
+    sums = reference_stats["es"][2]
+    token = compute_metrics(reference_stats, "token")["es"][2]
+    sentence = compute_metrics(reference_stats, "sentence")["es"][2]
+    assert sentence["mean_act"] == pytest.approx(np.mean(sums.mean_act / sums.n_tokens))
+    assert token["mean_act"] == pytest.approx(sums.mean_act.sum() / sums.n_tokens.sum())
+    assert sentence["mean_act"] != pytest.approx(token["mean_act"], rel=1e-9)
+    assert sentence["fvu"] == token["fvu"] and sentence["feature_coverage"] == token["feature_coverage"]
+
+
+@pytest.mark.parametrize("aggregate", ["token", "sentence"])
+def test_bootstrap_ci_contains_the_point_estimate_and_is_seeded(reference_stats, ids, aggregate):
+    values = compute_metrics(reference_stats, aggregate)
+    disp = disparity(values, "en", "mean_act")
+    boot = bootstrap_ci(reference_stats, "en", "mean_act", aggregate, ids, n_resamples=400, seed=3)
+    for lang in reference_stats:
+        for layer in reference_stats[lang]:
+            for metric in METRICS:
+                ci = boot["values_ci"][lang][layer][metric]
+                if metric == "feature_coverage":
+                    assert ci is None
+                    continue
+                assert ci[0] < values[lang][layer][metric] < ci[1], (lang, layer, metric)
+            low, high = boot["disparity_ci"][lang][layer]
+            if lang == "en":
+                assert low == high == 0.0
+            else:
+                assert low < disp[lang][layer] < high
+    again = bootstrap_ci(reference_stats, "en", "mean_act", aggregate, ids, n_resamples=400, seed=3)
+    assert again == boot
+    other = bootstrap_ci(reference_stats, "en", "mean_act", aggregate, ids, n_resamples=400, seed=4)
+    assert other != boot
+    assert bootstrap_ci(reference_stats, "en", n_resamples=0) == {"values_ci": None, "disparity_ci": None}
+
+
+def _permuted(sums: SentenceSums, order: np.ndarray) -> SentenceSums:
+    fields = sums.to_dict()
+    for name in ("n_tokens", "mean_act", "l1", "l0", "resid_norm", "sq_err", "sq_dev"):
+        fields[name] = fields[name][order]
+    return SentenceSums(**fields)
+
+
+def test_paired_bootstrap_matches_sentences_by_id(reference_stats, ids):
+    """A 'language' that is English with its rows shuffled (ids shuffled alongside) has disparity exactly 0 in every
+    paired resample; resampled independently, its CI has positive width."""
+    order = np.random.default_rng(0).permutation(reference_stats["en"][0].n_sentences)
+    stats = {"en": reference_stats["en"], "hi": {layer: _permuted(s, order) for layer, s in reference_stats["en"].items()}}
+    paired_ids = {"en": ids["en"], "hi": [ids["en"][i] for i in order]}
+    paired = bootstrap_ci(stats, "en", n_resamples=200, ids_by_lang=paired_ids)
+    independent = bootstrap_ci(stats, "en", n_resamples=200, ids_by_lang=None)
+    for layer in stats["hi"]:
+        assert paired["disparity_ci"]["hi"][layer] == pytest.approx([0.0, 0.0], abs=1e-9)
+        low, high = independent["disparity_ci"]["hi"][layer]
+        assert high - low > 1.0
+
+
+def test_layer_bands():
+    assert layer_bands(list(range(26))) == {"early": list(range(0, 9)), "middle": list(range(9, 18)), "deep": list(range(18, 26))}
+    assert layer_bands([0, 1, 2, 3]) == {"early": [0, 1], "middle": [2], "deep": [3]}
+    assert layer_bands([5]) == {"early": [5]}
+    assert layer_bands([3, 10, 20, 25], {"low": [0, 12], "high": [13, 25]}) == {"low": [3, 10], "high": [20, 25]}
+    with pytest.raises(UserError, match="holds none"):
+        layer_bands([0, 1], {"deep": [18, 25]})
+    with pytest.raises(UserError, match="after last"):
+        layer_bands([0, 1], {"early": [1, 0]})
+    with pytest.raises(UserError, match="first_layer, last_layer"):
+        layer_bands([0, 1], {"early": 3})
+
+
+def _synthetic(disp_by_lang: dict, resid=None, fvu=None):
+    layers = range(6)
+    values = {"en": {layer: {"mean_act": 1.0, "resid_norm": 10.0, "fvu": 0.2} for layer in layers}}
+    for lang, gaps in disp_by_lang.items():
+        values[lang] = {
+            layer: {
+                "mean_act": 1.0 + gaps[layer] / 100,
+                "resid_norm": 10.0 * (1 + (resid or {}).get(lang, 0.0) / 100),
+                "fvu": (fvu or {}).get(lang, 0.2),
+            }
+            for layer in layers
+        }
+    return values
+
+
+def test_headline_statements_reproduce_the_numbers():
+    values = _synthetic({"es": [-5, -4, -1, 0, 1, 2], "hi": [-10, -30, -15, -12, -8, -12], "mr": [-20, -5, -4, -7, -9, -5]})
+    disp = disparity(values, "en", "mean_act")
+    bands = layer_bands(list(range(6)))
+    statements = headline_statements(values, disp, "en", "mean_act", bands)
+    assert statements[0].startswith("High-resource languages (es) receive up to 5.0% lower SAE activations than English in early layers (es, layer 0)")
+    low = statements[1]
+    assert low.startswith("Medium-to-low resource languages (hi, mr) receive up to 30.0% lower SAE activations than English in early layers (hi, layer 1)")
+    assert "a gap of 9.5% persists in middle layers (mean over layers 2-3)" in low  # mean(-15, -12, -4, -7)
+    assert "a gap of 8.5% persists in deep layers (mean over layers 4-5)" in low  # mean(-8, -12, -9, -5)
+    assert "the SAE fits both languages comparably" in low
+
+
+def test_statements_tell_a_model_level_gap_from_an_sae_artefact():
+    gaps = {"hi": [-20.0] * 6}
+    model_level = _synthetic(gaps, resid={"hi": -15.0})
+    artefact = _synthetic(gaps, fvu={"hi": 0.5})
+    bands = layer_bands(list(range(6)))
+    for values, phrase in ((model_level, "model-level"), (artefact, "SAE artefact")):
+        disp = disparity(values, "en", "mean_act")
+        (statement,) = headline_statements(values, disp, "en", "mean_act", bands)
+        assert phrase in statement
+
+
+def test_summary_is_strict_json_with_the_documented_keys(reference_stats, ids):
+    summary = summarize(reference_stats, "en", ids_by_lang=ids, bootstrap=50, model="tiny", sae="rand")
+    text = json.dumps(summary, allow_nan=False)
+    assert json.loads(text) == summary
+    for key in ("model", "sae", "reference_lang", "metric", "aggregate", "layers", "langs", "values", "disparity_pct",
+                "disparity_ci", "bands", "band_summary", "statements", "n_tokens", "n_sentences"):
+        assert key in summary, key
+    assert summary["layers"] == [0, 1, 2, 3]
+    assert summary["langs"] == ["en", "es", "hi"]
+    assert set(summary["values"]["hi"]["2"]) == set(METRICS)
+    assert summary["disparity_pct"]["en"] == {str(layer): 0.0 for layer in range(4)}
+    assert summary["n_sentences"] == {"en": 30, "es": 30, "hi": 30}
+    assert summary["n_tokens"]["hi"] == int(reference_stats["hi"][0].n_tokens.sum())
+
+    rows = metrics_rows(summary)
+    assert len(rows) == 3 * 4 * (len(METRICS) + 1)
+    assert all(tuple(row) == METRICS_CSV_COLUMNS for row in rows)
+    disparity_rows = [r for r in rows if r["metric"] == "disparity_pct" and r["lang"] == "hi" and r["layer"] == 1]
+    assert disparity_rows[0]["value"] == summary["disparity_pct"]["hi"]["1"]
+    assert [disparity_rows[0]["ci_low"], disparity_rows[0]["ci_high"]] == summary["disparity_ci"]["hi"]["1"]
+
+
+def test_summary_with_bootstrap_off_and_a_dead_reference_layer(reference_stats):
+    stats = copy.deepcopy(reference_stats)
+    dead = stats["en"][1]
+    for name in ("mean_act", "l1", "l0"):
+        getattr(dead, name)[:] = 0.0
+    summary = summarize(stats, "en", bootstrap=0)
+    assert summary["values_ci"] is None and summary["disparity_ci"] is None
+    assert summary["disparity_pct"]["hi"]["1"] is None  # 0 reference: undefined, not infinite
+    json.dumps(summary, allow_nan=False)
+
+
+def test_bad_metric_or_aggregate_is_a_user_error(reference_stats):
+    with pytest.raises(UserError, match="unknown metric"):
+        summarize(reference_stats, "en", metric="activation")
+    with pytest.raises(UserError, match="aggregate"):
+        summarize(reference_stats, "en", aggregate="tokens")
+    with pytest.raises(UserError, match="reference language"):
+        summarize(reference_stats, "ru")

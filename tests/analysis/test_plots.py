@@ -1,0 +1,24 @@
+"""The figures are written, are real PNGs, and survive missing CIs and undefined disparities."""
+
+import copy
+
+import matplotlib.image
+
+from mlalign.analysis.metrics import summarize
+from mlalign.analysis.plots import make_plots
+
+
+def test_make_plots_writes_both_pngs(reference_stats, ids, tmp_path):
+    summary = summarize(reference_stats, "en", ids_by_lang=ids, bootstrap=50, model="tiny", sae="rand")
+    paths = make_plots(summary, tmp_path / "plots")
+    assert [p.name for p in paths] == ["disparity_heatmap.png", "layer_curves.png"]
+    for path in paths:
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert height > 200 and width > 400
+
+
+def test_plots_tolerate_missing_values(reference_stats, tmp_path):
+    summary = summarize(reference_stats, "en", bootstrap=0)
+    summary = copy.deepcopy(summary)
+    summary["disparity_pct"]["hi"]["2"] = None
+    assert all(p.stat().st_size > 0 for p in make_plots(summary, tmp_path))

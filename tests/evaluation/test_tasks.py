@@ -1,0 +1,66 @@
+"""The (suite, benchmark, language) -> lm-eval task table against the installed harness's own task index."""
+
+from pathlib import Path
+
+import pytest
+
+from mlalign.errors import UserError
+from mlalign.evaluation.tasks import BENCHMARKS, SUITES, TASK_TABLE, lookup_task
+from mlalign.languages import LANGUAGES
+
+
+def test_table_covers_every_suite_benchmark_and_language():
+    assert set(TASK_TABLE) == set(SUITES)
+    for suite in SUITES:
+        assert set(TASK_TABLE[suite]) == set(BENCHMARKS)
+        for benchmark in BENCHMARKS:
+            assert set(TASK_TABLE[suite][benchmark]) == set(LANGUAGES)
+
+
+def test_every_harness_task_exists_in_installed_lm_eval(builtin_task_manager):
+    known = set(builtin_task_manager.all_subtasks)
+    names = [name for by_lang in TASK_TABLE["harness"].values() for name in by_lang.values() if name is not None]
+    assert len(names) == 3 * 10 - 1  # everything but HellaSwag in Chinese
+    missing = [name for name in names if name not in known]
+    assert not missing, f"not in lm-eval {len(known)} tasks: {missing}"
+
+
+def test_harness_uses_english_originals_and_okapi_elsewhere():
+    assert lookup_task("arc_challenge", "en").task == "arc_challenge"
+    assert lookup_task("hellaswag", "en").task == "hellaswag"
+    assert lookup_task("mmlu", "en").task == "m_mmlu_en"
+    assert lookup_task("arc_challenge", "mr").task == "arc_mr"
+    assert lookup_task("hellaswag", "ml").task == "hellaswag_ml"
+    assert lookup_task("mmlu", "ca").task == "m_mmlu_ca"
+
+
+def test_english_mmlu_has_the_prompt_of_the_other_languages(builtin_task_manager):
+    # Why the table uses m_mmlu_en and not `mmlu`: identical prompt, choices and target to every m_mmlu_<lang>.
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    def prompt_fields(task):
+        cfg = load_yaml(Path(builtin_task_manager.task_index[task].yaml_path), resolve_func=False)
+        return [cfg[key] for key in ("doc_to_text", "doc_to_choice", "doc_to_target", "test_split")]
+
+    english = prompt_fields("m_mmlu_en")
+    for lang in LANGUAGES:
+        assert prompt_fields(TASK_TABLE["harness"]["mmlu"][lang]) == english
+
+
+def test_missing_combinations_come_with_a_reason():
+    choice = lookup_task("hellaswag", "zh", "harness")
+    assert choice.task is None and "Chinese" in choice.reason
+    for lang in LANGUAGES:
+        choice = lookup_task("hellaswag", lang, "bundled")
+        assert choice.task is None and "eval=harness" in choice.reason
+    assert lookup_task("mmlu", "zh", "bundled") == ("mlalign_mmlu_zh", None)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [(("gsm8k", "hi"), "arc_challenge, mmlu, hellaswag"), (("mmlu", "xx"), "valid codes"),
+     (("mmlu", "hi", "online"), "eval=bundled")],
+)
+def test_user_mistakes_are_user_errors(args, expected):
+    with pytest.raises(UserError, match=expected):
+        lookup_task(*args)
