@@ -1,0 +1,236 @@
+"""Build the offline testbed: a tiny 26-layer Gemma-2, its BPE tokenizer and one JumpReLU SAE per layer, cached by spec.
+
+Everything comes from the bundled corpus's train split, so the testbed builds offline and identically on every machine:
+the model is pretrained on an English-heavy language mix (which languages are "low-resource" is known by
+construction) and each SAE is trained with sae-lens on the testbed's own residual stream at `blocks.L.hook_resid_post`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mlalign.errors import UserError
+from mlalign.languages import LANGUAGES, get_language
+
+BUILD_VERSION = 1
+"""Bump whenever the build recipe changes what it produces, so stale caches are never reused."""
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
+"""Ids 0..3, in Gemma's order for pad (0), eos (1) and bos (2)."""
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+
+COMPLETE_MARKER = "COMPLETE"
+EVAL_SENTENCES_PER_LANG = 16
+"""Sentences per language (the first rows, so translations of each other) for the final loss and SAE statistics."""
+
+
+def _default_lang_mix() -> dict[str, float]:
+    return {"en": 0.40, "zh": 0.08, "ru": 0.08, "es": 0.08, "it": 0.08,
+            "id": 0.06, "ca": 0.06, "mr": 0.04, "ml": 0.04, "hi": 0.04}
+
+
+@dataclass
+class TestbedSpec:
+    """Everything that determines the built testbed; its hash names the cache directory."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    vocab_size: int = 2048
+    """Byte-level BPE vocabulary size, special tokens included."""
+    hidden_size: int = 64
+    """Residual stream width, which is also every SAE's d_in."""
+    intermediate_size: int = 128
+    """MLP width of each decoder layer."""
+    num_heads: int = 2
+    """Attention (query) heads per layer."""
+    num_kv_heads: int = 1
+    """Key/value heads per layer (grouped-query attention, as in Gemma-2)."""
+    head_dim: int = 32
+    """Width of one attention head."""
+    max_length: int = 64
+    """Tokens per sequence (BOS included) in pretraining and SAE data; longer sentences are truncated."""
+    lang_mix: dict[str, float] = field(default_factory=_default_lang_mix)
+    """Share of each language's sentences in pretraining and SAE data; normalised to sum to 1."""
+    pretrain_steps: int = 300
+    """Causal-LM optimiser steps."""
+    batch_size: int = 16
+    """Sentences per pretraining step."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate of pretraining (linear warm-up, cosine decay)."""
+    sae_width_multiple: int = 4
+    """SAE width d_sae = sae_width_multiple x hidden_size."""
+    sae_train_tokens: int = 40000
+    """Residual-stream positions (BOS and padding excluded) collected once; every layer's SAE trains on them."""
+    sae_train_steps: int = 300
+    """Optimiser steps per SAE (256 positions each), so the activations are reused when steps x 256 exceeds them."""
+    sae_l0_coefficient: float = 1.0
+    """Weight of the JumpReLU L0 penalty; larger means sparser SAEs."""
+    seed: int = 0
+    """Seeds python, numpy and torch for the whole build: same spec, same weights."""
+    num_layers: int = 26
+    """Decoder layers, as in Gemma-2-2B."""
+
+    def __post_init__(self) -> None:
+        if not self.lang_mix:
+            raise UserError("testbed lang_mix is empty; give e.g. model.testbed.lang_mix={en:0.5,hi:0.5}")
+        for code, weight in self.lang_mix.items():
+            get_language(code)
+            if not float(weight) > 0:
+                raise UserError(f"testbed lang_mix weight for {code!r} is {weight}; every weight must be > 0 "
+                                f"(drop the language from lang_mix instead)")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"testbed num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.vocab_size < 512:
+            raise UserError(f"testbed vocab_size={self.vocab_size} is too small for byte-level BPE; use at least 512")
+        # A canonical order and plain floats make the hash independent of how the mix was written.
+        self.lang_mix = {code: float(self.lang_mix[code]) for code in LANGUAGES if code in self.lang_mix}
+
+    @classmethod
+    def from_config(cls, mapping: Any) -> "TestbedSpec":
+        """From the `testbed:` block of conf/model/testbed.yaml (a DictConfig or dict), or a model config holding one."""
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(mapping, DictConfig):
+            mapping = OmegaConf.to_container(mapping, resolve=True)
+        mapping = dict(mapping)
+        if isinstance(mapping.get("testbed"), Mapping):
+            mapping = dict(mapping["testbed"])
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise UserError(f"unknown testbed setting(s) {', '.join(unknown)}; valid keys under model.testbed are "
+                            f"{', '.join(sorted(known))}")
+        return cls(**mapping)
+
+    def fingerprint(self) -> str:
+        """Short hash of the spec and BUILD_VERSION: the cache directory's name."""
+        payload = json.dumps({"spec": asdict(self), "build_version": BUILD_VERSION}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def testbed_dir(spec: TestbedSpec, cache_dir: str | Path) -> Path:
+    """Where `spec`'s testbed lives (built or not): `cache_dir/testbed/<hash>`."""
+    return Path(cache_dir) / "testbed" / spec.fingerprint()
+
+
+def ensure_testbed(spec: TestbedSpec, cache_dir: str | Path, progress: bool = True) -> Path:
+    """Return the built testbed's directory, building it first unless the cache already holds it.
+
+    The build goes to a temporary sibling directory that is renamed into place only once `COMPLETE` is written, so an
+    interrupted build never looks finished; a concurrent builder of the same spec just loses the rename race.
+    """
+    final = testbed_dir(spec, cache_dir)
+    if (final / COMPLETE_MARKER).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+    try:
+        build_testbed(spec, staging, progress=progress)
+        (staging / COMPLETE_MARKER).write_text(f"build_version {BUILD_VERSION}\n")
+        if final.exists() and not (final / COMPLETE_MARKER).is_file():
+            shutil.rmtree(final)  # debris of an older, unfinished layout: never a finished build
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not (final / COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def build_testbed(spec: TestbedSpec, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Build the testbed into `out_dir` (no caching, no COMPLETE marker) and return its build info."""
+    from mlalign.data.corpus import load_flores
+    # Imported here: they import this module's constants, and a cache hit needs neither.
+    from mlalign.testbed.lm import build_tokenizer, final_loss_per_lang, new_model, pretrain
+    from mlalign.testbed.saes import collect_residuals, evaluate_saes, train_layer_sae
+
+    out_dir = Path(out_dir)
+    seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        start = time.perf_counter()
+        yield
+        seconds[name] = round(time.perf_counter() - start, 2)
+
+    langs = list(spec.lang_mix)
+    load_average = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # phase times depend on it
+    with _single_threaded(), _seeded(spec.seed):
+        rng = np.random.default_rng(spec.seed)
+        train = load_flores(list(LANGUAGES), "train")
+        with phase("tokenizer"):
+            tokenizer = build_tokenizer(spec, [s for lang in LANGUAGES for s in train[lang]])
+        with phase("pretrain"):
+            model = new_model(spec)
+            pretrain(model, tokenizer, spec, train, rng, progress)
+            model.eval()
+            pretrain_loss = final_loss_per_lang(model, tokenizer, spec, train, EVAL_SENTENCES_PER_LANG)
+            model.save_pretrained(out_dir / "model")
+            tokenizer.save_pretrained(out_dir / "model")
+        with phase("sae_data"):
+            residuals = collect_residuals(model, tokenizer, spec, train, rng)
+        with phase("saes"):
+            saes = {}
+            with tempfile.TemporaryDirectory(prefix="mlalign-sae-ckpt-") as checkpoints:
+                for layer in tqdm(range(spec.num_layers), desc="testbed SAEs", unit="layer", disable=not progress):
+                    saes[layer] = train_layer_sae(residuals[layer], layer, spec, checkpoints)
+                    saes[layer].save_model(out_dir / "saes" / f"layer_{layer}")
+            del residuals
+        with phase("sae_eval"):
+            dev = load_flores(langs, "dev", max_sentences=EVAL_SENTENCES_PER_LANG)
+            sae_stats = evaluate_saes(model, tokenizer, spec, dev, saes)
+
+    info = {
+        "build_version": BUILD_VERSION,
+        "fingerprint": spec.fingerprint(),
+        "spec": asdict(spec),
+        "seconds": seconds,
+        "torch_threads": 1,
+        "load_average_at_start": load_average,
+        "pretrain_loss": pretrain_loss,
+        "sae": sae_stats,
+    }
+    (out_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+@contextlib.contextmanager
+def _single_threaded() -> Iterator[None]:
+    """One intra-op thread: float reductions then run in one order, so a seed gives the same weights on any machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch, and put the caller's global RNG states back afterwards."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])

@@ -1,0 +1,67 @@
+"""Session-wide test setup: offline Hugging Face and W&B with their caches in a temp dir, and the small testbed.
+
+Every suite that needs a real model uses the `testbed_dir` fixture: the testbed with a short pretraining and short SAE
+training, built once per session (about half a minute on two cores) into a session temp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+# Before anything imports transformers, datasets or wandb: they read these once, at import.
+_SESSION_HOME = tempfile.mkdtemp(prefix="mlalign-tests-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["HF_HOME"] = os.path.join(_SESSION_HOME, "hf")
+os.environ["WANDB_DIR"] = os.path.join(_SESSION_HOME, "wandb")
+os.makedirs(os.environ["WANDB_DIR"], exist_ok=True)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mlalign.testbed import TestbedSpec, ensure_testbed  # noqa: E402
+
+SMALL_TESTBED = {"pretrain_steps": 30, "sae_train_tokens": 4000, "sae_train_steps": 100}
+"""What the small test testbed changes in conf/model/testbed.yaml's `testbed:` block; the rest is the default."""
+
+SMALL_TESTBED_OVERRIDES = [f"model.testbed.{key}={value}" for key, value in SMALL_TESTBED.items()]
+"""The same as Hydra overrides: with `paths.cache_dir` set to the `testbed_cache_dir` fixture, `model=testbed` finds
+the session's testbed instead of building the default one."""
+
+# The test models' matrices are tiny: a second intra-op thread only spins against the other jobs of a shared box.
+torch.set_num_threads(1)
+
+# Opt-in for local iteration only: reuse a testbed across sessions instead of building one per session.
+_REUSE_CACHE = os.environ.get("MLALIGN_TEST_TESTBED_CACHE")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def small_testbed_spec() -> TestbedSpec:
+    return TestbedSpec(**SMALL_TESTBED)
+
+
+@pytest.fixture(scope="session")
+def small_testbed_overrides() -> list[str]:
+    return list(SMALL_TESTBED_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def testbed_cache_dir(tmp_path_factory) -> Path:
+    """`paths.cache_dir` of the session: the small testbed lives under it."""
+    return Path(_REUSE_CACHE) if _REUSE_CACHE else tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def testbed_dir(small_testbed_spec, testbed_cache_dir) -> Path:
+    """The built small testbed: `model/` (model + tokenizer), `saes/layer_{L}/`, `build_info.json`, `COMPLETE`."""
+    return ensure_testbed(small_testbed_spec, testbed_cache_dir, progress=False)
