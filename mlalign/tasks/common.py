@@ -36,18 +36,22 @@ def hydra_run_dir() -> Path | None:
 
 
 def job_name_and_group(cfg: DictConfig, task: str) -> tuple[str, str]:
-    """W&B run name from the job's overrides; group from the experiment, the sweep directory, or the task."""
+    """W&B run name from the job's overrides (paths left out); group from the experiment, the sweep, or the task."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     name, group = task, task
     if HydraConfig.initialized():
         hc = HydraConfig.get()
-        overrides = [o for o in hc.overrides.task if not o.startswith(("task=", "logger=", "hydra"))]
+        skip = ("task=", "logger=", "hydra", "paths.", "experiment=")
+        overrides = [o for o in hc.overrides.task if not o.startswith(skip)]
         name = ",".join(overrides) or task
-        if OmegaConf.select(hc, "job.num", default=None) is not None and hc.mode.name == "MULTIRUN":
-            group = Path(hc.sweep.dir).name
-    experiment = OmegaConf.select(cfg, "hydra_experiment", default=None)
-    return name, str(experiment or group)
+        experiment = OmegaConf.select(hc, "runtime.choices.experiment", default=None)
+        if hc.mode == RunMode.MULTIRUN:
+            group = f"{experiment or task}-{Path(hc.sweep.dir).name}"
+        elif experiment:
+            group = str(experiment)
+    return name, group
 
 
 def resolve_layers(layers, num_layers: int) -> list[int]:

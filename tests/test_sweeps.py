@@ -1,0 +1,89 @@
+"""Sweeps: the summary of a multirun, W&B grouping of its jobs, and the Optuna / SLURM / submitit configs."""
+
+import csv
+import json
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from mlalign.sweeps import collect_rows, summarize_sweep, swept_params
+from tests.conftest import SMALL_TESTBED_OVERRIDES
+from tests.helpers import CONF_DIR, run_cli
+from tests.wandb_offline import offline_runs
+
+
+def _fake_job(sweep, num, rank, gain, complete=True):
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["task=train", f"lora.r={rank}"]))
+    (job / "metrics.json").write_text(json.dumps({"activation_gain_pct_mean": gain, "english_retention_pct": 95.0}))
+    if complete:
+        (job / "COMPLETE").write_text("{}")
+
+
+def test_summary_has_one_row_per_job_and_a_plot(tmp_path):
+    for num, (rank, gain) in enumerate([(4, 10.0), (16, 30.0), (8, 20.0)]):
+        _fake_job(tmp_path, num, rank, gain, complete=num != 2)
+    rows = collect_rows(tmp_path)
+    assert swept_params(rows) == ["lora.r"]
+    path = summarize_sweep(tmp_path)
+    with path.open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["lora.r"], float(r["activation_gain_pct_mean"]), r["complete"]) for r in table] == [
+        ("4", 10.0, "True"), ("16", 30.0, "True"), ("8", 20.0, "False")]
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
+def _hydra_cfg(overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def test_optuna_search_space_composes():
+    cfg = _hydra_cfg(["hparams_search=lora_optuna"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"lora.r", "lora.lora_alpha", "train.optimizer.lr", "loss.act_align", "loss.en_retain"}
+    assert cfg.task == "train"
+
+
+def test_slurm_and_local_launchers_compose():
+    slurm = _hydra_cfg(["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu"]).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and slurm.gpus_per_node == 1 and slurm.partition == "gpu"
+    assert slurm.array_parallelism == 8 and slurm.max_num_timeout == 3
+    local = _hydra_cfg(["hydra/launcher=local_cpu"]).hydra.launcher
+    assert local._target_.endswith("LocalLauncher")
+    assert _hydra_cfg(["hydra/launcher=joblib"]).hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+@pytest.mark.slow
+def test_multirun_over_lora_rank_logs_grouped_wandb_runs_and_a_summary(testbed_dir, testbed_cache_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", "task=train", "model=testbed", "langs=[hi]", "train.max_steps=3", "lora.r=2,4",
+                      "logger=wandb", "analysis.bootstrap=0", f"paths.cache_dir={testbed_cache_dir}",
+                      f"hydra.sweep.dir={sweep}", *SMALL_TESTBED_OVERRIDES])
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    assert len(jobs) == 2 and all((job / "adapter" / "adapter_config.json").is_file() for job in jobs)
+    runs = offline_runs(sweep)
+    assert len(runs) == 2
+    assert runs[0]["group"] == runs[1]["group"] == f"train-{sweep.name}"
+    assert {r["job_type"] for r in runs} == {"train"}
+    names = sorted(r["name"] for r in runs)
+    assert names[0] != names[1] and "lora.r=2" in names[0] and "lora.r=4" in names[1]
+    with (sweep / "summary.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert sorted(r["lora.r"] for r in table) == ["2", "4"]
+    assert all(r["complete"] == "True" and float(r["english_retention_pct"]) > 0 for r in table)
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_two_jobs(testbed_dir, testbed_cache_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", "hydra/launcher=local_cpu", "task=build_testbed", "model=testbed", "seed=1,2",
+                      f"paths.cache_dir={testbed_cache_dir}", f"hydra.sweep.dir={sweep}", *SMALL_TESTBED_OVERRIDES])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(sweep.glob("*/COMPLETE"))) == 2
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2
+    assert (sweep / "summary.csv").is_file()

@@ -1,0 +1,50 @@
+"""Read the run records of W&B offline runs (`run-*.wandb`: a LevelDB-style log of protobuf records), offline."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+HEADER_LEN, BLOCK_LEN = 7, 32768
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def _records(path: Path):
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run log"
+    pos, pending = HEADER_LEN, b""
+    while pos + HEADER_LEN <= len(data):
+        room = BLOCK_LEN - pos % BLOCK_LEN
+        if room < HEADER_LEN:  # block trailer padding
+            pos += room
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER_LEN])
+        chunk = data[pos + HEADER_LEN:pos + HEADER_LEN + length]
+        pos += HEADER_LEN + length
+        if kind == FULL:
+            yield chunk
+        elif kind == FIRST:
+            pending = chunk
+        elif kind == MIDDLE:
+            pending += chunk
+        elif kind == LAST:
+            yield pending + chunk
+            pending = b""
+        else:
+            break
+
+
+def offline_runs(root: Path) -> list[dict]:
+    """group, name and job_type of every offline run under `root`."""
+    from wandb.proto import wandb_internal_pb2
+
+    runs = []
+    for path in sorted(Path(root).rglob("run-*.wandb")):
+        for raw in _records(path):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "run":
+                runs.append({"group": record.run.run_group, "name": record.run.display_name,
+                             "job_type": record.run.job_type, "path": path})
+                break
+    return runs
