@@ -1,0 +1,36 @@
+"""The per-(language, layer) statistics cache: round trip, checksum, and identity."""
+
+import numpy as np
+
+from mlalign.analysis.cache import StatsCache
+from mlalign.analysis.stats import SentenceSums
+
+
+def _sums(seed: int) -> SentenceSums:
+    rng = np.random.default_rng(seed)
+    n = 5
+    return SentenceSums(n_tokens=rng.integers(1, 9, n), mean_act=rng.random(n), l1=rng.random(n), l0=rng.random(n),
+                        resid_norm=rng.random(n), sq_err=rng.random(n), sq_dev=rng.random(n), sum_x=rng.random(4),
+                        shift=rng.random(4), features_fired=rng.random(8) > 0.5)
+
+
+def test_round_trip_and_identity(tmp_path):
+    cache = StatsCache(tmp_path, {"model": "m", "corpus": {"split": "test"}})
+    assert cache.load("hi", 3) is None
+    cache.save("hi", 3, _sums(0))
+    loaded = cache.load("hi", 3)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.to_dict().values(), _sums(0).to_dict().values()))
+    assert cache.load("hi", 4) is None and cache.load("mr", 3) is None
+    assert StatsCache(tmp_path, {"model": "m", "corpus": {"split": "dev"}}).load("hi", 3) is None
+    assert StatsCache(tmp_path, {"model": "m", "corpus": {"split": "test"}}, enabled=False).load("hi", 3) is None
+
+
+def test_corrupt_or_unfinished_entry_is_not_trusted(tmp_path):
+    cache = StatsCache(tmp_path, {"model": "m"})
+    cache.save("hi", 0, _sums(0))
+    data = next(tmp_path.glob("*.npz"))
+    data.write_bytes(data.read_bytes()[:-10] + b"0123456789")
+    assert cache.load("hi", 0) is None
+    cache.save("ml", 0, _sums(1))
+    next(p for p in tmp_path.glob("*.sha256") if p.stat().st_mtime == max(q.stat().st_mtime for q in tmp_path.glob("*.sha256"))).unlink()
+    assert cache.load("ml", 0) is None

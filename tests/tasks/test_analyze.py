@@ -1,0 +1,55 @@
+"""task=analyze on the testbed: all layers x all languages, the files it promises, and the cache across runs."""
+
+import csv
+import json
+
+import pytest
+
+from tests.conftest import SMALL_TESTBED_OVERRIDES
+from tests.helpers import run_cli
+
+ALL = "[zh,ru,es,it,id,ca,mr,ml,hi]"
+
+
+@pytest.mark.slow
+def test_all_layers_and_languages_then_one_more_language_from_cache(testbed_dir, testbed_cache_dir, tmp_path):
+    common = ["task=analyze", "model=testbed", "data.max_sentences=24", "analysis.bootstrap=50",
+              f"paths.cache_dir={tmp_path / 'cache'}", f"paths.root_dir={tmp_path}", *SMALL_TESTBED_OVERRIDES]
+    # The small testbed lives in the session cache; link it so this test's own analysis cache starts empty.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "testbed").symlink_to(testbed_cache_dir / "testbed")
+    first = run_cli([*common, "langs=[hi,mr]"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "analyzing 3 language(s) x 26 layer(s)" in first.stdout
+    second = run_cli([*common, f"langs={ALL}"])
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "analyzing 7 language(s) x 26 layer(s) (78 (language, layer) results from the cache)" in second.stdout
+    run_dir = sorted((tmp_path / "outputs" / "analyze").iterdir())[-1]
+    summary = json.loads((run_dir / "analysis" / "summary.json").read_text())
+    assert summary["layers"] == list(range(26)) and len(summary["langs"]) == 10
+    assert summary["reference_lang"] == "en" and summary["metric"] == "mean_act"
+    assert all(summary["disparity_pct"]["en"][str(layer)] == 0 for layer in range(26))
+    low, high = summary["disparity_ci"]["hi"]["3"]
+    assert low <= summary["disparity_pct"]["hi"]["3"] <= high
+    assert summary["statements"] and set(summary["bands"]) == {"early", "middle", "deep"}
+    with (run_dir / "analysis" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["metric"] for r in rows} >= {"mean_act", "l1", "l0", "feature_coverage", "fvu", "resid_norm", "disparity_pct"}
+    assert len({(r["lang"], r["layer"]) for r in rows}) == 260
+    for name in ("disparity_heatmap.png", "layer_curves.png"):
+        assert (run_dir / "analysis" / name).stat().st_size > 10_000
+    assert (run_dir / "COMPLETE").is_file()
+    # The same numbers whether they came from the cache or not.
+    first_dir = sorted((tmp_path / "outputs" / "analyze").iterdir())[0]
+    before = json.loads((first_dir / "analysis" / "summary.json").read_text())
+    assert before["values"]["hi"] == summary["values"]["hi"]
+
+
+@pytest.mark.slow
+def test_text_dir_corpus_missing_a_language_is_one_line(testbed_dir, testbed_cache_dir, tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "en.txt").write_text("Hello there.\nGood morning.\n", encoding="utf-8")
+    result = run_cli(["task=analyze", "model=testbed", "langs=[hi]", "data=text_dir", f"data.path={tmp_path / 'corpus'}",
+                      f"paths.cache_dir={testbed_cache_dir}", f"paths.root_dir={tmp_path}", *SMALL_TESTBED_OVERRIDES])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: corpus directory") and "hi.txt" in result.stderr
