@@ -184,13 +184,16 @@ def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, 
     indices = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
     inputs = pad_batch([ids for _, ids in batch], pad_id, padding_side, device)
     keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], bos_id)
-    # Row-major selection: token order is row by row, so each kept token's sentence is its row's text index.
-    sentence_index = indices.unsqueeze(1).expand_as(keep)[keep]
+    # The kept positions as flat row-major indices, found once per batch: every layer then gathers with index_select,
+    # where a boolean mask per layer would make the host wait for the device once per layer (on a GPU).
+    flat = keep.flatten().nonzero().squeeze(1)
+    # Token order is row by row, so each kept token's sentence is its row's text index.
+    sentence_index = indices.repeat_interleave(keep.shape[1]).index_select(0, flat)
     with ResidualCapture(model, list(accs), detach=True, stop_after_last=True) as capture:
         activations = capture.forward(**inputs, use_cache=False)
     for layer, acc in accs.items():
         sae = saes[layer]
-        x = activations[layer][keep]
+        x = activations[layer].flatten(0, 1).index_select(0, flat)
         feature_acts = sae.encode(x)
         x_hat = sae.decode(feature_acts)
         acc.update(x, feature_acts, x_hat, sentence_index)

@@ -100,11 +100,12 @@ class LayerStats:
             first = sentence_index == sentence_index[0]
             self.shift = x[first].mean(dim=0)
         acts = feature_acts.to(torch.float32)
+        fired = acts != 0  # one [n, d_sae] pass shared by l0 and features_fired
         per_token = {
             "n_tokens": torch.ones(x.shape[0], dtype=self.dtype, device=x.device),
             "mean_act": acts.mean(dim=-1),
             "l1": acts.abs().sum(dim=-1),
-            "l0": (acts != 0).sum(dim=-1),
+            "l0": fired.sum(dim=-1),
             "resid_norm": torch.linalg.vector_norm(x, dim=-1),
             "sq_err": (x - x_hat.to(self.dtype)).pow(2).sum(dim=-1),
             "sq_dev": (x - self.shift).pow(2).sum(dim=-1),
@@ -112,7 +113,7 @@ class LayerStats:
         for name, values in per_token.items():
             self.sums[name].index_add_(0, sentence_index, values.to(self.dtype))
         self.sum_x += x.sum(dim=0)
-        self.features_fired |= (acts != 0).any(dim=0)
+        self.features_fired |= fired.any(dim=0)
 
     def finalize(self) -> SentenceSums:
         """Move everything to the CPU once and return it as numpy arrays."""
