@@ -1,0 +1,1 @@
+"""Activation-aware LoRA training: the loss terms, parallel batches, the accelerate loop and its checkpoints."""

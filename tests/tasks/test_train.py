@@ -1,0 +1,263 @@
+"""task=train on the testbed: LoRA-only gradients, activation-aware beats plain LoRA, reload, resume, user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from mlalign.errors import UserError
+from mlalign.tracking import Tracker
+from tests.helpers import compose_cfg, run_cli
+
+# Five layers spread over the 26 (each one where the testbed's hi sits below English) keep every run short.
+LAYERS = "[1,4,15,19,24]"
+FAST = ["task=train", "model=testbed", "langs=[hi]", f"layers={LAYERS}", "data.max_sentences=96",
+        "data.max_length=48", "train.max_length=48", "train.batch_size=8", "train.warmup_steps=2",
+        "train.optimizer.lr=3e-3", "analysis.batch_size=48", "train.eval_every=0"]
+
+
+def bed_overrides(testbed_dir) -> list[str]:
+    d = Path(testbed_dir)
+    return [f"model.hf_id={d / 'model'}", f"sae.path_template='{d}/saes/layer_{{layer}}'"]
+
+
+def train_cfg(testbed_dir, tmp_path, *overrides):
+    return compose_cfg([*FAST, *bed_overrides(testbed_dir), *overrides], tmp_path)
+
+
+def run_train(cfg, tracker=None):
+    from mlalign.tasks import train
+    from mlalign.tasks.common import RunContext
+
+    with RunContext(cfg) as ctx:
+        if tracker is not None:
+            ctx.tracker = tracker
+        metrics = train.run(cfg, ctx)
+        ctx.finish(metrics)
+    return metrics, ctx.run_dir
+
+
+def peft_testbed(cfg):
+    from hydra.utils import instantiate
+    from peft import get_peft_model
+
+    from mlalign.models import load_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(cfg.model), instantiate(cfg.lora, _convert_="all"))
+    with torch.no_grad():  # B starts at 0, which would leave A without gradient; any non-zero B reaches both
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.01)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("weights", ["ce=1.0,act_align=1.0,en_retain=1.0", "ce=0.0,act_align=1.0,en_retain=0.0"])
+def test_gradients_reach_only_lora_parameters(testbed_dir, tmp_path, weights):
+    from accelerate import Accelerator
+
+    from mlalign.analysis.capture import decoder_layers
+    from mlalign.models import load_tokenizer
+    from mlalign.saes import load_saes
+    from mlalign.training.data import load_parallel_stream
+    from mlalign.training.loop import ObjectiveFn
+
+    ce, act, retain = (float(kv.split("=")[1]) for kv in weights.split(","))
+    cfg = train_cfg(testbed_dir, tmp_path, f"loss.ce={ce}", f"loss.act_align={act}", f"loss.en_retain={retain}")
+    model = peft_testbed(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    layers = [1, 4, 15, 19, 24]
+    saes = load_saes(cfg.sae, layers, model.config.hidden_size)
+    stream = load_parallel_stream(cfg.data, ["hi"], "en", "train", tokenizer, 48, seed=0)
+    objective = ObjectiveFn(cfg.loss, saes, layers, tokenizer.bos_token_id, Accelerator(cpu=True))
+    model.train()
+    terms = objective(model, stream.batch(0, 4, torch.device("cpu")))
+    assert terms.values["act_align"] > 0  # hi starts below English on the testbed, so the hinge is active
+    terms.total.backward()
+    # Through L_act alone only layers up to the deepest aligned one can move the aligned activations.
+    reach = max(layers) if ce == 0 and retain == 0 else len(decoder_layers(model)) - 1
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    reached = {n: p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.items()}
+    assert lora and all(reached[n] == (int(n.split(".layers.")[1].split(".")[0]) <= reach) for n in lora)
+    others = [n for n, p in model.named_parameters() if "lora_" not in n and (p.requires_grad or p.grad is not None)]
+    assert others == []
+    sae_grads = [p.grad for sae in saes.values() for p in sae.parameters() if p.grad is not None]
+    assert sae_grads == []
+
+
+# --------------------------------------------------------------------------------------- training end to end
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def aligned_run(testbed_dir, tmp_path_factory):
+    """The activation-aware run, through run.py as a user would start it."""
+    run_dir = tmp_path_factory.mktemp("aligned") / "run"
+    result = run_cli([*FAST, *bed_overrides(testbed_dir), f"train.max_steps={STEPS}", "train.save_every=10",
+                      f"hydra.run.dir={run_dir}", f"paths.cache_dir={run_dir.parent / 'cache'}"],
+                     env={"OMP_NUM_THREADS": "1"})  # tiny matrices: a second thread only spins on a shared box
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def plain_run(testbed_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plain")
+    metrics, run_dir = run_train(train_cfg(testbed_dir, tmp, "loss=plain", f"train.max_steps={STEPS}",
+                                           "train.save_every=0"))
+    return run_dir
+
+
+def report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "train" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_run_writes_adapter_metrics_plot_and_retention(aligned_run):
+    r = report(aligned_run)
+    assert (aligned_run / "adapter" / "adapter_config.json").is_file()
+    assert (aligned_run / "train" / "activation_before_after.png").stat().st_size > 0
+    assert set(r["activation_gain_pct_per_layer"]["hi"]) == {"1", "4", "15", "19", "24"}
+    assert set(r["activation_gain_pct_by_band"]["hi"]) == {"early", "middle", "deep"}
+    assert 0 < r["english_retention_pct"] < 1000
+    assert set(r["lm_loss_change"]) == {"en", "hi"}
+    summary = json.loads((aligned_run / "metrics.json").read_text())
+    assert summary["activation_gain_pct_hi"] == pytest.approx(r["activation_gain_pct"]["hi"])
+    assert "english_retention_pct" in summary
+    # The last checkpoint is kept, the older ones removed.
+    assert [p.name for p in (aligned_run / "checkpoints").iterdir()] == [f"step-{STEPS:08d}"]
+
+
+@pytest.mark.slow
+def test_act_align_term_falls_during_training(aligned_run):
+    history = json.loads((aligned_run / "train" / "history.json").read_text())
+    act = [h["act_align"] for h in history]
+    assert len(act) == STEPS
+    assert sum(act[-4:]) / 4 < 0.5 * sum(act[:4]) / 4
+
+
+@pytest.mark.slow
+def test_act_align_raises_heldout_activation_more_than_plain_lora(aligned_run, plain_run):
+    aligned, plain = report(aligned_run), report(plain_run)
+    assert aligned["activation_gain_pct"]["hi"] > 0
+    assert aligned["activation_gain_pct"]["hi"] > plain["activation_gain_pct"]["hi"] + 5.0
+
+
+@pytest.mark.slow
+def test_reloaded_adapter_reproduces_the_reported_numbers(aligned_run, testbed_dir, tmp_path):
+    from mlalign.data.corpus import load_corpus
+    from mlalign.models import load_model, load_tokenizer
+    from mlalign.saes import load_saes
+    from mlalign.training.report import activation_levels
+
+    cfg = train_cfg(testbed_dir, tmp_path, f"adapter={aligned_run / 'adapter'}")
+    base = load_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    inputs = tokenizer(["यह एक परीक्षण है।"], return_tensors="pt")
+    base_logits = base(**inputs).logits
+    adapted = load_model(cfg.model, adapter=cfg.adapter)  # the path analyze and eval take
+    assert not torch.allclose(adapted(**inputs).logits, base_logits, atol=1e-4)
+
+    r = report(aligned_run)
+    layers = r["layers"]
+    heldout = load_corpus(cfg.data, ["en", "hi"], "test")
+    levels = activation_levels(adapted, tokenizer, load_saes(cfg.sae, layers, base.config.hidden_size),
+                               {lang: heldout[lang] for lang in ("en", "hi")}, "mean_act", "token",
+                               batch_size=48, max_length=48)
+    for lang in ("en", "hi"):
+        for layer in layers:
+            assert levels[lang][layer] == pytest.approx(r["activation_after"][lang][str(layer)], rel=1e-4)
+
+
+class SigtermAt(Tracker):
+    """Sends this process SIGTERM when the loop logs step `at`, as a cluster scheduler would."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def log(self, metrics, step=None):
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoint_then_resume_matches_an_uninterrupted_run(testbed_dir, tmp_path, capsys):
+    from mlalign.training.loop import TrainingStopped
+
+    steps = ["train.max_steps=8", "train.save_every=3", "data.max_sentences=48"]
+    whole, whole_dir = run_train(train_cfg(testbed_dir, tmp_path / "whole", *steps))
+
+    cfg = train_cfg(testbed_dir, tmp_path / "cut", *steps)
+    with pytest.raises(TrainingStopped, match="SIGTERM after step 5"):
+        run_train(cfg, tracker=SigtermAt(5))
+    run_dir = Path(cfg.paths.output_dir)
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000005"]
+    assert not (run_dir / "adapter").exists()
+
+    with open_dict(cfg):
+        cfg.train.resume = True
+    resumed, _ = run_train(cfg)
+    assert "resumed from step 5" in capsys.readouterr().out
+
+    h_whole = json.loads((whole_dir / "train" / "history.json").read_text())
+    h_resumed = json.loads((run_dir / "train" / "history.json").read_text())
+    assert [h["step"] for h in h_resumed] == list(range(1, 9))
+    for a, b in zip(h_whole, h_resumed):
+        assert b["total"] == pytest.approx(a["total"], rel=1e-4, abs=1e-6)
+    for key in ("activation_gain_pct_hi", "english_retention_pct"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-3)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(testbed_dir, tmp_path):
+    from mlalign.training.loop import TrainingStopped
+
+    # An absurd learning rate blows the LoRA weights up after the first update.
+    cfg = train_cfg(testbed_dir, tmp_path, "train.max_steps=6", "train.save_every=1", "train.warmup_steps=0",
+                    "train.optimizer.lr=1e30", "train.max_grad_norm=0", "data.max_sentences=24")
+    with pytest.raises(TrainingStopped, match=r"non-finite loss at step \d.*last good checkpoint") as info:
+        run_train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    kept = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert len(kept) == 1 and kept[0] in str(info.value)
+    assert not (run_dir / "adapter").exists()
+
+
+# --------------------------------------------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.ce=0", "loss.act_align=0", "loss.en_retain=0"], "every loss weight is 0"),
+    (["lora.r=0"], "lora.r=0"),
+    (["lora.r=-4"], "lora.r=-4"),
+    (["data.splits.heldout=train"], "held-out"),
+])
+def test_untrainable_configs_are_user_errors(tmp_path, overrides, message):
+    from mlalign.tasks.train import run
+
+    cfg = compose_cfg([*FAST, *overrides], tmp_path)
+    with pytest.raises(UserError, match=message):
+        run(cfg, ctx=None)  # refused before anything loads
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(testbed_dir, tmp_path):
+    cfg = train_cfg(testbed_dir, tmp_path, "train.resume=true")
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        run_train(cfg)
+
+
+def test_cli_prints_one_line_for_zero_weights(tmp_path):
+    result = run_cli(["task=train", "model=testbed", "model.hf_id=/nonexistent", "langs=[hi]", "loss.ce=0",
+                      "loss.act_align=0", "loss.en_retain=0", f"hydra.run.dir={tmp_path / 'run'}",
+                      f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "every loss weight is 0" in result.stderr
