@@ -3,6 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import mlalign.config  # noqa: F401  (registers the typed config schemas)
+
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:

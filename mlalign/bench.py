@@ -399,12 +399,18 @@ def compare(analysis: dict, reference: dict) -> dict:
 # Training steps: mlalign's real objective (ObjectiveFn) on a peft LoRA model, loss=plain vs loss=act_align.
 
 
-def _loss_cfg(**overrides):
-    from omegaconf import OmegaConf
+def _project_cfg(overrides: list[str] | None = None):
+    """The project's composed config (the same loss and LoRA settings a `task=train` run gets)."""
+    from hydra import compose, initialize_config_dir
 
-    cfg = OmegaConf.load(CONF_DIR / "loss" / "act_align.yaml")
-    cfg.merge_with(overrides)
-    return cfg
+    import mlalign.config  # noqa: F401  (registers the typed config schemas)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+def _loss_cfg(**overrides):
+    return _project_cfg([f"loss.{key}={value}" for key, value in overrides.items()]).loss
 
 
 def build_training(bench: Bench):
@@ -412,7 +418,6 @@ def build_training(bench: Bench):
 
     from accelerate import Accelerator
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
     from peft import get_peft_model
 
     from mlalign.training.data import ParallelStream, tokenize
@@ -421,7 +426,7 @@ def build_training(bench: Bench):
     s = bench.settings
     accelerator = Accelerator(cpu=s.device == "cpu", mixed_precision="bf16" if s.shape.dtype == "bfloat16" else "no")
     base = copy.deepcopy(bench.model).float() if s.device == "cpu" else copy.deepcopy(bench.model)
-    model = get_peft_model(base, instantiate(OmegaConf.load(CONF_DIR / "lora" / "default.yaml"), _convert_="all"))
+    model = get_peft_model(base, instantiate(_project_cfg().lora, _convert_="all"))
     saes = {layer: sae.float() if s.device == "cpu" else sae for layer, sae in bench.saes.items()}
     targets = [lang for lang in bench.texts if lang != "en"]
     target_ids = {lang: tokenize(bench.tokenizer, bench.texts[lang], s.max_length) for lang in targets}

@@ -169,6 +169,8 @@ class TrainConfig:
     """Continue from the last checkpoint in this run directory (pass hydra.run.dir=<the interrupted run>)."""
     resume_from: Optional[str] = None
     """Or a run directory / checkpoint folder to continue from, writing to a new run directory."""
+    retention_floor_pct: float = 90.0
+    """alignment_score (the sweep objective) loses 10 points per point of English retention below this."""
 
 
 @dataclass

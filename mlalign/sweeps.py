@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 from hydra.experimental.callback import Callback
 
 from mlalign.io import is_complete, write_text_atomic
@@ -118,7 +119,12 @@ class SweepSummaryCallback(Callback):
         if config.get("logger", {}).get("backend") == "wandb":
             from mlalign.tracking import make_tracker
 
-            tracker = make_tracker(config, sweep_dir, "summarize", name=f"summary:{sweep_dir.name}", group=sweep_dir.name)
+            task = str(config.get("task", "sweep"))
+            experiment = OmegaConf.select(config, "hydra.runtime.choices.experiment", default=None)
+            # The same group as the sweep's jobs (mlalign.tasks.common.job_name_and_group), so the summary sits with them.
+            tracker = make_tracker(config, sweep_dir, "summarize", name=f"summary:{sweep_dir.name}",
+                                   group=f"{experiment or task}-{sweep_dir.name}",
+                                   config={"sweep_dir": str(sweep_dir), "task": task})
         try:
             path = summarize_sweep(sweep_dir, tracker)
             print(f"sweep summary: {path}")

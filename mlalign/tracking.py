@@ -52,7 +52,7 @@ class Tracker:
 class WandbTracker(Tracker):
     backend = "wandb"
 
-    def __init__(self, cfg, run_dir: Path, task: str, name: str, group: str):
+    def __init__(self, cfg, run_dir: Path, task: str, name: str, group: str, config: dict | None = None):
         import wandb
 
         logger_cfg = cfg.logger
@@ -63,7 +63,7 @@ class WandbTracker(Tracker):
             job_type=task,
             name=name,
             dir=str(run_dir),
-            config=scrub_secrets(OmegaConf.to_container(cfg, resolve=True)),
+            config=scrub_secrets(config if config is not None else OmegaConf.to_container(cfg, resolve=True)),
             tags=list(logger_cfg.get("tags") or []),
             mode=logger_cfg.get("mode") or os.environ.get("WANDB_MODE") or "online",
             reinit="finish_previous",
@@ -95,9 +95,10 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=exit_code)
 
 
-def make_tracker(cfg, run_dir: Path, task: str, name: str, group: str) -> Tracker:
-    """`name`: the job's overrides (so runs of one sweep tell themselves apart); `group`: the sweep or experiment."""
+def make_tracker(cfg, run_dir: Path, task: str, name: str, group: str, config: dict | None = None) -> Tracker:
+    """`name`: the job's overrides (so runs of one sweep tell themselves apart); `group`: the sweep or experiment;
+    `config`: what to record as the run's config (default: the whole resolved job config)."""
     backend = cfg.logger.get("backend", "none")
     if backend == "wandb":
-        return WandbTracker(cfg, run_dir, task, name, group)
+        return WandbTracker(cfg, run_dir, task, name, group, config)
     return Tracker()

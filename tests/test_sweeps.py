@@ -66,10 +66,12 @@ def test_multirun_over_lora_rank_logs_grouped_wandb_runs_and_a_summary(testbed_d
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
     assert len(jobs) == 2 and all((job / "adapter" / "adapter_config.json").is_file() for job in jobs)
-    runs = offline_runs(sweep)
+    all_runs = offline_runs(sweep)
+    runs = [r for r in all_runs if r["job_type"] == "train"]
     assert len(runs) == 2
     assert runs[0]["group"] == runs[1]["group"] == f"train-{sweep.name}"
-    assert {r["job_type"] for r in runs} == {"train"}
+    summary_runs = [r for r in all_runs if r["job_type"] == "summarize"]
+    assert len(summary_runs) == 1 and summary_runs[0]["group"] == f"train-{sweep.name}"
     names = sorted(r["name"] for r in runs)
     assert names[0] != names[1] and "lora.r=2" in names[0] and "lora.r=4" in names[1]
     with (sweep / "summary.csv").open() as handle:
