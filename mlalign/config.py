@@ -142,6 +142,8 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    target_langs: Optional[Any] = None
+    """Languages the adapter is trained to lift; null = every language in `langs` except the reference."""
     max_steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 8

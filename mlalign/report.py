@@ -121,9 +121,10 @@ def render_report(run_dir: Path, before: dict, after: dict, train: dict, compari
     if corr["rho"] is None:
         lines.append(f"Spearman correlation needs at least 3 languages with both numbers (have {corr['n']}).")
     else:
+        verdict = ("languages with weaker activations also score lower, as the study claims" if corr["rho"] > 0 else
+                   "this run does not show weaker activations going with lower scores, as the study claims they do")
         lines.append(f"Spearman rho between each language's mean disparity and its mean base accuracy over "
-                     f"{corr['n']} languages: **{corr['rho']:+.2f}** (p = {corr['p_value']:.3f}). Positive: "
-                     "languages with weaker activations also score lower, as the study claims.")
+                     f"{corr['n']} languages: **{corr['rho']:+.2f}** (p = {corr['p_value']:.3f}): {verdict}.")
     lines += ["", "## Plots", ""]
     for title, path in [*before.get("plots", {}).items(), *[(f"after: {k}", v) for k, v in after.get("plots", {}).items()]]:
         lines.append(f"![{title}]({_rel(path, run_dir)})")

@@ -42,6 +42,20 @@ def check_train_config(cfg: DictConfig) -> None:
                         f"numbers need text never trained on, e.g. data.splits.heldout=test")
 
 
+def target_langs(cfg: DictConfig, langs: list[str]) -> list[str]:
+    """The languages the adapter is trained to lift: `train.target_langs`, or every analysed language but the reference."""
+    reference = str(cfg.reference_lang)
+    chosen = cfg.train.get("target_langs")
+    if chosen is None:
+        return [lang for lang in langs if lang != reference]
+    chosen = [str(lang) for lang in chosen]
+    outside = [lang for lang in chosen if lang not in langs or lang == reference]
+    if outside:
+        raise UserError(f"train.target_langs has {outside[0]!r}, which is not among the non-reference langs "
+                        f"{[lang for lang in langs if lang != reference]}; add it to langs or drop it")
+    return chosen
+
+
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     from mlalign.training.checkpoint import last_checkpoint
 
@@ -87,7 +101,7 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
 
     check_train_config(cfg)
     reference = str(cfg.reference_lang)
-    targets = [lang for lang in ctx.langs if lang != reference]
+    targets = target_langs(cfg, ctx.langs)
     if not targets:
         raise UserError(f"task=train needs at least one target language besides {reference}; type e.g. langs=[hi]")
     metric = check_metric(str(cfg.analysis.metric))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from mlalign.errors import UserError
 from mlalign.languages import LANGUAGES, get_language
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Bump whenever the build recipe changes what it produces, so stale caches are never reused."""
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")

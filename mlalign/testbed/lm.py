@@ -43,6 +43,10 @@ def build_tokenizer(spec: TestbedSpec, sentences: list[str]):
     )
 
 
+CONTEXT_LENGTH = 1024
+"""The testbed's context window (pretraining itself uses `spec.max_length`-token sentences)."""
+
+
 def new_model(spec: TestbedSpec):
     """A randomly initialised Gemma2ForCausalLM of `spec`'s shape (seed the torch RNG first)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -55,7 +59,9 @@ def new_model(spec: TestbedSpec):
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
         head_dim=spec.head_dim,
-        max_position_embeddings=spec.max_length,
+        # Rotary positions have no learned table, so the context can exceed the pretraining length; lm-eval sizes its
+        # prompts by this number, and byte-level ARC/MMLU items in Devanagari or Malayalam run to a few hundred tokens.
+        max_position_embeddings=CONTEXT_LENGTH,
         query_pre_attn_scalar=spec.head_dim,
         # Gemma-2 alternates local and global attention; a window of the whole context keeps the layer types
         # while no sequence the testbed sees is long enough for the window to cut in.

@@ -22,7 +22,11 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain Python values only, so checkpoints load with `torch.load(weights_only=True)`."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -30,7 +34,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -94,7 +99,7 @@ def last_checkpoint(path: str | Path) -> Path | None:
 
 def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the saved state (with `step`)."""
-    state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
     unwrapped = accelerator.unwrap_model(model)
     params = dict(unwrapped.named_parameters())
     missing = [name for name in state["trainable"] if name not in params]
@@ -109,5 +114,5 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) 
     rng_file = Path(checkpoint) / f"rng_{accelerator.process_index}.pt"
     if not rng_file.is_file():
         rng_file = Path(checkpoint) / "rng_0.pt"
-    set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     return state
