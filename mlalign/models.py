@@ -105,16 +105,21 @@ def load_model(model_cfg, testbed_dir=None, adapter: str | None = None, device: 
     return model
 
 
+def check_adapter(adapter: str | Path) -> dict:
+    """The adapter's peft config; a folder without one is a user error (checked before any model loads)."""
+    config_file = Path(adapter) / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(f"{adapter} is not a peft adapter (no adapter_config.json); pass adapter=DIR written by task=train "
+                        "(its run directory's adapter/ folder)")
+    return json.loads(config_file.read_text())
+
+
 def attach_adapter(model, adapter: str | Path, base_source: str | None = None):
     """Wrap `model` with the peft LoRA adapter saved at `adapter`, checking that it was trained on this base model."""
     from peft import PeftModel
 
     adapter = Path(adapter)
-    config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
-        raise UserError(f"{adapter} is not a peft adapter (no adapter_config.json); pass adapter=DIR written by task=train "
-                        "(its run directory's adapter/ folder)")
-    adapter_cfg = json.loads(config_file.read_text())
+    adapter_cfg = check_adapter(adapter)
     trained_on = adapter_cfg.get("base_model_name_or_path")
     expected = base_source or getattr(model.config, "_name_or_path", None)
     if trained_on and expected and not _same_base(trained_on, expected):

@@ -49,6 +49,12 @@ def check_sae_config(sae_cfg, layers: list[int]) -> None:
     elif not sae_cfg.path_template:
         raise UserError("the SAE config names neither a release nor a path; use e.g. sae=gemma2_2b or "
                         "sae=local sae.path_template=/dir (holding layer_0/, layer_1/, ...)")
+    else:
+        for layer in layers:
+            path = local_sae_path(sae_cfg.path_template, layer)
+            if not (path / "cfg.json").is_file():
+                raise UserError(f"no SAE at {path} (missing cfg.json); set sae.path_template=/dir holding layer_0/, "
+                                "layer_1/, ... written by sae-lens's save_model")
 
 
 def load_sae(sae_cfg, layer: int, hidden_size: int, device: str = "cpu"):

@@ -43,6 +43,9 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
     layers = ctx.layers()
     langs = ctx.langs
     corpus = load_corpus(cfg.data, langs, split)
+    from mlalign.saes import check_sae_config
+
+    check_sae_config(cfg.sae, layers)
     cache = StatsCache(Path(cfg.paths.cache_dir) / "analysis", cache_identity(cfg, ctx.testbed_dir, adapter, split),
                        enabled=bool(acfg.cache))
     stats = {lang: {} for lang in langs}

@@ -101,7 +101,13 @@ class RunContext:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(int(cfg.seed))
+        # Cheap checks first: a typo must cost seconds, not a testbed build or a model download.
         self.langs = resolve_langs(cfg.langs, cfg.reference_lang)
+        resolve_layers(cfg.layers, int(cfg.model.num_layers))
+        if cfg.get("adapter"):
+            from mlalign.models import check_adapter
+
+            check_adapter(cfg.adapter)
         prepare_testbed(cfg)
         resolved = scrub_secrets(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
         write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(resolved))

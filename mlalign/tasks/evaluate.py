@@ -21,6 +21,10 @@ def evaluate_models(cfg, ctx, adapter=None, out_dir: Path | None = None) -> dict
     settings = dict(langs=ctx.langs, benchmarks=list(ecfg.benchmarks), suite=ecfg.suite,
                     num_fewshot=int(ecfg.num_fewshot), limit=ecfg.limit, batch_size=int(ecfg.batch_size),
                     seed=int(cfg.seed), work_dir=out_dir / "work")
+    from mlalign.evaluation.tasks import check_benchmarks, check_suite
+
+    check_suite(ecfg.suite)
+    check_benchmarks(list(ecfg.benchmarks))
     tokenizer = ctx.load_tokenizer()
     model = ctx.load_model()
     base = None
