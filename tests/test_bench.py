@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 RATIOS = ["analyze_over_forward", "analyze_over_trunk", "naive_over_analyze", "saelens_over_analyze",
-          "act_over_plain_step", "act_noretain_over_plain_step", "rss_growth_pct"]
+          "act_over_plain_step", "full_over_plain_step", "rss_growth_pct"]
 TIMES = ["forward_s", "trunk_s", "analyze_s", "naive_s", "saelens_s", "plain_step_s", "act_step_s",
-         "act_noretain_step_s"]
+         "full_step_s"]
 CONTEXT = ["date", "device", "torch", "torch_threads", "analysed_tokens", "equality", "settings", "raw",
            "analyze_peak_mb", "saelens_peak_mb", "rss", "train_step_impl", "saelens_error"]
 
