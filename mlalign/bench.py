@@ -782,7 +782,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--quick", action="store_true", help="tiny model and corpus (seconds), for the test suite")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--shape", default="cpu", choices=[k for k in SHAPES if k != "quick"])
-    parser.add_argument("--sentences", type=int, default=4, help="sentences per language (10 languages)")
+    parser.add_argument("--sentences", type=int, default=26, help="sentences per language (10 languages; 26 = ~15k tokens)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-repeats", type=int, default=1, help="the naive path is ~26x slower: fewer repeats")
     parser.add_argument("--naive-layers", type=int, default=2, help="layers the naive path is timed on (0: all)")
