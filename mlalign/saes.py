@@ -59,8 +59,11 @@ def check_sae_config(sae_cfg, layers: list[int]) -> None:
 
 def load_sae(sae_cfg, layer: int, hidden_size: int, device: str = "cpu"):
     """The SAE of decoder layer `layer`, validated against the model's hidden size and the layer's residual hook."""
+    import torch
     from sae_lens import SAE
 
+    # safetensors rejects indexed CPU devices ("cpu:0", what accelerate reports in multi-process CPU runs).
+    device = "cpu" if torch.device(device).type == "cpu" else str(device)
     dtype = sae_cfg.dtype
     if sae_cfg.release:
         sae_id = sae_id_for(sae_cfg, layer)

@@ -1,0 +1,30 @@
+"""Data-parallel training on two CPU processes (gloo), the closest this CPU-only CI gets to `accelerate launch`."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import SMALL_TESTBED_OVERRIDES
+from tests.helpers import REPO
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_checkpoints_and_writes_once(testbed_dir, testbed_cache_dir, tmp_path):
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "run.py"), "task=train",
+         "model=testbed", "langs=[hi]", "layers=[4,20]", "train.max_steps=4", "train.save_every=2",
+         f"paths.cache_dir={testbed_cache_dir}", f"hydra.run.dir={run_dir}", *SMALL_TESTBED_OVERRIDES],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = run_dir / "checkpoints" / "step-00000004"
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    assert state["num_processes"] == 2 and state["step"] == 4
+    assert (checkpoint / "rng_0.pt").is_file() and (checkpoint / "rng_1.pt").is_file()
+    assert (run_dir / "adapter" / "adapter_config.json").is_file() and (run_dir / "COMPLETE").is_file()
+    assert (result.stdout + result.stderr).count("held-out mean_act gain") == 1  # only the main process reports
