@@ -89,3 +89,18 @@ def test_submitit_local_launcher_runs_two_jobs(testbed_dir, testbed_cache_dir, t
     assert len(list(sweep.glob("*/COMPLETE"))) == 2
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2
     assert (sweep / "summary.csv").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_trials_and_reports_the_best(testbed_dir, testbed_cache_dir, tmp_path):
+    sweep = tmp_path / "optuna"
+    result = run_cli(["-m", "hparams_search=lora_optuna", "model=testbed", "langs=[hi]", "layers=[4]",
+                      "train.max_steps=2", "hydra.sweeper.n_trials=2", f"paths.cache_dir={testbed_cache_dir}",
+                      f"hydra.sweep.dir={sweep}", *SMALL_TESTBED_OVERRIDES])
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    with (sweep / "summary.csv").open() as handle:
+        scores = [float(r["alignment_score"]) for r in csv.DictReader(handle)]
+    assert len(scores) == 2 and best["best_value"] == pytest.approx(max(scores))
+    assert set(best["best_params"]) == {"lora.r", "lora.lora_alpha", "train.optimizer.lr", "loss.act_align",
+                                        "loss.en_retain"}
