@@ -6,24 +6,28 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 COMPLETE_MARKER = "COMPLETE"
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(temp_path)` on a sibling temp file (same suffix, so e.g. matplotlib picks the format), then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json_atomic(path: str | Path, data) -> Path:

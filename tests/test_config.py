@@ -1,7 +1,5 @@
 """Every group option and experiment composes; model choices pull their own SAE set."""
 
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from mlalign.io import write_atomic
 
 METRICS = ("acc", "acc_norm")
 
@@ -68,17 +68,6 @@ def flat_metrics(comparison: dict) -> dict[str, float]:
 
 
 # --- files ------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    # A reader (or a crashed run) never sees a half-written file: write a sibling temp file, then rename over.
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(Path(temp))
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
 
 def _fmt(value: float | None, stderr: float | None = None) -> str:
     if value is None:
@@ -156,7 +145,7 @@ def write_eval_outputs(out_dir: str | Path, comparison: dict) -> dict[str, Path]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / "accuracy.png"}
-    _atomic_write(paths["json"], lambda p: p.write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8"))
-    _atomic_write(paths["markdown"], lambda p: p.write_text(results_markdown(comparison), encoding="utf-8"))
-    _atomic_write(paths["plot"], lambda p: plot_accuracy(comparison, p))
+    write_atomic(paths["json"], lambda p: p.write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8"))
+    write_atomic(paths["markdown"], lambda p: p.write_text(results_markdown(comparison), encoding="utf-8"))
+    write_atomic(paths["plot"], lambda p: plot_accuracy(comparison, p))
     return paths

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlalign.errors import UserError
-from mlalign.evaluation import compare_results, flat_metrics, get_task_manager, run_benchmarks, write_eval_outputs
+from mlalign.evaluation import compare_results, flat_metrics, run_benchmarks, write_eval_outputs
 from mlalign.models import attach_adapter, model_source
 
 OBJECTIVE = "mean_diff_acc"

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlalign.errors import UserError
+from mlalign.io import COMPLETE_MARKER
 from mlalign.languages import LANGUAGES, get_language
 
 BUILD_VERSION = 2
@@ -33,7 +34,6 @@ SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 """Ids 0..3, in Gemma's order for pad (0), eos (1) and bos (2)."""
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 
-COMPLETE_MARKER = "COMPLETE"
 EVAL_SENTENCES_PER_LANG = 16
 """Sentences per language (the first rows, so translations of each other) for the final loss and SAE statistics."""
 

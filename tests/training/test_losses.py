@@ -3,20 +3,18 @@
 import pytest
 import torch
 from omegaconf import OmegaConf
-from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens import JumpReLUSAE
 
 from mlalign.errors import UserError
 from mlalign.training import losses as L
+from tests.analysis.testkit import jumprelu_sae
 
 
 def make_sae(d_in=8, d_sae=32, threshold=0.5, seed=0) -> JumpReLUSAE:
-    g = torch.Generator().manual_seed(seed)
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae))
+    """The analysis tests' seeded SAE, frozen as in training, with a zero encoder bias."""
+    sae = jumprelu_sae(d_in, d_sae, seed, threshold)
     with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_sae**0.5)
-        sae.b_dec.copy_(0.1 * torch.randn(d_in, generator=g))
-        sae.threshold.fill_(threshold)
+        sae.b_enc.zero_()
     for p in sae.parameters():
         p.requires_grad_(False)
     return sae
