@@ -1,0 +1,141 @@
+"""Train a JumpReLU SAE on one layer's residuals with sae-lens's SAETrainer, and measure its fidelity: the one SAE
+training path, used by task=train_saes and by the testbed build."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Iterator
+
+import torch
+
+from mlalign.saes import resid_post_hook
+
+MAX_LR = 1e-2
+THRESHOLD_TRAVEL = 1.2
+"""Default learning rate = min(MAX_LR, THRESHOLD_TRAVEL / steps). Adam moves a JumpReLU threshold by about lr per
+step, and thresholds must travel O(1) (inputs are scaled to norm sqrt(d_in)) whatever the step budget, so short runs
+get a larger rate."""
+PRE_ACT_LOSS = 0.1
+"""Anthropic's pre-activation loss on dead features: without it half the features never fire on held-out text,
+with it about a third (measured on the testbed)."""
+
+
+def default_lr(steps: int) -> float:
+    return min(MAX_LR, THRESHOLD_TRAVEL / max(1, steps))
+
+
+def activation_batches(acts: torch.Tensor, batch_size: int, seed: int, index: torch.Tensor | None = None,
+                       device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
+    """Endless minibatches reshuffled every epoch (sae-lens's DataProvider). `index` (rows of `acts`, repeats allowed)
+    is the epoch's population when given: how a language mix reuses a language whose text ran out."""
+    generator = torch.Generator().manual_seed(seed)
+    population = len(acts) if index is None else len(index)
+    while True:
+        order = torch.randperm(population, generator=generator)
+        if index is not None:
+            order = index[order]
+        for start in range(0, population - batch_size + 1, batch_size):
+            yield acts[order[start:start + batch_size]].to(device)
+
+
+def train_sae(acts: torch.Tensor, layer: int, *, width: int, steps: int, batch_size: int = 256,
+              lr: float | None = None, l0_coefficient: float = 1.0, target_l0: float | None = None,
+              seed: int = 0, index: torch.Tensor | None = None, model_name: str = "", context_size: int = 128,
+              device: str = "cpu", checkpoint_dir: str | None = None, progress: bool = False):
+    """A JumpReLU SAE of `width` features for decoder layer `layer`, trained with sae-lens's SAETrainer on `acts`
+    ([tokens, d_in], BOS and padding already dropped) for `steps` minibatches of `batch_size` rows; returns its
+    inference form (a `JumpReLUSAE` in eval mode, on `device`) that takes raw residuals.
+
+    Sparsity: DeepMind's step L0 penalty weighted by `l0_coefficient` (Gemma Scope), or, with `target_l0`, Gemma
+    Scope 2's quadratic penalty around that L0. The global torch RNG initialises the weights: seed it first.
+    """
+    from sae_lens import JumpReLUSAE, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    population = len(acts) if index is None else len(index)
+    batch_size = min(batch_size, population)
+    lr = default_lr(steps) if lr is None else lr
+    sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
+        d_in=int(acts.shape[-1]),
+        d_sae=int(width),
+        # Residual norms grow with depth; scaling inputs to norm sqrt(d_in) lets one L0 coefficient suit every
+        # layer. The trainer folds the scale back into the weights, so the saved SAE takes raw residuals.
+        normalize_activations="expected_average_only_in",
+        l0_coefficient=l0_coefficient,
+        l0_warm_up_steps=steps // 10,
+        jumprelu_init_threshold=0.01,
+        jumprelu_bandwidth=0.05,
+        pre_act_loss_coefficient=PRE_ACT_LOSS,
+        # DeepMind's step L0 loss, as Gemma Scope used for Gemma-2; quadratic around a target L0 as Gemma Scope 2.
+        jumprelu_sparsity_loss_mode="step" if target_l0 is None else "quadratic",
+        target_l0=target_l0,
+        device=str(device),
+        metadata=SAEMetadata(
+            model_name=model_name,
+            hook_name=resid_post_hook(layer),
+            hook_layer=layer,
+            context_size=context_size,
+            prepend_bos=True,
+            model_from_pretrained_kwargs={},
+        ),
+    ))
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * batch_size,
+        train_batch_size_samples=batch_size,
+        lr=lr,
+        lr_end=lr,  # the constant schedule ignores it, but SAETrainer requires it set
+        lr_warm_up_steps=steps // 20,
+        lr_scheduler_name="constant",
+        device=str(device),
+        dead_feature_window=max(1, steps // 2),
+        feature_sampling_window=max(1, steps // 2),
+        n_checkpoints=0,
+        checkpoint_path=checkpoint_dir,
+        save_final_checkpoint=False,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=max(1, min(50, population // batch_size)),
+    )
+    trainer = SAETrainer(trainer_cfg, sae, data_provider=activation_batches(acts, batch_size, seed, index, device))
+    # SAETrainer opens a tqdm bar per SAE on stderr; callers that show one bar over layers silence it.
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+    with quiet:
+        trained = trainer.fit()
+    inference = JumpReLUSAE.from_dict(trained.cfg.get_inference_sae_cfg_dict())
+    state = trained.state_dict()
+    trained.process_state_dict_for_saving_inference(state)
+    inference.load_state_dict(state)
+    return inference.to(device).eval()
+
+
+@torch.no_grad()
+def fidelity(sae, acts: torch.Tensor, chunk_tokens: int = 8192) -> dict[str, float]:
+    """How faithfully `sae` reconstructs `acts` ([tokens, d_in]): `fvu` (residual / total variance, total taken
+    about the tokens' mean), `l0` (features firing per token), `l0_pct` (of the width), `dead_pct` (features that
+    fire on none of these tokens), `dead_features`, `tokens`."""
+    device = next(sae.parameters()).device
+    mean = acts.mean(0).to(device)
+    residual = total = l0_sum = 0.0
+    fired_any = None
+    for start in range(0, len(acts), chunk_tokens):
+        x = acts[start:start + chunk_tokens].to(device)
+        features = sae.encode(x)
+        recon = sae.decode(features)
+        fired = features > 0
+        residual += (x - recon).pow(2).sum().item()
+        total += (x - mean).pow(2).sum().item()
+        l0_sum += fired.sum().item()
+        fired_any = fired.any(0) if fired_any is None else fired_any | fired.any(0)
+    width = int(sae.cfg.d_sae)
+    dead = int((~fired_any).sum().item()) if fired_any is not None else width
+    l0 = l0_sum / max(1, len(acts))
+    return {
+        "fvu": residual / total if total > 0 else float("nan"),
+        "l0": l0,
+        "l0_pct": 100 * l0 / width,
+        "dead_pct": 100 * dead / width,
+        "dead_features": dead,
+        "tokens": int(len(acts)),
+    }
