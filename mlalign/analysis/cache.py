@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from mlalign.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-# Bump when the statistics the engine computes change meaning.
-CACHE_VERSION = 1
+# Bump when the statistics the engine computes change meaning. 2: per-sentence residual sums (exact FVU bootstrap),
+# sq_norm, positions and truncation flags.
+CACHE_VERSION = 2
 
 
 def file_digest(path: Path) -> str:
@@ -65,6 +67,11 @@ class StatsCache:
             log.warning("cache entry %s (%s, layer %d) is corrupt; recomputing it", data_path.name, lang, layer)
             return None
         with np.load(data_path) as arrays:
+            expected = {f.name for f in fields(SentenceSums)}
+            if set(arrays.files) != expected:
+                log.warning("cache entry %s (%s, layer %d) holds other fields than this version computes; recomputing it",
+                            data_path.name, lang, layer)
+                return None
             return SentenceSums(**{name: arrays[name] for name in arrays.files})
 
     def save(self, lang: str, layer: int, sums: SentenceSums) -> None:

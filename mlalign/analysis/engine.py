@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from mlalign.analysis.capture import ResidualCapture, decoder_layers
 from mlalign.analysis.stats import LayerStats, SentenceSums
 from mlalign.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -30,6 +34,39 @@ def tokenize_sorted(tokenizer, texts: list[str], max_length: int) -> list[tuple[
     encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(texts)), key=lambda i: (len(encoded[i]), i))
     return [(i, list(encoded[i])) for i in order]
+
+
+def truncated_flags(tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    """[n_texts] bool: the text has more than `max_length` tokens (special tokens included), so it is cut."""
+    full = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+    return np.array([len(ids) > max_length for ids in full], dtype=bool)
+
+
+def check_bos(tokenizer, saes: dict, rows: list[list[int]], min_position: int = 0) -> None:
+    """Check that BOS is where the statistics assume it is, instead of trusting it.
+
+    Without BOS the first content token becomes the attention sink (a residual norm far above the rest) and
+    dominates every mean. If the tokenizer has a BOS token and the SAEs were trained with it (sae-lens metadata
+    `prepend_bos`), every non-empty row must start with it, unless `min_position >= 1` drops the first token anyway.
+    A tokenizer without any BOS (Qwen) gets a warning that the first token is counted unless min_position=1.
+    """
+    bos_id = tokenizer.bos_token_id
+    rows = [row for row in rows if row]
+    if bos_id is None:
+        if min_position < 1 and rows:
+            log.warning("the tokenizer has no BOS token, so each sentence's first token (the attention sink) is "
+                        "analysed; analysis.min_position=1 drops it")
+        return
+    missing = sum(row[0] != bos_id for row in rows)
+    if not missing or min_position >= 1:
+        return
+    trained_with_bos = any(getattr(sae.cfg.metadata, "prepend_bos", None) is True for sae in saes.values())
+    message = (f"the tokenizer did not put its BOS token {tokenizer.bos_token!r} first in {missing} of {len(rows)} "
+               f"sentences, so their first content token becomes the attention sink")
+    if trained_with_bos:
+        raise UserError(f"{message}, but the SAEs were trained with BOS prepended (prepend_bos); use the model's own "
+                        "tokenizer (one that adds BOS), or set analysis.min_position=1 to drop each first token")
+    log.warning("%s and is analysed; analysis.min_position=1 drops it", message)
 
 
 def pad_batch(
@@ -57,13 +94,21 @@ def pad_batch(
     }
 
 
-def analysed_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
-    """[batch, seq] bool: real tokens minus each row's leading BOS (found from the mask, so either padding side works).
+def analysed_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None,
+                       min_position: int = 0, max_position: int | None = None) -> torch.Tensor:
+    """[batch, seq] bool: real tokens minus each row's leading BOS (found from the mask, so either padding side works),
+    and only positions min_position <= pos < max_position (pos counted from the mask, 0 = the row's first token).
 
     The BOS residual is an attention sink with a norm orders of magnitude above content tokens; it carries no
-    language and would dominate every mean.
+    language and would dominate every mean. `max_position` compares languages over the same position window;
+    `min_position=1` drops the first token of models without BOS (their attention sink).
     """
     keep = attention_mask.bool()
+    if min_position > 0 or max_position is not None:
+        position = attention_mask.cumsum(dim=1) - 1
+        keep = keep & (position >= min_position)
+        if max_position is not None:
+            keep = keep & (position < max_position)
     if bos_token_id is None:
         return keep
     first_real = keep.int().argmax(dim=1)
@@ -118,6 +163,9 @@ def collect_stats(
     sae_chunk: int | None = None,
     padding_side: str = "right",
     progress: bool = True,
+    min_position: int = 0,
+    max_position: int | None = None,
+    sae_device: torch.device | str | None = None,
 ) -> dict[str, dict[int, SentenceSums]]:
     """Per-sentence SAE statistics for every (language, layer): `result[lang][layer]` is a `SentenceSums`.
 
@@ -132,12 +180,19 @@ def collect_stats(
     chunk of k layers (k times fewer SAE bytes resident, ceil(L/k) times the forward passes); results are identical.
     SAEs are moved to the model's device for their chunk and returned to where they were afterwards.
     Batch size and padding side change no number beyond float rounding (positions are set from the mask).
+    min_position / max_position: only tokens at positions min_position <= pos < max_position count (see
+    `analysed_positions`). sae_device: where SAEs encode and sums accumulate (default: the model's device; `cpu`
+    saves accelerator memory at the cost of one residual copy per layer and batch).
+    BOS is checked (`check_bos`), and each sentence's truncation at `max_length` is recorded.
     """
     _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
     empty = [lang for lang, texts in texts_by_lang.items() if not texts]
     if empty:
         raise UserError(f"no sentences for {', '.join(empty)}; check data.path / the split, or drop them from langs")
+    if min_position < 0 or (max_position is not None and max_position <= min_position):
+        raise UserError(f"need 0 <= analysis.min_position < analysis.max_position, got {min_position} and {max_position}")
     device = _model_device(model)
+    sae_device = device if sae_device is None else torch.device(sae_device)
     layers = sorted(int(layer) for layer in saes)
     chunk = len(layers) if sae_chunk is None else int(sae_chunk)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -145,6 +200,8 @@ def collect_stats(
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
 
     tokenized = {lang: tokenize_sorted(tokenizer, texts, max_length) for lang, texts in texts_by_lang.items()}
+    truncated = {lang: truncated_flags(tokenizer, texts, max_length) for lang, texts in texts_by_lang.items()}
+    check_bos(tokenizer, saes, [ids for items in tokenized.values() for _, ids in items], min_position)
     result: dict[str, dict[int, SentenceSums]] = {lang: {} for lang in texts_by_lang}
     was_training = model.training
     model.eval()
@@ -153,17 +210,19 @@ def collect_stats(
             chunk_layers = layers[start : start + chunk]
             homes = {layer: _param_device(saes[layer]) for layer in chunk_layers}
             for layer in chunk_layers:
-                saes[layer].to(device)
+                saes[layer].to(sae_device)
             try:
                 for lang, items in tokenized.items():
                     accs = {
-                        layer: LayerStats(len(items), saes[layer].cfg.d_in if hidden is None else hidden, saes[layer].cfg.d_sae, device)
+                        layer: LayerStats(len(items), saes[layer].cfg.d_in if hidden is None else hidden, saes[layer].cfg.d_sae,
+                                          sae_device, truncated=truncated[lang])
                         for layer in chunk_layers
                     }
                     desc = f"{lang} layers {chunk_layers[0]}-{chunk_layers[-1]}"
                     batches = list(_batches(items, batch_size))
                     for batch in _progress(batches, progress, desc=desc, leave=False):
-                        _run_batch(model, saes, accs, batch, pad_id, bos_id, padding_side, device)
+                        _run_batch(model, saes, accs, batch, pad_id, bos_id, padding_side, device, sae_device,
+                                   min_position, max_position)
                     for layer, acc in accs.items():
                         result[lang][layer] = acc.finalize()
             finally:
@@ -180,20 +239,23 @@ def _param_device(module: nn.Module) -> torch.device | None:
     return None if param is None else param.device
 
 
-def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, padding_side, device) -> None:
+def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, padding_side, device,
+               sae_device=None, min_position: int = 0, max_position: int | None = None) -> None:
+    sae_device = device if sae_device is None else sae_device
     indices = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
     inputs = pad_batch([ids for _, ids in batch], pad_id, padding_side, device)
-    keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], bos_id)
+    keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], bos_id, min_position, max_position)
     # The kept positions as flat row-major indices, found once per batch: every layer then gathers with index_select,
     # where a boolean mask per layer would make the host wait for the device once per layer (on a GPU).
     flat = keep.flatten().nonzero().squeeze(1)
     # Token order is row by row, so each kept token's sentence is its row's text index.
-    sentence_index = indices.repeat_interleave(keep.shape[1]).index_select(0, flat)
+    sentence_index = indices.repeat_interleave(keep.shape[1]).index_select(0, flat).to(sae_device)
+    positions = inputs["position_ids"].flatten().index_select(0, flat).to(sae_device)
     with ResidualCapture(model, list(accs), detach=True, stop_after_last=True) as capture:
         activations = capture.forward(**inputs, use_cache=False)
     for layer, acc in accs.items():
         sae = saes[layer]
-        x = activations[layer].flatten(0, 1).index_select(0, flat)
+        x = activations[layer].flatten(0, 1).index_select(0, flat).to(sae_device)
         feature_acts = sae.encode(x)
         x_hat = sae.decode(feature_acts)
-        acc.update(x, feature_acts, x_hat, sentence_index)
+        acc.update(x, feature_acts, x_hat, sentence_index, positions)

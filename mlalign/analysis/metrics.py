@@ -5,6 +5,7 @@ Everything here works on the CPU-side `SentenceSums` that `engine.collect_stats`
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -13,7 +14,9 @@ from mlalign.analysis.stats import SentenceSums
 from mlalign.errors import UserError
 from mlalign.languages import LANGUAGES
 
-METRICS = ("mean_act", "l1", "l0", "feature_coverage", "fvu", "resid_norm")
+log = logging.getLogger(__name__)
+
+METRICS = ("mean_act", "l1", "l0", "feature_coverage", "fvu", "resid_norm", "fvu_raw")
 PER_TOKEN_METRICS = ("mean_act", "l1", "l0", "resid_norm")
 """Metrics that are means over tokens and so follow `aggregate`; fvu and feature_coverage are always pooled over
 all of a language's tokens (a per-sentence FVU of a 5-token sentence is not meaningful)."""
@@ -27,9 +30,18 @@ METRIC_WORDS = {
     "feature_coverage": "SAE feature coverage",
     "fvu": "fraction of variance unexplained",
     "resid_norm": "residual-stream norm",
+    "fvu_raw": "fraction of residual energy unexplained",
 }
+LOWER_IS_BETTER = ("fvu", "fvu_raw")
+"""Metrics where a larger value means a worse SAE fit, not "more activation"."""
 FVU_ARTEFACT_RATIO = 1.25
-"""A language's FVU this many times the reference's marks the SAE as fitting it markedly worse."""
+"""A language's raw FVU (`fvu_raw`, same denominator form for every language) this many times the reference's marks
+the SAE as fitting it markedly worse."""
+MAX_FVU = 1.0
+"""Default `analysis.max_fvu`: a layer where the reference language's FVU reaches this is flagged as unfit (the SAE
+reconstructs worse than predicting the mean residual), and none of its numbers is read as a finding."""
+MAX_TRUNCATED_PCT = 5.0
+"""Default `analysis.max_truncated_pct`: a language with more of its sentences cut at max_length gets a warning."""
 MODEL_LEVEL_FRACTION = 0.5
 """A residual-norm gap at least this fraction of the metric's gap (same sign) marks the gap as model-level."""
 
@@ -54,6 +66,8 @@ def metric_value(sums: SentenceSums, metric: str, aggregate: str = "token") -> f
         return float(sums.features_fired.mean())
     if metric == "fvu":
         return _ratio(sums.sq_err.sum(), sums.total_sq_dev_from_mean())
+    if metric == "fvu_raw":
+        return _ratio(sums.sq_err.sum(), sums.sq_norm.sum())
     per_sentence = getattr(sums, metric)
     if aggregate == "token":
         return _ratio(per_sentence.sum(), sums.n_tokens.sum())
@@ -137,7 +151,7 @@ def _resampled_metrics(by_layer: dict[int, SentenceSums], counts: np.ndarray, ag
         for metric in PER_TOKEN_METRICS:
             columns.append(np.where(valid, getattr(sums, metric) / np.where(valid, n, 1), 0.0))
         columns.append(sums.sq_err)
-        columns.append(sums.sq_dev)
+        columns.append(sums.sq_norm)
     k = 2 + 2 * len(PER_TOKEN_METRICS) + 2
     weighted = (counts @ np.stack(columns, axis=1)).reshape(counts.shape[0], len(layers), k)
     out = {}
@@ -151,9 +165,9 @@ def _resampled_metrics(by_layer: dict[int, SentenceSums], counts: np.ndarray, ag
             values = {}
             for i, metric in enumerate(PER_TOKEN_METRICS):
                 values[metric] = token_sums[:, i] / w_tokens if aggregate == "token" else mean_sums[:, i] / w_valid
-            # Centre held at the full-sample mean: exact for the point estimate, first-order exact per resample.
-            offset = sums.sum_x / max(sums.n_tokens.sum(), 1) - sums.shift
-            values["fvu"] = w[:, -2] / (w[:, -1] - w_tokens * float(offset @ offset))
+            # Each resample's FVU is centred on that resample's own mean, exactly (per-sentence residual sums).
+            values["fvu"] = w[:, -2] / sums.sq_dev_from_mean(counts)
+            values["fvu_raw"] = w[:, -2] / w[:, -1]
             out[layer] = values
     return out
 
@@ -294,12 +308,18 @@ def _gap_context(values, disp, reference_lang, lang, layer) -> dict:
         "resid_norm_disparity_pct": disparity_pct(own["resid_norm"], ref["resid_norm"]),
         "fvu": own["fvu"],
         "fvu_reference": ref["fvu"],
+        "fvu_raw": own.get("fvu_raw"),
+        "fvu_raw_reference": ref.get("fvu_raw"),
     }
 
 
 def _verdict(context: dict) -> str:
     gap, resid = context["disparity_pct"], context["resid_norm_disparity_pct"]
-    fvu, fvu_ref = context["fvu"], context["fvu_reference"]
+    # Raw FVU: every language's error over its own energy sum ||x||², not over variance around its own mean (which
+    # gives each language a different denominator); the centred FVU is the fallback for older value tables.
+    fvu, fvu_ref = context.get("fvu_raw"), context.get("fvu_raw_reference")
+    if not (_finite(fvu) and _finite(fvu_ref)):
+        fvu, fvu_ref = context["fvu"], context["fvu_reference"]
     if _finite(fvu) and _finite(fvu_ref) and fvu_ref > 0 and fvu > FVU_ARTEFACT_RATIO * fvu_ref:
         return "the SAE reconstructs this language markedly worse, so part of the gap may be an SAE artefact"
     if _finite(resid) and _finite(gap) and gap != 0 and resid * gap > 0 and abs(resid) >= MODEL_LEVEL_FRACTION * abs(gap):
@@ -307,14 +327,23 @@ def _verdict(context: dict) -> str:
     return "the SAE fits both languages comparably and the residual norm does not explain the gap"
 
 
-def band_summary(values, disp, reference_lang: str, bands: dict[str, list[int]]) -> dict[str, dict]:
+def unfit_layers(values, reference_lang: str, max_fvu: float | None = MAX_FVU) -> list[int]:
+    """Layers where the reference language's FVU is >= `max_fvu`: the SAE reconstructs this model's residual stream
+    no better than its mean (an SAE for another model or layer, or uncalibrated), so no number there is a finding."""
+    if max_fvu is None:
+        return []
+    return [layer for layer, v in values[reference_lang].items() if _finite(v.get("fvu")) and v["fvu"] >= max_fvu]
+
+
+def band_summary(values, disp, reference_lang: str, bands: dict[str, list[int]], unfit=()) -> dict[str, dict]:
     """Per band: mean disparity over the non-reference languages (overall and per tier) and the most negative
-    (lang, layer) with its residual-norm disparity and FVUs."""
+    (lang, layer) with its residual-norm disparity and FVUs; layers in `unfit` are left out (listed as unfit_layers)."""
     others = [lang for lang in disp if lang != reference_lang]
     out = {}
     for band, layers in bands.items():
-        entry: dict = {"layers": layers}
-        cells = [(disp[lang][layer], lang, layer) for lang in others for layer in layers if _finite(disp[lang][layer])]
+        entry: dict = {"layers": layers, "unfit_layers": [layer for layer in layers if layer in unfit]}
+        cells = [(disp[lang][layer], lang, layer) for lang in others for layer in layers
+                 if layer not in unfit and _finite(disp[lang][layer])]
         entry["mean_disparity_pct"] = float(np.mean([c[0] for c in cells])) if cells else None
         entry["mean_disparity_pct_by_tier"] = {}
         for tier in TIER_ORDER[1:]:
@@ -326,12 +355,15 @@ def band_summary(values, disp, reference_lang: str, bands: dict[str, list[int]])
     return out
 
 
-def headline_statements(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]]) -> list[str]:
+def headline_statements(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]], unfit=()) -> list[str]:
     """The study's sentences, per resource tier, reproduced from the numbers, e.g.
 
     "Medium-to-low resource languages (id, ca, mr, ml, hi) receive up to 27.1% lower SAE activations than English
     in early layers (hi, layer 3); a gap of 12.3% persists in deep layers (mean over layers 18-25). At hi, layer 3
     the residual norm differs by -2.0% and the FVU is 0.31 vs 0.30 for English: <verdict>."
+
+    Layers in `unfit` (the SAE does not reconstruct the reference there, see `unfit_layers`) give no finding: they are
+    left out of every number and named in a last statement instead.
     """
     ref_name = LANGUAGES[reference_lang].name if reference_lang in LANGUAGES else reference_lang
     what = METRIC_WORDS[metric]
@@ -340,7 +372,8 @@ def headline_statements(values, disp, reference_lang: str, metric: str, bands: d
     band_names = list(bands)
     for tier in TIER_ORDER[1:]:
         langs = [lang for lang in disp if lang != reference_lang and tier_of(lang) == tier]
-        cells = [(disp[lang][layer], lang, layer) for lang in langs for layer in disp[lang] if layer in band_of and _finite(disp[lang][layer])]
+        cells = [(disp[lang][layer], lang, layer) for lang in langs for layer in disp[lang]
+                 if layer in band_of and layer not in unfit and _finite(disp[lang][layer])]
         if not cells:
             continue
         gap, lang, layer = min(cells)
@@ -366,10 +399,44 @@ def headline_statements(values, disp, reference_lang: str, metric: str, bands: d
         context = _gap_context(values, disp, reference_lang, lang, layer)
         check = (
             f"At {lang}, layer {layer} the residual norm differs by {context['resid_norm_disparity_pct']:+.1f}% and the "
-            f"FVU is {context['fvu']:.2f} vs {context['fvu_reference']:.2f} for {ref_name}: {_verdict(context)}."
+            f"FVU is {context['fvu']:.2f} vs {context['fvu_reference']:.2f} for {ref_name}{_raw_fvu_words(context)}: "
+            f"{_verdict(context)}."
         )
         statements.append("; ".join(parts) + ". " + check)
+    if unfit:
+        statements.append(unfit_statement(values, reference_lang, sorted(unfit)))
     return statements
+
+
+def _raw_fvu_words(context: dict) -> str:
+    if not (_finite(context.get("fvu_raw")) and _finite(context.get("fvu_raw_reference"))):
+        return ""
+    return f" (raw FVU ||x-x̂||²/||x||² {context['fvu_raw']:.3f} vs {context['fvu_raw_reference']:.3f})"
+
+
+def unfit_statement(values, reference_lang: str, layers: list[int]) -> str:
+    ref_name = LANGUAGES[reference_lang].name if reference_lang in LANGUAGES else reference_lang
+    worst = max(layers, key=lambda layer: values[reference_lang][layer]["fvu"])
+    return (f"The SAE does not reconstruct this model's residual stream at layer{'s' if len(layers) > 1 else ''} "
+            f"{', '.join(str(layer) for layer in layers)} ({ref_name} FVU up to {values[reference_lang][worst]['fvu']:.2f} "
+            f"at layer {worst}, worse than predicting the mean): no number of these layers is a finding, and they are "
+            f"left out of the statements above; use the SAE set trained on this model.")
+
+
+def corpus_stats(stats: dict[str, dict[int, SentenceSums]]) -> dict[str, dict[str, float]]:
+    """Per language: analysed tokens per sentence, % of sentences cut at max_length, mean token position (0 = the
+    row's first token). Position and truncation confound cross-language comparisons: a language tokenised into more
+    pieces has more tokens at late positions and more sentences cut short."""
+    out = {}
+    for lang, by_layer in stats.items():
+        sums = next(iter(by_layer.values()))
+        n = sums.n_tokens.sum()
+        out[lang] = {
+            "tokens_per_sentence": float(sums.n_tokens.mean()) if sums.n_sentences else float("nan"),
+            "truncated_pct": 100.0 * float(np.mean(sums.truncated)) if sums.n_sentences else float("nan"),
+            "mean_position": float(sums.position.sum() / n) if n > 0 else float("nan"),
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -407,13 +474,17 @@ def summarize(
     bands: dict | None = None,
     model: str | None = None,
     sae: str | None = None,
+    max_fvu: float | None = MAX_FVU,
+    max_truncated_pct: float | None = MAX_TRUNCATED_PCT,
 ) -> dict:
     """The content of `analysis/summary.json` (strict JSON: NaN becomes null, layer keys are strings).
 
     Keys: model, sae, reference_lang, metric, aggregate, ci, bootstrap, layers (ints), langs (tier order),
     values[lang][layer][metric], values_ci[lang][layer][metric] = [low, high] | null, disparity_pct[lang][layer]
     (of `metric`), disparity_ci[lang][layer] = [low, high] | null, bands {band: [layers]}, band_summary,
-    statements, n_tokens[lang], n_sentences[lang].
+    statements, n_tokens[lang], n_sentences[lang], corpus_stats[lang] {tokens_per_sentence, truncated_pct,
+    mean_position}, max_fvu, unfit_layers (reference FVU >= max_fvu; left out of band_summary and statements),
+    sae_fits[layer] (bool), warnings (also logged).
     """
     check_metric(metric)
     check_aggregate(aggregate)
@@ -429,6 +500,19 @@ def summarize(
     band_layers = layer_bands(layers, bands)
     langs = order_by_tier(list(stats))
     first = {lang: stats[lang][layers[0]] for lang in langs}
+    unfit = unfit_layers(values, reference_lang, max_fvu)
+    corpus = corpus_stats(stats)
+    warnings = []
+    if unfit:
+        warnings.append(unfit_statement(values, reference_lang, unfit))
+    for lang in langs:
+        pct = corpus[lang]["truncated_pct"]
+        if max_truncated_pct is not None and _finite(pct) and pct > max_truncated_pct:
+            warnings.append(f"{pct:.1f}% of {lang}'s sentences are cut at max_length (threshold {max_truncated_pct}%): "
+                            f"its numbers cover shorter, earlier-position text than other languages; raise data.max_length "
+                            f"or compare position-matched with analysis.max_position")
+    for warning in warnings:
+        log.warning(warning)
     return _clean(
         {
             "model": model,
@@ -445,10 +529,15 @@ def summarize(
             "disparity_pct": {lang: disp[lang] for lang in langs},
             "disparity_ci": {lang: boot["disparity_ci"][lang] for lang in langs} if boot["disparity_ci"] else None,
             "bands": band_layers,
-            "band_summary": band_summary(values, disp, reference_lang, band_layers),
-            "statements": headline_statements(values, disp, reference_lang, metric, band_layers),
+            "band_summary": band_summary(values, disp, reference_lang, band_layers, unfit),
+            "statements": headline_statements(values, disp, reference_lang, metric, band_layers, unfit),
             "n_tokens": {lang: first[lang].total_tokens for lang in langs},
             "n_sentences": {lang: first[lang].n_sentences for lang in langs},
+            "corpus_stats": {lang: corpus[lang] for lang in langs},
+            "max_fvu": max_fvu,
+            "unfit_layers": [int(layer) for layer in unfit],
+            "sae_fits": {layer: layer not in unfit for layer in layers},
+            "warnings": warnings,
         }
     )
 

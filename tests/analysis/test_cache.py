@@ -10,8 +10,10 @@ def _sums(seed: int) -> SentenceSums:
     rng = np.random.default_rng(seed)
     n = 5
     return SentenceSums(n_tokens=rng.integers(1, 9, n), mean_act=rng.random(n), l1=rng.random(n), l0=rng.random(n),
-                        resid_norm=rng.random(n), sq_err=rng.random(n), sq_dev=rng.random(n), sum_x=rng.random(4),
-                        shift=rng.random(4), features_fired=rng.random(8) > 0.5)
+                        resid_norm=rng.random(n), sq_err=rng.random(n), sq_dev=rng.random(n), sq_norm=rng.random(n),
+                        position=rng.random(n), sum_x=rng.random(4), shift=rng.random(4),
+                        features_fired=rng.random(8) > 0.5, sum_dev=rng.random((n, 4)).astype(np.float32),
+                        truncated=rng.random(n) > 0.5)
 
 
 def test_round_trip_and_identity(tmp_path):
@@ -34,3 +36,20 @@ def test_corrupt_or_unfinished_entry_is_not_trusted(tmp_path):
     cache.save("ml", 0, _sums(1))
     next(p for p in tmp_path.glob("*.sha256") if p.stat().st_mtime == max(q.stat().st_mtime for q in tmp_path.glob("*.sha256"))).unlink()
     assert cache.load("ml", 0) is None
+
+
+def test_entry_with_other_fields_is_recomputed_not_loaded(tmp_path):
+    """An entry written by an older version (no per-sentence residual sums) under the same key is ignored."""
+    import io
+
+    from mlalign.analysis.cache import file_digest
+
+    cache = StatsCache(tmp_path, {"model": "m"})
+    cache.save("hi", 0, _sums(0))
+    data = next(tmp_path.glob("*.npz"))
+    old = {k: v for k, v in _sums(0).to_dict().items() if k not in ("sum_dev", "truncated", "sq_norm", "position")}
+    buffer = io.BytesIO()
+    np.savez(buffer, **old)
+    data.write_bytes(buffer.getvalue())
+    data.with_suffix(".sha256").write_text(file_digest(data))
+    assert cache.load("hi", 0) is None

@@ -59,6 +59,7 @@ def numpy_metrics(feats_per_sentence, x_per_sentence, x_hat_per_sentence, aggreg
         out.update({k: np.mean([v[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:]) if b > a]) for k, v in per_token.items()})
     out["feature_coverage"] = (feats != 0).any(axis=0).mean()
     out["fvu"] = ((x - x_hat) ** 2).sum() / ((x - x.mean(axis=0)) ** 2).sum()
+    out["fvu_raw"] = ((x - x_hat) ** 2).sum() / (x**2).sum()
     return out
 
 

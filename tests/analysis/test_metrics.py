@@ -17,7 +17,7 @@ from mlalign.analysis.metrics import (
     metrics_rows,
     summarize,
 )
-from mlalign.analysis.stats import SentenceSums
+from mlalign.analysis.stats import PER_SENTENCE_SUMS, SentenceSums
 from mlalign.errors import UserError
 
 
@@ -68,7 +68,7 @@ def test_bootstrap_ci_contains_the_point_estimate_and_is_seeded(reference_stats,
 
 def _permuted(sums: SentenceSums, order: np.ndarray) -> SentenceSums:
     fields = sums.to_dict()
-    for name in ("n_tokens", "mean_act", "l1", "l0", "resid_norm", "sq_err", "sq_dev"):
+    for name in (*PER_SENTENCE_SUMS, "sum_dev", "truncated"):
         fields[name] = fields[name][order]
     return SentenceSums(**fields)
 
@@ -179,3 +179,45 @@ def test_bad_metric_or_aggregate_is_a_user_error(reference_stats):
         summarize(reference_stats, "en", aggregate="tokens")
     with pytest.raises(UserError, match="reference language"):
         summarize(reference_stats, "ru")
+
+
+def _tokens_with_sentence_offsets(seed: int = 0, n_sentences: int = 25, d: int = 16):
+    """Residual-like tokens: a large common offset plus a per-sentence offset plus noise, so sentence means differ a
+    lot from each other and from 0 (the regime where the FVU denominator's centre matters), and an SAE-like x̂."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 12, n_sentences)
+    sentence = np.repeat(np.arange(n_sentences), lengths)
+    x = 5.0 + 2.0 * rng.normal(size=(n_sentences, d))[sentence] + rng.normal(size=(len(sentence), d))
+    x_hat = x + 0.5 * rng.normal(size=x.shape)
+    return x, x_hat, sentence
+
+
+def _sums_of(x, x_hat, sentence, n_sentences, first_sentence=0):
+    import torch
+
+    from mlalign.analysis.stats import LayerStats
+
+    acc = LayerStats(n_sentences, x.shape[1], 4)
+    order = np.argsort(sentence != first_sentence, kind="stable")  # the shift is the mean of the first sentence fed
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    acc.update(t(x[order]), torch.zeros(len(x), 4), t(x_hat[order]), t(sentence[order]).long())
+    return acc.finalize()
+
+
+def test_fvu_bootstrap_is_exact_per_resample_whatever_the_centre():
+    """Brute force: each resample's FVU recomputed from its tokens (sentences repeated as drawn, centred on the
+    resample's own mean) equals the bootstrap's FVU, and the result does not depend on which sentence gave the shift."""
+    from mlalign.analysis.metrics import _resample_counts, _resampled_metrics
+
+    n_sentences = 25
+    x, x_hat, sentence = _tokens_with_sentence_offsets(n_sentences=n_sentences)
+    counts = _resample_counts(n_sentences, 40, np.random.default_rng(1))
+    brute = []
+    for row in counts:
+        take = np.concatenate([np.flatnonzero(sentence == s) for s in range(n_sentences) for _ in range(int(row[s]))])
+        xs, hs = x[take], x_hat[take]
+        brute.append(((xs - hs) ** 2).sum() / ((xs - xs.mean(axis=0)) ** 2).sum())
+    for first in (0, 7):
+        sums = _sums_of(x, x_hat, sentence, n_sentences, first_sentence=first)
+        got = _resampled_metrics({0: sums}, counts, "token")[0]["fvu"]
+        np.testing.assert_allclose(got, brute, rtol=1e-6)
