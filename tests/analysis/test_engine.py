@@ -202,3 +202,44 @@ def test_user_mistakes_raise_user_error(model, tokenizer, saes, texts):
         collect_stats(model, tokenizer, {0: identity_sae(D_MODEL + 1)}, small, progress=False)
     with pytest.raises(UserError, match="padding_side"):
         collect_stats(model, tokenizer, {0: saes[0]}, small, padding_side="middle", progress=False)
+
+
+def test_truncation_is_recorded_per_sentence(tokenizer, reference_stats, texts):
+    full = np.array([len(tokenizer(t)["input_ids"]) for t in texts["hi"]])
+    np.testing.assert_array_equal(reference_stats["hi"][0].truncated, full > MAX_LENGTH)
+    assert reference_stats["hi"][0].truncated.any() and not reference_stats["hi"][0].truncated.all()
+
+
+def test_position_window_keeps_only_positions_in_range(model, tokenizer, saes, texts, reference_stats):
+    """max_position=10 keeps positions 1..9 of each sentence (0 is BOS); min_position=5 keeps positions >= 5."""
+    n_all = reference_stats["en"][0].n_tokens
+    capped = collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"]}, batch_size=8, max_length=MAX_LENGTH,
+                           max_position=10, progress=False)["en"][0]
+    np.testing.assert_array_equal(capped.n_tokens, np.minimum(n_all, 9))
+    late = collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"]}, batch_size=8, max_length=MAX_LENGTH,
+                         min_position=5, progress=False)["en"][0]
+    np.testing.assert_array_equal(late.n_tokens, np.maximum(n_all - 4, 0))
+    n = late.n_tokens
+    assert late.position.sum() == pytest.approx(((n_all * (n_all + 1) - 20) / 2 * (n > 0)).sum())
+    with pytest.raises(UserError, match="min_position"):
+        collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"][:2]}, min_position=5, max_position=5, progress=False)
+
+
+def test_missing_bos_is_caught_when_the_sae_was_trained_with_it(model, tokenizer, saes, texts):
+    import copy
+
+    from tokenizers import processors
+
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    assert no_bos(texts["en"][0])["input_ids"][0] != tokenizer.bos_token_id
+    sae = copy.deepcopy(saes[0])
+    sae.cfg.metadata.prepend_bos = True
+    small = {"en": texts["en"][:4]}
+    collect_stats(model, tokenizer, {0: sae}, small, progress=False)  # BOS present: fine
+    with pytest.raises(UserError, match="prepend_bos"):
+        collect_stats(model, no_bos, {0: sae}, small, progress=False)
+    # Dropping every first token is the documented way to analyse without BOS.
+    stats = collect_stats(model, no_bos, {0: sae}, small, min_position=1, progress=False)["en"][0]
+    lengths = np.array([len(no_bos(t)["input_ids"]) for t in small["en"]])
+    np.testing.assert_array_equal(stats.n_tokens, lengths - 1)

@@ -221,3 +221,60 @@ def test_fvu_bootstrap_is_exact_per_resample_whatever_the_centre():
         sums = _sums_of(x, x_hat, sentence, n_sentences, first_sentence=first)
         got = _resampled_metrics({0: sums}, counts, "token")[0]["fvu"]
         np.testing.assert_allclose(got, brute, rtol=1e-6)
+
+
+def test_artefact_verdict_compares_raw_fvus_with_the_same_denominator():
+    """The centred FVU divides by each language's own variance; the verdict reads the raw FVU ||x-x̂||²/||x||²."""
+    gaps = {"hi": [-20.0] * 6}
+    bands = layer_bands(list(range(6)))
+    centred_only = _synthetic(gaps, fvu={"hi": 0.5})  # 2.5x English's centred FVU ...
+    for layer in range(6):
+        centred_only["en"][layer]["fvu_raw"] = 0.05
+        centred_only["hi"][layer]["fvu_raw"] = 0.05  # ... but the same share of residual energy unexplained
+    disp = disparity(centred_only, "en", "mean_act")
+    (statement,) = headline_statements(centred_only, disp, "en", "mean_act", bands)
+    assert "SAE artefact" not in statement and "raw FVU" in statement
+    for layer in range(6):
+        centred_only["hi"][layer]["fvu_raw"] = 0.1
+    (statement,) = headline_statements(centred_only, disp, "en", "mean_act", bands)
+    assert "SAE artefact" in statement
+
+
+def test_layers_where_the_sae_does_not_fit_the_reference_are_not_findings(reference_stats):
+    from mlalign.analysis.metrics import band_summary, unfit_layers
+
+    values = _synthetic({"hi": [-40, -5, -6, -7, -8, -9]})
+    values["en"][0]["fvu"] = 1.26  # worse than predicting the mean: layer 0's -40% is no finding
+    values["en"][3]["fvu"] = 5.06
+    disp = disparity(values, "en", "mean_act")
+    bands = layer_bands(list(range(6)))
+    unfit = unfit_layers(values, "en")
+    assert unfit == [0, 3]
+    statements = headline_statements(values, disp, "en", "mean_act", bands, unfit)
+    assert "up to 9.0% lower" in statements[0] and "40.0" not in statements[0]
+    assert "does not reconstruct this model's residual stream at layers 0, 3" in statements[-1]
+    assert band_summary(values, disp, "en", bands, unfit)["early"]["most_negative"]["layer"] == 1
+    assert unfit_layers(values, "en", max_fvu=10.0) == []
+
+    summary = summarize(reference_stats, "en", bootstrap=0, max_fvu=0.0)  # every layer flagged
+    assert summary["unfit_layers"] == [0, 1, 2, 3] and summary["sae_fits"] == {str(k): False for k in range(4)}
+    assert any("does not reconstruct" in w for w in summary["warnings"])
+    assert "does not reconstruct" in summary["statements"][-1]
+    # The fixture's SAEs are random (FVU > 1 everywhere): flagged by default, not when the check is off.
+    assert summarize(reference_stats, "en", bootstrap=0)["unfit_layers"] == [0, 1, 2, 3]
+    off = summarize(reference_stats, "en", bootstrap=0, max_fvu=None)
+    assert off["unfit_layers"] == [] and not any("does not reconstruct" in s for s in off["statements"] + off["warnings"])
+
+
+def test_corpus_stats_report_length_truncation_and_position(reference_stats):
+    summary = summarize(reference_stats, "en", bootstrap=0, max_truncated_pct=0.0)
+    for lang, sums in ((lang, reference_stats[lang][0]) for lang in reference_stats):
+        entry = summary["corpus_stats"][lang]
+        assert set(entry) == {"tokens_per_sentence", "truncated_pct", "mean_position"}
+        assert entry["tokens_per_sentence"] == pytest.approx(sums.n_tokens.mean())
+        assert entry["truncated_pct"] == pytest.approx(100 * sums.truncated.mean())
+        # Every sentence of n analysed tokens holds positions 1..n (BOS at 0 is dropped).
+        assert entry["mean_position"] == pytest.approx((sums.n_tokens * (sums.n_tokens + 1) / 2).sum() / sums.n_tokens.sum())
+    truncated = [lang for lang in summary["langs"] if summary["corpus_stats"][lang]["truncated_pct"] > 0]
+    assert truncated, "the fixture's max_length should cut some sentences"
+    assert sum("cut at max_length" in w for w in summary["warnings"]) == len(truncated)
