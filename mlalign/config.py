@@ -98,6 +98,16 @@ class AnalysisConfig:
     """Reuse per-(language, layer) statistics from paths.cache_dir."""
     plots: bool = True
     """Write the heatmap and per-layer line plots."""
+    max_fvu: Optional[float] = 1.0
+    """A layer where the reference language's FVU reaches this is flagged: the SAE does not reconstruct the model's
+    residual stream there, so none of its numbers is a finding; null = no check."""
+    max_truncated_pct: Optional[float] = 5.0
+    """Warn when more than this % of a language's sentences are cut at data.max_length; null = never."""
+    min_position: int = 0
+    """Analyse only tokens at positions >= this (0 = the row's first token, BOS if any); 1 drops the first token of
+    models without BOS (their attention sink)."""
+    max_position: Optional[int] = None
+    """Analyse only tokens at positions < this: every language compared over the same position window; null = all."""
 
 
 @dataclass

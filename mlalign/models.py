@@ -54,10 +54,10 @@ def _load_error(source: str, err: Exception) -> UserError:
                          "point model.hf_id at a directory saved with save_pretrained")
     if "gated" in text.lower() or "401" in text or "403" in text or "access" in text.lower():
         return UserError(f"no access to {source} (gated model): accept its license on huggingface.co, run "
-                         "`huggingface-cli login` (or set HF_TOKEN), or use model=testbed to run offline")
+                         "`hf auth login` (or set HF_TOKEN), or use model=testbed to run offline")
     if _offline() or "offline" in text.lower() or "cannot find" in text.lower() or "couldn't connect" in text.lower():
         return UserError(f"{source} is not in the local Hugging Face cache and the hub is unreachable "
-                         "(HF_HUB_OFFLINE or no network): run `huggingface-cli login` and download it once online, "
+                         "(HF_HUB_OFFLINE or no network): run `hf auth login` and download it once online, "
                          "or use model=testbed to run offline")
     return UserError(f"cannot load {source}: {text.splitlines()[0] if text else type(err).__name__}; "
                      "check model.hf_id, or use model=testbed to run offline")
@@ -94,11 +94,15 @@ def load_model(model_cfg, testbed_dir=None, adapter: str | None = None, device: 
         revision=model_cfg.get("revision"),
         use_safetensors=True,
     )
+    if target.type != "cpu":
+        # Straight onto the accelerator: no full CPU copy first (peak host memory, and the time of a second copy).
+        # CPU targets load as before: safetensors rejects indexed CPU devices ("cpu:0" in multi-process CPU runs).
+        kwargs["device_map"] = {"": str(target)}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_error(source, err) from None
-    model.to(target)
+    model.to(target)  # a no-op when already there
     if adapter:
         model = attach_adapter(model, adapter, source)
     model.eval()

@@ -71,7 +71,7 @@ def load_sae(sae_cfg, layer: int, hidden_size: int, device: str = "cpu"):
             sae = SAE.from_pretrained(sae_cfg.release, sae_id, device=str(device), dtype=dtype)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load SAE {sae_cfg.release}/{sae_id}: {str(err).splitlines()[0]}; it is not in the "
-                            "local Hugging Face cache (go online once, or `huggingface-cli login` if gated)") from None
+                            "local Hugging Face cache (go online once, or `hf auth login` if gated)") from None
         where = f"{sae_cfg.release}/{sae_id}"
     else:
         path = local_sae_path(sae_cfg.path_template, layer)

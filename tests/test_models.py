@@ -31,7 +31,7 @@ def test_uncached_hub_model_offline_says_how_to_log_in(monkeypatch, tmp_path):
     with pytest.raises(UserError) as err:
         load_tokenizer(cfg.model)
     message = str(err.value)
-    assert "huggingface-cli login" in message and "model=testbed" in message and "\n" not in message
+    assert "hf auth login" in message and "model=testbed" in message and "\n" not in message
 
 
 def test_testbed_without_a_build_has_no_source():

@@ -42,8 +42,89 @@ def adapter_fingerprint(adapter: str | Path | None) -> str | None:
     return file_digest(weights[0]) if weights else str(adapter.resolve())
 
 
+SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "cfg.json")
+"""Files hashed by content: configs and tokenizers. Weights (GBs) are identified by their hub blob name (the blob's
+sha256) or, in a local folder, by size and modification time."""
+
+
+def folder_fingerprint(directory: str | Path) -> dict:
+    """What identifies the files of a model or SAE folder: sha256 of configs/tokenizer files, and for each weight file
+    its hub blob (content hash) if it is a hub-cache symlink, else (size, mtime_ns)."""
+    directory = Path(directory)
+    out: dict = {"files": {}, "weights": {}}
+    for path in sorted(directory.iterdir()):
+        if not path.is_file():
+            continue
+        if path.name in SMALL_FILES:
+            out["files"][path.name] = file_digest(path)
+        elif path.suffix in (".safetensors", ".bin", ".pt", ".npz", ".gguf"):
+            real = path.resolve()
+            stat = real.stat()
+            blob = real.parent.name == "blobs"
+            out["weights"][path.name] = real.name if blob else [stat.st_size, stat.st_mtime_ns]
+    return out
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None, filename: str = "config.json") -> str | None:
+    """The commit of the locally cached snapshot of a hub repo (offline: read from the cache, never downloaded)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        return None
+    path = try_to_load_from_cache(repo_id, filename, revision=revision)
+    if isinstance(path, str) and Path(path).parent.parent.name == "snapshots":
+        return Path(path).parent.name
+    ref = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / (revision or "main")
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def model_fingerprint(source: str, revision: str | None = None) -> dict:
+    """A local model folder's file fingerprint, or a hub id's cached snapshot commit and file fingerprint (which
+    covers the tokenizer, loaded from the same source). A new snapshot or retokenised folder gives a new key."""
+    if Path(source).is_dir():
+        return folder_fingerprint(source)
+    snapshot = hub_snapshot(source, revision)
+    out: dict = {"snapshot": snapshot}
+    if snapshot:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(source, "config.json", revision=snapshot)
+        if isinstance(config, str):
+            out.update(folder_fingerprint(Path(config).parent))
+    return out
+
+
+def sae_fingerprints(sae_cfg, layers) -> dict[int, dict]:
+    """layer -> where its SAE's weights resolve: the release's repo, cached snapshot and path in the registry, or the
+    local folder's file fingerprint."""
+    from mlalign.saes import local_sae_path, sae_id_for
+
+    out = {}
+    if sae_cfg.get("release"):
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+        release = get_pretrained_saes_directory().get(sae_cfg.release)
+        repo_id = getattr(release, "repo_id", None)
+        snapshot = hub_snapshot(repo_id) if repo_id else None
+        paths = dict(release.saes_map) if release is not None else {}
+        for layer in layers:
+            out[int(layer)] = {"repo_id": repo_id, "snapshot": snapshot, "path": paths.get(sae_id_for(sae_cfg, layer))}
+    elif sae_cfg.get("path_template"):
+        for layer in layers:
+            path = local_sae_path(sae_cfg.path_template, layer)
+            out[int(layer)] = folder_fingerprint(path) if path.is_dir() else {"missing": str(path)}
+    return out
+
+
 def entry_key(identity: dict, lang: str, layer: int) -> str:
-    payload = json.dumps({**identity, "lang": lang, "layer": int(layer), "version": CACHE_VERSION}, sort_keys=True)
+    """identity["per_layer"][layer] (e.g. that layer's SAE files) joins only its own layer's key."""
+    per_layer = identity.get("per_layer") or {}
+    base = {k: v for k, v in identity.items() if k != "per_layer"}
+    own = per_layer.get(int(layer), per_layer.get(str(layer)))
+    payload = json.dumps({**base, "layer_source": own, "lang": lang, "layer": int(layer), "version": CACHE_VERSION},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

@@ -7,7 +7,7 @@ import io
 import logging
 from pathlib import Path
 
-from mlalign.analysis.cache import StatsCache, adapter_fingerprint
+from mlalign.analysis.cache import StatsCache, adapter_fingerprint, model_fingerprint, sae_fingerprints
 from mlalign.analysis.engine import collect_stats
 from mlalign.analysis.metrics import METRICS_CSV_COLUMNS, metrics_rows, summarize
 from mlalign.data.corpus import load_corpus
@@ -19,17 +19,27 @@ log = logging.getLogger(__name__)
 OBJECTIVE = "mean_disparity_pct"
 
 
-def cache_identity(cfg, testbed_dir, adapter, split: str) -> dict:
-    """Everything that changes a (language, layer) statistic; batch size, sae_chunk and padding do not."""
+def cache_identity(cfg, testbed_dir, adapter, split: str, layers=None) -> dict:
+    """Everything that changes a (language, layer) statistic; batch size, sae_chunk, sae.device and padding do not.
+
+    The model's files (hub snapshot commit or local folder fingerprint, tokenizer included) and each layer's SAE
+    source (release repo + snapshot + path, or local files) are part of it, so a new snapshot is a new entry.
+    """
     data = cfg.data
+    source = model_source(cfg.model, testbed_dir)
+    acfg = cfg.analysis
     return {
-        "model": model_source(cfg.model, testbed_dir),
+        "model": source,
         "revision": cfg.model.get("revision"),
+        "model_files": model_fingerprint(source, cfg.model.get("revision")),
+        "attn_implementation": cfg.model.get("attn_implementation"),
         "dtype": cfg.model.dtype,
+        "positions": [int(acfg.get("min_position") or 0), acfg.get("max_position")],
         "adapter": adapter_fingerprint(adapter),
         "sae": {k: cfg.sae.get(k) for k in ("release", "id_template", "path_template", "dtype")},
         "corpus": {"source": data.source, "path": data.path, "split": split,
                    "max_sentences": data.get("max_sentences"), "max_length": data.max_length},
+        "per_layer": sae_fingerprints(cfg.sae, layers) if layers is not None else {},
     }
 
 
@@ -46,8 +56,8 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
     from mlalign.saes import check_sae_config
 
     check_sae_config(cfg.sae, layers)
-    cache = StatsCache(Path(cfg.paths.cache_dir) / "analysis", cache_identity(cfg, ctx.testbed_dir, adapter, split),
-                       enabled=bool(acfg.cache))
+    cache = StatsCache(Path(cfg.paths.cache_dir) / "analysis",
+                       cache_identity(cfg, ctx.testbed_dir, adapter, split, layers), enabled=bool(acfg.cache))
     stats = {lang: {} for lang in langs}
     missing: dict[str, list[int]] = {}
     for lang in langs:
@@ -62,18 +72,26 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
         n_cached = sum(len(v) for v in stats.values())
         print(f"analyzing {len(missing)} language(s) x {len(todo_layers)} layer(s)"
               + (f" ({n_cached} (language, layer) results from the cache)" if n_cached else ""))
+        from mlalign.models import hidden_size, num_layers, resolve_device
+
+        # SAEs first: a missing or mismatched SAE fails before a multi-GB model download, not after it.
+        # Where they live: sae.device if set (e.g. cpu to spare accelerator memory), else the CPU while waiting for
+        # their chunk (sae_chunk), else the model's device.
+        compute_device = resolve_device(cfg.sae.get("device")) if cfg.sae.get("device") else None
+        model_device = next(model.parameters()).device if model is not None else resolve_device(cfg.model.device)
+        home = compute_device or ("cpu" if acfg.sae_chunk else model_device)
+        saes = ctx.load_saes(todo_layers, int(cfg.model.hidden_size) if model is None else hidden_size(model), home)
         if model is None:
             model = ctx.load_model(adapter=adapter)
             tokenizer = ctx.load_tokenizer()
-        from mlalign.models import hidden_size, num_layers
-
+            # A first download fixed the snapshot the key names: store under the key later runs will compute.
+            cache.identity = cache_identity(cfg, ctx.testbed_dir, adapter, split, layers)
         ctx.layers(num_layers(model))  # the config's layer count must match the weights
-        device = next(model.parameters()).device
-        sae_device = "cpu" if acfg.sae_chunk else device
-        saes = ctx.load_saes(todo_layers, hidden_size(model), sae_device)
         computed = collect_stats(model, tokenizer, saes, {lang: corpus[lang] for lang in missing},
                                  batch_size=int(acfg.batch_size), max_length=int(cfg.data.max_length),
-                                 sae_chunk=acfg.sae_chunk, progress=True)
+                                 sae_chunk=acfg.sae_chunk, progress=True,
+                                 min_position=int(acfg.get("min_position") or 0),
+                                 max_position=acfg.get("max_position"), sae_device=compute_device)
         for lang, by_layer in computed.items():
             for layer, sums in by_layer.items():
                 cache.save(lang, layer, sums)
@@ -86,7 +104,8 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
     summary = summarize(stats, cfg.reference_lang, metric=acfg.metric, aggregate=acfg.aggregate,
                         ids_by_lang={lang: corpus.ids[lang] for lang in langs}, bootstrap=int(acfg.bootstrap),
                         ci=float(acfg.ci), seed=int(cfg.seed), bands=acfg.bands, model=cfg.model.name,
-                        sae=cfg.sae.name)
+                        sae=cfg.sae.name, max_fvu=acfg.get("max_fvu", 1.0),
+                        max_truncated_pct=acfg.get("max_truncated_pct", 5.0))
     summary["adapter"] = str(adapter) if adapter else None
     summary["corpus"] = {"source": cfg.data.source, "split": split}
     rows = metrics_rows(summary)

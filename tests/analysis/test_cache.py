@@ -53,3 +53,34 @@ def test_entry_with_other_fields_is_recomputed_not_loaded(tmp_path):
     data.write_bytes(buffer.getvalue())
     data.with_suffix(".sha256").write_text(file_digest(data))
     assert cache.load("hi", 0) is None
+
+
+def test_identity_covers_attention_files_positions_and_each_layers_sae(tmp_path):
+    """attn_implementation, the model folder's tokenizer, analysis positions and one layer's SAE files each change
+    the key; a layer whose SAE did not change keeps its key."""
+    from mlalign.analysis.cache import entry_key
+    from mlalign.tasks.analyze import cache_identity
+    from tests.helpers import compose_cfg
+
+    model_dir, sae_dir = tmp_path / "model", tmp_path / "saes"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "tokenizer.json").write_text('{"v": 1}')
+    for layer in (0, 1):
+        (sae_dir / f"layer_{layer}").mkdir(parents=True)
+        (sae_dir / f"layer_{layer}" / "cfg.json").write_text(f'{{"layer": {layer}}}')
+
+    def keys(*overrides):
+        cfg = compose_cfg([f"model.hf_id={model_dir}", "sae=local", f"sae.path_template={sae_dir}", *overrides], tmp_path)
+        identity = cache_identity(cfg, None, None, "dev", [0, 1])
+        return [entry_key(identity, "hi", layer) for layer in (0, 1)]
+
+    base = keys()
+    assert keys() == base
+    assert set(keys("model.attn_implementation=sdpa")).isdisjoint(base)
+    assert set(keys("analysis.max_position=64")).isdisjoint(base)
+    (sae_dir / "layer_1" / "cfg.json").write_text('{"layer": 1, "retrained": true}')
+    changed = keys()
+    assert changed[0] == base[0] and changed[1] != base[1]
+    (model_dir / "tokenizer.json").write_text('{"v": 2}')
+    assert set(keys()).isdisjoint(changed)

@@ -79,7 +79,7 @@ def test_uncached_gated_model_offline_says_how_to_log_in(tmp_path):
     result = run_cli(["task=analyze", "model=gemma2_2b", "langs=[hi]", "layers=[0]", f"paths.root_dir={tmp_path}"],
                      env={"HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "huggingface-cli login" in result.stderr and "model=testbed" in result.stderr
+    assert "hf auth login" in result.stderr and "model=testbed" in result.stderr
 
 
 def _train_args(cache: Path, run_dir: Path) -> list[str]:
