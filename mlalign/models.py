@@ -35,12 +35,30 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def model_source(model_cfg, testbed_dir: str | Path | None = None) -> str:
-    """The Hugging Face id or local directory the model loads from (the testbed resolves to its built copy)."""
+    """The Hugging Face id or local directory the model loads from (the testbed and GGUF sources: their cached copy)."""
+    if model_cfg.get("converted_dir"):
+        return str(model_cfg.converted_dir)
+    from mlalign.gguf import is_gguf
+
+    if is_gguf(model_cfg):
+        raise RuntimeError(f"model {model_cfg.name!r} is a GGUF source: call mlalign.models.prepare_model first")
     if model_cfg.hf_id:
         return str(model_cfg.hf_id)
     if testbed_dir:
         return str(Path(testbed_dir) / "model")
     raise UserError(f"model {model_cfg.name!r} has no hf_id; set model.hf_id=ORG/NAME or a local path, or use model=testbed")
+
+
+def prepare_model(model_cfg, cache_dir: str | Path) -> None:
+    """GGUF sources (model.gguf_file, model.source=pypi): convert once into cache_dir, set model.converted_dir to it."""
+    from omegaconf import open_dict
+
+    from mlalign.gguf import ensure_converted, is_gguf
+
+    if is_gguf(model_cfg) and not model_cfg.get("converted_dir"):
+        directory = ensure_converted(model_cfg, cache_dir)
+        with open_dict(model_cfg):
+            model_cfg.converted_dir = str(directory)
 
 
 def _offline() -> bool:

@@ -26,6 +26,10 @@ def registry_ids(release: str) -> dict[str, str]:
     return dict(directory[release].saes_map)
 
 
+NO_SAE_OFFLINE = ("go online once (`hf auth login` if gated), or train SAEs for this model with "
+                  "`python run.py task=train_saes model=<this model>` and use sae=local sae.path_template=<run dir>/saes")
+
+
 def local_sae_path(path_template: str, layer: int) -> Path:
     """`/dir/layer_{layer}`, or just `/dir` holding `layer_0/`, `layer_1/`, ... (no braces to quote on the command line)."""
     template = str(path_template)
@@ -71,7 +75,7 @@ def load_sae(sae_cfg, layer: int, hidden_size: int, device: str = "cpu"):
             sae = SAE.from_pretrained(sae_cfg.release, sae_id, device=str(device), dtype=dtype)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load SAE {sae_cfg.release}/{sae_id}: {str(err).splitlines()[0]}; it is not in the "
-                            "local Hugging Face cache (go online once, or `hf auth login` if gated)") from None
+                            f"local Hugging Face cache: {NO_SAE_OFFLINE}") from None
         where = f"{sae_cfg.release}/{sae_id}"
     else:
         path = local_sae_path(sae_cfg.path_template, layer)

@@ -109,6 +109,9 @@ class RunContext:
 
             check_adapter(cfg.adapter)
         prepare_testbed(cfg)
+        from mlalign.models import prepare_model
+
+        prepare_model(cfg.model, cfg.paths.cache_dir)  # GGUF sources: convert once, cached
         resolved = scrub_secrets(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
         write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
         name, group = job_name_and_group(cfg, self.task)
