@@ -212,6 +212,54 @@ class EvalConfig:
     """Also evaluate the base model when an adapter is given."""
 
 
+def _english_heavy_weights() -> dict[str, float]:
+    return {"en": 0.40, "zh": 0.08, "ru": 0.08, "es": 0.08, "it": 0.08,
+            "id": 0.06, "ca": 0.06, "mr": 0.04, "ml": 0.04, "hi": 0.04}
+
+
+@dataclass
+class SAETrainConfig:
+    """task=train_saes: one JumpReLU SAE per layer in `layers`, on `langs` + `reference_lang` text of
+    `data.splits.train`, scored on `data.splits.valid`. Layer L's SAE is seeded with `seed + L` (weights and the
+    order of its minibatches); `seed` also shuffles which train sentences are used."""
+
+    tokens: int = 100000
+    """Activation tokens per layer (BOS and padding excluded), shared out between languages by `lang_mix`. A
+    language whose train text holds fewer tokens than its share is reused (repeated) to keep the mix."""
+    width: Optional[int] = None
+    """Features per SAE (d_sae); null = 8 x the model's hidden size."""
+    lang_mix: str = "balanced"
+    """balanced (the same number of tokens from every language) or english_heavy (`english_heavy_weights`)."""
+    english_heavy_weights: Any = field(default_factory=_english_heavy_weights)
+    """lang_mix=english_heavy: relative token share per language, like a pretraining mix (English 40%, the four
+    high-resource languages 8% each, id/ca 6%, mr/ml/hi 4%: the testbed's pretraining mix); renormalised over the
+    languages trained on. Every trained language needs a weight."""
+    epochs: float = 2.0
+    """Passes over the collected tokens; steps = epochs x tokens / batch_size, unless `steps` is set."""
+    steps: Optional[int] = None
+    """Optimiser steps per SAE; null = from `epochs`."""
+    batch_size: int = 256
+    """Activation rows per SAE optimiser step."""
+    lr: Optional[float] = None
+    """Adam learning rate (constant after a 5% warm-up); null = min(3e-2, threshold_travel / steps)."""
+    threshold_travel: float = 2.4
+    """lr=null: learning rate x steps, how far JumpReLU thresholds can move (inputs are scaled to norm sqrt(d_in)).
+    Under Adam this, more than l0_coefficient, sets the sparsity: 1.2 gave L0 ~8-13% of the width on the testbed,
+    2.4 ~4%, 4.8 under 1% with a higher FVU."""
+    l0_coefficient: float = 1.0
+    """Weight of DeepMind's step L0 penalty (Gemma Scope) against the reconstruction loss."""
+    target_l0: Optional[float] = None
+    """If set, Gemma Scope 2's quadratic penalty pulls the L0 towards this many features per token instead
+    (`l0_coefficient` still weighs it)."""
+    capture_batch_size: int = 16
+    """Sentences per forward pass while collecting activations (does not change any number)."""
+    eval_sentences: Optional[int] = None
+    """Held-out sentences per language for the fidelity table; null = the whole `data.splits.valid` split."""
+    device: Optional[str] = None
+    """Where the SAEs train; null = the model's device. Activations are buffered in CPU memory
+    (tokens x hidden size x 4 bytes per layer)."""
+
+
 @dataclass
 class LoggerConfig:
     backend: str = "none"
@@ -249,6 +297,7 @@ SCHEMAS = {
     "lora": LoraConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "sae_train": SAETrainConfig,
     "logger": LoggerConfig,
     "paths": PathsConfig,
 }

@@ -21,8 +21,11 @@ PRE_ACT_LOSS = 0.1
 with it about a third (measured on the testbed)."""
 
 
-def default_lr(steps: int) -> float:
-    return min(MAX_LR, THRESHOLD_TRAVEL / max(1, steps))
+def default_lr(steps: int, travel: float = THRESHOLD_TRAVEL, max_lr: float = MAX_LR) -> float:
+    """The constant learning rate that lets JumpReLU thresholds travel `travel` in `steps` Adam steps. Under Adam the
+    L0 coefficient barely sets the sparsity (it rescales a gradient Adam normalises); how far thresholds can move
+    does: a longer travel gives sparser SAEs."""
+    return min(max_lr, travel / max(1, steps))
 
 
 def activation_batches(acts: torch.Tensor, batch_size: int, seed: int, index: torch.Tensor | None = None,

@@ -18,6 +18,7 @@ TASKS = {
     "train": "train",
     "eval": "evaluate",
     "pipeline": "pipeline",
+    "train_saes": "train_saes",
     "build_testbed": "build_testbed",
     "summarize": "summarize",
 }

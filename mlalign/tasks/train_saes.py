@@ -1,0 +1,300 @@
+"""task=train_saes: one JumpReLU SAE per layer for any model, trained on the corpus's train split with a language mix,
+written where sae=local reads it, with a held-out fidelity table (FVU, L0, dead features per layer and language)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlalign.analysis.capture import ResidualCapture
+from mlalign.analysis.engine import analysed_positions, pad_batch
+from mlalign.data.corpus import ParallelCorpus, load_corpus
+from mlalign.errors import UserError
+from mlalign.io import write_atomic, write_json_atomic, write_text_atomic
+from mlalign.sae_training import default_lr, fidelity, train_sae
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE = "mean_fvu"
+LANG_MIXES = ("balanced", "english_heavy")
+WIDTH_MULTIPLE = 8
+"""sae_train.width=null means this many features per residual dimension."""
+TASK_MAX_LR = 3e-2
+"""Cap of the default learning rate; above it the reconstruction diverges on the testbed."""
+
+
+def split_parts(source: str, split: str) -> set[str]:
+    """The disjoint pieces of text a split names: FLORES joins splits with `+`; text_dir's dev and test are one
+    held-out part and `all` is everything."""
+    if source == "text_dir":
+        return {"train": {"train"}, "dev": {"heldout"}, "test": {"heldout"}, "all": {"train", "heldout"}}.get(
+            split, {split})
+    return set(str(split).split("+"))
+
+
+def check_settings(cfg) -> None:
+    """Everything a user can get wrong, before any model loads."""
+    st, splits, source = cfg.sae_train, cfg.data.splits, cfg.data.source
+    train_parts = split_parts(source, splits.train)
+    for role in ("analysis", "valid"):
+        shared = train_parts & split_parts(source, splits[role])
+        if shared:
+            what = "analysed" if role == "analysis" else "held out for the fidelity table"
+            raise UserError(f"data.splits.train={splits.train} overlaps data.splits.{role}={splits[role]}, the split "
+                            f"{what}: SAEs must never train on it. Use e.g. data.splits.train=train "
+                            f"data.splits.{role}={'test' if role == 'analysis' else 'dev'}")
+    if st.width is not None and int(st.width) <= 0:
+        raise UserError(f"sae_train.width={st.width} must be a positive number of features, e.g. sae_train.width=512 "
+                        f"(or null for {WIDTH_MULTIPLE} x the hidden size)")
+    if int(st.batch_size) <= 0 or int(st.capture_batch_size) <= 0:
+        raise UserError("sae_train.batch_size and sae_train.capture_batch_size must be positive, e.g. 256 and 16")
+    if int(st.tokens) < int(st.batch_size):
+        raise UserError(f"sae_train.tokens={st.tokens} is fewer than one SAE minibatch (sae_train.batch_size="
+                        f"{st.batch_size}); give at least that many, e.g. sae_train.tokens=100000")
+    if st.lang_mix not in LANG_MIXES:
+        raise UserError(f"unknown sae_train.lang_mix={st.lang_mix!r}; use sae_train.lang_mix=balanced or english_heavy")
+    if st.steps is None and not float(st.epochs) > 0:
+        raise UserError(f"sae_train.epochs={st.epochs} must be > 0 (or set sae_train.steps=N)")
+    if st.steps is not None and int(st.steps) <= 0:
+        raise UserError(f"sae_train.steps={st.steps} must be positive (or null to derive it from sae_train.epochs)")
+    if st.lr is None and not float(st.threshold_travel) > 0:
+        raise UserError(f"sae_train.threshold_travel={st.threshold_travel} must be > 0, e.g. 2.4 (or set sae_train.lr)")
+    if st.target_l0 is not None and not float(st.target_l0) > 0:
+        raise UserError(f"sae_train.target_l0={st.target_l0} must be > 0 features per token, or null")
+
+
+def mix_weights(lang_mix: str, langs: list[str], english_heavy_weights) -> dict[str, float]:
+    """Each language's share of the activation tokens, summing to 1."""
+    if lang_mix == "balanced":
+        return {lang: 1 / len(langs) for lang in langs}
+    weights = dict(english_heavy_weights or {})
+    missing = [lang for lang in langs if lang not in weights]
+    if missing:
+        raise UserError(f"sae_train.english_heavy_weights has no weight for {', '.join(missing)}; add one, e.g. "
+                        f"'sae_train.english_heavy_weights.{missing[0]}=0.04'")
+    bad = [lang for lang in langs if not float(weights[lang]) > 0]
+    if bad:
+        raise UserError(f"sae_train.english_heavy_weights.{bad[0]}={weights[bad[0]]} must be > 0 (or drop the "
+                        f"language from langs)")
+    total = sum(float(weights[lang]) for lang in langs)
+    return {lang: float(weights[lang]) / total for lang in langs}
+
+
+def token_quotas(weights: dict[str, float], tokens: int) -> dict[str, int]:
+    """Split `tokens` by `weights` into integers that sum to `tokens` (largest remainders first)."""
+    exact = {lang: weights[lang] * tokens for lang in weights}
+    quotas = {lang: int(math.floor(value)) for lang, value in exact.items()}
+    for lang in sorted(exact, key=lambda lang: quotas[lang] - exact[lang])[: tokens - sum(quotas.values())]:
+        quotas[lang] += 1
+    empty = [lang for lang, quota in quotas.items() if quota == 0]
+    if empty:
+        raise UserError(f"sae_train.tokens={tokens} leaves no tokens for {', '.join(empty)} under this mix; "
+                        f"raise sae_train.tokens")
+    return quotas
+
+
+def _kept_count(ids: list[int], bos_id: int | None) -> int:
+    return len(ids) - (1 if ids and bos_id is not None and ids[0] == bos_id else 0)
+
+
+@torch.inference_mode()
+def capture_language(model, tokenizer, sentences: list[str], layers: list[int], max_length: int, batch_size: int,
+                     quota: int | None = None, rng: np.random.Generator | None = None,
+                     desc: str = "", progress: bool = True) -> dict[int, torch.Tensor]:
+    """Residuals `{layer: [tokens, hidden]}` (float32, CPU) at every position but BOS and padding, one forward pass
+    per batch for all `layers`. With `quota`, sentences are taken in `rng`'s random order until that many tokens are
+    in (the last sentence's surplus is cut), else all of them in order."""
+    from tqdm.auto import tqdm
+
+    encoded = tokenizer(list(sentences), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    bos_id = tokenizer.bos_token_id
+    order = list(range(len(encoded))) if rng is None else list(rng.permutation(len(encoded)))
+    if quota is not None:
+        counts = np.cumsum([_kept_count(encoded[i], bos_id) for i in order])
+        order = order[: int(np.searchsorted(counts, quota)) + 1]
+    chosen = sorted(order, key=lambda i: (len(encoded[i]), i))  # similar lengths per batch: little padding
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = next(model.parameters()).device
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    was_training = model.training
+    model.eval()
+    try:
+        with ResidualCapture(model, layers, detach=True, stop_after_last=True) as capture:
+            starts = range(0, len(chosen), batch_size)
+            for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not progress):
+                inputs = pad_batch([list(encoded[i]) for i in chosen[start:start + batch_size]], pad_id, "right", device)
+                flat = analysed_positions(inputs["input_ids"], inputs["attention_mask"], bos_id).flatten()
+                flat = flat.nonzero().squeeze(1)
+                for layer, hidden in capture.forward(**inputs, use_cache=False).items():
+                    chunks[layer].append(hidden.flatten(0, 1).index_select(0, flat).float().cpu())
+    finally:
+        model.train(was_training)
+    acts = {layer: torch.cat(parts) if parts else torch.empty(0, 0) for layer, parts in chunks.items()}
+    return {layer: x[:quota] for layer, x in acts.items()} if quota is not None else acts
+
+
+def collect_training_activations(model, tokenizer, corpus: ParallelCorpus, quotas: dict[str, int], layers: list[int],
+                                 max_length: int, batch_size: int, rng: np.random.Generator, progress: bool = True):
+    """Every language's quota of residual positions, languages stacked: `(acts {layer: [rows, hidden]}, index or
+    None, info)`. A language whose text runs out is repeated through `index` (rows of acts, one per training token)
+    rather than by copying its rows, so the mix holds without a second forward pass."""
+    per_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    index_parts, unique, offset, repeated = [], {}, 0, False
+    for lang, quota in quotas.items():
+        acts = capture_language(model, tokenizer, corpus[lang], layers, max_length, batch_size, quota=quota, rng=rng,
+                                desc=f"activations {lang}", progress=progress)
+        n = len(acts[layers[0]])
+        if n == 0:
+            raise UserError(f"the train split has no tokens for {lang}; check data.path or drop {lang} from langs")
+        unique[lang] = n
+        for layer in layers:
+            per_layer[layer].append(acts[layer])
+        rows = torch.arange(offset, offset + n)
+        if n < quota:
+            repeated = True
+            log.warning("%s's train text holds %d tokens, fewer than its share %d: they are repeated to keep the mix",
+                        lang, n, quota)
+            extra = rows[torch.from_numpy(rng.permutation(n)[: quota % n])]
+            rows = torch.cat([rows.repeat(quota // n), extra])
+        index_parts.append(rows)
+        offset += n
+    acts = {layer: torch.cat(parts) for layer, parts in per_layer.items()}
+    info = {"tokens_per_lang": dict(quotas), "unique_tokens_per_lang": unique,
+            "repeated_langs": [lang for lang in quotas if unique[lang] < quotas[lang]]}
+    return acts, (torch.cat(index_parts) if repeated else None), info
+
+
+def _round(value: float, digits: int = 5) -> float:
+    return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+
+
+def fidelity_markdown(table: dict, langs: list[str], header: str) -> str:
+    lines = [header, "", "| layer | FVU | L0 | L0 % of width | dead % |", "| --- | --- | --- | --- | --- |"]
+    for layer, row in table.items():
+        lines.append(f"| {layer} | {row['fvu']:.4f} | {row['l0']:.1f} | {row['l0_pct']:.2f} | {row['dead_pct']:.1f} |")
+    for key, name, fmt in (("fvu", "FVU", "{:.4f}"), ("l0", "L0", "{:.1f}")):
+        lines += ["", f"{name} per language (held-out text):", "",
+                  "| layer | " + " | ".join(langs) + " |", "| --- |" + " --- |" * len(langs)]
+        for layer, row in table.items():
+            lines.append(f"| {layer} | " + " | ".join(fmt.format(row["per_lang"][lang][key]) for lang in langs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_fidelity(table: dict, langs: list[str], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [int(layer) for layer in table]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.get_cmap("tab10")
+    for ax, key, label in ((axes[0], "fvu", "FVU (fraction of variance unexplained)"),
+                           (axes[1], "l0", "L0 (features firing per token)")):
+        for k, lang in enumerate(langs):
+            ax.plot(layers, [table[str(layer)]["per_lang"][lang][key] for layer in layers], marker="o", markersize=2.5,
+                    linewidth=1.2, color=colors(k % 10), label=lang, alpha=0.85)
+        ax.plot(layers, [table[str(layer)][key] for layer in layers], color="black", linewidth=2.4, label="all")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=150))
+    plt.close(fig)
+    return path
+
+
+def run(cfg, ctx) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    from mlalign.models import hidden_size, num_layers
+
+    check_settings(cfg)
+    st = cfg.sae_train
+    layers = ctx.layers()
+    langs = ctx.langs
+    weights = mix_weights(str(st.lang_mix), langs, st.english_heavy_weights)
+    quotas = token_quotas(weights, int(st.tokens))
+    train = load_corpus(cfg.data, langs, cfg.data.splits.train)
+    valid = load_corpus(cfg.data, langs, cfg.data.splits.valid)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    model, tokenizer = ctx.load_model(), ctx.load_tokenizer()
+    ctx.layers(num_layers(model))  # the config's layer count must match the weights
+    d_in = hidden_size(model)
+    width = int(st.width) if st.width is not None else WIDTH_MULTIPLE * d_in
+    if st.target_l0 is not None and float(st.target_l0) > width:
+        raise UserError(f"sae_train.target_l0={st.target_l0} exceeds the width {width}; choose a smaller target")
+    steps = int(st.steps) if st.steps is not None else max(1, math.ceil(float(st.epochs) * int(st.tokens) / int(st.batch_size)))
+    lr = float(st.lr) if st.lr is not None else default_lr(steps, float(st.threshold_travel), max_lr=TASK_MAX_LR)
+    device = str(st.device or next(model.parameters()).device)
+    max_length, capture_batch = int(cfg.data.max_length), int(st.capture_batch_size)
+    print(f"training {len(layers)} SAE(s) of {width} features on {int(st.tokens)} {cfg.data.splits.train}-split tokens "
+          f"per layer ({st.lang_mix} mix over {len(langs)} languages), {steps} steps of {int(st.batch_size)}, lr {lr:.2g}")
+
+    rng = np.random.default_rng(int(cfg.seed))
+    acts, index, data_info = collect_training_activations(model, tokenizer, train, quotas, layers, max_length,
+                                                          capture_batch, rng)
+    heldout = {lang: capture_language(model, tokenizer, valid[lang][: st.eval_sentences], layers, max_length,
+                                      capture_batch, desc=f"held-out {lang}") for lang in langs}
+    seconds["activations"] = round(time.perf_counter() - started, 2)
+
+    out_dir = ctx.run_dir / "saes"
+    table: dict[str, dict] = {}
+    train_started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mlalign-sae-ckpt-") as checkpoints:
+        bar = tqdm(layers, desc="SAEs", unit="layer")
+        for layer in bar:
+            torch.manual_seed(int(cfg.seed) + layer)
+            sae = train_sae(acts.pop(layer), layer, width=width, steps=steps, batch_size=int(st.batch_size), lr=lr,
+                            l0_coefficient=float(st.l0_coefficient),
+                            target_l0=None if st.target_l0 is None else float(st.target_l0),
+                            seed=int(cfg.seed) + layer, index=index, model_name=str(cfg.model.name),
+                            context_size=max_length, device=device, checkpoint_dir=checkpoints, progress=True)
+            sae.save_model(out_dir / f"layer_{layer}")
+            overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
+            per_lang = {lang: fidelity(sae, heldout[lang][layer]) for lang in langs}
+            table[str(layer)] = {
+                "fvu": _round(overall["fvu"]), "l0": _round(overall["l0"]), "l0_pct": _round(overall["l0_pct"]),
+                "dead_pct": _round(overall["dead_pct"]), "width": width, "heldout_tokens": overall["tokens"],
+                "per_lang": {lang: {"fvu": _round(s["fvu"]), "l0": _round(s["l0"]), "tokens": s["tokens"]}
+                             for lang, s in per_lang.items()},
+            }
+            bar.set_postfix(fvu=f"{overall['fvu']:.3f}", l0=f"{overall['l0']:.1f}", refresh=False)
+    seconds["training"] = round(time.perf_counter() - train_started, 2)
+
+    header = (f"SAE fidelity on held-out text ({cfg.data.splits.valid} split), model {cfg.model.name}, "
+              f"{width} features, {int(st.tokens)} training tokens per layer ({st.lang_mix} mix)")
+    markdown = fidelity_markdown(table, langs, header)
+    write_json_atomic(out_dir / "fidelity.json", table)
+    write_text_atomic(out_dir / "fidelity.md", markdown)
+    plot_fidelity(table, langs, out_dir / "fidelity.png", header)
+    write_json_atomic(out_dir / "train_data.json", {
+        "model": str(cfg.model.name), "layers": layers, "langs": langs, "lang_mix": str(st.lang_mix),
+        "weights": weights, **data_info, "train_split": str(cfg.data.splits.train),
+        "valid_split": str(cfg.data.splits.valid), "width": width, "steps": steps, "batch_size": int(st.batch_size),
+        "lr": lr, "l0_coefficient": float(st.l0_coefficient), "target_l0": st.target_l0, "seconds": seconds,
+    })
+    ctx.tracker.log_table("train_saes/fidelity", [{"layer": int(layer), **{k: v for k, v in row.items()
+                                                                            if k != "per_lang"}}
+                                                   for layer, row in table.items()])
+    ctx.tracker.log_images({"train_saes/fidelity": out_dir / "fidelity.png"})
+    print("\n" + markdown)
+    print(f"SAEs: {out_dir} (analyse with: sae=local sae.path_template={out_dir} layers=[{','.join(map(str, layers))}])")
+    fvus = [row["fvu"] for row in table.values()]
+    l0s = [row["l0"] for row in table.values()]
+    return {
+        "mean_fvu": float(np.mean(fvus)), "max_fvu": float(np.max(fvus)), "mean_l0": float(np.mean(l0s)),
+        "mean_l0_pct": float(np.mean([row["l0_pct"] for row in table.values()])),
+        "mean_dead_pct": float(np.mean([row["dead_pct"] for row in table.values()])),
+        "activation_s": seconds["activations"], "training_s": seconds["training"],
+    }

@@ -1,0 +1,115 @@
+"""task=train_saes on the testbed: sae-lens files that sae=local analyses, the fidelity contract, the language mix,
+and the refusals (split collision, bad width or token budget)."""
+
+import json
+import math
+
+import pytest
+
+from mlalign.errors import UserError
+from mlalign.tasks.train_saes import mix_weights, split_parts, token_quotas
+from tests.conftest import SMALL_TESTBED_OVERRIDES
+from tests.helpers import run_cli
+
+MAX_POOLED_FVU = 0.2
+"""Bound on the held-out FVU (all languages pooled) of the small test SAEs; they reach ~0.01-0.05."""
+
+
+def _common(tmp_path, cache_dir) -> list[str]:
+    return ["model=testbed", f"paths.cache_dir={cache_dir}", f"paths.root_dir={tmp_path}", *SMALL_TESTBED_OVERRIDES]
+
+
+def _only_run(tmp_path, task: str):
+    runs = sorted((tmp_path / "outputs" / task).iterdir())
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_trained_saes_load_in_sae_lens_pass_fidelity_and_analyse_with_sae_local(testbed_dir, testbed_cache_dir,
+                                                                                 tmp_path):
+    from sae_lens import SAE, JumpReLUSAE
+
+    layers, width = [3, 20], 128
+    result = run_cli(["task=train_saes", *_common(tmp_path, testbed_cache_dir), "layers=[3,20]", "langs=[hi,mr]",
+                      "sae_train.tokens=3000", f"sae_train.width={width}", "sae_train.eval_sentences=24"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = _only_run(tmp_path, "train_saes")
+    saes = run / "saes"
+    for layer in layers:
+        sae = SAE.load_from_disk(saes / f"layer_{layer}")
+        assert isinstance(sae, JumpReLUSAE)
+        assert sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+        assert (sae.cfg.d_in, sae.cfg.d_sae) == (64, width)
+
+    fidelity = json.loads((saes / "fidelity.json").read_text())
+    assert sorted(fidelity, key=int) == [str(layer) for layer in layers]
+    for layer, row in fidelity.items():
+        assert {"fvu", "l0", "dead_pct", "per_lang"} <= set(row)
+        assert all(math.isfinite(row[key]) for key in ("fvu", "l0", "dead_pct"))
+        assert 0 < row["fvu"] < MAX_POOLED_FVU, (layer, row["fvu"])
+        assert 0 < row["l0"] < width / 2 and 0 <= row["dead_pct"] < 100
+        assert set(row["per_lang"]) == {"en", "hi", "mr"}
+        for stats in row["per_lang"].values():
+            assert math.isfinite(stats["fvu"]) and stats["fvu"] > 0 and 0 < stats["l0"] < width
+    data = json.loads((saes / "train_data.json").read_text())
+    assert data["train_split"] == "train" and data["valid_split"] == "dev"
+    assert data["tokens_per_lang"] == {"en": 1000, "hi": 1000, "mr": 1000}  # balanced
+    assert "| layer | FVU | L0 |" in (saes / "fidelity.md").read_text()
+    assert (saes / "fidelity.png").stat().st_size > 10_000
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["mean_fvu"] == pytest.approx(sum(r["fvu"] for r in fidelity.values()) / 2)
+
+    analysed = run_cli(["task=analyze", *_common(tmp_path, testbed_cache_dir), "sae=local",
+                        f"sae.path_template={saes}", "layers=[3,20]", "langs=[hi]", "data.max_sentences=16",
+                        "analysis.bootstrap=20", "analysis.plots=false"])
+    assert analysed.returncode == 0, analysed.stderr[-3000:]
+    summary = json.loads((_only_run(tmp_path, "analyze") / "analysis" / "summary.json").read_text())
+    assert summary["layers"] == layers and summary["sae"] == "local"
+    assert all(math.isfinite(summary["disparity_pct"]["hi"][str(layer)]) for layer in layers)
+
+
+@pytest.mark.slow
+def test_english_heavy_mix_takes_the_configured_shares(testbed_dir, testbed_cache_dir, tmp_path):
+    result = run_cli(["task=train_saes", *_common(tmp_path, testbed_cache_dir), "layers=[0]", "langs=[hi,mr]",
+                      "sae_train.lang_mix=english_heavy", "sae_train.tokens=1200", "sae_train.width=64",
+                      "sae_train.steps=10", "sae_train.eval_sentences=8"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((_only_run(tmp_path, "train_saes") / "saes" / "train_data.json").read_text())
+    # en 0.40, hi 0.04, mr 0.04 in conf/sae_train/default.yaml, renormalised over the three languages.
+    assert data["tokens_per_lang"] == {"en": 1000, "hi": 100, "mr": 100}
+    assert data["weights"]["en"] == pytest.approx(0.40 / 0.48)
+
+
+def test_mixes_split_the_token_budget_exactly():
+    langs = ["en", "zh", "hi"]
+    balanced = token_quotas(mix_weights("balanced", langs, None), 1000)
+    assert balanced == {"en": 334, "zh": 333, "hi": 333}
+    heavy = token_quotas(mix_weights("english_heavy", langs, {"en": 0.4, "zh": 0.08, "hi": 0.04}), 1000)
+    assert sum(heavy.values()) == 1000 and heavy["en"] > heavy["zh"] > heavy["hi"]
+    assert heavy != balanced
+    with pytest.raises(UserError, match="no weight for hi"):
+        mix_weights("english_heavy", langs, {"en": 0.4, "zh": 0.08})
+    with pytest.raises(UserError, match="leaves no tokens"):
+        token_quotas(mix_weights("english_heavy", langs, {"en": 1000.0, "zh": 1.0, "hi": 1.0}), 300)
+
+
+def test_split_parts_see_text_dir_dev_and_test_as_one_heldout_part():
+    assert split_parts("flores", "dev+test") == {"dev", "test"}
+    assert split_parts("text_dir", "dev") == split_parts("text_dir", "test")
+    assert split_parts("text_dir", "all") >= split_parts("text_dir", "train")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.splits.train=test"], "overlaps data.splits.analysis=test"),
+    (["data.splits.train=train+dev"], "overlaps data.splits.valid=dev"),
+    (["sae_train.width=0"], "sae_train.width=0 must be a positive number"),
+    (["sae_train.tokens=10"], "fewer than one SAE minibatch"),
+    (["sae_train.lang_mix=uniform"], "unknown sae_train.lang_mix"),
+])
+def test_bad_input_is_one_error_line(testbed_dir, testbed_cache_dir, tmp_path, overrides, message):
+    result = run_cli(["task=train_saes", *_common(tmp_path, testbed_cache_dir), "layers=[0]", *overrides])
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
