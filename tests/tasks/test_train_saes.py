@@ -12,7 +12,7 @@ from tests.conftest import SMALL_TESTBED_OVERRIDES
 from tests.helpers import run_cli
 
 MAX_POOLED_FVU = 0.2
-"""Bound on the held-out FVU (all languages pooled) of the small test SAEs; they reach ~0.01-0.05."""
+"""Bound on the held-out FVU (all languages pooled) of the small test SAEs; they reach ~0.01-0.1."""
 
 
 def _common(tmp_path, cache_dir) -> list[str]:
@@ -32,7 +32,10 @@ def test_trained_saes_load_in_sae_lens_pass_fidelity_and_analyse_with_sae_local(
 
     layers, width = [3, 20], 128
     result = run_cli(["task=train_saes", *_common(tmp_path, testbed_cache_dir), "layers=[3,20]", "langs=[hi,mr]",
-                      "sae_train.tokens=3000", f"sae_train.width={width}", "sae_train.eval_sentences=24"])
+                      "sae_train.tokens=6000", "sae_train.epochs=8", f"sae_train.width={width}",
+                      # The 30-step session testbed is a poor fit for very sparse SAEs: the testbed build's travel.
+                      "sae_train.threshold_travel=1.2",
+                      "sae_train.eval_sentences=24"])
     assert result.returncode == 0, result.stderr[-3000:]
     run = _only_run(tmp_path, "train_saes")
     saes = run / "saes"
@@ -54,7 +57,7 @@ def test_trained_saes_load_in_sae_lens_pass_fidelity_and_analyse_with_sae_local(
             assert math.isfinite(stats["fvu"]) and stats["fvu"] > 0 and 0 < stats["l0"] < width
     data = json.loads((saes / "train_data.json").read_text())
     assert data["train_split"] == "train" and data["valid_split"] == "dev"
-    assert data["tokens_per_lang"] == {"en": 1000, "hi": 1000, "mr": 1000}  # balanced
+    assert data["tokens_per_lang"] == {"en": 2000, "hi": 2000, "mr": 2000}  # balanced
     assert "| layer | FVU | L0 |" in (saes / "fidelity.md").read_text()
     assert (saes / "fidelity.png").stat().st_size > 10_000
     metrics = json.loads((run / "metrics.json").read_text())
