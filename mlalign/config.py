@@ -87,6 +87,12 @@ class DataConfig:
     """At most this many sentences per language and split; null = all."""
     max_length: int = 128
     """Tokens per sentence (BOS included) after truncation."""
+    dev_fraction: float = 0.1
+    """text_dir: share of lines in split dev (by line number, right before test); FLORES-200's splits are fixed."""
+    test_fraction: float = 0.2
+    """text_dir: share of lines in split test (the last lines); train is the rest, from the first line."""
+    normalize: Optional[str] = "NFC"
+    """Unicode normal form applied to every sentence (NFC, NFKC, NFD, NFKD); null keeps the text as written."""
 
 
 @dataclass

@@ -72,6 +72,19 @@ def _rel(path: str | Path, base: Path) -> str:
         return str(path)
 
 
+def _corpus_section(run_dir: Path) -> list[str]:
+    """The corpus summary from `corpus.json` (what was dropped, repeated, and how it was split), if it was written."""
+    import json
+
+    from mlalign.data.corpus import report_lines
+
+    path = run_dir / "corpus.json"
+    if not path.is_file():
+        return []
+    return ["## Corpus", "", *[f"- {line}" for line in report_lines(json.loads(path.read_text()))],
+            "- details, and the ids of every split: `corpus.json`", ""]
+
+
 def render_report(run_dir: Path, before: dict, after: dict, train: dict, comparison: dict, command: str) -> str:
     """report.md: everything a reader needs to judge the run, in the study's terms."""
     ref = before["reference_lang"]
@@ -85,6 +98,7 @@ def render_report(run_dir: Path, before: dict, after: dict, train: dict, compari
         "",
         f"```\n{command}\n```",
         "",
+        *_corpus_section(run_dir),
         "## Headline statements (base model)",
         "",
         *[f"- {s}" for s in before["statements"]],

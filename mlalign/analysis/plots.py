@@ -113,10 +113,12 @@ def plot_layer_curves(summary: dict, path: str | Path) -> Path:
 
 
 def make_plots(summary: dict, out_dir: str | Path) -> list[Path]:
-    """Write disparity_heatmap.png and layer_curves.png into `out_dir`; return their paths."""
+    """Write disparity_heatmap.png (when a language besides the reference was analysed) and layer_curves.png into
+    `out_dir`; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [
-        plot_disparity_heatmap(summary, out_dir / "disparity_heatmap.png"),
-        plot_layer_curves(summary, out_dir / "layer_curves.png"),
-    ]
+    paths = []
+    if any(lang != summary["reference_lang"] for lang in summary["langs"]):
+        paths.append(plot_disparity_heatmap(summary, out_dir / "disparity_heatmap.png"))
+    paths.append(plot_layer_curves(summary, out_dir / "layer_curves.png"))
+    return paths

@@ -23,6 +23,11 @@ TASKS = {
     "summarize": "summarize",
 }
 
+# Tasks that read the parallel corpus -> the data.splits entries they use: the corpus is checked (those splits hold
+# sentences) and reported (corpus.json) before any model is loaded.
+CORPUS_TASKS = {"analyze": ("analysis",), "train": ("train", "heldout", "valid"),
+                "pipeline": ("analysis", "train", "heldout", "valid")}
+
 
 def dispatch(cfg: DictConfig) -> float | None:
     """Run `cfg.task`; print a user mistake as one line and exit 1; return the metric a sweeper optimises."""
@@ -33,6 +38,10 @@ def dispatch(cfg: DictConfig) -> float | None:
             raise UserError(f"unknown task {cfg.task!r}; choose one of: task={' | task='.join(TASKS)}")
         module = importlib.import_module(f"mlalign.tasks.{TASKS[cfg.task]}")
         with RunContext(cfg) as ctx:
+            if cfg.task in CORPUS_TASKS:
+                from mlalign.data.corpus import write_corpus_report
+
+                write_corpus_report(cfg.data, ctx.langs, ctx.run_dir, ctx.load_tokenizer(), CORPUS_TASKS[cfg.task])
             metrics = module.run(cfg, ctx)
             ctx.finish(metrics)
     except UserError as err:

@@ -10,7 +10,7 @@ from pathlib import Path
 from mlalign.analysis.cache import StatsCache, adapter_fingerprint, model_fingerprint, sae_fingerprints
 from mlalign.analysis.engine import collect_stats
 from mlalign.analysis.metrics import METRICS_CSV_COLUMNS, metrics_rows, summarize
-from mlalign.data.corpus import load_corpus
+from mlalign.data.corpus import corpus_fingerprint, load_corpus
 from mlalign.io import write_json_atomic, write_text_atomic
 from mlalign.models import model_source
 
@@ -38,7 +38,8 @@ def cache_identity(cfg, testbed_dir, adapter, split: str, layers=None) -> dict:
         "adapter": adapter_fingerprint(adapter),
         "sae": {k: cfg.sae.get(k) for k in ("release", "id_template", "path_template", "dtype")},
         "corpus": {"source": data.source, "path": data.path, "split": split,
-                   "max_sentences": data.get("max_sentences"), "max_length": data.max_length},
+                   "max_sentences": data.get("max_sentences"), "max_length": data.max_length,
+                   "fingerprint": corpus_fingerprint(data)},
         "per_layer": sae_fingerprints(cfg.sae, layers) if layers is not None else {},
     }
 
@@ -107,7 +108,9 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
                         sae=cfg.sae.name, max_fvu=acfg.get("max_fvu", 1.0),
                         max_truncated_pct=acfg.get("max_truncated_pct", 5.0))
     summary["adapter"] = str(adapter) if adapter else None
-    summary["corpus"] = {"source": cfg.data.source, "split": split}
+    report = ctx.run_dir / "corpus.json"
+    summary["corpus"] = {"source": cfg.data.source, "split": split, "n_sentences": len(corpus.ids[cfg.reference_lang]),
+                         "report": str(report) if report.is_file() else None}
     rows = metrics_rows(summary)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(METRICS_CSV_COLUMNS))
@@ -151,6 +154,8 @@ def run(cfg, ctx) -> dict[str, float]:
     summary = analyze_model(cfg, ctx, adapter=cfg.adapter)
     out_dir = ctx.run_dir / "analysis"
     print()
+    if summary["langs"] == [summary["reference_lang"]]:
+        print(f"- reference only ({summary['reference_lang']}): per-layer values and curves, no disparity to report")
     for statement in summary["statements"]:
         print(f"- {statement}")
     print(f"\nresults: {out_dir / 'summary.json'}, {out_dir / 'metrics.csv'}")

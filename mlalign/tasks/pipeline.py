@@ -18,8 +18,12 @@ def rerun_command() -> str:
 
 
 def run(cfg, ctx) -> dict[str, float]:
+    from mlalign.errors import UserError
     from mlalign.tasks import analyze, evaluate, train
 
+    if not train.target_langs(cfg, ctx.langs):  # fail before the first analysis, not after it
+        raise UserError(f"task=pipeline trains an adapter, so it needs a language besides {cfg.reference_lang}; "
+                        f"type e.g. langs=[hi] (task=analyze maps {cfg.reference_lang} alone)")
     print("[1/4] analysing the base model")
     before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base")
     print("[2/4] training the adapter")

@@ -173,7 +173,9 @@ def build_testbed(spec: TestbedSpec, out_dir: str | Path, progress: bool = True)
     load_average = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # phase times depend on it
     with _single_threaded(), _seeded(spec.seed):
         rng = np.random.default_rng(spec.seed)
-        train = load_flores(list(LANGUAGES), "train")
+        # The text exactly as bundled (normalize=None): the build's hash covers its config, not the corpus loader's
+        # defaults, so a cached testbed and a fresh build must read the same bytes.
+        train = load_flores(list(LANGUAGES), "train", normalize=None)
         with phase("tokenizer"):
             tokenizer = build_tokenizer(spec, [s for lang in LANGUAGES for s in train[lang]])
         with phase("pretrain"):
@@ -193,7 +195,7 @@ def build_testbed(spec: TestbedSpec, out_dir: str | Path, progress: bool = True)
                     saes[layer].save_model(out_dir / "saes" / f"layer_{layer}")
             del residuals
         with phase("sae_eval"):
-            dev = load_flores(langs, "dev", max_sentences=EVAL_SENTENCES_PER_LANG)
+            dev = load_flores(langs, "dev", max_sentences=EVAL_SENTENCES_PER_LANG, normalize=None)
             sae_stats = evaluate_saes(model, tokenizer, spec, dev, saes)
 
     info = {

@@ -22,3 +22,10 @@ def test_plots_tolerate_missing_values(reference_stats, tmp_path):
     summary = copy.deepcopy(summary)
     summary["disparity_pct"]["hi"]["2"] = None
     assert all(p.stat().st_size > 0 for p in make_plots(summary, tmp_path))
+
+
+def test_reference_only_summary_plots_curves_and_no_heatmap(reference_stats, ids, tmp_path):
+    summary = summarize({"en": reference_stats["en"]}, "en", ids_by_lang={"en": ids["en"]}, bootstrap=20)
+    assert not any("than English" in statement for statement in summary["statements"])  # no disparity claims
+    paths = make_plots(summary, tmp_path)
+    assert [p.name for p in paths] == ["layer_curves.png"] and matplotlib.image.imread(paths[0]).shape[0] > 200

@@ -1,7 +1,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from mlalign.data.corpus import load_corpus, load_flores, load_text_dir
+from mlalign.data.corpus import (FLORES_DIR, corpus_fingerprint, corpus_report, load_corpus, load_flores,
+                                 load_text_dir, report_lines, split_sizes)
 from mlalign.errors import UserError
 from mlalign.languages import LANGUAGES
 
@@ -28,16 +29,18 @@ def test_text_dir_splits_and_errors(tmp_path):
     (tmp_path / "en.txt").write_text("\n".join(f"sentence {i}" for i in range(10)) + "\n", encoding="utf-8")
     (tmp_path / "hi.txt").write_text("\n".join(f"वाक्य {i}" for i in range(10)) + "\n", encoding="utf-8")
     train = load_text_dir(["en", "hi"], "train", str(tmp_path))
+    dev = load_text_dir(["en", "hi"], "dev", str(tmp_path))
     test = load_text_dir(["en", "hi"], "test", str(tmp_path))
-    assert len(train["en"]) == 8 and len(test["hi"]) == 2 and test.aligned("hi", "en")[0] == ("वाक्य 8", "sentence 8")
+    assert (len(train["en"]), len(dev["en"]), len(test["hi"])) == (7, 1, 2)
+    assert test.aligned("hi", "en")[0] == ("वाक्य 8", "sentence 8") and dev["en"] == ["sentence 7"]
     with pytest.raises(UserError, match="no mr.txt"):
         load_text_dir(["en", "mr"], "all", str(tmp_path))
     (tmp_path / "ml.txt").write_bytes(b"\xff\xfe bad")
     with pytest.raises(UserError, match="not valid UTF-8"):
-        load_text_dir(["ml"], "all", str(tmp_path))
-    (tmp_path / "ca.txt").write_text("\n\n", encoding="utf-8")
-    with pytest.raises(UserError, match="holds no sentences"):
-        load_text_dir(["ca"], "all", str(tmp_path))
+        load_text_dir(["en"], "all", str(tmp_path))  # every {lang}.txt in the directory is part of the corpus
+    (tmp_path / "ml.txt").write_text("\n" * 10, encoding="utf-8")
+    with pytest.raises(UserError, match="ml.txt holds no sentences"):
+        load_text_dir(["en"], "all", str(tmp_path))
 
 
 def test_load_corpus_dispatches_on_source(tmp_path):
@@ -46,3 +49,121 @@ def test_load_corpus_dispatches_on_source(tmp_path):
     assert load_corpus(cfg, ["en"], "all")["en"] == ["a", "b"]
     with pytest.raises(UserError, match="unknown data source"):
         load_corpus(OmegaConf.create({"source": "s3", "path": None}), ["en"], "all")
+
+
+def _write(folder, **files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for lang, text in files.items():
+        path = folder / f"{lang}.txt"
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text, encoding="utf-8")
+    return str(folder)
+
+
+def test_text_dir_files_of_different_length_are_one_error_naming_files_and_counts(tmp_path):
+    path = _write(tmp_path, en="a\nb\nc\n", hi="क\nख\n")
+    with pytest.raises(UserError, match=r"not parallel: en.txt 3 lines, hi.txt 2 lines"):
+        load_text_dir(["en", "hi"], "all", path)
+
+
+def test_a_line_blank_in_any_language_is_dropped_in_every_language(tmp_path):
+    # en's blank is in the middle, hi's at the end: same count of non-empty lines, but line 3 must stay line 3.
+    path = _write(tmp_path, en="e1\n\ne3\ne4\n", hi="h1\nh2\nh3\n\n")
+    corpus = load_text_dir(["en", "hi"], "all", path)
+    assert corpus.ids["en"] == corpus.ids["hi"] == ["1", "3"]
+    assert corpus.aligned("en", "hi") == [("e1", "h1"), ("e3", "h3")]
+    assert corpus.info.dropped == ["2", "4"] and corpus.info.blank_in == {"en": ["2"], "hi": ["4"]}
+    # The drop is corpus-wide: the reference alone has the same lines whichever languages are requested.
+    assert load_text_dir(["en"], "all", path)["en"] == ["e1", "e3"]
+    lines = report_lines(corpus_report(corpus.info, ["en", "hi"]))
+    assert any("dropped 2 line(s)" in line and "blank in en: line 2" in line and "blank in hi: line 4" in line
+               for line in lines)
+
+
+def test_one_split_for_all_languages_by_line_number_disjoint_and_configurable(tmp_path):
+    en = [f"e{n}" for n in range(1, 21)]
+    hi = [f"h{n}" for n in range(1, 21)]
+    en[4], hi[18] = "", ""  # line 5 blank in en (train), line 19 blank in hi (test)
+    path = _write(tmp_path, en="\n".join(en) + "\n", hi="\n".join(hi) + "\n")
+    parts = {split: load_text_dir(["en", "hi"], split, path) for split in ("train", "dev", "test")}
+    for corpus in parts.values():
+        assert corpus.ids["en"] == corpus.ids["hi"]
+        assert all(e[1:] == h[1:] for e, h in corpus.aligned("en", "hi"))  # e7 with h7: the same line
+    ids = {split: set(corpus.ids["en"]) for split, corpus in parts.items()}
+    assert not ids["train"] & ids["dev"] and not ids["train"] & ids["test"] and not ids["dev"] & ids["test"]
+    assert ids["dev"] == {"15", "16"} and ids["test"] == {"17", "18", "20"} and len(ids["train"]) == 13
+    assert load_text_dir(["en", "hi"], "dev+test", path).ids["en"] == ["15", "16", "17", "18", "20"]
+    wider = load_text_dir(["en"], "dev", path, dev_fraction=0.25, test_fraction=0.25)
+    assert wider.ids["en"] == [str(n) for n in range(11, 16)]
+    assert load_text_dir(["en"], "all", path, max_sentences=3).ids["en"] == ["1", "2", "3"]
+    with pytest.raises(UserError, match="must each be in"):
+        load_text_dir(["en"], "all", path, dev_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(UserError, match="split 'dev' of the corpus at .* holds no sentences"):
+        load_text_dir(["en"], "dev", path, dev_fraction=0.0)
+    with pytest.raises(UserError, match="unknown split 'valid'"):
+        load_text_dir(["en"], "valid", path)
+
+
+def test_split_sizes_serve_test_then_dev_then_train():
+    assert split_sizes(10, 0.1, 0.2) == {"train": 7, "dev": 1, "test": 2}
+    assert split_sizes(3, 0.1, 0.2) == {"train": 1, "dev": 1, "test": 1}
+    assert split_sizes(1, 0.1, 0.2) == {"train": 0, "dev": 0, "test": 1}
+    assert split_sizes(5, 0.0, 0.2) == {"train": 4, "dev": 0, "test": 1}
+
+
+def test_byte_order_mark_crlf_and_unicode_normalisation(tmp_path):
+    decomposed = "e\u0301te\u0301"  # "été" as e + combining acute
+    path = _write(tmp_path, en=b"\xef\xbb\xbfHello\r\nWorld\r\n", es=(decomposed + "\r\nmundo").encode())
+    corpus = load_text_dir(["en", "es"], "all", path)
+    assert corpus["en"] == ["Hello", "World"] and corpus["es"] == ["\u00e9t\u00e9", "mundo"]
+    assert load_text_dir(["es"], "all", path, normalize=None)["es"][0] == decomposed
+    with pytest.raises(UserError, match="data.normalize='NFX' is not a Unicode normal form"):
+        load_text_dir(["es"], "all", path, normalize="NFX")
+    # Only \n breaks lines: a U+2028 inside a sentence must not shift every later line.
+    _write(tmp_path / "sep", en="one\u2028still one\ntwo\n", hi="एक\nदो\n")
+    assert load_text_dir(["en", "hi"], "all", str(tmp_path / "sep")).aligned("en", "hi")[1] == ("two", "दो")
+
+
+def test_duplicates_are_reported_and_the_report_counts_tokens_over_max_length(tmp_path):
+    path = _write(tmp_path, en="same\nother\nsame\nlong long long long\n", hi="क\nख\nग\nघ\n")
+    corpus = load_text_dir(["en", "hi"], "all", path)
+    assert corpus["en"] == ["same", "other", "same", "long long long long"]  # reported, never dropped
+    assert corpus.info.duplicates == {"en": [("3", "1")], "hi": []}
+
+    def whitespace_tokenizer(texts, add_special_tokens=True, verbose=True):
+        return {"input_ids": [[0] * (len(text.split()) + int(add_special_tokens)) for text in texts]}
+
+    report = corpus_report(corpus.info, ["en"], whitespace_tokenizer, max_length=3,
+                           splits_used={"analysis": "all"})
+    en = report["langs"]["en"]
+    assert en["duplicates"] == {"n": 1, "first": [["3", "1"]]} and en["over_max_length"] == 1
+    assert en["tokens_per_sentence"]["max"] == 5 and en["chars_per_sentence"]["max"] == 19
+    assert "tokens_per_sentence" not in report["langs"]["hi"]  # tokens only for the languages in use
+    assert report["splits"]["test"]["ids"] == ["4"] and report["splits_used"] == {"analysis": "all"}
+    assert any("en: 1 exact duplicate line(s) kept (line 3 = line 1)" in line for line in report_lines(report))
+
+
+def test_flores_ids_behave_like_a_text_dir(tmp_path):
+    full = load_flores(list(LANGUAGES), "all")
+    assert len(full["en"]) == 1004 and all(full.ids[lang] == full.ids["en"] for lang in LANGUAGES)
+    info = full.info
+    assert not info.dropped and [len(info.split_ids[s]) for s in ("train", "dev", "test")] == [701, 99, 204]
+    assert not set(info.split_ids["dev"]) & set(info.split_ids["test"])
+    # A broken copy (a row missing in one language) is an error, never a silent mispairing.
+    import shutil
+
+    for code in ("eng_Latn", "hin_Deva"):
+        shutil.copytree(FLORES_DIR / code, tmp_path / code)
+    rows = (tmp_path / "hin_Deva" / "dev.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "hin_Deva" / "dev.tsv").write_text("".join(rows[:-1]), encoding="utf-8")
+    with pytest.raises(UserError, match="not parallel: hin_Deva lacks index_id"):
+        load_flores(["en", "hi"], "dev", str(tmp_path))
+
+
+def test_corpus_fingerprint_follows_the_files_and_settings(tmp_path):
+    path = _write(tmp_path, en="a\nb\n")
+    cfg = OmegaConf.create({"source": "text_dir", "path": path, "normalize": "NFC", "dev_fraction": 0.1,
+                            "test_fraction": 0.2})
+    first = corpus_fingerprint(cfg)
+    assert corpus_fingerprint(OmegaConf.merge(cfg, {"test_fraction": 0.3})) != first
+    _write(tmp_path, en="a\nc\n")
+    assert corpus_fingerprint(cfg) != first

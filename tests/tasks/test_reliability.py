@@ -30,11 +30,19 @@ def _write_local_sae(folder: Path, d_in: int, layer: int) -> None:
 
 
 def _bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    (corpus / "en.txt").write_text("Hello.\nGood morning.\n", encoding="utf-8")
-    (corpus / "hi.txt").write_text("\n\n", encoding="utf-8")
-    (corpus / "mr.txt").write_bytes(b"\xff\xfe\x00broken")
+    # Every {lang}.txt of a text_dir is part of its corpus, so each broken corpus gets its own directory.
+    def corpus(name: str, **files: str | bytes) -> Path:
+        folder = tmp / name
+        folder.mkdir()
+        for lang, text in files.items():
+            path = folder / f"{lang}.txt"
+            path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text, encoding="utf-8")
+        return folder
+
+    blank = corpus("blank", en="Hello.\nGood morning.\n", hi="\n\n")
+    broken = corpus("broken", en="Hello.\nGood morning.\n", mr=b"\xff\xfe\x00broken")
+    uneven = corpus("uneven", en="Hello.\nGood morning.\nGood night.\n", hi="नमस्ते।\nसुप्रभात।\n")
+    two_lines = corpus("two_lines", en="Hello.\nGood morning.\n", hi="नमस्ते।\nसुप्रभात।\n")
     _write_local_sae(tmp / "saes32", d_in=32, layer=0)
     (tmp / "not_an_adapter").mkdir()
     return [
@@ -48,9 +56,18 @@ def _bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
          "has no id 'layer_3/width_1m/canonical'"),
         (["task=analyze", "langs=[hi]", "sae=local", f"sae.path_template={tmp / 'nowhere'}"], "no SAE at"),
         (["task=eval", "eval=bundled", "langs=[hi]", f"model.hf_id={tmp / 'no_model'}"], "cannot load a model from"),
-        (["task=analyze", "langs=[hi]", "data=text_dir", f"data.path={corpus}"], "holds no sentences"),
-        (["task=analyze", "langs=[mr]", "data=text_dir", f"data.path={corpus}"], "is not valid UTF-8"),
-        (["task=analyze", "langs=[ml]", "data=text_dir", f"data.path={corpus}"], "has no ml.txt"),
+        (["task=analyze", "langs=[hi]", "data=text_dir", f"data.path={blank}"], "holds no sentences"),
+        (["task=analyze", "langs=[mr]", "data=text_dir", f"data.path={broken}"], "is not valid UTF-8"),
+        (["task=analyze", "langs=[ml]", "data=text_dir", f"data.path={blank}"], "has no ml.txt"),
+        (["task=analyze", "langs=[hi]", "data=text_dir", f"data.path={uneven}"],
+         "not parallel: en.txt 3 lines, hi.txt 2 lines"),
+        (["task=train", "langs=[hi]", "data=text_dir", f"data.path={two_lines}"],
+         "split 'train' of the corpus at"),
+        (["task=analyze", "langs=[hi]", "data=text_dir", f"data.path={two_lines}", "data.test_fraction=1.0"],
+         "data.test_fraction=1.0 must each be in [0, 1)"),
+        (["task=analyze", "langs=[hi]", "data.normalize=NFX"], "is not a Unicode normal form"),
+        (["task=analyze", "langs=[hi]", "data.splits.analysis=valid"], "unknown split 'valid'"),
+        (["task=pipeline", "langs=[en]"], "needs a language besides en"),
         (["task=train", "langs=[hi]", "lora.r=0"], "lora.r=0 must be a positive integer"),
         (["task=train", "langs=[hi]", "loss.ce=0", "loss.act_align=0", "loss.en_retain=0"], "every loss weight is 0"),
         (["task=analyze", "langs=[hi]", f"adapter={tmp / 'not_an_adapter'}"], "is not a peft adapter"),
@@ -72,6 +89,37 @@ def test_bad_input_matrix_is_one_line_nonzero_and_leaves_nothing_complete(testbe
         if not ok or leftovers:
             failures.append((args, result.returncode, result.stderr[-600:], leftovers))
     assert not failures, failures
+
+
+@pytest.mark.slow
+def test_reference_only_analysis_of_a_users_corpus_with_bom_crlf_and_a_blank_line(testbed_dir, testbed_cache_dir,
+                                                                                   tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    en = ["Good morning.", "", "The river is wide.", "Hello.", "Hello.", "We eat rice.", "It rains.", "Come here."]
+    hi = ["सुप्रभात।", "तुम कहाँ हो?", "नदी चौड़ी है।", "नमस्ते।", "नमस्कार।", "हम चावल खाते हैं।", "बारिश हो रही है।", "यहाँ आओ।"]
+    (corpus / "en.txt").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(en).encode() + b"\r\n")
+    (corpus / "hi.txt").write_text("\n".join(hi) + "\n", encoding="utf-8")
+    run_dir = tmp_path / "run"
+    result = run_cli(["task=analyze", "langs=[en]", "layers=[0,12,25]", "analysis.bootstrap=20", "data=text_dir",
+                      f"data.path={corpus}", f"hydra.run.dir={run_dir}", *_testbed_args(testbed_cache_dir, tmp_path)])
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    summary = json.loads((run_dir / "analysis" / "summary.json").read_text())
+    assert summary["langs"] == ["en"] and not any("than English" in x for x in summary["statements"]) and summary["n_sentences"] == {"en": 7}
+    assert all(summary["values"]["en"][str(layer)]["mean_act"] is not None for layer in (0, 12, 25))
+    assert (run_dir / "analysis" / "layer_curves.png").is_file()
+    assert not (run_dir / "analysis" / "disparity_heatmap.png").exists() and (run_dir / "COMPLETE").is_file()
+    report = json.loads((run_dir / "corpus.json").read_text())
+    assert report["lines_read"] == 8 and report["kept"] == 7 and report["dropped"]["blank_in"] == {"en": ["2"]}
+    assert report["langs"]["en"]["duplicates"]["first"] == [["5", "4"]]
+    assert report["langs"]["en"]["dropped"] == {"blank_here": 1, "blank_in_another_language": 0}
+    assert report["langs"]["hi"]["dropped"] == {"blank_here": 0, "blank_in_another_language": 1}
+    assert report["langs"]["en"]["tokens_per_sentence"]["max"] > 1 and "tokens_per_sentence" not in report["langs"]["hi"]
+    assert report["splits_used"] == {"analysis": "all"}
+    splits = {name: set(entry["ids"]) for name, entry in report["splits"].items()}
+    assert not (splits["train"] & splits["dev"] or splits["train"] & splits["test"] or splits["dev"] & splits["test"])
+    assert "dropped 1 line(s) in every language" in result.stdout + result.stderr
+    assert "\ufeff" not in (run_dir / "corpus.json").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
