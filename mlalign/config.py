@@ -133,6 +133,8 @@ class LossConfig:
     """Weight of the causal-LM cross-entropy on target-language text."""
     act_align: float = 1.0
     """Weight of the activation-alignment term (0 = plain LoRA)."""
+    sae_fidelity: float = 1.0
+    """Weight of the SAE-fidelity term: mean relu(FVU_adapted / FVU_base - 1) on target and English tokens."""
     en_retain: float = 1.0
     """Weight of the English-retention term."""
     act_align_kind: str = "relative_hinge"
@@ -199,7 +201,9 @@ class TrainConfig:
     resume_from: Optional[str] = None
     """Or a run directory / checkpoint folder to continue from, writing to a new run directory."""
     retention_floor_pct: float = 90.0
-    """alignment_score (the sweep objective) loses 10 points per point of English retention below this."""
+    """alignment_score (the sweep objective) loses 10 more points per point of English retention below this."""
+    fidelity_tolerance: float = 1.25
+    """A gain counts (`valid`) only where the SAE's FVU after training <= this x FVU before, target and English."""
 
 
 @dataclass

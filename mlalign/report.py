@@ -112,13 +112,22 @@ def render_report(run_dir: Path, before: dict, after: dict, train: dict, compari
     for lang in b_before:
         cells = [f"{_fmt(b_before[lang][band])} -> {_fmt(b_after.get(lang, {}).get(band))}" for band in bands]
         lines.append(f"| {lang} | " + " | ".join(cells) + " |")
-    lines += ["", "## Activation-aware LoRA (held-out text)", ""]
-    lines.append(f"English retention: **{_fmt(train.get('english_retention_pct'), '.1f')}%** of the base model's "
-                 f"activation (the study reports ~91%).")
-    lines += ["", "| lang | activation gain (%) | LM loss change |", "| --- | --- | --- |"]
-    for lang, gain in train.get("activation_gain_pct", {}).items():
-        loss = train.get("lm_loss_change", {}).get(lang)
-        lines.append(f"| {lang} | {_fmt(gain)} | {_fmt(loss, '+.3f')} |")
+    from mlalign.training.report import outcome_lines
+
+    lines += ["", f"## Activation-aware LoRA: outcomes on the {train['splits']['headline']} split, base -> adapter", "",
+              f"Metric `{train['metric']}` ({train['aggregate']} aggregate); a gain counts only where the SAE's FVU "
+              f"stays within x{train['fidelity_tolerance']:g} of the base model's (target and English); 95% paired "
+              f"bootstrap CIs over sentences. Definitions: docs/training.md. Choices (sweeps) used the "
+              f"`{train['splits']['dev']}` split; these numbers are reported once.", "",
+              *outcome_lines(train), "",
+              "| lang | gain (%) | 95% CI | norm-matched (%) | residual norm (%) | FVU before -> after | valid | LM loss change |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for lang, o in train["per_lang"].items():
+        ci = o.get("gain_ci") or [None, None]
+        lines.append(f"| {lang} | {_fmt(o['gain_pct'])} | [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
+                     f"{_fmt(o['norm_matched_gain_pct'])} | {_fmt(o['resid_norm_change_pct'])} | "
+                     f"{_fmt(o['fvu_before'], '.3f')} -> {_fmt(o['fvu_after'], '.3f')} | {'yes' if o['valid'] else 'no'} | "
+                     f"{_fmt(o['lm_loss_change'], '+.3f')} |")
     lines += ["", "## Benchmarks, base -> adapter (accuracy)", "",
               "| benchmark | lang | base | adapter | diff |", "| --- | --- | --- | --- | --- |"]
     for benchmark, by_lang in comparison["results"].items():

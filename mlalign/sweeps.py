@@ -82,7 +82,7 @@ def plot_sweep(rows: list[dict], out_dir: Path, metrics: list[str]) -> list[Path
     return [path]
 
 
-PLOTTED_METRICS = ["activation_gain_pct_mean", "english_retention_pct", "alignment_score"]
+PLOTTED_METRICS = ["dev_activation_gain_pct_mean", "dev_english_retention_pct", "alignment_score"]
 
 
 def summarize_sweep(sweep_dir: str | Path, tracker=None) -> Path:

@@ -37,6 +37,9 @@ def dispatch(cfg: DictConfig) -> float | None:
         if cfg.task not in TASKS:
             raise UserError(f"unknown task {cfg.task!r}; choose one of: task={' | task='.join(TASKS)}")
         module = importlib.import_module(f"mlalign.tasks.{TASKS[cfg.task]}")
+        check_config = getattr(module, "check_config", None)
+        if check_config is not None:  # settings that cannot work fail before any tokenizer or model loads
+            check_config(cfg)
         with RunContext(cfg) as ctx:
             if cfg.task in CORPUS_TASKS:
                 from mlalign.data.corpus import write_corpus_report

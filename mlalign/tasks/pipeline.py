@@ -6,8 +6,10 @@ import shlex
 
 from mlalign.io import write_text_atomic
 from mlalign.report import gap_accuracy_correlation, render_report
+from mlalign.tasks.train import check_train_config as check_config  # noqa: F401  (run by dispatch before loading)
 
-OBJECTIVE = "activation_gain_pct_mean"
+OBJECTIVE = "alignment_score"
+"""The training objective on the dev split (mlalign.training.outcomes.alignment_score), as task=train returns it."""
 
 
 def rerun_command() -> str:

@@ -15,12 +15,8 @@ from mlalign.io import write_json_atomic
 log = logging.getLogger(__name__)
 
 OBJECTIVE = "alignment_score"
-"""What sweepers maximise: the mean held-out activation gain (%), minus 10 points per point of English retention
-below `train.retention_floor_pct` (the study keeps ~91% of English)."""
-
-
-def alignment_score(gain_pct: float, retention_pct: float, floor_pct: float) -> float:
-    return float(gain_pct) - 10.0 * max(0.0, float(floor_pct) - float(retention_pct))
+"""What sweepers maximise, on the dev split only (`mlalign.training.outcomes.alignment_score`): the mean activation
+gain, minus penalties for English change in either direction and for any rise of the SAE's FVU."""
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -37,9 +33,26 @@ def check_train_config(cfg: DictConfig) -> None:
             raise UserError(f"train.{key}={t[key]} must be at least 1")
     if int(t.warmup_steps) < 0 or int(t.save_every or 0) < 0:
         raise UserError("train.warmup_steps and train.save_every must be >= 0 (save_every=0 disables checkpoints)")
-    if str(cfg.data.splits.train) == str(cfg.data.splits.heldout):
-        raise UserError(f"data.splits.train and data.splits.heldout are both {cfg.data.splits.train!r}; held-out "
+    splits = cfg.data.splits
+    if str(splits.train) == str(splits.heldout):
+        raise UserError(f"data.splits.train and data.splits.heldout are both {splits.train!r}; held-out "
                         f"numbers need text never trained on, e.g. data.splits.heldout=test")
+    if str(splits.valid) in (str(splits.heldout), str(splits.train)):
+        raise UserError(f"data.splits.valid={splits.valid!r} is also the {'heldout' if str(splits.valid) == str(splits.heldout) else 'train'} "
+                        f"split; choices (sweeps, alignment_score) need a dev split of their own, e.g. data.splits.valid=dev")
+    tolerance = float(t.get("fidelity_tolerance", 1.25))
+    if not tolerance >= 1.0:
+        raise UserError(f"train.fidelity_tolerance={tolerance} must be >= 1 (1.25 = FVU may rise by 25%)")
+    if float(cfg.loss.get("act_align", 0.0)) > 0:
+        from mlalign.training.losses import ALIGNABLE_METRICS
+
+        if str(cfg.analysis.metric) not in ALIGNABLE_METRICS:
+            raise UserError(f"the alignment term aims at analysis.metric={cfg.analysis.metric}, which has no per-token "
+                            f"SAE value to align; use analysis.metric= one of {', '.join(ALIGNABLE_METRICS)}")
+
+
+check_config = check_train_config
+"""Run by `dispatch` before the run context loads anything."""
 
 
 def target_langs(cfg: DictConfig, langs: list[str]) -> list[str]:
@@ -75,16 +88,6 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     return None
 
 
-def _base_stats_cache(cfg: DictConfig, ctx):
-    """The analysis task's cache of base-model statistics on the held-out split (shared with task=analyze)."""
-    from mlalign.analysis.cache import StatsCache
-    from mlalign.tasks.analyze import cache_identity
-
-    split = str(cfg.data.splits.heldout)
-    return StatsCache(Path(cfg.paths.cache_dir) / "analysis", cache_identity(cfg, ctx.testbed_dir, None, split),
-                      enabled=bool(cfg.analysis.get("cache", True)))
-
-
 def run(cfg: DictConfig, ctx) -> dict[str, float]:
     from accelerate import Accelerator
     from hydra.utils import instantiate
@@ -97,7 +100,8 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
     from mlalign.tasks.common import resolve_layers
     from mlalign.training.data import load_parallel_stream
     from mlalign.training.loop import ObjectiveFn, resolve_mixed_precision, train_loop
-    from mlalign.training.report import activation_levels, before_after_report, lm_loss, plot_before_after
+    from mlalign.training.outcomes import measure_paired, outcome_report
+    from mlalign.training.report import outcome_lines, plot_before_after, train_metrics
 
     check_train_config(cfg)
     reference = str(cfg.reference_lang)
@@ -106,6 +110,7 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
         raise UserError(f"task=train needs at least one target language besides {reference}; type e.g. langs=[hi]")
     metric = check_metric(str(cfg.analysis.metric))
     aggregate = check_aggregate(str(cfg.analysis.aggregate))
+    tolerance = float(cfg.train.get("fidelity_tolerance", 1.25))
     resume_from = _resume_checkpoint(cfg, ctx.run_dir)
     started = time.perf_counter()
 
@@ -126,31 +131,26 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA: %d trainable parameters; aligning layers %s; targets %s", trainable, aligned, targets)
 
-    # Data: parallel (target, English) pairs for training; the held-out split only for measuring.
-    stream = load_parallel_stream(cfg.data, targets, reference, str(cfg.data.splits.train), tokenizer,
+    # Data: parallel (target, English) pairs for training; dev for choices and monitoring; held-out only for the
+    # numbers reported once.
+    splits = {"train": str(cfg.data.splits.train), "dev": str(cfg.data.splits.valid),
+              "headline": str(cfg.data.splits.heldout)}
+    stream = load_parallel_stream(cfg.data, targets, reference, splits["train"], tokenizer,
                                   int(cfg.train.max_length), int(cfg.seed))
-    heldout_corpus = load_corpus(cfg.data, ctx.langs, str(cfg.data.splits.heldout))
-    heldout = {lang: heldout_corpus[lang] for lang in ctx.langs}
-    heldout_pairs = load_parallel_stream(cfg.data, targets, reference, str(cfg.data.splits.heldout), tokenizer,
-                                         int(cfg.train.max_length), int(cfg.seed))
-    measure_kwargs = dict(batch_size=int(cfg.analysis.batch_size), max_length=int(cfg.data.max_length))
+    dev_pairs = load_parallel_stream(cfg.data, targets, reference, splits["dev"], tokenizer,
+                                     int(cfg.train.max_length), int(cfg.seed))
+    measured = [*targets, reference]
+    texts = {split: {lang: load_corpus(cfg.data, measured, splits[split])[lang] for lang in measured}
+             for split in ("dev", "headline")}
 
-    def measure(peft_model, cache=None) -> tuple[dict, dict]:
-        levels = activation_levels(peft_model, tokenizer, {layer: saes[layer] for layer in analysed}, heldout, metric,
-                                   aggregate, sae_chunk=cfg.analysis.get("sae_chunk"), cache=cache, **measure_kwargs)
-        return levels, lm_loss(peft_model, tokenizer, heldout, **measure_kwargs)
+    objective = ObjectiveFn(cfg.loss, saes, aligned, tokenizer.bos_token_id, accelerator, metric, aggregate)
 
-    with model.disable_adapter():
-        before, loss_before = measure(model, cache=_base_stats_cache(cfg, ctx))
-
-    objective = ObjectiveFn(cfg.loss, saes, aligned, tokenizer.bos_token_id, accelerator)
-
-    def heldout_losses(m) -> dict[str, float]:
+    def dev_losses(m) -> dict[str, float]:
         m.eval()
         totals: dict[str, float] = {}
         with torch.no_grad():
             for i in range(len(targets)):
-                values = objective(m, heldout_pairs.batch(i, int(cfg.train.batch_size), accelerator.device)).values
+                values = objective(m, dev_pairs.batch(i, int(cfg.train.batch_size), accelerator.device)).values
                 for key, value in values.items():
                     totals[key] = totals.get(key, 0.0) + value / len(targets)
         return totals
@@ -165,14 +165,25 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
     state = train_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                        objective=objective, stream=stream, train_cfg=cfg.train,
                        checkpoints=ctx.run_dir / "checkpoints", resume_from=resume_from, tracker=ctx.tracker,
-                       eval_fn=heldout_losses)
+                       eval_fn=dev_losses)
     train_s = time.perf_counter() - train_started
 
+    # Outcomes: base vs adapted on the same tokens of dev (for choices) and of the held-out split (reported once).
     peft_model = accelerator.unwrap_model(model)
     peft_model.eval()
-    after, loss_after = measure(peft_model)
-    report = before_after_report(before, after, reference, targets, analysed, cfg.analysis.get("bands"),
-                                 loss_before, loss_after, metric)
+    analysed_saes = {layer: saes[layer] for layer in analysed}
+    reports = {}
+    for split in ("dev", "headline"):
+        accelerator.print(f"measuring base vs adapter on the {splits[split]} split ({', '.join(measured)})")
+        paired = measure_paired(peft_model, peft_model.disable_adapter, tokenizer, analysed_saes, texts[split], metric,
+                                batch_size=int(cfg.analysis.batch_size), max_length=int(cfg.data.max_length),
+                                progress=accelerator.is_local_main_process)
+        reports[split] = outcome_report(paired, reference, targets, aggregate, tolerance,
+                                        n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),
+                                        seed=int(cfg.seed))
+    report = train_metrics(reports["headline"], reports["dev"], metric=metric, aggregate=aggregate,
+                           reference_lang=reference, targets=targets, layers=analysed, splits=splits,
+                           tolerance=tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)))
     report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s,
                   total_s=time.perf_counter() - started, trainable_params=trainable, aligned_layers=aligned)
 
@@ -180,28 +191,42 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
     if accelerator.is_main_process:
         peft_model.save_pretrained(str(ctx.run_dir / "adapter"))
         write_json_atomic(out / "history.json", state.history)
-        write_json_atomic(out / "metrics.json", report)
+        write_json_atomic(out / "metrics.json", _json_safe(report))
         if cfg.analysis.get("plots", True):
             ctx.tracker.log_images({"train/activation_before_after": plot_before_after(
                 report, out / "activation_before_after.png")})
     accelerator.wait_for_everyone()
 
+    # What sweeps see: dev numbers only (the held-out ones live in train/metrics.json, reported once).
+    dev = reports["dev"]
     final = state.history[-1] if state.history else {}
     result = {
-        "activation_gain_pct_mean": report["activation_gain_pct_mean"],
-        **{f"activation_gain_pct_{lang}": v for lang, v in report["activation_gain_pct"].items()},
-        **{f"activation_gain_pct_{lang}_{band}": v
-           for lang, by_band in report["activation_gain_pct_by_band"].items() for band, v in by_band.items()},
-        "english_retention_pct": report["english_retention_pct"],
-        **{f"lm_loss_change_{lang}": v for lang, v in report["lm_loss_change"].items()},
-        **{f"final_{k}": float(v) for k, v in final.items() if k in ("ce", "act_align", "en_retain", "total")},
+        "alignment_score": report["alignment_score"],
+        "dev_activation_gain_pct_mean": dev["activation_gain_pct_mean"],
+        **{f"dev_activation_gain_pct_{lang}": v for lang, v in dev["activation_gain_pct"].items()},
+        **{f"dev_norm_matched_gain_pct_{lang}": v for lang, v in dev["norm_matched_gain_pct"].items()},
+        **{f"dev_fvu_ratio_{lang}": o["fvu_ratio"] for lang, o in dev["per_lang"].items()},
+        "dev_english_retention_pct": dev["english_retention_pct"],
+        "dev_all_valid": float(dev["all_valid"]),
+        **{f"final_{k}": float(v) for k, v in final.items()
+           if k in ("ce", "act_align", "sae_fidelity", "en_retain", "total", "act_ratio", "fvu_ratio")},
         "steps": float(state.step),
         "train_s": float(train_s),
     }
-    result["alignment_score"] = alignment_score(result["activation_gain_pct_mean"], result["english_retention_pct"],
-                                                cfg.train.get("retention_floor_pct", 90.0))
     ctx.tracker.log({f"result/{k}": v for k, v in result.items()})
-    gains = ", ".join(f"{lang} {v:+.1f}%" for lang, v in report["activation_gain_pct"].items())
-    accelerator.print(f"held-out {metric} gain: {gains}; English retention {report['english_retention_pct']:.1f}%; "
-                      f"adapter: {ctx.run_dir / 'adapter'}")
+    accelerator.print("\n".join([f"{splits['headline']} split, reported once (dev numbers drive sweeps):",
+                                  *outcome_lines(report), f"adapter: {ctx.run_dir / 'adapter'}"]))
     return result
+
+
+def _json_safe(obj):
+    """NaN/inf -> None so metrics.json is strict JSON."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -49,15 +49,22 @@ class LossTerms:
 
 
 class ObjectiveFn:
-    """total = ce · L_ce + act_align · L_act + en_retain · L_retain on one parallel batch (docs/training.md)."""
+    """total = ce·L_ce + act_align·L_act + sae_fidelity·L_fid + en_retain·L_retain on one parallel batch (docs/training.md).
 
-    def __init__(self, loss_cfg, saes: dict, layers: list[int], bos_id: int | None, accelerator):
-        self.weights = {term: float(loss_cfg[term]) for term in L.LOSS_TERMS}
+    The alignment term compares the analysis metric itself (`metric`, `aggregate`: the numbers task=analyze and the
+    held-out outcome report), with the surrogate supplying only its gradient.
+    """
+
+    def __init__(self, loss_cfg, saes: dict, layers: list[int], bos_id: int | None, accelerator,
+                 metric: str = "mean_act", aggregate: str = "token"):
+        self.weights = {term: float(loss_cfg.get(term, 0.0)) for term in L.LOSS_TERMS}
         self.kind = str(loss_cfg.act_align_kind)
         self.margin = float(loss_cfg.margin)
         self.surrogate = str(loss_cfg.surrogate)
         self.bandwidth = float(loss_cfg.get("ste_bandwidth", 0.1))
         self.retain_kind = str(loss_cfg.retain_kind)
+        self.metric = metric
+        self.aggregate = aggregate
         self.saes = saes
         self.layers = layers
         self.bos_id = bos_id
@@ -67,9 +74,14 @@ class ObjectiveFn:
         # SAE losses in float32 even under mixed precision: ratios of small means lose too much in bf16.
         return torch.autocast(device_type=self.accelerator.device.type, enabled=False)
 
-    def _levels(self, acts: dict[int, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-        return torch.stack([L.surrogate_activation(self.saes[layer], acts[layer][keep].float(), self.surrogate,
-                                                   self.bandwidth) for layer in self.layers])
+    def _levels(self, acts: dict[int, torch.Tensor], keep: torch.Tensor, surrogate: str | None) -> torch.Tensor:
+        """[layers] the metric per aligned layer over the kept tokens (with the surrogate's gradient if given)."""
+        sentence = keep.nonzero()[:, 0]  # row of every kept token, row-major like acts[layer][keep]
+        return torch.stack([L.metric_level(self.saes[layer], acts[layer][keep].float(), self.metric, self.aggregate,
+                                           sentence, surrogate, self.bandwidth) for layer in self.layers])
+
+    def _fvus(self, acts: dict[int, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        return torch.stack([L.batch_fvu(self.saes[layer], acts[layer][keep].float()) for layer in self.layers])
 
     def __call__(self, model, batch: ParallelBatch) -> LossTerms:
         accelerator, w = self.accelerator, self.weights
@@ -78,16 +90,20 @@ class ObjectiveFn:
         keep_t = analysed_positions(target["input_ids"], target["attention_mask"], self.bos_id)
         keep_r = analysed_positions(reference["input_ids"], reference["attention_mask"], self.bos_id)
         need_base_logits = w["en_retain"] > 0 and self.retain_kind == "kl"
+        fidelity = w["sae_fidelity"] > 0
+        need_adapted_english = w["en_retain"] > 0 or fidelity
 
         # Adapted model on the target language: LM loss and (with the graph kept) the residuals to align.
-        with ResidualCapture(peft_model, self.layers, detach=w["act_align"] == 0) as capture:
+        keep_graph = w["act_align"] > 0 or fidelity
+        with ResidualCapture(peft_model, self.layers, detach=not keep_graph) as capture:
             logits = model(**target, use_cache=False).logits
             target_acts = dict(capture.activations)
         ce = L.lm_cross_entropy(logits, target["input_ids"], target["attention_mask"])
         total = w["ce"] * ce
         values = {"ce": float(ce.detach())}
 
-        # Frozen base model on the English translations: the reference level (and the retention targets).
+        # Frozen base model on the English translations: the reference level (and the retention targets); on the
+        # target sentences too when the fidelity term needs the base model's FVU on the same tokens.
         with torch.no_grad(), peft_model.disable_adapter(), accelerator.autocast():
             base_logits = None
             with ResidualCapture(peft_model, self.layers, detach=True, stop_after_last=not need_base_logits) as capture:
@@ -96,29 +112,48 @@ class ObjectiveFn:
                     base_acts = dict(capture.activations)
                 else:  # no LM head needed: stop after the deepest aligned layer
                     base_acts = capture.forward(**reference, use_cache=False)
+            if fidelity:
+                with ResidualCapture(peft_model, self.layers, detach=True, stop_after_last=True) as capture:
+                    base_target_acts = capture.forward(**target, use_cache=False)
 
         with self._fp32():
             with torch.no_grad():
-                reference_level = self._levels(base_acts, keep_r)
+                reference_level = self._levels(base_acts, keep_r, None)
             context = contextlib.nullcontext() if w["act_align"] > 0 else torch.no_grad()
             with context:
-                target_level = self._levels(target_acts, keep_t)
+                target_level = self._levels(target_acts, keep_t, self.surrogate if w["act_align"] > 0 else None)
                 act = L.act_align_loss(target_level, reference_level, self.kind, self.margin)
         values["act_align"] = float(act.detach())
+        # The exact metric's ratio (what the outcome report measures), not the surrogate's.
         values["act_ratio"] = float((target_level / reference_level.clamp_min(L.EPS)).mean().detach())
         if w["act_align"] > 0:
             total = total + w["act_align"] * act
 
-        if w["en_retain"] > 0:
+        adapted_acts = None
+        if need_adapted_english:
             # Through the unwrapped model: one forward per backward through a DDP wrapper.
-            if self.retain_kind == "kl":
-                with accelerator.autocast():
+            with ResidualCapture(peft_model, self.layers, detach=False,
+                                 stop_after_last=not need_base_logits) as capture, accelerator.autocast():
+                if need_base_logits:
                     adapted_logits = peft_model(**reference, use_cache=False).logits
+                    adapted_acts = dict(capture.activations)
+                else:
+                    adapted_acts = capture.forward(**reference, use_cache=False)
+
+        if fidelity:
+            with self._fp32():
+                with torch.no_grad():
+                    base_fvu_t, base_fvu_r = self._fvus(base_target_acts, keep_t), self._fvus(base_acts, keep_r)
+                adapted_fvu_t, adapted_fvu_r = self._fvus(target_acts, keep_t), self._fvus(adapted_acts, keep_r)
+                fid = 0.5 * (L.fidelity_loss(adapted_fvu_t, base_fvu_t) + L.fidelity_loss(adapted_fvu_r, base_fvu_r))
+            values["sae_fidelity"] = float(fid.detach())
+            values["fvu_ratio"] = float((adapted_fvu_t / base_fvu_t.clamp_min(L.EPS)).mean().detach())
+            total = total + w["sae_fidelity"] * fid
+
+        if w["en_retain"] > 0:
+            if self.retain_kind == "kl":
                 retain = L.kl_base_to_adapted(base_logits, adapted_logits, reference["attention_mask"])
             else:
-                with ResidualCapture(peft_model, self.layers, detach=False, stop_after_last=True) as capture, \
-                        accelerator.autocast():
-                    adapted_acts = capture.forward(**reference, use_cache=False)
                 with self._fp32():
                     retain = torch.stack([
                         L.relative_act_mse(L.feature_activations(self.saes[layer], adapted_acts[layer][keep_r].float()),
@@ -224,7 +259,7 @@ def train_loop(*, accelerator, model, optimizer, scheduler, objective: Objective
             tracker.log({f"train/{k}" if not k.startswith("heldout/") else k: v
                          for k, v in record.items() if k != "step"}, step=step)
             bar.update(1)
-            bar.set_postfix({k: f"{sums[k]:.4g}" for k in ("ce", "act_align", "en_retain") if k in sums})
+            bar.set_postfix({k: f"{sums[k]:.4g}" for k in ("ce", "act_ratio", "fvu_ratio", "en_retain") if k in sums})
             if save_every and step % save_every == 0 and step < max_steps:
                 checkpoint(step)
             if _all_processes_agree(accelerator, sigterm.raised):

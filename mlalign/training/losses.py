@@ -1,20 +1,34 @@
-"""The activation-aware LoRA objective: LM cross-entropy, SAE activation alignment to English, and English retention.
+"""The activation-aware LoRA objective: LM cross-entropy, SAE activation alignment to English, SAE fidelity, English retention.
 
 Formulas (see docs/training.md). For a layer l with SAE (W_enc, b_enc, θ) and kept tokens t (no BOS, no padding):
 
     h_tf = (process_sae_in(x_t) @ W_enc + b_enc)_f                 SAE pre-activations
-    metric:   a_l = mean_t mean_f  h_tf · 1[h_tf > θ_f]              (= analysis `mean_act`)
-    pre_relu: â_l = mean_t mean_f  softplus(h_tf − θ_f)              (smooth, every feature has a gradient)
-    ste:      â_l = a_l in the forward pass; backward: sae-lens's JumpReLU straight-through estimator
+    a_tf = h_tf · 1[h_tf > θ_f]                                    JumpReLU feature activations (= sae.encode)
+    m_l  = the analysis metric of a_tf (mean_act: mean_t mean_f a_tf), aggregated like the analysis (token/sentence)
+
+The alignment term's value is computed from m_l itself (the reported metric); a differentiable surrogate supplies only
+the gradient (straight-through): level_l = m_l + (s_l − stopgrad(s_l)), with
+
+    pre_relu: s_l = mean_t mean_f softplus(h_tf − θ_f)             (every feature has a gradient)
+    ste:      s_l = m_l with sae-lens's JumpReLU straight-through pseudo-derivative
                     ∂/∂h = 1[h > θ] + (θ/ε)·1[|h − θ| < ε/2]   (ε = loss.ste_bandwidth)
 
-With a_T the target language's surrogate under the adapter and a_R English's on the parallel batch under the frozen
-base model (no grad), averaged over the aligned layers L:
+With level_T the target language under the adapter and m_R English's on the parallel batch under the frozen base model
+(no grad), over the aligned layers L:
 
-    relative_hinge: mean_l relu(1 + margin − â_T,l / â_R,l)
-    hinge:          mean_l relu((1 + margin)·â_R,l − â_T,l)
-    mse:            mean_l (â_T,l − â_R,l)²                 (two-sided: also pulls an overshoot back)
-    log_ratio:      mean_l relu(log(1 + margin) + log â_R,l − log â_T,l)
+    relative_hinge: mean_l relu(1 + margin − level_T,l / m_R,l)
+    hinge:          mean_l relu((1 + margin)·m_R,l − level_T,l)
+    mse:            mean_l (level_T,l − m_R,l)²                 (two-sided: also pulls an overshoot back)
+    log_ratio:      mean_l relu(log(1 + margin) + log m_R,l − log level_T,l)
+
+so margin = 0 means "reach English's level of the reported metric", and at that level loss and gradient are 0.
+
+SAE fidelity keeps the adapted residual stream where the SAE works: with FVU_l(x) = Σ_t‖x_t − x̂_t‖² / Σ_t‖x_t − x̄‖²
+over the batch's kept tokens (x̂ = sae.decode(sae.encode(x))),
+
+    L_fid = mean over {target batch, English batch} mean_l relu(FVU_l(x_adapted) / FVU_l(x_base) − 1)
+
+on the same tokens, the base model's FVU (no grad) being the yardstick.
 """
 
 from __future__ import annotations
@@ -29,7 +43,10 @@ from mlalign.errors import UserError
 ACT_ALIGN_KINDS = ("relative_hinge", "hinge", "mse", "log_ratio")
 SURROGATES = ("pre_relu", "ste")
 RETAIN_KINDS = ("kl", "act_mse")
-LOSS_TERMS = ("ce", "act_align", "en_retain")
+LOSS_TERMS = ("ce", "act_align", "sae_fidelity", "en_retain")
+ALIGNABLE_METRICS = ("mean_act", "l1", "l0")
+"""Analysis metrics the alignment term can target (per-token functions of the SAE code)."""
+AGGREGATES = ("token", "sentence")
 EPS = 1e-8
 
 
@@ -40,7 +57,8 @@ def check_loss_config(loss_cfg) -> None:
     if negative:
         raise UserError(f"loss.{negative[0]}={weights[negative[0]]} is negative; loss weights must be >= 0")
     if not any(weights.values()):
-        raise UserError("every loss weight is 0 (loss.ce, loss.act_align, loss.en_retain): nothing to train; "
+        raise UserError("every loss weight is 0 (loss.ce, loss.act_align, loss.sae_fidelity, loss.en_retain): "
+                        "nothing to train; "
                         "use loss=plain for plain LoRA or loss=act_align for the activation-aware objective")
     for key, allowed in (("act_align_kind", ACT_ALIGN_KINDS), ("surrogate", SURROGATES), ("retain_kind", RETAIN_KINDS)):
         if str(loss_cfg[key]) not in allowed:
@@ -63,20 +81,83 @@ def threshold_of(sae) -> torch.Tensor:
     return threshold if threshold is not None else torch.zeros((), device=sae.W_enc.device, dtype=sae.W_enc.dtype)
 
 
-def surrogate_activation(sae, x: torch.Tensor, surrogate: str, bandwidth: float = 0.1) -> torch.Tensor:
-    """Differentiable stand-in for the mean SAE feature activation over the tokens `x` [tokens, d_model] (a scalar)."""
-    pre = sae_pre_activations(sae, x)
-    threshold = threshold_of(sae).to(pre.dtype)
-    if surrogate == "pre_relu":
-        return F.softplus(pre - threshold).mean()
-    if surrogate == "ste":
-        from sae_lens.saes.jumprelu_sae import JumpReLU
+def jumprelu(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The SAE's feature activations from its pre-activations: h · 1[h > θ] (θ = 0: ReLU), as sae-lens encodes them."""
+    return pre * (pre > threshold)
 
+
+def per_token_metric(acts: torch.Tensor, metric: str) -> torch.Tensor:
+    """[tokens] the analysis metric's per-token value from feature activations [tokens, d_sae] (docs/method.md)."""
+    if metric == "mean_act":
+        return acts.mean(dim=-1)
+    if metric == "l1":
+        return acts.abs().sum(dim=-1)
+    if metric == "l0":
+        return (acts != 0).sum(dim=-1).to(acts.dtype)
+    raise UserError(f"loss alignment supports analysis.metric in {', '.join(ALIGNABLE_METRICS)}, got {metric!r}")
+
+
+def _surrogate_per_token(pre: torch.Tensor, threshold: torch.Tensor, metric: str, surrogate: str,
+                         bandwidth: float) -> torch.Tensor:
+    """[tokens] a differentiable stand-in for `per_token_metric` (only its gradient is used)."""
+    if surrogate == "pre_relu":
+        soft = F.softplus(pre - threshold)
+        return soft.mean(dim=-1) if metric == "mean_act" else soft.sum(dim=-1)
+    if surrogate == "ste":
+        from sae_lens.saes.jumprelu_sae import JumpReLU, Step
+
+        if metric == "l0":  # the step function's own straight-through estimator
+            return Step.apply(pre, threshold, float(bandwidth), True).sum(dim=-1)
         # ste_to_input=True: the pseudo-derivative near the threshold reaches the pre-activations (and so the LoRA
         # weights), not just the threshold, which is frozen here anyway.
         gated = JumpReLU.apply(F.relu(pre), threshold, float(bandwidth), True)
-        return gated.mean()
+        return per_token_metric(gated, metric)
     raise UserError(f"unknown loss.surrogate={surrogate!r}; use one of: {', '.join(SURROGATES)}")
+
+
+def aggregate_tokens(values: torch.Tensor, sentence_of_token: torch.Tensor | None, aggregate: str) -> torch.Tensor:
+    """Mean over tokens (`token`) or mean over sentences of per-sentence means (`sentence`), as the analysis does."""
+    if aggregate == "token" or sentence_of_token is None:
+        return values.mean()
+    if aggregate != "sentence":
+        raise UserError(f"unknown aggregate {aggregate!r}; use analysis.aggregate=token or analysis.aggregate=sentence")
+    _, inverse = torch.unique(sentence_of_token, return_inverse=True)
+    n = int(inverse.max()) + 1
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, inverse, values)
+    counts = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, inverse, torch.ones_like(values))
+    return (sums / counts).mean()
+
+
+def metric_level(sae, x: torch.Tensor, metric: str = "mean_act", aggregate: str = "token",
+                 sentence_of_token: torch.Tensor | None = None, surrogate: str | None = None,
+                 bandwidth: float = 0.1) -> torch.Tensor:
+    """The analysis metric of the SAE code of `x` [tokens, d_model], aggregated over tokens (a scalar).
+
+    surrogate=None: the exact value (gradient only through active features, as JumpReLU has it).
+    surrogate='pre_relu'|'ste': the same value in the forward pass, the surrogate's gradient in the backward pass
+    (straight-through), so a loss on it aims at exactly the reported number.
+    """
+    pre = sae_pre_activations(sae, x)
+    threshold = threshold_of(sae).to(pre.dtype)
+    exact = aggregate_tokens(per_token_metric(jumprelu(pre, threshold), metric), sentence_of_token, aggregate)
+    if surrogate is None:
+        return exact
+    smooth = aggregate_tokens(_surrogate_per_token(pre, threshold, metric, surrogate, bandwidth), sentence_of_token,
+                              aggregate)
+    return exact.detach() + (smooth - smooth.detach())
+
+
+def batch_fvu(sae, x: torch.Tensor) -> torch.Tensor:
+    """Σ_t‖x_t − x̂_t‖² / Σ_t‖x_t − x̄‖² over the tokens `x` [tokens, d_model] (the analysis FVU, on one batch)."""
+    x_hat = sae.decode(sae.encode(x))
+    err = (x - x_hat).pow(2).sum()
+    dev = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
+    return err / dev.clamp_min(EPS)
+
+
+def fidelity_loss(adapted_fvu: torch.Tensor, base_fvu: torch.Tensor) -> torch.Tensor:
+    """mean_l relu(FVU_adapted,l / FVU_base,l − 1): zero while the SAE explains the adapted residual as well as the base."""
+    return F.relu(adapted_fvu / base_fvu.detach().clamp_min(EPS) - 1.0).mean()
 
 
 def feature_activations(sae, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Before/after numbers on held-out text: SAE activation gain per language and layer, English retention, LM loss.
+"""The train task's report: metrics.json from the outcome measures (training/outcomes.py), its plot and its lines.
 
-Activation levels come from the analysis engine (`collect_stats` + `compute_metrics`), so `task=train` and
-`task=analyze` measure exactly the same quantity.
+`activation_levels` reads the analysis engine (`collect_stats` + `compute_metrics`) for code that wants the analysis
+task's numbers for a model directly.
 """
 
 from __future__ import annotations
@@ -70,78 +70,114 @@ def lm_loss(model, tokenizer, texts_by_lang: dict[str, list[str]], batch_size: i
     return out
 
 
-def _gain_pct(after: float, before: float) -> float:
-    if not before or not math.isfinite(before) or not math.isfinite(after):
-        return float("nan")
-    return 100.0 * (after / before - 1.0)
+STUDY_FIGURES = "+87% (ml) and +86% (hi) activation gain with ~91% of English kept"
 
 
-def _mean(xs) -> float:
-    xs = [x for x in xs if math.isfinite(x)]
-    return float(np.mean(xs)) if xs else float("nan")
+def train_metrics(test_report: dict, dev_report: dict, *, metric: str, aggregate: str, reference_lang: str,
+                  targets: list[str], layers: list[int], splits: dict[str, str], tolerance: float,
+                  floor_pct: float) -> dict:
+    """The train task's metrics.json: headline outcomes on the held-out (test) split, the same on dev for choices.
 
+    Top level and `per_lang` come from `splits["headline"]`; `dev` (and `alignment_score`) from `splits["dev"]`.
+    """
+    from mlalign.training.outcomes import alignment_score
 
-def before_after_report(before: dict, after: dict, reference_lang: str, targets: list[str], layers: list[int],
-                        bands: dict | None, loss_before: dict, loss_after: dict, metric: str) -> dict:
-    """The train task's metrics.json: gains per language (per layer, per band, mean), English retention, LM losses."""
-    band_layers = layer_bands(layers, bands)
-    gains = {}
-    for lang in targets:
-        per_layer = {layer: _gain_pct(after[lang][layer], before[lang][layer]) for layer in layers}
-        gains[lang] = {
-            "mean": _mean(per_layer.values()),
-            "bands": {name: _mean(per_layer[layer] for layer in members) for name, members in band_layers.items()},
-            "per_layer": per_layer,
-        }
-    retention_per_layer = {
-        layer: (100.0 * after[reference_lang][layer] / before[reference_lang][layer]
-                if before[reference_lang][layer] else float("nan"))
-        for layer in layers
-    }
     return {
         "metric": metric,
+        "aggregate": aggregate,
         "reference_lang": reference_lang,
+        "targets": targets,
         "layers": layers,
-        "bands": band_layers,
-        "activation_gain_pct": {lang: g["mean"] for lang, g in gains.items()},
-        "activation_gain_pct_mean": _mean(g["mean"] for g in gains.values()),
-        "activation_gain_pct_by_band": {lang: g["bands"] for lang, g in gains.items()},
-        "activation_gain_pct_per_layer": {lang: g["per_layer"] for lang, g in gains.items()},
-        "english_retention_pct": _mean(retention_per_layer.values()),
-        "english_retention_pct_per_layer": retention_per_layer,
-        "activation_before": before,
-        "activation_after": after,
-        "lm_loss_before": loss_before,
-        "lm_loss_after": loss_after,
-        "lm_loss_change": {lang: loss_after[lang] - loss_before[lang] for lang in loss_before},
+        "fidelity_tolerance": tolerance,
+        "splits": {**splits, "note": "top-level numbers and per_lang: the headline split, reported once; `dev` and "
+                                     "alignment_score: the dev split, for choices (sweeps, early stopping)"},
+        **test_report,
+        "lm_loss_change": {lang: v["lm_loss_change"] for lang, v in test_report["per_lang"].items()},
+        "dev": dev_report,
+        "alignment_score": alignment_score(dev_report, floor_pct, tolerance),
     }
+
+
+def _fmt(value, spec: str = "+.1f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def _ci_text(ci, spec: str = "+.1f") -> str:
+    return f" [{_fmt(ci[0], spec)}, {_fmt(ci[1], spec)}]" if ci else ""
+
+
+def outcome_lines(metrics: dict) -> list[str]:
+    """Markdown bullet lines: per target language a result or an artefact verdict, then English, then the study."""
+    tol = metrics["fidelity_tolerance"]
+    ref = metrics["reference_lang"]
+    per_lang = metrics["per_lang"]
+    english = per_lang[ref]
+    split = metrics["splits"].get("headline", "held-out")
+    lines = []
+    for lang in metrics["targets"]:
+        o = per_lang[lang]
+        fvu = f"FVU {o['fvu_before']:.3f} -> {o['fvu_after']:.3f}"
+        if not o["valid"]:
+            lines.append(f"- **{lang}: SAE artefact: {fvu}** (x{o['fvu_ratio']:.2f}, above the x{tol:g} tolerance): "
+                         f"the raw {metrics['metric']} change of {_fmt(o['gain_pct'])}% is the SAE failing on the "
+                         f"adapted residual stream, not a result.")
+            continue
+        if not english["valid"]:
+            lines.append(f"- **{lang}: not counted**: its {fvu} is within tolerance, but English's FVU went "
+                         f"{english['fvu_before']:.3f} -> {english['fvu_after']:.3f}, above the x{tol:g} tolerance.")
+            continue
+        gain_ci = o["gain_ci"]
+        significant = gain_ci is not None and (gain_ci[0] > 0 or gain_ci[1] < 0)
+        scale = (o["gain_pct"] > 0 and o["norm_matched_gain_pct"] < 0.5 * o["gain_pct"])
+        words = [f"- **{lang}: {_fmt(o['gain_pct'])}%**{_ci_text(gain_ci)} {metrics['metric']} on {split} "
+                 f"(norm-matched {_fmt(o['norm_matched_gain_pct'])}%{_ci_text(o['norm_matched_gain_ci'])}; "
+                 f"residual norm {_fmt(o['resid_norm_change_pct'])}%; {fvu}, within x{tol:g}; "
+                 f"LM loss {_fmt(o['lm_loss_change'], '+.3f')} nats)"]
+        if not significant:
+            words.append(": the 95% CI includes 0, so no change is shown")
+        elif scale:
+            words.append(": more than half of it is residual scale (the norm-matched gain is under half the raw "
+                         "gain), so it says little about what the model represents")
+        lines.append("".join(words) + ".")
+    lines.append(f"- **English retention {_fmt(metrics['english_retention_pct'], '.1f')}%**"
+                 f"{_ci_text(metrics['english_retention_ci'], '.1f')} (100 = unchanged; signed change "
+                 f"{_fmt(english['gain_pct'])}%, SAE-code cosine {_fmt(english['code_cosine'], '.3f')}, "
+                 f"FVU {english['fvu_before']:.3f} -> {english['fvu_after']:.3f}, LM loss "
+                 f"{_fmt(english['lm_loss_change'], '+.3f')} nats).")
+    lines.append(f"- For comparison only: the study reports {STUDY_FIGURES} for its own, unpublished definition; "
+                 f"the numbers above are mlalign's definitions (docs/training.md), not the same quantity.")
+    return lines
 
 
 def plot_before_after(report: dict, path: Path) -> Path:
-    """Per-layer activation level before (dashed) and after (solid) training, one colour per language."""
+    """Per layer and language: the metric before (dashed) / after (solid); raw vs norm-matched gain; FVU before/after."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = report["layers"]
-    before, after = report["activation_before"], report["activation_after"]
-    langs = [report["reference_lang"], *report["activation_gain_pct"]]
-    fig, (ax_level, ax_gain) = plt.subplots(1, 2, figsize=(12, 4.2))
+    layers = [str(layer) for layer in report["layers"]]
+    xs = [int(layer) for layer in layers]
+    langs = [*report["targets"], report["reference_lang"]]
+    fig, (ax_level, ax_gain, ax_fvu) = plt.subplots(1, 3, figsize=(16, 4.2))
     for i, lang in enumerate(langs):
         colour = f"C{i}"
-        ax_level.plot(layers, [before[lang][layer] for layer in layers], "--", color=colour, alpha=0.7)
-        ax_level.plot(layers, [after[lang][layer] for layer in layers], "-", color=colour, label=lang)
-        if lang == report["reference_lang"]:
-            change = [report["english_retention_pct_per_layer"][layer] - 100.0 for layer in layers]
-        else:
-            change = [report["activation_gain_pct_per_layer"][lang][layer] for layer in layers]
-        ax_gain.plot(layers, change, "-o", color=colour, markersize=3, label=lang)
-    ax_level.set(xlabel="layer", ylabel=report["metric"], title="held-out SAE activation: before (dashed) / after")
+        per_layer = report["per_lang"][lang]["per_layer"]
+        ax_level.plot(xs, [per_layer[k]["level_before"] for k in layers], "--", color=colour, alpha=0.7)
+        ax_level.plot(xs, [per_layer[k]["level_after"] for k in layers], "-", color=colour, label=lang)
+        ax_gain.plot(xs, [per_layer[k]["gain_pct"] for k in layers], "-o", color=colour, markersize=3,
+                     label=f"{lang} raw")
+        ax_gain.plot(xs, [per_layer[k]["norm_matched_gain_pct"] for k in layers], ":", color=colour,
+                     label=f"{lang} norm-matched")
+        ax_fvu.plot(xs, [per_layer[k]["fvu_before"] for k in layers], "--", color=colour, alpha=0.7)
+        ax_fvu.plot(xs, [per_layer[k]["fvu_after"] for k in layers], "-", color=colour, label=lang)
+    split = report["splits"].get("headline", "held-out")
+    ax_level.set(xlabel="layer", ylabel=report["metric"], title=f"{split}: before (dashed) / after (solid)")
     ax_gain.axhline(0.0, color="grey", lw=0.8)
-    ax_gain.set(xlabel="layer", ylabel="change after training (%)", title="activation gain per layer")
-    ax_level.legend(fontsize=8)
-    ax_gain.legend(fontsize=8)
+    ax_gain.set(xlabel="layer", ylabel="change after training (%)", title="raw vs norm-matched change")
+    ax_fvu.set(xlabel="layer", ylabel="FVU", title=f"SAE fidelity (tolerance x{report['fidelity_tolerance']:g})")
+    for ax in (ax_level, ax_gain, ax_fvu):
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")

@@ -69,7 +69,7 @@ def _bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["task=analyze", "langs=[hi]", "data.splits.analysis=valid"], "unknown split 'valid'"),
         (["task=pipeline", "langs=[en]"], "needs a language besides en"),
         (["task=train", "langs=[hi]", "lora.r=0"], "lora.r=0 must be a positive integer"),
-        (["task=train", "langs=[hi]", "loss.ce=0", "loss.act_align=0", "loss.en_retain=0"], "every loss weight is 0"),
+        (["task=train", "langs=[hi]", "loss.ce=0", "loss.act_align=0", "loss.sae_fidelity=0", "loss.en_retain=0"], "every loss weight is 0"),
         (["task=analyze", "langs=[hi]", f"adapter={tmp / 'not_an_adapter'}"], "is not a peft adapter"),
         (["task=eval", "eval=bundled", "langs=[hi]", "eval.benchmarks=[piqa]"], "piqa"),
     ]

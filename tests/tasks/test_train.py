@@ -61,7 +61,9 @@ def peft_testbed(cfg):
 # --------------------------------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("weights", ["ce=1.0,act_align=1.0,en_retain=1.0", "ce=0.0,act_align=1.0,en_retain=0.0"])
+@pytest.mark.parametrize("weights", ["ce=1.0,act_align=1.0,sae_fidelity=1.0,en_retain=1.0",
+                                     "ce=0.0,act_align=1.0,sae_fidelity=0.0,en_retain=0.0",
+                                     "ce=0.0,act_align=0.0,sae_fidelity=1.0,en_retain=0.0"])
 def test_gradients_reach_only_lora_parameters(testbed_dir, tmp_path, weights):
     from accelerate import Accelerator
 
@@ -71,8 +73,9 @@ def test_gradients_reach_only_lora_parameters(testbed_dir, tmp_path, weights):
     from mlalign.training.data import load_parallel_stream
     from mlalign.training.loop import ObjectiveFn
 
-    ce, act, retain = (float(kv.split("=")[1]) for kv in weights.split(","))
-    cfg = train_cfg(testbed_dir, tmp_path, f"loss.ce={ce}", f"loss.act_align={act}", f"loss.en_retain={retain}")
+    ce, act, fid, retain = (float(kv.split("=")[1]) for kv in weights.split(","))
+    cfg = train_cfg(testbed_dir, tmp_path, f"loss.ce={ce}", f"loss.act_align={act}", f"loss.sae_fidelity={fid}",
+                    f"loss.en_retain={retain}")
     model = peft_testbed(cfg)
     tokenizer = load_tokenizer(cfg.model)
     layers = [1, 4, 15, 19, 24]
@@ -82,8 +85,13 @@ def test_gradients_reach_only_lora_parameters(testbed_dir, tmp_path, weights):
     model.train()
     terms = objective(model, stream.batch(0, 4, torch.device("cpu")))
     assert terms.values["act_align"] > 0  # hi starts below English on the testbed, so the hinge is active
+    if fid:
+        # The random LoRA B makes the adapted FVU differ from the base model's, so the term has a gradient.
+        assert terms.values["fvu_ratio"] != pytest.approx(1.0, abs=1e-6)
+    if terms.total.grad_fn is None:
+        pytest.fail(f"no gradient path for {weights}")
     terms.total.backward()
-    # Through L_act alone only layers up to the deepest aligned one can move the aligned activations.
+    # Through L_act or L_fid alone only layers up to the deepest aligned one can move the aligned activations.
     reach = max(layers) if ce == 0 and retain == 0 else len(decoder_layers(model)) - 1
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     reached = {n: p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.items()}
@@ -123,17 +131,30 @@ def report(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_run_writes_adapter_metrics_plot_and_retention(aligned_run):
+def test_run_writes_adapter_metrics_plot_and_the_outcome_contract(aligned_run):
     r = report(aligned_run)
     assert (aligned_run / "adapter" / "adapter_config.json").is_file()
     assert (aligned_run / "train" / "activation_before_after.png").stat().st_size > 0
-    assert set(r["activation_gain_pct_per_layer"]["hi"]) == {"1", "4", "15", "19", "24"}
-    assert set(r["activation_gain_pct_by_band"]["hi"]) == {"early", "middle", "deep"}
-    assert 0 < r["english_retention_pct"] < 1000
+    assert r["splits"]["headline"] == "test" and r["splits"]["dev"] == "dev" and r["splits"]["train"] == "train"
+    for lang in ("hi", "en"):
+        o = r["per_lang"][lang]
+        for key in ("gain_pct", "norm_matched_gain_pct", "fvu_before", "fvu_after", "resid_norm_change_pct"):
+            assert isinstance(o[key], float), (lang, key)
+        low, high = o["gain_ci"]
+        assert low <= o["gain_pct"] <= high
+        assert isinstance(o["valid"], bool)
+        assert o["valid"] == (o["fvu_after"] <= r["fidelity_tolerance"] * o["fvu_before"])
+        assert set(o["per_layer"]) == {"1", "4", "15", "19", "24"}
+    assert r["activation_gain_pct"]["hi"] == r["per_lang"]["hi"]["gain_pct"]
+    assert 0 < r["english_retention_pct"] <= 100
+    low, high = r["english_retention_ci"]
+    assert low <= r["english_retention_pct"] <= high
     assert set(r["lm_loss_change"]) == {"en", "hi"}
+    # Sweeps see dev numbers only; the test split's numbers are in train/metrics.json.
     summary = json.loads((aligned_run / "metrics.json").read_text())
-    assert summary["activation_gain_pct_hi"] == pytest.approx(r["activation_gain_pct"]["hi"])
-    assert "english_retention_pct" in summary
+    assert summary["dev_activation_gain_pct_hi"] == pytest.approx(r["dev"]["activation_gain_pct"]["hi"])
+    assert summary["alignment_score"] == pytest.approx(r["alignment_score"])
+    assert not any(key.startswith("activation_gain_pct") for key in summary)
     # The last checkpoint is kept, the older ones removed.
     assert [p.name for p in (aligned_run / "checkpoints").iterdir()] == [f"step-{STEPS:08d}"]
 
@@ -151,6 +172,8 @@ def test_act_align_raises_heldout_activation_more_than_plain_lora(aligned_run, p
     aligned, plain = report(aligned_run), report(plain_run)
     assert aligned["activation_gain_pct"]["hi"] > 0
     assert aligned["activation_gain_pct"]["hi"] > plain["activation_gain_pct"]["hi"] + 5.0
+    # ... and not by scale alone: the norm-matched gain moves the same way.
+    assert aligned["norm_matched_gain_pct"]["hi"] > plain["norm_matched_gain_pct"]["hi"]
 
 
 @pytest.mark.slow
@@ -171,12 +194,14 @@ def test_reloaded_adapter_reproduces_the_reported_numbers(aligned_run, testbed_d
     r = report(aligned_run)
     layers = r["layers"]
     heldout = load_corpus(cfg.data, ["en", "hi"], "test")
+    # The analysis engine (what task=analyze adapter=... reports) gives the train report's "after" levels.
     levels = activation_levels(adapted, tokenizer, load_saes(cfg.sae, layers, base.config.hidden_size),
                                {lang: heldout[lang] for lang in ("en", "hi")}, "mean_act", "token",
                                batch_size=48, max_length=48)
     for lang in ("en", "hi"):
         for layer in layers:
-            assert levels[lang][layer] == pytest.approx(r["activation_after"][lang][str(layer)], rel=1e-4)
+            assert levels[lang][layer] == pytest.approx(r["per_lang"][lang]["per_layer"][str(layer)]["level_after"],
+                                                        rel=1e-4)
 
 
 class SigtermAt(Tracker):
@@ -214,7 +239,7 @@ def test_sigterm_checkpoint_then_resume_matches_an_uninterrupted_run(testbed_dir
     assert [h["step"] for h in h_resumed] == list(range(1, 9))
     for a, b in zip(h_whole, h_resumed):
         assert b["total"] == pytest.approx(a["total"], rel=1e-4, abs=1e-6)
-    for key in ("activation_gain_pct_hi", "english_retention_pct"):
+    for key in ("dev_activation_gain_pct_hi", "dev_english_retention_pct", "alignment_score"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-3)
 
 
@@ -236,7 +261,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(testbed_dir, t
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["loss.ce=0", "loss.act_align=0", "loss.en_retain=0"], "every loss weight is 0"),
+    (["loss.ce=0", "loss.act_align=0", "loss.sae_fidelity=0", "loss.en_retain=0"], "every loss weight is 0"),
+    (["data.splits.valid=test"], "dev split of their own"),
+    (["train.fidelity_tolerance=0.9"], "fidelity_tolerance"),
+    (["analysis.metric=fvu"], "no per-token"),
     (["lora.r=0"], "lora.r=0"),
     (["lora.r=-4"], "lora.r=-4"),
     (["data.splits.heldout=train"], "held-out"),
@@ -257,7 +285,7 @@ def test_resume_without_a_checkpoint_is_a_user_error(testbed_dir, tmp_path):
 
 def test_cli_prints_one_line_for_zero_weights(tmp_path):
     result = run_cli(["task=train", "model=testbed", "model.hf_id=/nonexistent", "langs=[hi]", "loss.ce=0",
-                      "loss.act_align=0", "loss.en_retain=0", f"hydra.run.dir={tmp_path / 'run'}",
+                      "loss.act_align=0", "loss.sae_fidelity=0", "loss.en_retain=0", f"hydra.run.dir={tmp_path / 'run'}",
                       f"paths.cache_dir={tmp_path / 'cache'}"])
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "every loss weight is 0" in result.stderr

@@ -1,0 +1,333 @@
+"""Outcome measures of an adapter on held-out text: base vs adapted model on the same tokens, with their controls.
+
+For every language the base and the adapted model read the same sentences; per sentence and analysed layer we keep
+sums of the metric (before, after, and after with each token's residual rescaled to the base residual's norm), the
+residual norm, L0, the SAE's squared reconstruction error, the SAE-code cosine, and the LM loss. Everything the train
+report says (gain, norm-matched gain, FVU change, retention, their paired bootstrap CIs) is a function of these sums:
+see docs/training.md, "Outcome measures".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlalign.analysis.capture import ResidualCapture
+from mlalign.analysis.engine import analysed_positions, pad_batch, tokenize_sorted
+from mlalign.training.losses import per_token_metric
+
+FIDELITY_TOLERANCE = 1.25
+"""Default `train.fidelity_tolerance`: a gain counts only where FVU after <= this x FVU before (the analysis verdict's
+own rule for "the SAE reconstructs this markedly worse")."""
+
+
+@dataclass
+class PairedSums:
+    """One language's held-out sums, base vs adapted; arrays [sentences] or [sentences, layers] (layer order `layers`)."""
+
+    layers: list[int]
+    n_tokens: np.ndarray
+    metric_before: np.ndarray
+    metric_after: np.ndarray
+    metric_norm_matched: np.ndarray
+    """The metric of the SAE code of x_after · ‖x_before‖ / ‖x_after‖ (per token): the adapter's direction, not its scale."""
+    resid_norm_before: np.ndarray
+    resid_norm_after: np.ndarray
+    l0_before: np.ndarray
+    l0_after: np.ndarray
+    sq_err_before: np.ndarray
+    sq_err_after: np.ndarray
+    code_cosine: np.ndarray
+    """Σ_t cos(f_before,t, f_after,t) of the SAE codes (1 where both codes are all zero)."""
+    sumsq_before: np.ndarray
+    """[layers] Σ_t ‖x_t‖² over all tokens (with `sum_x_*`, the FVU denominator Σ‖x − x̄‖²)."""
+    sumsq_after: np.ndarray
+    sum_x_before: np.ndarray
+    """[layers, d_model] Σ_t x_t."""
+    sum_x_after: np.ndarray
+    ce_before: np.ndarray
+    """[sentences] summed next-token cross-entropy (nats)."""
+    ce_after: np.ndarray
+    ce_tokens: np.ndarray
+
+    @property
+    def n_sentences(self) -> int:
+        return int(self.n_tokens.shape[0])
+
+    def fvu(self, which: str) -> np.ndarray:
+        """[layers] pooled FVU of the base (`before`) or adapted (`after`) residuals, as the analysis defines it."""
+        err = getattr(self, f"sq_err_{which}").sum(axis=0)
+        n = float(self.n_tokens.sum())
+        sum_x = getattr(self, f"sum_x_{which}")
+        dev = getattr(self, f"sumsq_{which}") - (sum_x * sum_x).sum(axis=1) / max(n, 1.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(dev > 0, err / dev, np.nan)
+
+
+@torch.no_grad()
+def measure_paired(model, adapter_off: Callable[[], contextlib.AbstractContextManager], tokenizer, saes: dict,
+                   texts_by_lang: dict[str, list[str]], metric: str, batch_size: int, max_length: int,
+                   progress: bool = True) -> dict[str, PairedSums]:
+    """PairedSums per language: each batch runs once with the adapter off (`adapter_off()`, e.g. peft's
+    `model.disable_adapter`) and once with it on, capturing every analysed layer in each pass."""
+    from tqdm.auto import tqdm
+
+    layers = sorted(int(layer) for layer in saes)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    bos_id = tokenizer.bos_token_id
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        for lang, texts in texts_by_lang.items():
+            items = tokenize_sorted(tokenizer, texts, max_length)
+            acc = _Accumulator(len(texts), layers, device)
+            batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+            for batch in tqdm(batches, desc=f"held-out {lang}: base vs adapter", unit="batch", leave=False,
+                              disable=not progress):
+                rows = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
+                inputs = pad_batch([ids for _, ids in batch], pad_id, "right", device)
+                keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], bos_id)
+                with adapter_off(), ResidualCapture(model, layers) as capture:
+                    logits = model(**inputs, use_cache=False).logits
+                    before = dict(capture.activations)
+                acc.add_lm_loss("before", logits, inputs, rows)
+                with ResidualCapture(model, layers) as capture:
+                    logits = model(**inputs, use_cache=False).logits
+                    after = dict(capture.activations)
+                acc.add_lm_loss("after", logits, inputs, rows)
+                flat = keep.flatten().nonzero().squeeze(1)
+                sentence = rows.repeat_interleave(keep.shape[1]).index_select(0, flat)
+                for j, layer in enumerate(layers):
+                    acc.add_layer(j, saes[layer], metric, before[layer].flatten(0, 1).index_select(0, flat).float(),
+                                  after[layer].flatten(0, 1).index_select(0, flat).float(), sentence)
+            out[lang] = acc.finalize()
+    finally:
+        model.train(was_training)
+    return out
+
+
+class _Accumulator:
+    def __init__(self, n_sentences: int, layers: list[int], device):
+        self.layers = layers
+        per_layer = ("metric_before", "metric_after", "metric_norm_matched", "resid_norm_before", "resid_norm_after",
+                     "l0_before", "l0_after", "sq_err_before", "sq_err_after", "code_cosine")
+        zeros = dict(dtype=torch.float64, device=device)
+        self.sl = {name: torch.zeros(n_sentences, len(layers), **zeros) for name in per_layer}
+        self.s = {name: torch.zeros(n_sentences, **zeros) for name in ("n_tokens", "ce_before", "ce_after", "ce_tokens")}
+        self.sumsq = {w: torch.zeros(len(layers), **zeros) for w in ("before", "after")}
+        self.sum_x: dict[str, torch.Tensor | None] = {"before": None, "after": None}
+
+    def add_lm_loss(self, which: str, logits, inputs, rows) -> None:
+        labels = inputs["input_ids"][:, 1:].masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
+        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        self.s[f"ce_{which}"].index_add_(0, rows, per_token.sum(dim=1).double())
+        if which == "before":
+            self.s["ce_tokens"].index_add_(0, rows, (labels != -100).sum(dim=1).double())
+
+    def add_layer(self, j: int, sae, metric: str, x_before, x_after, sentence) -> None:
+        if j == 0:
+            self.s["n_tokens"].index_add_(0, sentence, torch.ones_like(sentence, dtype=torch.float64))
+        norm_before = x_before.norm(dim=-1)
+        norm_after = x_after.norm(dim=-1)
+        x_matched = x_after * (norm_before / norm_after.clamp_min(1e-12)).unsqueeze(-1)
+        f_before, f_after, f_matched = sae.encode(x_before), sae.encode(x_after), sae.encode(x_matched)
+        dot = (f_before * f_after).sum(-1)
+        nb, na = f_before.norm(dim=-1), f_after.norm(dim=-1)
+        both_zero = (nb == 0) & (na == 0)
+        cosine = torch.where(both_zero, torch.ones_like(dot), dot / (nb * na).clamp_min(1e-12))
+        per_token = {
+            "metric_before": per_token_metric(f_before, metric),
+            "metric_after": per_token_metric(f_after, metric),
+            "metric_norm_matched": per_token_metric(f_matched, metric),
+            "resid_norm_before": norm_before,
+            "resid_norm_after": norm_after,
+            "l0_before": (f_before != 0).sum(-1),
+            "l0_after": (f_after != 0).sum(-1),
+            "sq_err_before": (x_before - sae.decode(f_before)).pow(2).sum(-1),
+            "sq_err_after": (x_after - sae.decode(f_after)).pow(2).sum(-1),
+            "code_cosine": cosine,
+        }
+        for name, values in per_token.items():
+            self.sl[name][:, j].index_add_(0, sentence, values.double())
+        for which, x in (("before", x_before), ("after", x_after)):
+            x = x.double()
+            self.sumsq[which][j] += x.pow(2).sum()
+            if self.sum_x[which] is None:
+                self.sum_x[which] = torch.zeros(len(self.layers), x.shape[1], dtype=torch.float64, device=x.device)
+            self.sum_x[which][j] += x.sum(dim=0)
+
+    def finalize(self) -> PairedSums:
+        def cpu(t):
+            return t.cpu().numpy()
+
+        def stacked(which):
+            total = self.sum_x[which]
+            return cpu(total) if total is not None else np.zeros((len(self.layers), 1))
+
+        return PairedSums(layers=list(self.layers), **{k: cpu(v) for k, v in self.sl.items()},
+                          **{k: cpu(v) for k, v in self.s.items()},
+                          sumsq_before=cpu(self.sumsq["before"]), sumsq_after=cpu(self.sumsq["after"]),
+                          sum_x_before=stacked("before"), sum_x_after=stacked("after"))
+
+
+# --------------------------------------------------------------------------------------------------- the numbers
+
+
+def resample_counts(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """[n_resamples, n] how often each sentence is drawn (n draws with replacement); row 0 of nothing if n_resamples=0."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples).astype(float)
+
+
+def _levels(values: np.ndarray, n_tokens: np.ndarray, weights: np.ndarray, aggregate: str) -> np.ndarray:
+    """[..., layers] metric levels under sentence weights `weights` [..., sentences] (1 = the sample itself)."""
+    if aggregate == "token":
+        return (weights @ values) / (weights @ n_tokens)[..., None]
+    valid = n_tokens > 0
+    per_sentence = np.where(valid[:, None], values / np.where(valid, n_tokens, 1.0)[:, None], 0.0)
+    return (weights @ per_sentence) / (weights @ valid.astype(float))[..., None]
+
+
+def _ci(samples: np.ndarray, ci: float) -> list[float] | None:
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0:
+        return None
+    low, high = np.percentile(samples, [50 * (1 - ci), 50 * (1 + ci)])
+    return [float(low), float(high)]
+
+
+def _pct(after: np.ndarray, before: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 100.0 * (after / before - 1.0)
+
+
+def retention_pct(after_levels: np.ndarray, before_levels: np.ndarray) -> np.ndarray:
+    """100 − 100 · mean_l |after_l / before_l − 1|: 100 = unchanged; a change of ±10% at every layer gives 90."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 100.0 - 100.0 * np.abs(after_levels / before_levels - 1.0).mean(axis=-1)
+
+
+def language_outcome(sums: PairedSums, aggregate: str, tolerance: float, counts: np.ndarray, ci: float,
+                     is_reference: bool) -> dict:
+    """Every outcome number of one language (see docs/training.md), with paired bootstrap CIs over its sentences."""
+    ones = np.ones(sums.n_sentences)
+    weights = np.vstack([ones, counts])  # row 0: the point estimate; rows 1..: the resamples
+    before = _levels(sums.metric_before, sums.n_tokens, weights, aggregate)
+    after = _levels(sums.metric_after, sums.n_tokens, weights, aggregate)
+    matched = _levels(sums.metric_norm_matched, sums.n_tokens, weights, aggregate)
+    gain = _pct(after.sum(axis=-1), before.sum(axis=-1))  # the ratio of summed levels over layers
+    norm_matched = _pct(matched.sum(axis=-1), before.sum(axis=-1))
+    retention = retention_pct(after, before)
+    ce_before, ce_after = weights @ sums.ce_before, weights @ sums.ce_after
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lm_change = (ce_after - ce_before) / (weights @ sums.ce_tokens)
+    point = {
+        "level_before": _levels(sums.metric_before, sums.n_tokens, ones, aggregate),
+        "level_after": _levels(sums.metric_after, sums.n_tokens, ones, aggregate),
+        "resid_before": _levels(sums.resid_norm_before, sums.n_tokens, ones, "token"),
+        "resid_after": _levels(sums.resid_norm_after, sums.n_tokens, ones, "token"),
+        "l0_before": _levels(sums.l0_before, sums.n_tokens, ones, "token"),
+        "l0_after": _levels(sums.l0_after, sums.n_tokens, ones, "token"),
+        "cosine": _levels(sums.code_cosine, sums.n_tokens, ones, "token"),
+    }
+    fvu_before, fvu_after = sums.fvu("before"), sums.fvu("after")
+    fvu_b, fvu_a = float(np.nanmean(fvu_before)), float(np.nanmean(fvu_after))
+    valid = bool(math.isfinite(fvu_a) and math.isfinite(fvu_b) and fvu_a <= tolerance * fvu_b)
+    layers = [str(layer) for layer in sums.layers]
+    out = {
+        "gain_pct": float(gain[0]),
+        "gain_ci": _ci(gain[1:], ci),
+        "norm_matched_gain_pct": float(norm_matched[0]),
+        "norm_matched_gain_ci": _ci(norm_matched[1:], ci),
+        "level_before": float(point["level_before"].mean()),
+        "level_after": float(point["level_after"].mean()),
+        "fvu_before": fvu_b,
+        "fvu_after": fvu_a,
+        "fvu_ratio": fvu_a / fvu_b if fvu_b > 0 else float("nan"),
+        "valid": valid,
+        "layers_beyond_tolerance": [int(layer) for layer, b, a in zip(sums.layers, fvu_before, fvu_after)
+                                    if not a <= tolerance * b],
+        "resid_norm_before": float(point["resid_before"].mean()),
+        "resid_norm_after": float(point["resid_after"].mean()),
+        "resid_norm_change_pct": float(_pct(point["resid_after"].sum(), point["resid_before"].sum())),
+        "l0_before": float(point["l0_before"].mean()),
+        "l0_after": float(point["l0_after"].mean()),
+        "lm_loss_before": float(ce_before[0] / max(sums.ce_tokens.sum(), 1.0)),
+        "lm_loss_after": float(ce_after[0] / max(sums.ce_tokens.sum(), 1.0)),
+        "lm_loss_change": float(lm_change[0]),
+        "lm_loss_change_ci": _ci(lm_change[1:], ci),
+        "n_sentences": sums.n_sentences,
+        "n_tokens": int(sums.n_tokens.sum()),
+        "per_layer": {
+            layer: {"gain_pct": float(_pct(point["level_after"][j], point["level_before"][j])),
+                    "norm_matched_gain_pct": float(_pct(matched[0][j], before[0][j])),
+                    "level_before": float(point["level_before"][j]), "level_after": float(point["level_after"][j]),
+                    "fvu_before": float(fvu_before[j]), "fvu_after": float(fvu_after[j]),
+                    "resid_norm_change_pct": float(_pct(point["resid_after"][j], point["resid_before"][j])),
+                    "l0_before": float(point["l0_before"][j]), "l0_after": float(point["l0_after"][j]),
+                    "code_cosine": float(point["cosine"][j])}
+            for j, layer in enumerate(layers)
+        },
+    }
+    if is_reference:
+        out.update(retention_pct=float(retention[0]), retention_ci=_ci(retention[1:], ci),
+                   code_cosine=float(point["cosine"].mean()))
+    return out
+
+
+def outcome_report(paired: dict[str, PairedSums], reference_lang: str, targets: list[str], aggregate: str,
+                   tolerance: float = FIDELITY_TOLERANCE, n_resamples: int = 1000, ci: float = 0.95,
+                   seed: int = 0) -> dict:
+    """Per-language outcomes plus the headline numbers of one split (docs/training.md, "Outcome measures")."""
+    per_lang = {}
+    for k, lang in enumerate([*targets, reference_lang]):
+        sums = paired[lang]
+        counts = resample_counts(sums.n_sentences, n_resamples, seed * 1000 + k) if n_resamples > 0 else \
+            np.zeros((0, sums.n_sentences))
+        per_lang[lang] = language_outcome(sums, aggregate, tolerance, counts, ci, lang == reference_lang)
+    ref = per_lang[reference_lang]
+    gains = {lang: per_lang[lang]["gain_pct"] for lang in targets}
+    valid_gains = {lang: (per_lang[lang]["gain_pct"] if per_lang[lang]["valid"] and ref["valid"] else None)
+                   for lang in targets}
+    return {
+        "per_lang": per_lang,
+        "activation_gain_pct": gains,
+        "activation_gain_pct_mean": float(np.mean(list(gains.values()))),
+        "valid_activation_gain_pct": valid_gains,
+        "norm_matched_gain_pct": {lang: per_lang[lang]["norm_matched_gain_pct"] for lang in targets},
+        "english_retention_pct": ref["retention_pct"],
+        "english_retention_ci": ref["retention_ci"],
+        "english_change_pct": ref["gain_pct"],
+        "english_code_cosine": ref["code_cosine"],
+        "english_lm_loss_change": ref["lm_loss_change"],
+        "fvu_ratio_max": float(max(per_lang[lang]["fvu_ratio"] for lang in per_lang)),
+        "all_valid": all(per_lang[lang]["valid"] for lang in per_lang),
+    }
+
+
+UNDEFINED_SCORE = -1.0e6
+"""alignment_score where FVU or retention is undefined (non-finite): worse than any measured run, yet finite for Optuna."""
+
+
+def alignment_score(split_report: dict, floor_pct: float, tolerance: float = FIDELITY_TOLERANCE) -> float:
+    """What sweeps maximise (computed on the dev split only): the mean activation gain (%) of the target languages,
+    minus 1 point per point of English retention lost (either direction) and 10 more below `floor_pct`, minus 100
+    points per unit of FVU ratio above 1 (mean over the target languages and English), and minus 100 more per unit
+    above `tolerance`: a gain the SAE no longer explains scores below no gain at all."""
+    per_lang = split_report["per_lang"]
+    retention = split_report["english_retention_pct"]
+    ratios = [per_lang[lang]["fvu_ratio"] for lang in per_lang]
+    if not all(math.isfinite(r) for r in ratios) or not math.isfinite(retention):
+        return UNDEFINED_SCORE
+    fvu_rise = float(np.mean([max(0.0, r - 1.0) for r in ratios]))
+    beyond = float(np.mean([max(0.0, r - tolerance) for r in ratios]))
+    return float(split_report["activation_gain_pct_mean"] - (100.0 - retention)
+                 - 10.0 * max(0.0, floor_pct - retention) - 100.0 * fvu_rise - 100.0 * beyond)
