@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import sys
 from pathlib import Path
 
 import yaml
@@ -12,12 +13,28 @@ from omegaconf import OmegaConf
 from hydra.experimental.callback import Callback
 
 from mlalign.io import is_complete, write_text_atomic
+from mlalign.tasks import ERROR_FILE
 
 log = logging.getLogger(__name__)
 
+ROW_KEYS = ("job", "status", "error", "complete")
+"""The columns every row has before its overrides and metrics; `status` is `ok` or `failed` (scripts read it)."""
+
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted((p.parent for p in sweep_dir.glob("*/metrics.json")), key=lambda p: p.name)
+    """Every job folder, finished or not: Hydra writes `.hydra/` before the task starts."""
+    found = {p.parent for pattern in ("*/metrics.json", "*/.hydra/overrides.yaml", f"*/{ERROR_FILE}")
+             for p in sweep_dir.glob(pattern)}
+    found = {p.parent if p.name == ".hydra" else p for p in found}
+    return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def _job_error(job: Path) -> str:
+    """The job's error line; empty for a job that completed; a note for one that ended without either."""
+    file = job / ERROR_FILE
+    if file.is_file():
+        return (file.read_text(encoding="utf-8").strip().splitlines() or ["failed"])[0]
+    return "" if is_complete(job) else "no COMPLETE marker: killed, timed out or still running"
 
 
 def _overrides(job_dir: Path) -> dict[str, str]:
@@ -36,20 +53,24 @@ def _number(value: str):
 
 
 def collect_rows(sweep_dir: str | Path) -> list[dict]:
-    """One row per job: its directory name, whether it completed, its overrides and its scalar metrics."""
+    """One row per job: its directory name, `status` (`ok`/`failed`), its `error` line, whether it completed, its
+    overrides and its scalar metrics (none for a job that failed)."""
     import json
 
     rows = []
     for job in _job_dirs(Path(sweep_dir)):
-        row = {"job": job.name, "complete": is_complete(job), **_overrides(job)}
-        row.update(json.loads((job / "metrics.json").read_text()))
+        error = _job_error(job)
+        row = {"job": job.name, "status": "failed" if error else "ok", "error": error, "complete": is_complete(job),
+               **_overrides(job)}
+        if (job / "metrics.json").is_file():
+            row.update(json.loads((job / "metrics.json").read_text()))
         rows.append(row)
     return rows
 
 
 def swept_params(rows: list[dict]) -> list[str]:
     """Override keys whose value differs between jobs (the sweep's axes)."""
-    keys = [k for k in rows[0] if k not in ("job", "complete")] if rows else []
+    keys = [k for k in rows[0] if k not in ROW_KEYS] if rows else []
     return [k for k in keys if isinstance(rows[0].get(k), str) and len({r.get(k) for r in rows}) > 1]
 
 
@@ -101,10 +122,16 @@ def summarize_sweep(sweep_dir: str | Path, tracker=None) -> Path:
     if tracker is not None:
         tracker.log_table("sweep_summary", [{c: r.get(c) for c in columns} for r in rows])
         tracker.log_images({p.stem: p for p in images})
-    incomplete = [r["job"] for r in rows if not r["complete"]]
+    failed = [r["job"] for r in rows if r["status"] == "failed"]
     log.info("sweep summary of %d jobs -> %s%s", len(rows), path,
-             f" ({len(incomplete)} incomplete: {incomplete})" if incomplete else "")
+             f" ({len(failed)} failed: {failed})" if failed else "")
     return path
+
+
+def failed_jobs(sweep_dir: str | Path) -> list[dict]:
+    """The rows of `summary.csv` whose status is `failed`."""
+    with (Path(sweep_dir) / "summary.csv").open(encoding="utf-8") as handle:
+        return [row for row in csv.DictReader(handle) if row.get("status") == "failed"]
 
 
 class SweepSummaryCallback(Callback):
@@ -124,9 +151,16 @@ class SweepSummaryCallback(Callback):
             tracker = make_tracker(config, sweep_dir, "summarize", name=f"summary:{sweep_dir.name}",
                                    group=f"{experiment or task}-{sweep_dir.name}",
                                    config={"sweep_dir": str(sweep_dir), "task": task})
+        failed = []
         try:
             path = summarize_sweep(sweep_dir, tracker)
             print(f"sweep summary: {path}")
+            failed = failed_jobs(sweep_dir)
         finally:
             if tracker is not None:
-                tracker.finish()
+                tracker.finish(exit_code=1 if failed else 0)
+        if failed:  # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings
+            print(f"error: {len(failed)} job(s) of the sweep failed (status=failed in {path}):", file=sys.stderr)
+            for row in failed:
+                print(f"  job {row['job']}: {row['error']}", file=sys.stderr)
+            sys.exit(1)

@@ -17,7 +17,7 @@ def _fake_job(sweep, num, rank, gain, complete=True):
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["task=train", f"lora.r={rank}"]))
-    (job / "metrics.json").write_text(json.dumps({"activation_gain_pct_mean": gain, "english_retention_pct": 95.0}))
+    (job / "metrics.json").write_text(json.dumps({"dev_activation_gain_pct_mean": gain, "dev_english_retention_pct": 95.0}))
     if complete:
         (job / "COMPLETE").write_text("{}")
 
@@ -30,9 +30,47 @@ def test_summary_has_one_row_per_job_and_a_plot(tmp_path):
     path = summarize_sweep(tmp_path)
     with path.open() as handle:
         table = list(csv.DictReader(handle))
-    assert [(r["lora.r"], float(r["activation_gain_pct_mean"]), r["complete"]) for r in table] == [
+    assert [(r["lora.r"], float(r["dev_activation_gain_pct_mean"]), r["complete"]) for r in table] == [
         ("4", 10.0, "True"), ("16", 30.0, "True"), ("8", 20.0, "False")]
     assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
+def test_a_failed_job_is_a_row_with_status_failed_and_its_error(tmp_path):
+    _fake_job(tmp_path, 0, 4, 10.0)
+    failed = tmp_path / "1"
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["task=train", "lora.r=0"]))
+    (failed / "ERROR").write_text("error: lora.r=0 must be a positive integer\n")
+    _fake_job(tmp_path, 2, 8, 20.0, complete=False)  # killed: neither COMPLETE nor ERROR
+    with summarize_sweep(tmp_path).open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["job"], r["status"], r["lora.r"]) for r in table] == [("0", "ok", "4"), ("1", "failed", "0"),
+                                                                      ("2", "failed", "8")]
+    assert table[0]["error"] == "" and table[1]["error"] == "error: lora.r=0 must be a positive integer"
+    assert "no COMPLETE marker" in table[2]["error"] and table[1]["dev_activation_gain_pct_mean"] == ""
+
+
+def test_a_failed_job_does_not_end_the_sweep_and_the_sweep_exits_1(tmp_path):
+    """The second job runs after the first failed, the summary is written, and only then does the sweep exit 1."""
+    done = tmp_path / "done"
+    _fake_job(done, 0, 4, 10.0)
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", "task=summarize", f"sweep_dir={tmp_path / 'missing'},{done}", f"hydra.sweep.dir={sweep}"])
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (sweep / "0" / "ERROR").read_text().startswith("error: sweep_dir") and not (sweep / "0" / "COMPLETE").exists()
+    assert (sweep / "1" / "COMPLETE").is_file() and not (sweep / "1" / "ERROR").exists()
+    with (sweep / "summary.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["job"], r["status"]) for r in table] == [("0", "failed"), ("1", "ok")]
+    assert "does not exist" in table[0]["error"] and float(table[1]["n_jobs"]) == 1.0
+    assert "1 job(s) of the sweep failed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_single_run_still_prints_one_error_line_and_exits_1(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(["task=summarize", f"sweep_dir={tmp_path / 'missing'}", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: sweep_dir") and (run_dir / "ERROR").read_text() == result.stderr
 
 
 def _hydra_cfg(overrides):
@@ -46,6 +84,9 @@ def test_optuna_search_space_composes():
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert set(sweeper.params) == {"lora.r", "lora.lora_alpha", "train.optimizer.lr", "loss.act_align", "loss.en_retain"}
     assert cfg.task == "train"
+    # Batches of n_jobs=1 trial fail at rate 0 or 1: only 1.0 lets a search survive its failed trials.
+    assert sweeper.n_jobs == 1 and sweeper.max_failure_rate == 1.0
+    assert _hydra_cfg([]).hydra.sweeper._target_.endswith("KeepGoingSweeper")
 
 
 def test_slurm_and_local_launchers_compose():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mlalign.errors import UserError
 
@@ -29,10 +30,37 @@ CORPUS_TASKS = {"analyze": ("analysis",), "train": ("train", "heldout", "valid")
                 "pipeline": ("analysis", "train", "heldout", "valid")}
 
 
-def dispatch(cfg: DictConfig) -> float | None:
-    """Run `cfg.task`; print a user mistake as one line and exit 1; return the metric a sweeper optimises."""
-    from mlalign.tasks.common import RunContext
+ERROR_FILE = "ERROR"
+"""Written in a run directory whose task failed: one line, the error (what `summary.csv`'s `error` column shows)."""
 
+
+def in_multirun() -> bool:
+    """True inside a job of `run.py -m` (whatever the launcher), where a failure must not end the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_failure(cfg: DictConfig, line: str) -> None:
+    from mlalign.io import write_text_atomic
+    from mlalign.tasks.common import hydra_run_dir
+
+    run_dir = hydra_run_dir() or OmegaConf.select(cfg, "paths.output_dir", default=None, throw_on_missing=False)
+    if run_dir:
+        write_text_atomic(Path(run_dir) / ERROR_FILE, line + "\n")
+
+
+def dispatch(cfg: DictConfig) -> float | None:
+    """Run `cfg.task`; return the metric a sweeper optimises. A failure leaves its line in `<run dir>/ERROR`; a user
+    mistake is printed as one line and, in a single run, exits 1. In a multirun every failure is raised to Hydra, which
+    marks the job failed: the sweep goes on (hydra_plugins.mlalign_sweeper, Optuna's max_failure_rate) and
+    exits non-zero at the end (mlalign.sweeps.SweepSummaryCallback)."""
+    from mlalign.tasks.common import RunContext, hydra_run_dir
+
+    stale = hydra_run_dir()
+    if stale is not None:  # a requeued or resumed job starts clean
+        (stale / ERROR_FILE).unlink(missing_ok=True)
     try:
         if cfg.task not in TASKS:
             raise UserError(f"unknown task {cfg.task!r}; choose one of: task={' | task='.join(TASKS)}")
@@ -49,6 +77,12 @@ def dispatch(cfg: DictConfig) -> float | None:
             ctx.finish(metrics)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        _record_failure(cfg, f"error: {err}")
+        if in_multirun():
+            raise
         sys.exit(1)
+    except Exception as err:  # a bug: Hydra prints (single run) or the sweeper logs (multirun) the full traceback
+        _record_failure(cfg, f"{type(err).__name__}: {err}".splitlines()[0])
+        raise
     objective = getattr(module, "OBJECTIVE", None)
     return float(metrics[objective]) if objective and objective in metrics else None
