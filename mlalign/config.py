@@ -196,8 +196,9 @@ class TrainConfig:
     """Checkpoint interval in steps."""
     eval_every: int = 100
     """Validation-loss interval in steps."""
-    resume: bool = False
-    """Continue from the last checkpoint in this run directory (pass hydra.run.dir=<the interrupted run>)."""
+    resume: Any = False
+    """Continue from the last checkpoint in this run directory: true (there must be one; pass
+    hydra.run.dir=<the interrupted run>), auto (if there is one, else start fresh: what requeued SLURM jobs use), false."""
     resume_from: Optional[str] = None
     """Or a run directory / checkpoint folder to continue from, writing to a new run directory."""
     retention_floor_pct: float = 90.0

@@ -31,6 +31,9 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("max_steps", "batch_size", "grad_accum"):
         if int(t[key]) < 1:
             raise UserError(f"train.{key}={t[key]} must be at least 1")
+    if t.resume not in (True, False, "auto"):
+        raise UserError(f"train.resume={t.resume} must be true, false or auto (resume if this run directory holds a "
+                        "checkpoint, start fresh otherwise)")
     if int(t.warmup_steps) < 0 or int(t.save_every or 0) < 0:
         raise UserError("train.warmup_steps and train.save_every must be >= 0 (save_every=0 disables checkpoints)")
     splits = cfg.data.splits
@@ -79,6 +82,8 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
             raise UserError(f"train.resume_from={resume_from} holds no checkpoint; point it at a run directory, its "
                             "checkpoints/ folder or one checkpoints/step-N folder written by task=train")
         return found
+    if cfg.train.resume == "auto":  # a requeued job continues; a fresh one starts at step 0
+        return last_checkpoint(run_dir)
     if cfg.train.resume:
         found = last_checkpoint(run_dir)
         if found is None:

@@ -1,4 +1,4 @@
-"""The accelerate-driven LoRA training loop: loss terms per micro-batch, accumulation, checkpoints, SIGTERM and NaN stops."""
+"""The accelerate-driven LoRA training loop: loss terms per micro-batch, accumulation, checkpoints, SIGTERM/SIGUSR2 and NaN stops."""
 
 from __future__ import annotations
 
@@ -165,24 +165,45 @@ class ObjectiveFn:
         return LossTerms(total, values)
 
 
+# SIGTERM: the scheduler (or a user) ends the job. SIGUSR2: submitit's "preempted / about to time out" signal, whose
+# handler requeues the job; with train.resume=auto the requeued job continues from the checkpoint written first.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
 class _SigtermFlag:
-    """Records SIGTERM instead of dying, so the loop can write a checkpoint first; restores the old handler on exit."""
+    """Records SIGTERM or SIGUSR2 instead of dying, so the loop can write a checkpoint first; `hand_over` then calls the
+    handler that was there before (submitit's requeue for SIGUSR2); the old handlers come back on exit."""
 
     def __init__(self):
         self.raised = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         self.raised = True
+        self.signum = self.signum or signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal on another process"
+
+    def hand_over(self) -> None:
+        """After the checkpoint: let a Python handler installed before us (submitit's requeue) act on the signal."""
+        previous = self._previous.get(self.signum)
+        if self.signum == signal.SIGUSR2 and callable(previous):
+            self.__exit__()
+            previous(self.signum, None)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous = {}
 
 
 @dataclass
@@ -265,8 +286,10 @@ def train_loop(*, accelerator, model, optimizer, scheduler, objective: Objective
             if _all_processes_agree(accelerator, sigterm.raised):
                 path = checkpoint(step)
                 bar.close()
-                raise TrainingStopped(f"stopped by SIGTERM after step {step}/{max_steps}; checkpoint saved to {path}; "
-                                      f"continue in this run directory with train.resume=true hydra.run.dir={path.parent.parent}")
+                sigterm.hand_over()  # submitit requeues the job here (and exits); otherwise we stop below
+                raise TrainingStopped(f"stopped by {sigterm.name} after step {step}/{max_steps}; checkpoint saved to "
+                                      f"{path}; continue in this run directory with train.resume=auto "
+                                      f"hydra.run.dir={path.parent.parent}")
     bar.close()
     checkpoint(step)
     return TrainState(step, history, resumed_from)

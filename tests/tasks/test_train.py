@@ -205,14 +205,16 @@ def test_reloaded_adapter_reproduces_the_reported_numbers(aligned_run, testbed_d
 
 
 class SigtermAt(Tracker):
-    """Sends this process SIGTERM when the loop logs step `at`, as a cluster scheduler would."""
+    """Sends this process SIGTERM (or `signum`) when the loop logs step `at`, as a cluster scheduler would."""
 
-    def __init__(self, at: int):
-        self.at = at
+    def __init__(self, at: int, signum: int = signal.SIGTERM):
+        self.at, self.signum, self.steps = at, signum, []
 
     def log(self, metrics, step=None):
+        if step is not None:
+            self.steps.append(step)
         if step == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
 @pytest.mark.slow
@@ -243,6 +245,46 @@ def test_sigterm_checkpoint_then_resume_matches_an_uninterrupted_run(testbed_dir
         assert resumed[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-3)
 
 
+def test_sigusr2_stops_like_sigterm_when_no_submitit_handler_is_there():
+    from mlalign.training.loop import _SigtermFlag
+
+    before = signal.getsignal(signal.SIGUSR2)
+    with _SigtermFlag() as flag:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert flag.raised and flag.name == "SIGUSR2"
+        flag.hand_over()  # the default handler is not Python's to call: the loop raises TrainingStopped instead
+    assert signal.getsignal(signal.SIGUSR2) == before
+
+
+def test_resume_auto_starts_fresh_then_continues_a_sigusr2_requeued_job(testbed_dir, tmp_path, capsys):
+    """submitit's SIGUSR2 handler requeues the job; it must run only after the checkpoint, and the requeued job (same
+    command, same run directory, train.resume=auto) continues from it."""
+    cfg = train_cfg(testbed_dir, tmp_path, "train.max_steps=6", "train.save_every=0", "train.resume=auto",
+                    "data.max_sentences=48")
+    run_dir = Path(cfg.paths.output_dir)
+    requeued = []
+
+    def submitit_requeue(signum, frame):
+        requeued.append(sorted(p.name for p in (run_dir / "checkpoints").iterdir()))
+        raise SystemExit(-1)  # as submitit does after `scontrol requeue`
+
+    first = SigtermAt(4, signal.SIGUSR2)
+    previous = signal.signal(signal.SIGUSR2, submitit_requeue)
+    try:
+        with pytest.raises(SystemExit):
+            run_train(cfg, tracker=first)
+        assert signal.getsignal(signal.SIGUSR2) is submitit_requeue  # handed back
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert first.steps == [1, 2, 3, 4] and "resumed from" not in capsys.readouterr().out  # fresh: from step 0
+    assert requeued == [["step-00000004"]]
+
+    metrics, _ = run_train(cfg)
+    assert "resumed from step 4" in capsys.readouterr().out
+    history = json.loads((run_dir / "train" / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 7)) and metrics["steps"] == 6
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(testbed_dir, tmp_path):
     from mlalign.training.loop import TrainingStopped
 
@@ -268,6 +310,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(testbed_dir, t
     (["lora.r=0"], "lora.r=0"),
     (["lora.r=-4"], "lora.r=-4"),
     (["data.splits.heldout=train"], "held-out"),
+    (["train.resume=maybe"], "true, false or auto"),
 ])
 def test_untrainable_configs_are_user_errors(tmp_path, overrides, message):
     from mlalign.tasks.train import run
