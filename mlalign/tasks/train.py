@@ -219,9 +219,32 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
         "train_s": float(train_s),
     }
     ctx.tracker.log({f"result/{k}": v for k, v in result.items()})
+    ctx.tracker.summary(_outcome_scalars(report))
+    ctx.tracker.log_table("train/outcomes", _outcome_rows(report))
     accelerator.print("\n".join([f"{splits['headline']} split, reported once (dev numbers drive sweeps):",
                                   *outcome_lines(report), f"adapter: {ctx.run_dir / 'adapter'}"]))
     return result
+
+
+OUTCOME_KEYS = ("gain_pct", "norm_matched_gain_pct", "fvu_before", "fvu_after", "fvu_ratio", "resid_norm_change_pct",
+                "l0_before", "l0_after", "lm_loss_change", "valid")
+
+
+def _outcome_scalars(report: dict) -> dict[str, float]:
+    """W&B summary values with stable names: `<split>/<lang>/<measure>` for dev and the headline (test) split."""
+    out = {}
+    for split, block in (("dev", report["dev"]), (report["splits"]["headline"], report)):
+        for lang, o in block["per_lang"].items():
+            out.update({f"{split}/{lang}/{key}": float(o[key]) for key in OUTCOME_KEYS if o.get(key) is not None})
+        out[f"{split}/english_retention_pct"] = float(block["english_retention_pct"])
+        out[f"{split}/activation_gain_pct_mean"] = float(block["activation_gain_pct_mean"])
+    return out
+
+
+def _outcome_rows(report: dict) -> list[dict]:
+    return [{"split": split, "lang": lang, **{key: o.get(key) for key in OUTCOME_KEYS}}
+            for split, block in (("dev", report["dev"]), (report["splits"]["headline"], report))
+            for lang, o in block["per_lang"].items()]
 
 
 def _json_safe(obj):

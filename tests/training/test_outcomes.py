@@ -156,3 +156,26 @@ def test_alignment_score_prefers_no_gain_to_an_sae_artefact():
     assert artefact < nothing < honest
     assert alignment_score(split(10.0, 1.0, retention=95.0), 90.0) < alignment_score(split(10.0, 1.0), 90.0)
     assert alignment_score(split(10.0, float("nan")), 90.0) == -1.0e6
+
+
+def test_vectorised_paired_bootstrap_equals_a_brute_force_loop_over_resamples():
+    rng = np.random.default_rng(2)
+    before = rng.lognormal(0.0, 0.5, size=(25, 3))
+    after = before * rng.lognormal(0.1, 0.2, size=(25, 3))
+    n_tokens = rng.integers(2, 30, size=25).astype(float)
+    counts = resample_counts(25, 64, seed=3)
+    for aggregate in ("token", "sentence"):
+        out = language_outcome(synthetic(before, after, n_tokens), aggregate, 1.25, counts, 0.95, is_reference=True)
+        gains, retentions = [], []
+        for row in counts:
+            draw = np.repeat(np.arange(25), row.astype(int))  # the resample as a list of sentence ids
+            if aggregate == "token":
+                b = before[draw].sum(0) / n_tokens[draw].sum()
+                a = after[draw].sum(0) / n_tokens[draw].sum()
+            else:
+                b = (before[draw] / n_tokens[draw, None]).mean(0)
+                a = (after[draw] / n_tokens[draw, None]).mean(0)
+            gains.append(100 * (a.sum() / b.sum() - 1))
+            retentions.append(100 - 100 * np.abs(a / b - 1).mean())
+        assert out["gain_ci"] == pytest.approx(list(np.percentile(gains, [2.5, 97.5])), rel=1e-9)
+        assert out["retention_ci"] == pytest.approx(list(np.percentile(retentions, [2.5, 97.5])), rel=1e-9)
