@@ -285,6 +285,8 @@ class LoggerConfig:
     """online, offline or disabled; null = WANDB_MODE or online."""
     tags: Any = field(default_factory=list)
     """W&B tags."""
+    log_adapter: bool = True
+    """Log the trained adapter (task=train, pipeline) as a W&B `model` artifact."""
 
 
 @dataclass

@@ -11,6 +11,11 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 SECRET_KEY_PARTS = ("token", "api_key", "apikey", "password", "secret")
+RUN_ID_FILE = "wandb_run_id"
+"""In the run directory: the W&B run's id, so a resumed or requeued job continues the same W&B run."""
+STEP_METRIC = "train/step"
+"""What stepped metrics (the training curve) are plotted against: W&B's own step only ever grows, so earlier unstepped
+logs (task=pipeline's analysis) or a resume from an older checkpoint would otherwise drop the first steps."""
 
 
 def scrub_secrets(container):
@@ -45,6 +50,9 @@ class Tracker:
     def summary(self, metrics: dict) -> None:
         pass
 
+    def log_adapter(self, adapter_dir: str | Path) -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -67,17 +75,39 @@ class WandbTracker(Tracker):
             tags=list(logger_cfg.get("tags") or []),
             mode=logger_cfg.get("mode") or os.environ.get("WANDB_MODE") or "online",
             reinit="finish_previous",
+            id=self._run_id(run_dir),
+            resume="allow",
         )
         self._wandb = wandb
+        self._log_adapter = bool(logger_cfg.get("log_adapter", True))
         try:
             self.run = wandb.init(**kwargs)
         except Exception as err:  # an unreachable W&B must not kill a long job
             log.warning("W&B unreachable (%s); logging offline to %s instead", str(err).splitlines()[0], run_dir)
             kwargs["mode"] = "offline"
             self.run = wandb.init(**kwargs)
+        self.run.define_metric(STEP_METRIC)
+        for prefix in ("train", "heldout"):
+            self.run.define_metric(f"{prefix}/*", step_metric=STEP_METRIC)
+
+    @staticmethod
+    def _run_id(run_dir: Path) -> str:
+        """The id stored in this run directory, or a new one stored there first."""
+        file = Path(run_dir) / RUN_ID_FILE
+        if file.is_file() and file.read_text().strip():
+            return file.read_text().strip()
+        import secrets
+        import string
+
+        from mlalign.io import write_text_atomic
+
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
+
+        write_text_atomic(file, run_id + "\n")
+        return run_id
 
     def log(self, metrics: dict, step: int | None = None) -> None:
-        self.run.log(metrics, step=step)
+        self.run.log(metrics if step is None else {**metrics, STEP_METRIC: step})
 
     def log_images(self, images: dict[str, str | Path]) -> None:
         self.run.log({name: self._wandb.Image(str(path)) for name, path in images.items() if Path(path).is_file()})
@@ -90,6 +120,15 @@ class WandbTracker(Tracker):
     def summary(self, metrics: dict) -> None:
         for key, value in metrics.items():
             self.run.summary[key] = value
+
+    def log_adapter(self, adapter_dir: str | Path) -> None:
+        """The peft adapter folder as a `model` artifact (`logger.log_adapter=false` skips it)."""
+        if not self._log_adapter or not (Path(adapter_dir) / "adapter_config.json").is_file():
+            return
+        artifact = self._wandb.Artifact(name=f"adapter-{self.run.id}", type="model",
+                                        metadata={"run_dir": str(Path(adapter_dir).parent)})
+        artifact.add_dir(str(adapter_dir))
+        self.run.log_artifact(artifact)
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)

@@ -45,6 +45,26 @@ def offline_runs(root: Path) -> list[dict]:
             record.ParseFromString(raw)
             if record.WhichOneof("record_type") == "run":
                 runs.append({"group": record.run.run_group, "name": record.run.display_name,
-                             "job_type": record.run.job_type, "path": path})
+                             "job_type": record.run.job_type, "id": record.run.run_id, "path": path})
                 break
     return runs
+
+
+def offline_records(root: Path, kind: str) -> list:
+    """Every record of one type ("history", "artifact", ...) in the offline runs under `root`, in file order."""
+    from wandb.proto import wandb_internal_pb2
+
+    found = []
+    for path in sorted(Path(root).rglob("run-*.wandb")):
+        for raw in _records(path):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == kind:
+                found.append(getattr(record, kind))
+    return found
+
+
+def offline_history(root: Path) -> list[dict]:
+    """The logged rows (key -> JSON text) of the offline runs under `root`: what W&B kept, after its step checks."""
+    return [{item.key or "/".join(item.nested_key): item.value_json for item in history.item}
+            for history in offline_records(root, "history")]

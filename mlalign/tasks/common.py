@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mlalign.errors import UserError
 from mlalign.io import mark_complete, write_json_atomic, write_text_atomic
 from mlalign.languages import resolve_langs
-from mlalign.tracking import make_tracker, scrub_secrets
+from mlalign.tracking import Tracker, make_tracker, scrub_secrets
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process. `accelerate launch` and `torch.distributed.run` set RANK before the task starts,
+    so this holds before any Accelerator exists (the run files and the W&B run are opened before training)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def hydra_run_dir() -> Path | None:
@@ -86,7 +93,9 @@ def prepare_testbed(cfg: DictConfig) -> None:
 
 
 class RunContext:
-    """Opened around each task by `mlalign.tasks.dispatch`; closes the tracker even when the task fails."""
+    """Opened around each task by `mlalign.tasks.dispatch`; closes the tracker even when the task fails. With several
+    processes (DDP) only the main one writes config.yaml, metrics.json and COMPLETE and opens a W&B run; the others
+    get the no-op tracker."""
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path | None = None):
         self.cfg = cfg
@@ -96,6 +105,7 @@ class RunContext:
             raise UserError("no run directory: run through run.py, or set paths.output_dir=DIR")
         self.run_dir = Path(run_dir)
         self.tracker = None
+        self.is_main_process = is_main_process()
 
     def __enter__(self) -> "RunContext":
         cfg = self.cfg
@@ -112,6 +122,9 @@ class RunContext:
         from mlalign.models import prepare_model
 
         prepare_model(cfg.model, cfg.paths.cache_dir)  # GGUF sources: convert once, cached
+        if not self.is_main_process:
+            self.tracker = Tracker()
+            return self
         resolved = scrub_secrets(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
         write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
         name, group = job_name_and_group(cfg, self.task)
@@ -126,8 +139,12 @@ class RunContext:
 
     def finish(self, metrics: dict) -> None:
         """Log the task's scalar results and mark the run directory complete (written last)."""
+        if not self.is_main_process:
+            return
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.tracker.summary(scalars)
+        if self.task in ("train", "pipeline"):  # the adapter this run trained
+            self.tracker.log_adapter(self.run_dir / "adapter")
         write_json_atomic(self.run_dir / "metrics.json", scalars)
         mark_complete(self.run_dir, {"task": self.task})
 
