@@ -211,16 +211,33 @@ class TrainConfig:
 class EvalConfig:
     suite: str = "harness"
     """harness (lm-eval's built-in tasks; downloads) or bundled (offline Okapi ARC/MMLU items)."""
-    benchmarks: Any = field(default_factory=lambda: ["arc_challenge", "mmlu", "hellaswag"])
-    """Benchmarks to run in every language; missing combinations are skipped and recorded."""
-    num_fewshot: int = 0
-    """Few-shot examples per prompt."""
+    benchmarks: Any = field(default_factory=lambda: ["arc_challenge", "mmlu", "hellaswag", "belebele"])
+    """Table benchmarks run in every language (arc_challenge, mmlu, hellaswag, belebele; mlalign/evaluation/tasks.py
+    maps each to lm-eval's task per language); missing combinations are skipped and recorded. May be [] with `tasks`."""
+    tasks: Any = field(default_factory=list)
+    """Any other lm-eval task, group or tag names, checked against lm-eval's index before anything loads. A name with
+    `{lang}` or `{flores}` (FLORES-200 code) runs in every language (`xnli_{lang}`); others run once (language `all`)."""
+    num_fewshot: Any = 0
+    """Few-shot examples per prompt: an int, null (each task's own default), or per benchmark / task name, e.g.
+    {arc_challenge: 25, mmlu: 5} (names not listed: 0)."""
     limit: Optional[int] = None
     """At most this many items per task; null = all."""
-    batch_size: int = 8
-    """lm-eval batch size."""
+    batch_size: Any = 8
+    """lm-eval batch size: a positive int, or auto (the largest that fits, found by lm-eval)."""
+    log_samples: bool = True
+    """Write lm-eval's per-item samples_<task>_<date>.jsonl next to its results_<date>.json under eval/lm_eval/. Items'
+    scores are kept in memory either way: the paired tests need them."""
     compare_base: bool = True
     """Also evaluate the base model when an adapter is given."""
+    cache: bool = True
+    """Reuse an earlier evaluation of the same model (+ adapter weights) with the same tasks, few-shot, limit and seed
+    from paths.cache_dir/eval/ (the log says `cache hit`); false re-evaluates."""
+    alpha: float = 0.05
+    """Significance level of the paired base-vs-adapter tests, after Holm adjustment over all cells of the run."""
+    ci: float = 0.95
+    """Level of the paired bootstrap interval of each accuracy difference."""
+    bootstrap: int = 10000
+    """Bootstrap resamples (over items) for that interval."""
 
 
 def _english_heavy_weights() -> dict[str, float]:

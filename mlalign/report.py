@@ -128,15 +128,25 @@ def render_report(run_dir: Path, before: dict, after: dict, train: dict, compari
                      f"{_fmt(o['norm_matched_gain_pct'])} | {_fmt(o['resid_norm_change_pct'])} | "
                      f"{_fmt(o['fvu_before'], '.3f')} -> {_fmt(o['fvu_after'], '.3f')} | {'yes' if o['valid'] else 'no'} | "
                      f"{_fmt(o['lm_loss_change'], '+.3f')} |")
+    n_tests = comparison.get("n_tests") or 0
+    n_significant = sum(1 for by_lang in comparison["results"].values() for cell in by_lang.values()
+                        if cell.get("significant"))
     lines += ["", "## Benchmarks, base -> adapter (accuracy)", "",
-              "| benchmark | lang | base | adapter | diff |", "| --- | --- | --- | --- | --- |"]
+              f"Paired on the same items: McNemar's exact p, Holm-adjusted over the {n_tests} cells, and a 95% paired "
+              f"bootstrap CI of the difference. **{n_significant} of {n_tests} differences are significant**; a "
+              f"difference marked n.s. is not an effect of the adapter.", "",
+              "| benchmark | lang | base | adapter | diff | 95% CI | p (Holm) | |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for benchmark, by_lang in comparison["results"].items():
         for lang, cell in by_lang.items():
             base_acc = (cell.get("base") or {}).get("acc")
             tuned_acc = (cell.get("adapter") or {}).get("acc")
             diff = (cell.get("diff") or {}).get("acc")
+            ci = cell.get("diff_ci") or [None, None]
+            verdict = "" if cell.get("significant") is None else ("significant" if cell["significant"] else "n.s.")
             lines.append(f"| {benchmark} | {lang} | {_fmt(base_acc, '.3f')} | {_fmt(tuned_acc, '.3f')} | "
-                         f"{_fmt(diff, '+.3f')} |")
+                         f"{_fmt(diff, '+.3f')} | [{_fmt(ci[0], '+.3f')}, {_fmt(ci[1], '+.3f')}] | "
+                         f"{_fmt(cell.get('p_holm'), '.3g')} | {verdict} |")
     for item in comparison.get("skipped", []):
         lines.append(f"\nSkipped {item['benchmark']} in {item['lang']}: {item['reason']}")
     corr = gap_accuracy_correlation(before, comparison)

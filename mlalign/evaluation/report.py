@@ -20,15 +20,24 @@ def _diff(adapter: float | None, base: float | None) -> float | None:
     return None if adapter is None or base is None else adapter - base
 
 
-def compare_results(base: dict, adapter: dict | None = None) -> dict:
+def compare_results(base: dict, adapter: dict | None = None, alpha: float = 0.05, ci: float = 0.95,
+                    resamples: int = 10000, seed: int = 0) -> dict:
     """Join two `run_benchmarks` outputs cell by cell; `diff` is adapter minus base (None where either is missing).
 
-    Returns {"results": {benchmark: {lang: {"task", "n_samples", "base": {acc, acc_stderr, acc_norm,
-    acc_norm_stderr}, "adapter": {...} | None, "diff": {"acc", "acc_norm"} | None}}}, "skipped": [...],
-    "settings": {...}, "has_adapter": bool}. Both runs must have scored the same items.
+    Returns {"results": {benchmark: {lang: {"task", "n_samples", "num_fewshot", "base": {acc, acc_stderr, acc_norm,
+    acc_norm_stderr}, "adapter": {...} | None, "diff": {"acc", "acc_norm"} | None, "p_value", "diff_ci", "p_holm",
+    "significant", "significance"}}}, "skipped": [...], "settings": {...}, "has_adapter": bool, "alpha": alpha}.
+
+    Both runs must have scored the same items. Where both sides kept per-item scores, each cell gets a paired test
+    of acc on those items (mlalign.evaluation.significance.paired_test): `p_value` (McNemar exact), `diff_ci`
+    (paired bootstrap, level `ci`), and `p_holm`, the p-value Holm-adjusted over every tested cell of this run;
+    `significant` is p_holm < alpha. Cells without a test hold None there.
     """
+    from mlalign.evaluation.significance import holm, paired_test
+
     adapter_results = (adapter or {}).get("results", {})
     results: dict[str, dict[str, dict]] = {}
+    tested: list[dict] = []
     for benchmark, by_lang in base["results"].items():
         results[benchmark] = {}
         for lang, base_row in by_lang.items():
@@ -38,19 +47,36 @@ def compare_results(base: dict, adapter: dict | None = None) -> dict:
                     f"{benchmark}/{lang}: base scored {base_row['n_samples']} items, adapter {adapter_row['n_samples']}; "
                     "compare runs with the same limit"
                 )
-            results[benchmark][lang] = {
+            cell = {
                 "task": base_row["task"],
                 "n_samples": base_row["n_samples"],
+                "num_fewshot": base_row.get("num_fewshot"),
                 "base": _scores(base_row),
                 "adapter": _scores(adapter_row),
                 "diff": None if adapter_row is None
                 else {metric: _diff(adapter_row.get(metric), base_row.get(metric)) for metric in METRICS},
+                "p_value": None, "diff_ci": None, "p_holm": None, "significant": None, "significance": None,
             }
+            base_items = base_row.get("items") or {}
+            adapter_items = (adapter_row or {}).get("items") or {}
+            if base_items.get("acc") is not None and adapter_items.get("acc") is not None:
+                try:
+                    test = paired_test(base_items, adapter_items, "acc", resamples=resamples, ci=ci, seed=seed)
+                except ValueError as err:
+                    raise ValueError(f"{benchmark}/{lang}: {err}") from None
+                cell.update(p_value=test["p_value"], diff_ci=test["diff_ci"], significance=test)
+                tested.append(cell)
+            results[benchmark][lang] = cell
+    for cell, adjusted in zip(tested, holm([cell["p_value"] for cell in tested])):
+        cell["p_holm"] = adjusted
+        cell["significant"] = bool(adjusted < alpha)
     return {
         "results": results,
         "skipped": list(base.get("skipped", [])),
         "settings": dict(base.get("settings", {})),
         "has_adapter": adapter is not None,
+        "alpha": alpha,
+        "n_tests": len(tested),
     }
 
 
@@ -64,6 +90,8 @@ def flat_metrics(comparison: dict) -> dict[str, float]:
                     value = (cell[side] or {}).get(metric)
                     if value is not None:
                         flat[f"{benchmark}/{lang}/{side}_{metric}"] = float(value)
+            if cell.get("p_value") is not None:
+                flat[f"{benchmark}/{lang}/p_value"] = float(cell["p_value"])
     return flat
 
 
@@ -79,17 +107,29 @@ def _fmt_diff(value: float | None) -> str:
     return "–" if value is None else f"{value:+.4f}"
 
 
+def _fmt_test(cell: dict) -> tuple[str, str, str]:
+    """(p, CI, verdict) columns: `n.s.` where the paired test cannot tell the adapter from the base model."""
+    if cell.get("p_value") is None:
+        return "–", "–", "–"
+    low, high = cell["diff_ci"]
+    verdict = "significant" if cell["significant"] else "n.s."
+    return f"{cell['p_value']:.3g} (Holm {cell['p_holm']:.3g})", f"[{low:+.4f}, {high:+.4f}]", verdict
+
+
 def results_markdown(comparison: dict) -> str:
-    """One table row per benchmark x language (acc ± stderr, base vs adapter), then the skipped combinations."""
-    lines = ["| benchmark | lang | task | n | base acc | adapter acc | Δ acc | base acc_norm | adapter acc_norm | Δ acc_norm |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """One table row per benchmark x language (acc ± stderr, base vs adapter, paired test), then the skipped ones."""
+    lines = ["| benchmark | lang | task | n | shots | base acc | adapter acc | Δ acc | p (McNemar) | CI Δ acc | verdict "
+             "| base acc_norm | adapter acc_norm | Δ acc_norm |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for benchmark, by_lang in comparison["results"].items():
         for lang, cell in by_lang.items():
             base, adapter, diff = cell["base"], cell["adapter"] or {}, cell["diff"] or {}
+            p_value, interval, verdict = _fmt_test(cell)
+            shots = cell.get("num_fewshot")
             lines.append(
-                f"| {benchmark} | {lang} | {cell['task']} | {cell['n_samples']} "
+                f"| {benchmark} | {lang} | {cell['task']} | {cell['n_samples']} | {'–' if shots is None else shots} "
                 f"| {_fmt(base['acc'], base['acc_stderr'])} | {_fmt(adapter.get('acc'), adapter.get('acc_stderr'))} "
-                f"| {_fmt_diff(diff.get('acc'))} "
+                f"| {_fmt_diff(diff.get('acc'))} | {p_value} | {interval} | {verdict} "
                 f"| {_fmt(base['acc_norm'], base['acc_norm_stderr'])} "
                 f"| {_fmt(adapter.get('acc_norm'), adapter.get('acc_norm_stderr'))} | {_fmt_diff(diff.get('acc_norm'))} |"
             )
@@ -101,6 +141,16 @@ def results_markdown(comparison: dict) -> str:
         header += f"Evaluated {comparison['subject']} alone (eval.compare_base=false): the base columns hold it.\n\n"
     elif not comparison.get("has_adapter"):
         header += "Base model only (no adapter).\n\n"
+    if comparison.get("n_tests"):
+        tested = [cell for by_lang in comparison["results"].values() for cell in by_lang.values()
+                  if cell.get("p_value") is not None]
+        n_significant = sum(1 for cell in tested if cell["significant"])
+        ci = tested[0]["significance"]["ci"]
+        header += (f"Base and adapter answered the same items, so each Δ acc is tested paired: McNemar's exact test on "
+                   f"the items only one of them got right, Holm-adjusted over the {len(tested)} cells; CI Δ acc is a "
+                   f"{ci:.0%} paired bootstrap over items. **{n_significant} of {len(tested)} differences are "
+                   f"significant** (adjusted p < {comparison.get('alpha', 0.05)}); a cell marked n.s. is not an "
+                   f"effect of the adapter: on these items it cannot be told from no change.\n\n")
     text = header + "\n".join(lines) + "\n"
     if comparison.get("skipped"):
         text += "\nSkipped:\n\n" + "".join(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import NamedTuple
 
 from mlalign.errors import UserError
 from mlalign.languages import LANGUAGES, get_language
 
-BENCHMARKS: tuple[str, ...] = ("arc_challenge", "mmlu", "hellaswag")
+BENCHMARKS: tuple[str, ...] = ("arc_challenge", "mmlu", "hellaswag", "belebele")
 SUITES: tuple[str, ...] = ("harness", "bundled")
 
 # Okapi (Lai et al. 2023) translated HellaSwag into 26 languages, Chinese not among them.
@@ -15,6 +16,7 @@ _NO_HELLASWAG_ZH = "Okapi has no Chinese HellaSwag (lm-eval has no hellaswag_zh 
 _NO_BUNDLED_HELLASWAG = (
     "HellaSwag is not bundled (its files are too large for the offline snapshot); use eval=harness, which downloads it"
 )
+_NO_BUNDLED_BELEBELE = "Belebele is not bundled; use eval=harness, which downloads it (lm-eval's belebele_<flores code>)"
 
 
 def _harness_name(benchmark: str, lang: str) -> str | None:
@@ -29,6 +31,9 @@ def _harness_name(benchmark: str, lang: str) -> str | None:
         if lang == "zh":
             return None
         return "hellaswag" if lang == "en" else f"hellaswag_{lang}"
+    if benchmark == "belebele":
+        # Belebele is FLORES-based (the same passages as the corpus) and written by native speakers in every language.
+        return f"belebele_{get_language(lang).flores_code}"
     raise AssertionError(benchmark)
 
 
@@ -43,6 +48,8 @@ def _bundled_name(benchmark: str, lang: str) -> str | None:
 def _reason(suite: str, benchmark: str, lang: str) -> str:
     if suite == "bundled" and benchmark == "hellaswag":
         return _NO_BUNDLED_HELLASWAG
+    if suite == "bundled" and benchmark == "belebele":
+        return _NO_BUNDLED_BELEBELE
     if benchmark == "hellaswag" and lang == "zh":
         return _NO_HELLASWAG_ZH
     raise AssertionError((suite, benchmark, lang))
@@ -74,7 +81,7 @@ def check_suite(suite: str) -> str:
     return suite
 
 
-def check_benchmarks(benchmarks) -> list[str]:
+def check_benchmarks(benchmarks, allow_empty: bool = False) -> list[str]:
     if benchmarks is None or isinstance(benchmarks, str):
         raise UserError(
             f"benchmarks must be a list, got {benchmarks!r}; type e.g. eval.benchmarks=[arc_challenge,mmlu]"
@@ -82,12 +89,15 @@ def check_benchmarks(benchmarks) -> list[str]:
     benchmarks = [str(name) for name in benchmarks]
     for name in benchmarks:
         if name not in BENCHMARKS:
+            close = difflib.get_close_matches(name, BENCHMARKS, n=2)
             raise UserError(
-                f"unknown benchmark {name!r}; valid benchmarks are {', '.join(BENCHMARKS)} "
-                f"(e.g. eval.benchmarks=[arc_challenge,mmlu])"
+                f"unknown benchmark {name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                + f"; valid benchmarks are {', '.join(BENCHMARKS)} (e.g. eval.benchmarks=[arc_challenge,mmlu]); "
+                f"any other lm-eval task or group goes in eval.tasks (e.g. eval.tasks=[{name}])"
             )
-    if not benchmarks:
-        raise UserError(f"benchmarks is empty; give at least one of {', '.join(BENCHMARKS)}")
+    if not benchmarks and not allow_empty:
+        raise UserError(f"benchmarks is empty; give at least one of {', '.join(BENCHMARKS)} "
+                        "or an lm-eval task in eval.tasks")
     return list(dict.fromkeys(benchmarks))
 
 

@@ -6,10 +6,18 @@ import shlex
 
 from mlalign.io import write_text_atomic
 from mlalign.report import gap_accuracy_correlation, render_report
-from mlalign.tasks.train import check_train_config as check_config  # noqa: F401  (run by dispatch before loading)
+from mlalign.tasks.train import check_train_config
 
 OBJECTIVE = "alignment_score"
 """The training objective on the dev split (mlalign.training.outcomes.alignment_score), as task=train returns it."""
+
+
+def check_config(cfg) -> None:
+    """Run by dispatch before anything loads: the training settings, then the evaluation's (task names included)."""
+    from mlalign.tasks import evaluate
+
+    check_train_config(cfg)
+    evaluate.check_config(cfg)
 
 
 def rerun_command() -> str:

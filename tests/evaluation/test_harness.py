@@ -59,10 +59,69 @@ def test_run_compares_with_itself_as_zero(bundled_run):
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [({"benchmarks": ["arc"]}, "valid benchmarks"), ({"suite": "web"}, "eval=bundled"), ({"langs": "hi"}, "langs=\\["),
-     ({"langs": ["xx"]}, "valid codes"), ({"num_fewshot": -1}, "num_fewshot"), ({"limit": 0}, "eval.limit")],
+     ({"langs": ["xx"]}, "valid codes"), ({"num_fewshot": -1}, "num_fewshot"), ({"limit": 0}, "eval.limit"),
+     ({"num_fewshot": {"mmlx": 5}}, "did you mean mmlu"), ({"batch_size": "autom"}, "positive integer or auto"),
+     ({"benchmarks": [], "tasks": []}, "nothing to evaluate"), ({"tasks": "arc_hi"}, "eval.tasks must be a list")],
 )
 def test_user_mistakes_fail_before_any_model_work(kwargs, expected, tmp_path):
     arguments = {"langs": ["hi"], "benchmarks": ["mmlu"], "suite": "bundled", "work_dir": tmp_path} | kwargs
     with pytest.raises(UserError, match=expected):
         run_benchmarks(None, None, **arguments)  # no model at all: validation must come first
     assert not (tmp_path / "lm_eval_tasks").exists()
+
+
+def test_items_are_kept_per_question_for_the_paired_tests(bundled_run):
+    row = bundled_run["results"]["arc_challenge"]["hi"]
+    assert row["items"]["ids"] == [f"mlalign_arc_hi/{i}" for i in range(LIMIT)]
+    assert set(row["items"]["acc"]) <= {0.0, 1.0} and sum(row["items"]["acc"]) / LIMIT == pytest.approx(row["acc"])
+    assert row["items"]["acc_norm"] is not None and bundled_run["results"]["mmlu"]["hi"]["items"]["acc_norm"] is None
+
+
+@pytest.mark.parametrize(
+    ("tasks", "expected"),
+    [(["mlalign_arc_hj"], "close matches: .*mlalign_arc_hi"), (["arc_challenge"], "built-in tasks need eval=harness"),
+     (["mlalign_arcc_{lang}"], "mlalign_arc_hi")],
+)
+def test_unknown_task_names_fail_with_close_matches_before_any_model_work(tasks, expected, tmp_path):
+    with pytest.raises(UserError, match=expected):
+        run_benchmarks(None, None, langs=["hi"], benchmarks=[], suite="bundled", tasks=tasks, work_dir=tmp_path)
+
+
+def test_builtin_task_names_are_checked_against_lm_evals_index(builtin_task_manager, tmp_path):
+    from mlalign.evaluation.harness import plan_benchmarks
+
+    plan = plan_benchmarks(["hi", "ml"], ["belebele"], "harness", tasks=["xnli_{lang}", "ai2_arc"],
+                           num_fewshot={"belebele": 5, "ai2_arc": 25}, task_manager=builtin_task_manager)
+    planned = {(e.benchmark, e.lang): (e.task, e.num_fewshot) for e in plan.entries}
+    assert planned[("belebele", "ml")] == ("belebele_mal_Mlym", 5)
+    assert planned[("xnli_{lang}", "hi")] == ("xnli_hi", 0)  # not in the mapping: 0 shots
+    assert planned[("arc_challenge", "all")] == ("arc_challenge", 25)  # a tag runs as its member tasks
+    assert {(s["benchmark"], s["lang"]) for s in plan.skipped} == {("xnli_{lang}", "ml")}  # XNLI has no Malayalam
+    with pytest.raises(UserError, match="close matches: .*belebele_hin_Deva"):
+        plan_benchmarks(["hi"], [], "harness", tasks=["belebele_hin_Dev"], task_manager=builtin_task_manager)
+
+
+def test_per_benchmark_fewshot_and_lm_evals_own_files(tiny_model, tiny_tokenizer, tmp_path):
+    import json
+
+    out = tmp_path / "lm_eval"
+    run = run_benchmarks(tiny_model, tiny_tokenizer, langs=["hi"], benchmarks=["arc_challenge", "mmlu"],
+                         suite="bundled", num_fewshot={"arc_challenge": 2}, limit=3, batch_size=4,
+                         work_dir=tmp_path, tasks=["mlalign_mmlu_{lang}"], output_dir=out)
+    assert run["results"]["arc_challenge"]["hi"]["num_fewshot"] == 2
+    assert run["results"]["mmlu"]["hi"]["num_fewshot"] == 0
+    assert run["results"]["mlalign_mmlu_{lang}"]["hi"]["task"] == "mlalign_mmlu_hi"
+    results = sorted(out.glob("results_*.json"))
+    assert len(results) == 2  # one simple_evaluate call per few-shot setting
+    by_task = {task: json.loads(path.read_text()) for path in results for task in json.loads(path.read_text())["n-shot"]}
+    assert by_task["mlalign_arc_hi"]["n-shot"]["mlalign_arc_hi"] == 2 and "versions" in by_task["mlalign_arc_hi"]
+    samples = sorted(p.name.split("_2")[0] for p in out.glob("samples_*.jsonl"))
+    assert samples == ["samples_mlalign_arc_hi", "samples_mlalign_mmlu_hi"]
+    lines = (next(out.glob("samples_mlalign_arc_hi_*.jsonl"))).read_text().splitlines()
+    assert len(lines) == 3 and {"doc_id", "acc", "resps"} <= set(json.loads(lines[0]))
+
+
+def test_without_log_samples_only_results_files_are_written(tiny_model, tiny_tokenizer, tmp_path):
+    run_benchmarks(tiny_model, tiny_tokenizer, langs=["en"], benchmarks=["mmlu"], suite="bundled", limit=2,
+                   work_dir=tmp_path, output_dir=tmp_path / "out", log_samples=False)
+    assert [p.name.split("_")[0] for p in (tmp_path / "out").iterdir()] == ["results"]

@@ -52,7 +52,7 @@ def test_outputs_are_written(tmp_path, with_adapter):
     paths = write_eval_outputs(tmp_path / "eval", comparison)
     assert json.loads(paths["json"].read_text(encoding="utf-8")) == comparison
     markdown = paths["markdown"].read_text(encoding="utf-8")
-    assert "| arc_challenge | hi | mlalign_arc_hi | 10 | 0.2500 ± 0.1000 |" in markdown
+    assert "| arc_challenge | hi | mlalign_arc_hi | 10 | – | 0.2500 ± 0.1000 |" in markdown
     assert ("+0.1000" in markdown) == with_adapter and ("Base model only" in markdown) != with_adapter
     assert "HellaSwag is not bundled" in markdown
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -20,7 +20,7 @@ def test_table_covers_every_suite_benchmark_and_language():
 def test_every_harness_task_exists_in_installed_lm_eval(builtin_task_manager):
     known = set(builtin_task_manager.all_subtasks)
     names = [name for by_lang in TASK_TABLE["harness"].values() for name in by_lang.values() if name is not None]
-    assert len(names) == 3 * 10 - 1  # everything but HellaSwag in Chinese
+    assert len(names) == 4 * 10 - 1  # everything but HellaSwag in Chinese
     missing = [name for name in names if name not in known]
     assert not missing, f"not in lm-eval {len(known)} tasks: {missing}"
 
@@ -32,6 +32,10 @@ def test_harness_uses_english_originals_and_okapi_elsewhere():
     assert lookup_task("arc_challenge", "mr").task == "arc_mr"
     assert lookup_task("hellaswag", "ml").task == "hellaswag_ml"
     assert lookup_task("mmlu", "ca").task == "m_mmlu_ca"
+    # Belebele by FLORES-200 code, the corpus's own language names.
+    assert lookup_task("belebele", "ml").task == "belebele_mal_Mlym"
+    assert lookup_task("belebele", "zh").task == "belebele_zho_Hans"
+    assert lookup_task("belebele", "en").task == "belebele_eng_Latn"
 
 
 def test_english_mmlu_has_the_prompt_of_the_other_languages(builtin_task_manager):
@@ -53,12 +57,15 @@ def test_missing_combinations_come_with_a_reason():
     for lang in LANGUAGES:
         choice = lookup_task("hellaswag", lang, "bundled")
         assert choice.task is None and "eval=harness" in choice.reason
+        choice = lookup_task("belebele", lang, "bundled")
+        assert choice.task is None and "eval=harness" in choice.reason
     assert lookup_task("mmlu", "zh", "bundled") == ("mlalign_mmlu_zh", None)
 
 
 @pytest.mark.parametrize(
     ("args", "expected"),
-    [(("gsm8k", "hi"), "arc_challenge, mmlu, hellaswag"), (("mmlu", "xx"), "valid codes"),
+    [(("gsm8k", "hi"), "arc_challenge, mmlu, hellaswag, belebele"), (("belebel", "hi"), "did you mean belebele"),
+     (("gsm8k", "hi"), "eval.tasks=\\[gsm8k\\]"), (("mmlu", "xx"), "valid codes"),
      (("mmlu", "hi", "online"), "eval=bundled")],
 )
 def test_user_mistakes_are_user_errors(args, expected):

@@ -1,0 +1,72 @@
+"""task=eval on the testbed: lm-eval's own files, a paired test per cell, and the base model from the cache next time."""
+
+import json
+
+import pytest
+
+from tests.conftest import SMALL_TESTBED_OVERRIDES
+from tests.helpers import run_cli
+
+
+def _random_adapter(testbed_dir, folder):
+    """A LoRA adapter with random (not zero) B matrices, so base and adapter answer differently."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(testbed_dir / "model")
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    peft.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_eval_writes_lm_eval_files_tests_every_cell_and_reuses_the_base_model(testbed_dir, testbed_cache_dir,
+                                                                               tmp_path):
+    adapter = _random_adapter(testbed_dir, tmp_path / "adapter")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "testbed").symlink_to(testbed_cache_dir / "testbed")  # this test's eval cache starts empty
+    common = ["task=eval", "model=testbed", "eval=bundled", "langs=[hi]", "eval.limit=8", "eval.bootstrap=500",
+              "eval.benchmarks=[arc_challenge]",
+              "eval.num_fewshot={arc_challenge: 1}", f"paths.cache_dir={tmp_path / 'cache'}",
+              f"paths.root_dir={tmp_path}", *SMALL_TESTBED_OVERRIDES]
+    first = run_cli([*common, f"adapter={adapter}", f"hydra.run.dir={tmp_path / 'first'}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "cache hit" not in first.stdout and "evaluating the base model" in first.stdout
+    eval_dir = tmp_path / "first" / "eval"
+    results = json.loads((eval_dir / "results.json").read_text())
+    cells = [cell for by_lang in results["results"].values() for cell in by_lang.values()]
+    assert len(cells) == 2 and results["has_adapter"]  # arc in en and hi
+    for cell in cells:
+        assert 0.0 <= cell["p_value"] <= 1.0 and cell["p_value"] <= cell["p_holm"]
+        low, high = cell["diff_ci"]
+        assert low <= cell["diff"]["acc"] <= high
+    assert results["results"]["arc_challenge"]["hi"]["num_fewshot"] == 1
+    for side in ("base", "adapter"):
+        assert sorted(p.name.split("_")[0] for p in (eval_dir / "lm_eval" / side).glob("results_*.json"))
+        samples = {p.name.rsplit("_", 1)[0] for p in (eval_dir / "lm_eval" / side).glob("samples_*.jsonl")}
+        assert samples == {f"samples_mlalign_arc_{lang}" for lang in ("en", "hi")}
+    assert "p (McNemar)" in (eval_dir / "results.md").read_text()
+
+    # The same settings again: neither side is evaluated, and the numbers and files are the same.
+    second = run_cli([*common, f"adapter={adapter}", f"hydra.run.dir={tmp_path / 'second'}"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "cache hit: base" in second.stdout and "cache hit: adapter" in second.stdout
+    assert "evaluating" not in second.stdout
+    again = json.loads((tmp_path / "second" / "eval" / "results.json").read_text())
+    assert again["results"] == results["results"]
+    assert list((tmp_path / "second" / "eval" / "lm_eval" / "base").glob("samples_*.jsonl"))
+    # A different limit is a different key; eval.cache=false evaluates even with a matching entry.
+    third = run_cli([*common, "eval.cache=false", f"hydra.run.dir={tmp_path / 'third'}"])
+    assert third.returncode == 0 and "cache hit" not in third.stdout and "evaluating the base model" in third.stdout
+
+
+@pytest.mark.slow
+def test_unknown_task_is_one_error_line_before_the_testbed_loads(tmp_path):
+    result = run_cli(["task=eval", "model=testbed", "eval=bundled", "langs=[hi]", "eval.tasks=[mlalign_mmlu_hj]",
+                      f"paths.cache_dir={tmp_path / 'empty_cache'}", f"paths.root_dir={tmp_path}"])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown lm-eval task 'mlalign_mmlu_hj'")
+    assert "mlalign_mmlu_hi" in result.stderr and not (tmp_path / "empty_cache" / "testbed").exists()
