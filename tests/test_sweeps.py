@@ -145,3 +145,23 @@ def test_optuna_sweep_runs_trials_and_reports_the_best(testbed_dir, testbed_cach
     assert len(scores) == 2 and best["best_value"] == pytest.approx(max(scores))
     assert set(best["best_params"]) == {"lora.r", "lora.lora_alpha", "train.optimizer.lr", "loss.act_align",
                                         "loss.en_retain"}
+
+
+@pytest.mark.slow
+def test_optuna_marks_a_failed_trial_failed_and_goes_on(testbed_dir, testbed_cache_dir, tmp_path):
+    sweep = tmp_path / "optuna"
+    # lora_optuna's sweeper settings over lora.r alone; this seed draws lora.r=2 (trains), then lora.r=0 (fails).
+    result = run_cli(["-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
+                      "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", "hydra.sweeper.max_failure_rate=1.0",
+                      "hydra.sweeper.direction=maximize", "task=train", "lora.r=choice(0,2)", "model=testbed",
+                      "langs=[hi]", "layers=[4]", "train.max_steps=2", "data.max_sentences=24", "data.max_length=48",
+                      "train.max_length=48", "analysis.batch_size=48", "analysis.bootstrap=0", "train.eval_every=0",
+                      f"paths.cache_dir={testbed_cache_dir}", f"hydra.sweep.dir={sweep}", *SMALL_TESTBED_OVERRIDES])
+    assert result.returncode == 1 and (sweep / "summary.csv").is_file(), result.stderr[-3000:]
+    with (sweep / "summary.csv").open() as handle:
+        table = {r["lora.r"]: r for r in csv.DictReader(handle)}
+    assert table["0"]["status"] == "failed" and "lora.r=0" in table["0"]["error"]
+    assert table["2"]["status"] == "ok" and table["2"]["complete"] == "True"
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_params"] == {"lora.r": 2} and best["best_value"] == pytest.approx(float(table["2"]["alignment_score"]))
+    assert "Failed experiment" in result.stderr + result.stdout
