@@ -250,12 +250,13 @@ def run_trunk(bench: Bench) -> None:
                 capture.forward(**inputs, use_cache=False)
 
 
-def run_analyze(bench: Bench):
+def run_analyze(bench: Bench, features: bool = True):
+    """The engine as task=analyze runs it: per-feature statistics on (analysis.features.enabled, the default)."""
     from mlalign.analysis.engine import collect_stats
 
     s = bench.settings
     return collect_stats(bench.model, bench.tokenizer, bench.saes, bench.texts, batch_size=s.batch_size,
-                         max_length=s.max_length, progress=False)
+                         max_length=s.max_length, progress=False, feature_stats={} if features else None)
 
 
 class Totals:

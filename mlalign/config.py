@@ -96,6 +96,25 @@ class DataConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """Which SAE features carry the gap (docs/method.md §8): analysis/features.csv, features_top.md, overlap."""
+
+    enabled: bool = True
+    """Compute per-feature statistics in task=analyze (streamed with the other sums; cached)."""
+    top_k: int = 10
+    """Features listed per language, layer and list (under-/over-active vs the reference, language-specific)."""
+    min_sentences: int = 5
+    """A feature counts for a language only where it fires in at least this many of its sentences."""
+    specific_threshold: float = 0.5
+    """A feature is specific to a language when its specificity (share over the uniform baseline) reaches this."""
+    intervals: bool = True
+    """Paired bootstrap CIs (analysis.bootstrap resamples) for listed features: a second pass over the corpus that
+    keeps per-sentence sums of the listed features only (cached)."""
+    csv_rows: str = "fired"
+    """Rows of features.csv: fired (features that fire in that language and layer), all, or listed."""
+
+
+@dataclass
 class AnalysisConfig:
     metric: str = "mean_act"
     """Primary metric: mean_act, l1, l0, feature_coverage, fvu or resid_norm (docs/method.md)."""
@@ -125,6 +144,8 @@ class AnalysisConfig:
     models without BOS (their attention sink)."""
     max_position: Optional[int] = None
     """Analyse only tokens at positions < this: every language compared over the same position window; null = all."""
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    """Per-feature statistics, language-specific features and overlap (docs/method.md §8)."""
 
 
 @dataclass

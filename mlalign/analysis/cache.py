@@ -21,8 +21,8 @@ from mlalign.io import write_text_atomic
 log = logging.getLogger(__name__)
 
 # Bump when the statistics the engine computes change meaning. 2: per-sentence residual sums (exact FVU bootstrap),
-# sq_norm, positions and truncation flags.
-CACHE_VERSION = 2
+# sq_norm, positions and truncation flags. 3: per-feature statistics (features.FeatureSums) as a second entry kind.
+CACHE_VERSION = 3
 
 
 def file_digest(path: Path) -> str:
@@ -134,9 +134,30 @@ class StatsCache:
         self.identity = identity
         self.enabled = enabled
 
-    def _paths(self, lang: str, layer: int) -> tuple[Path, Path]:
-        key = entry_key(self.identity, lang, layer)
+    def _paths(self, lang: str, layer: int, kind: str = "") -> tuple[Path, Path]:
+        key = entry_key(self.identity, lang, layer) + (f".{kind}" if kind else "")
         return self.directory / f"{key}.npz", self.directory / f"{key}.sha256"
+
+    def load_arrays(self, lang: str, layer: int, kind: str, names) -> dict[str, np.ndarray] | None:
+        """Another kind of entry of the same (language, layer) (e.g. "features"): its arrays if the checksum matches
+        and it holds exactly `names`, else None (recompute)."""
+        if not self.enabled:
+            return None
+        data_path, sum_path = self._paths(lang, layer, kind)
+        if not (data_path.is_file() and sum_path.is_file()):
+            return None
+        if file_digest(data_path) != sum_path.read_text().strip():
+            log.warning("cache entry %s (%s, layer %d) is corrupt; recomputing it", data_path.name, lang, layer)
+            return None
+        with np.load(data_path) as arrays:
+            if set(arrays.files) != set(names):
+                return None
+            return {name: arrays[name] for name in arrays.files}
+
+    def save_arrays(self, lang: str, layer: int, kind: str, arrays: dict[str, np.ndarray]) -> None:
+        if not self.enabled:
+            return
+        self._write(*self._paths(lang, layer, kind), arrays)
 
     def load(self, lang: str, layer: int) -> SentenceSums | None:
         if not self.enabled:
@@ -158,10 +179,12 @@ class StatsCache:
     def save(self, lang: str, layer: int, sums: SentenceSums) -> None:
         if not self.enabled:
             return
-        data_path, sum_path = self._paths(lang, layer)
+        self._write(*self._paths(lang, layer), sums.to_dict())
+
+    def _write(self, data_path: Path, sum_path: Path, arrays: dict[str, np.ndarray]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
-        np.savez(buffer, **sums.to_dict())
+        np.savez(buffer, **arrays)
         tmp = data_path.with_suffix(".npz.tmp")
         tmp.write_bytes(buffer.getvalue())
         tmp.replace(data_path)

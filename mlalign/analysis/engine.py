@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mlalign.analysis.capture import ResidualCapture, decoder_layers
+from mlalign.analysis.features import FeatureStats
 from mlalign.analysis.stats import LayerStats, SentenceSums
 from mlalign.errors import UserError
 
@@ -166,6 +167,8 @@ def collect_stats(
     min_position: int = 0,
     max_position: int | None = None,
     sae_device: torch.device | str | None = None,
+    feature_stats: dict | None = None,
+    feature_ids: dict | None = None,
 ) -> dict[str, dict[int, SentenceSums]]:
     """Per-sentence SAE statistics for every (language, layer): `result[lang][layer]` is a `SentenceSums`.
 
@@ -184,6 +187,9 @@ def collect_stats(
     `analysed_positions`). sae_device: where SAEs encode and sums accumulate (default: the model's device; `cpu`
     saves accelerator memory at the cost of one residual copy per layer and batch).
     BOS is checked (`check_bos`), and each sentence's truncation at `max_length` is recorded.
+    feature_stats: a dict to fill with per-feature statistics, `feature_stats[lang][layer]` = `features.FeatureSums`
+    (O(d_sae) each; off when None). feature_ids: {lang: {layer: [features]}} whose per-sentence sums those also keep
+    (`FeatureSums.sentence_sums`, O(sentences x k)); implies feature_stats.
     """
     _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
     empty = [lang for lang, texts in texts_by_lang.items() if not texts]
@@ -203,6 +209,11 @@ def collect_stats(
     truncated = {lang: truncated_flags(tokenizer, texts, max_length) for lang, texts in texts_by_lang.items()}
     check_bos(tokenizer, saes, [ids for items in tokenized.values() for _, ids in items], min_position)
     result: dict[str, dict[int, SentenceSums]] = {lang: {} for lang in texts_by_lang}
+    if feature_ids is not None and feature_stats is None:
+        feature_stats = {}
+    if feature_stats is not None:
+        for lang in texts_by_lang:
+            feature_stats.setdefault(lang, {})
     was_training = model.training
     model.eval()
     try:
@@ -218,13 +229,20 @@ def collect_stats(
                                           sae_device, truncated=truncated[lang])
                         for layer in chunk_layers
                     }
+                    faccs = None
+                    if feature_stats is not None:
+                        wanted = (feature_ids or {}).get(lang) or {}
+                        faccs = {layer: FeatureStats(len(items), saes[layer].cfg.d_sae, sae_device,
+                                                     feature_ids=wanted.get(layer)) for layer in chunk_layers}
                     desc = f"{lang} layers {chunk_layers[0]}-{chunk_layers[-1]}"
                     batches = list(_batches(items, batch_size))
                     for batch in _progress(batches, progress, desc=desc, leave=False):
                         _run_batch(model, saes, accs, batch, pad_id, bos_id, padding_side, device, sae_device,
-                                   min_position, max_position)
+                                   min_position, max_position, feature_accs=faccs)
                     for layer, acc in accs.items():
                         result[lang][layer] = acc.finalize()
+                        if faccs is not None:
+                            feature_stats[lang][layer] = faccs[layer].finalize()
             finally:
                 for layer, home in homes.items():
                     if home is not None:
@@ -240,7 +258,8 @@ def _param_device(module: nn.Module) -> torch.device | None:
 
 
 def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, padding_side, device,
-               sae_device=None, min_position: int = 0, max_position: int | None = None) -> None:
+               sae_device=None, min_position: int = 0, max_position: int | None = None,
+               feature_accs: dict[int, FeatureStats] | None = None) -> None:
     sae_device = device if sae_device is None else sae_device
     indices = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
     inputs = pad_batch([ids for _, ids in batch], pad_id, padding_side, device)
@@ -251,6 +270,8 @@ def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, 
     # Token order is row by row, so each kept token's sentence is its row's text index.
     sentence_index = indices.repeat_interleave(keep.shape[1]).index_select(0, flat).to(sae_device)
     positions = inputs["position_ids"].flatten().index_select(0, flat).to(sae_device)
+    # Each kept token's row in the batch (a row is one whole sentence): per-sentence firing without host syncs.
+    row_index = (flat // keep.shape[1]).to(sae_device) if feature_accs is not None else None
     with ResidualCapture(model, list(accs), detach=True, stop_after_last=True) as capture:
         activations = capture.forward(**inputs, use_cache=False)
     for layer, acc in accs.items():
@@ -259,3 +280,5 @@ def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, 
         feature_acts = sae.encode(x)
         x_hat = sae.decode(feature_acts)
         acc.update(x, feature_acts, x_hat, sentence_index, positions)
+        if feature_accs is not None:
+            feature_accs[layer].update(feature_acts, row_index, len(batch), sentence_index)

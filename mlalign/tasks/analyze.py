@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mlalign.analysis.cache import StatsCache, adapter_fingerprint, model_fingerprint, sae_fingerprints
 from mlalign.analysis.engine import collect_stats
+from mlalign.analysis.features import FeatureSums
 from mlalign.analysis.metrics import METRICS_CSV_COLUMNS, metrics_rows, summarize
 from mlalign.data.corpus import corpus_fingerprint, load_corpus
 from mlalign.io import write_json_atomic, write_text_atomic
@@ -44,8 +45,129 @@ def cache_identity(cfg, testbed_dir, adapter, split: str, layers=None) -> dict:
     }
 
 
+FEATURE_TOTALS = ("n_tokens", "n_sentences", "act_sum", "fire_count", "sentences_fired")
+"""The per-feature totals cached per (language, layer) as the "features" entry kind."""
+SENTENCE_FEATURES = ("feature_ids", "sentence_sums")
+"""The second pass's per-sentence sums of listed features, cached as the "sentence_features" entry kind."""
+
+
+def feature_settings(acfg) -> dict:
+    """analysis.features with its defaults (configs composed without the key, e.g. older experiment files)."""
+    fcfg = acfg.get("features") or {}
+    return {"enabled": bool(fcfg.get("enabled", True)), "top_k": int(fcfg.get("top_k", 10)),
+            "min_sentences": int(fcfg.get("min_sentences", 5)),
+            "specific_threshold": float(fcfg.get("specific_threshold", 0.5)),
+            "intervals": bool(fcfg.get("intervals", True)), "csv_rows": str(fcfg.get("csv_rows", "fired"))}
+
+
+class _LazyEngine:
+    """Loads the SAEs (first: a missing SAE fails before a multi-GB model download) and the model only when something
+    must be computed, once per analyze_model call, and runs `collect_stats` with the analysis settings."""
+
+    def __init__(self, cfg, ctx, adapter, model, tokenizer, cache, split, layers):
+        self.cfg, self.ctx, self.adapter, self.model, self.tokenizer = cfg, ctx, adapter, model, tokenizer
+        self.cache, self.split, self.layers = cache, split, layers
+        self.saes: dict = {}
+
+    def collect(self, texts_by_lang: dict, layers: list[int], **kwargs):
+        from mlalign.models import hidden_size, num_layers, resolve_device
+
+        cfg, acfg = self.cfg, self.cfg.analysis
+        # Where SAEs live: sae.device if set (e.g. cpu to spare accelerator memory), else the CPU while waiting for
+        # their chunk (sae_chunk), else the model's device.
+        compute_device = resolve_device(cfg.sae.get("device")) if cfg.sae.get("device") else None
+        model_device = next(self.model.parameters()).device if self.model is not None else resolve_device(cfg.model.device)
+        home = compute_device or ("cpu" if acfg.sae_chunk else model_device)
+        todo = [layer for layer in layers if layer not in self.saes]
+        if todo:
+            hidden = int(cfg.model.hidden_size) if self.model is None else hidden_size(self.model)
+            self.saes.update(self.ctx.load_saes(todo, hidden, home))
+        if self.model is None:
+            self.model = self.ctx.load_model(adapter=self.adapter)
+            self.tokenizer = self.ctx.load_tokenizer()
+            # A first download fixed the snapshot the key names: store under the key later runs will compute.
+            self.cache.identity = cache_identity(cfg, self.ctx.testbed_dir, self.adapter, self.split, self.layers)
+        self.ctx.layers(num_layers(self.model))  # the config's layer count must match the weights
+        return collect_stats(self.model, self.tokenizer, {layer: self.saes[layer] for layer in layers}, texts_by_lang,
+                             batch_size=int(acfg.batch_size), max_length=int(cfg.data.max_length),
+                             sae_chunk=acfg.sae_chunk, progress=True, min_position=int(acfg.get("min_position") or 0),
+                             max_position=acfg.get("max_position"), sae_device=compute_device, **kwargs)
+
+    def release(self) -> None:
+        self.saes = {}
+
+
+def feature_sentence_sums(needed: dict[str, dict[int, list[int]]], corpus, cache, engine) -> dict:
+    """[lang][layer] -> per-sentence sums of (at least) the `needed` features: from the cache where it holds them,
+    else from a second pass over those languages that keeps only these k features per sentence (O(sentences x k)).
+    A recomputed entry keeps the cached features too, so the entry only grows as languages are added."""
+    from types import SimpleNamespace
+
+    out: dict = {lang: {} for lang in needed}
+    todo: dict[str, dict[int, list[int]]] = {}
+    for lang, by_layer in needed.items():
+        for layer, features in by_layer.items():
+            hit = cache.load_arrays(lang, layer, "sentence_features", SENTENCE_FEATURES)
+            have = set(hit["feature_ids"].tolist()) if hit is not None else set()
+            if hit is not None and set(features) <= have:
+                out[lang][layer] = SimpleNamespace(**hit)
+            else:
+                todo.setdefault(lang, {})[layer] = sorted(have | set(features))
+    if todo:
+        layers = sorted({layer for by_layer in todo.values() for layer in by_layer})
+        n_features = sum(len(fs) for by_layer in todo.values() for fs in by_layer.values())
+        print(f"feature CIs: a second pass over {len(todo)} language(s) x {len(layers)} layer(s) keeping per-sentence "
+              f"sums of {n_features} listed (language, layer, feature)s")
+        computed: dict = {}
+        engine.collect({lang: corpus[lang] for lang in todo}, layers, feature_stats=computed, feature_ids=todo)
+        for lang, by_layer in todo.items():
+            for layer in by_layer:
+                sums = computed[lang][layer]
+                arrays = {"feature_ids": sums.feature_ids, "sentence_sums": sums.sentence_sums}
+                cache.save_arrays(lang, layer, "sentence_features", arrays)
+                out[lang][layer] = SimpleNamespace(**arrays)
+    return out
+
+
+def analyze_features_step(cfg, ctx, summary: dict, stats, feature_stats, corpus, cache, engine, out_dir: Path,
+                          fcfg: dict) -> dict[str, Path]:
+    """features.csv, feature_overlap.json, features_summary.json, features_top.md and the two plots (docs/method.md
+    §8); adds `summary["features"]`; returns the plots by name."""
+    from mlalign.analysis import features as feat
+
+    acfg = cfg.analysis
+    langs = summary["langs"]
+    report = feat.analyze_features(feature_stats, cfg.reference_lang, langs, top_k=fcfg["top_k"],
+                                   min_sentences=fcfg["min_sentences"], specific_threshold=fcfg["specific_threshold"])
+    report.neuronpedia = feat.neuronpedia_ids(cfg.sae, report.layers)
+    n_resamples = int(acfg.bootstrap)
+    if fcfg["intervals"] and n_resamples > 0 and len(langs) > 1:
+        sentence_sums = feature_sentence_sums(report.needed_features(), corpus, cache, engine)
+        n_tokens = {lang: {layer: stats[lang][layer].n_tokens for layer in report.layers} for lang in langs}
+        feat.add_intervals(report, sentence_sums, n_tokens, {lang: corpus.ids[lang] for lang in langs},
+                           n_resamples=n_resamples, ci=float(acfg.ci), seed=int(cfg.seed))
+    bands = {band: [int(layer) for layer in ls] for band, ls in summary["bands"].items()}
+    title = f"{cfg.model.name}, {cfg.sae.name}"
+    rows = feat.feature_rows(report, fcfg["csv_rows"])
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(feat.FEATURES_CSV_COLUMNS))
+    writer.writeheader()
+    writer.writerows(rows)
+    files = {"csv": write_text_atomic(out_dir / "features.csv", buffer.getvalue()),
+             "overlap": write_json_atomic(out_dir / "feature_overlap.json", feat.overlap_json(report)),
+             "summary": write_json_atomic(out_dir / "features_summary.json", feat.features_summary(report, bands)),
+             "top": write_text_atomic(out_dir / "features_top.md",
+                                      feat.features_markdown(report, bands, title, float(acfg.ci)))}
+    images = {}
+    if acfg.plots:
+        images = {Path(path).stem: Path(path) for path in feat.plot_features(report, bands, out_dir, title)}
+    summary["features"] = {name: str(path) for name, path in files.items()}
+    ctx.tracker.log_table("analysis/features_listed", [row for row in rows if row["listed"]])
+    return images
+
+
 def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: Path | None = None,
-                  split: str | None = None) -> dict:
+                  split: str | None = None, feature_stats_out: dict | None = None) -> dict:
     """Statistics for every (language, layer), from the cache where possible; writes summary.json, metrics.csv and
     plots to `out_dir` (default `<run dir>/analysis`) and returns the summary dict. Reused by task=pipeline."""
     out_dir = Path(out_dir or ctx.run_dir / "analysis")
@@ -59,46 +181,38 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
     check_sae_config(cfg.sae, layers)
     cache = StatsCache(Path(cfg.paths.cache_dir) / "analysis",
                        cache_identity(cfg, ctx.testbed_dir, adapter, split, layers), enabled=bool(acfg.cache))
+    fcfg = feature_settings(acfg)
     stats = {lang: {} for lang in langs}
+    feature_stats = {lang: {} for lang in langs}
     missing: dict[str, list[int]] = {}
     for lang in langs:
         for layer in layers:
             hit = cache.load(lang, layer)
-            if hit is None:
+            features_hit = cache.load_arrays(lang, layer, "features", FEATURE_TOTALS) if fcfg["enabled"] else {}
+            if hit is None or features_hit is None:
                 missing.setdefault(lang, []).append(layer)
             else:
                 stats[lang][layer] = hit
+                if fcfg["enabled"]:
+                    feature_stats[lang][layer] = FeatureSums(**features_hit)
+    engine = _LazyEngine(cfg, ctx, adapter, model, tokenizer, cache, split, layers)
     if missing:
         todo_layers = sorted({layer for ls in missing.values() for layer in ls})
         n_cached = sum(len(v) for v in stats.values())
         print(f"analyzing {len(missing)} language(s) x {len(todo_layers)} layer(s)"
               + (f" ({n_cached} (language, layer) results from the cache)" if n_cached else ""))
-        from mlalign.models import hidden_size, num_layers, resolve_device
-
-        # SAEs first: a missing or mismatched SAE fails before a multi-GB model download, not after it.
-        # Where they live: sae.device if set (e.g. cpu to spare accelerator memory), else the CPU while waiting for
-        # their chunk (sae_chunk), else the model's device.
-        compute_device = resolve_device(cfg.sae.get("device")) if cfg.sae.get("device") else None
-        model_device = next(model.parameters()).device if model is not None else resolve_device(cfg.model.device)
-        home = compute_device or ("cpu" if acfg.sae_chunk else model_device)
-        saes = ctx.load_saes(todo_layers, int(cfg.model.hidden_size) if model is None else hidden_size(model), home)
-        if model is None:
-            model = ctx.load_model(adapter=adapter)
-            tokenizer = ctx.load_tokenizer()
-            # A first download fixed the snapshot the key names: store under the key later runs will compute.
-            cache.identity = cache_identity(cfg, ctx.testbed_dir, adapter, split, layers)
-        ctx.layers(num_layers(model))  # the config's layer count must match the weights
-        computed = collect_stats(model, tokenizer, saes, {lang: corpus[lang] for lang in missing},
-                                 batch_size=int(acfg.batch_size), max_length=int(cfg.data.max_length),
-                                 sae_chunk=acfg.sae_chunk, progress=True,
-                                 min_position=int(acfg.get("min_position") or 0),
-                                 max_position=acfg.get("max_position"), sae_device=compute_device)
+        computed_features = {} if fcfg["enabled"] else None
+        computed = engine.collect({lang: corpus[lang] for lang in missing}, todo_layers, feature_stats=computed_features)
         for lang, by_layer in computed.items():
             for layer, sums in by_layer.items():
                 cache.save(lang, layer, sums)
+                if computed_features is not None:
+                    totals = computed_features[lang][layer]
+                    cache.save_arrays(lang, layer, "features", {k: getattr(totals, k) for k in FEATURE_TOTALS})
+                    if layer in layers:
+                        feature_stats[lang][layer] = totals
                 if layer in layers:
                     stats[lang][layer] = sums
-        del saes
     else:
         print(f"all {len(langs)} x {len(layers)} (language, layer) results come from the cache")
 
@@ -122,6 +236,12 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
         from mlalign.analysis.plots import make_plots
 
         images = {Path(path).stem: Path(path) for path in make_plots(summary, out_dir)}
+    if fcfg["enabled"]:
+        feature_images = analyze_features_step(cfg, ctx, summary, stats, feature_stats, corpus, cache, engine, out_dir, fcfg)
+        images.update(feature_images)
+    engine.release()
+    if feature_stats_out is not None and fcfg["enabled"]:
+        feature_stats_out.update(feature_stats)
     summary["plots"] = {name: str(path) for name, path in images.items()}
     write_json_atomic(out_dir / "summary.json", summary)
     ctx.tracker.log_table("analysis/metrics", rows)
@@ -159,6 +279,8 @@ def run(cfg, ctx) -> dict[str, float]:
     for statement in summary["statements"]:
         print(f"- {statement}")
     print(f"\nresults: {out_dir / 'summary.json'}, {out_dir / 'metrics.csv'}")
+    if summary.get("features"):
+        print(f"features: {summary['features']['top']}, {summary['features']['csv']}")
     for path in summary.get("plots", {}).values():
         print(f"plot: {path}")
     return scalar_results(summary)

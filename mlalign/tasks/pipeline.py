@@ -27,6 +27,25 @@ def rerun_command() -> str:
     return " ".join(["python", "run.py", *(shlex.quote(o) for o in overrides)])
 
 
+def write_feature_changes(cfg, ctx, summary: dict, base: dict, adapted: dict, out_dir) -> None:
+    """feature_changes.json/.md: which features the adapter raised or lowered in the target languages and English."""
+    from mlalign.analysis.features import adapter_changes, adapter_changes_markdown, neuronpedia_ids
+    from mlalign.io import write_json_atomic
+    from mlalign.tasks import train
+    from mlalign.tasks.analyze import feature_settings
+
+    fcfg = feature_settings(cfg.analysis)
+    langs = [lang for lang in dict.fromkeys([*train.target_langs(cfg, ctx.langs), cfg.reference_lang]) if lang in base]
+    changes = adapter_changes(base, adapted, langs, cfg.reference_lang, top_k=fcfg["top_k"],
+                              min_sentences=fcfg["min_sentences"], specific_threshold=fcfg["specific_threshold"])
+    write_json_atomic(out_dir / "feature_changes.json", {lang: {str(k): v for k, v in by.items()} for lang, by in changes.items()})
+    layers = sorted(next(iter(base.values())))
+    bands = {band: [int(layer) for layer in ls] for band, ls in summary["bands"].items()}
+    path = write_text_atomic(out_dir / "feature_changes.md", adapter_changes_markdown(
+        changes, bands, fcfg["top_k"], neuronpedia_ids(cfg.sae, layers)))
+    print(f"features the adapter changed: {path}")
+
+
 def run(cfg, ctx) -> dict[str, float]:
     from mlalign.errors import UserError
     from mlalign.tasks import analyze, evaluate, train
@@ -35,12 +54,17 @@ def run(cfg, ctx) -> dict[str, float]:
         raise UserError(f"task=pipeline trains an adapter, so it needs a language besides {cfg.reference_lang}; "
                         f"type e.g. langs=[hi] (task=analyze maps {cfg.reference_lang} alone)")
     print("[1/4] analysing the base model")
-    before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base")
+    base_features: dict = {}
+    before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base", feature_stats_out=base_features)
     print("[2/4] training the adapter")
     train_result = train.run(cfg, ctx)
     adapter = ctx.run_dir / "adapter"
     print("[3/4] analysing base + adapter")
-    after = analyze.analyze_model(cfg, ctx, adapter=adapter, out_dir=ctx.run_dir / "analysis_adapter")
+    adapted_features: dict = {}
+    after = analyze.analyze_model(cfg, ctx, adapter=adapter, out_dir=ctx.run_dir / "analysis_adapter",
+                                  feature_stats_out=adapted_features)
+    if base_features and adapted_features:
+        write_feature_changes(cfg, ctx, before, base_features, adapted_features, ctx.run_dir / "analysis_adapter")
     print("[4/4] evaluating base vs adapter")
     comparison = evaluate.evaluate_models(cfg, ctx, adapter=adapter)
 

@@ -84,3 +84,18 @@ def test_identity_covers_attention_files_positions_and_each_layers_sae(tmp_path)
     assert changed[0] == base[0] and changed[1] != base[1]
     (model_dir / "tokenizer.json").write_text('{"v": 2}')
     assert set(keys()).isdisjoint(changed)
+
+
+def test_other_entry_kinds_round_trip_and_checksum(tmp_path):
+    cache = StatsCache(tmp_path, {"model": "m"})
+    arrays = {"act_sum": np.arange(4.0), "fire_count": np.ones(4)}
+    assert cache.load_arrays("hi", 2, "features", arrays) is None
+    cache.save("hi", 2, _sums(0))
+    cache.save_arrays("hi", 2, "features", arrays)
+    loaded = cache.load_arrays("hi", 2, "features", ("act_sum", "fire_count"))
+    assert all(np.array_equal(loaded[k], v) for k, v in arrays.items())
+    assert cache.load("hi", 2) is not None  # the kinds live side by side
+    assert cache.load_arrays("hi", 2, "features", ("act_sum",)) is None  # other fields: recompute
+    data = next(tmp_path.glob("*.features.npz"))
+    data.write_bytes(data.read_bytes()[:-4] + b"0000")
+    assert cache.load_arrays("hi", 2, "features", ("act_sum", "fire_count")) is None

@@ -39,6 +39,24 @@ def test_all_layers_and_languages_then_one_more_language_from_cache(testbed_dir,
     for name in ("disparity_heatmap.png", "layer_curves.png"):
         assert (run_dir / "analysis" / name).stat().st_size > 10_000
     assert (run_dir / "COMPLETE").is_file()
+    # Which features (docs/method.md §8): the contract scripts read.
+    with (run_dir / "analysis" / "features.csv").open() as handle:
+        features = list(csv.DictReader(handle))
+    assert {"lang", "layer", "feature", "firing_rate", "mean_act", "selectivity"} <= set(features[0])
+    assert {r["lang"] for r in features} == set(summary["langs"]) and {int(r["layer"]) for r in features} == set(range(26))
+    assert all(0 <= float(r["selectivity"]) <= 1 for r in features if r["selectivity"])
+    listed = [r for r in features if r["listed"] and r["lang"] != "en" and ("under" in r["listed"] or "over" in r["listed"])]
+    assert listed and all(float(r["diff_ci_low"]) <= float(r["diff_vs_reference"]) <= float(r["diff_ci_high"]) for r in listed)
+    assert all(r["neuronpedia_url"] == "" for r in features)  # the testbed's local SAEs have no Neuronpedia id
+    overlap = json.loads((run_dir / "analysis" / "feature_overlap.json").read_text())
+    assert set(overlap) == {str(layer) for layer in range(26)}
+    for by_lang in overlap.values():
+        assert all(by_lang[lang][lang] == 1.0 for lang in by_lang)
+        assert all(0 <= v <= 1 for row in by_lang.values() for v in row.values())
+    top = (run_dir / "analysis" / "features_top.md").read_text()
+    assert "## hi" in top and "under-active vs en" in top
+    for name in ("feature_overlap.png", "selective_features.png"):
+        assert (run_dir / "analysis" / name).stat().st_size > 10_000
     # The same numbers whether they came from the cache or not.
     first_dir = sorted((tmp_path / "outputs" / "analyze").iterdir())[0]
     before = json.loads((first_dir / "analysis" / "summary.json").read_text())

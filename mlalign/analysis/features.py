@@ -1,0 +1,661 @@
+"""Which SAE features carry the language gap: per-feature statistics per (language, layer), features under- and
+over-active against the reference, language-specific features, cross-language overlap, and links to look at them.
+
+Definitions and formulas: docs/method.md §8. The engine streams `FeatureStats` next to `stats.LayerStats` (O(d_sae)
+per (language, layer)); a second, optional pass keeps per-sentence sums of the listed features only (O(sentences x k))
+for their paired bootstrap CIs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlalign.errors import UserError
+
+NEURONPEDIA_URL = "https://www.neuronpedia.org/{np_id}/{feature}"
+LIST_KINDS = ("under", "over", "specific")
+ROUNDING = 1e-6
+"""Relative differences in mean activation below this are float rounding (float32 batch sums), not a difference."""
+
+
+@dataclass
+class FeatureSums:
+    """Per-feature totals of one (language, layer), numpy on the CPU. `F = d_sae`."""
+
+    n_tokens: np.ndarray
+    """[] analysed tokens (BOS, padding and positions outside the window excluded)."""
+    n_sentences: np.ndarray
+    """[] sentences with at least one analysed token."""
+    act_sum: np.ndarray
+    """[F] sum_t a_tf."""
+    fire_count: np.ndarray
+    """[F] #{t : a_tf != 0}."""
+    sentences_fired: np.ndarray
+    """[F] #{s : a_tf != 0 for some t in s}: the support that keeps one odd sentence from making a feature "Hindi's"."""
+    feature_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """[k] features whose per-sentence sums are kept (second pass only; empty otherwise)."""
+    sentence_sums: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    """[n_sentences_total, k] per sentence sum_t a_tf of `feature_ids` (second pass only)."""
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.act_sum.shape[0])
+
+    @property
+    def mean_act(self) -> np.ndarray:
+        """[F] mean activation over all analysed tokens."""
+        n = float(self.n_tokens)
+        return self.act_sum / n if n > 0 else np.full(self.d_sae, np.nan)
+
+    @property
+    def firing_rate(self) -> np.ndarray:
+        """[F] share of analysed tokens on which the feature is non-zero."""
+        n = float(self.n_tokens)
+        return self.fire_count / n if n > 0 else np.full(self.d_sae, np.nan)
+
+    @property
+    def mean_act_firing(self) -> np.ndarray:
+        """[F] mean activation over the tokens where it fires (NaN where it never fires)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.fire_count > 0, self.act_sum / np.where(self.fire_count > 0, self.fire_count, 1), np.nan)
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, arrays) -> "FeatureSums":
+        names = {f.name for f in fields(cls)}
+        return cls(**{name: np.asarray(arrays[name]) for name in names})
+
+
+FEATURE_SUMS_FIELDS = tuple(f.name for f in fields(FeatureSums))
+
+
+class FeatureStats:
+    """Streaming per-feature accumulator for one (language, layer); nothing is synchronised with the host until
+    `finalize()`. Memory O(d_sae), plus [n_sentences, k] when `feature_ids` (k features) are given."""
+
+    def __init__(self, n_sentences: int, d_sae: int, device: torch.device | str = "cpu", feature_ids=None):
+        device = torch.device(device)
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.device = device
+        self.n_tokens = 0  # from shapes: a Python int costs no host sync
+        self.n_sentences = torch.zeros((), dtype=self.dtype, device=device)
+        self.act_sum = torch.zeros(d_sae, dtype=self.dtype, device=device)
+        self.fire_count = torch.zeros(d_sae, dtype=self.dtype, device=device)
+        self.sentences_fired = torch.zeros(d_sae, dtype=self.dtype, device=device)
+        self.feature_ids = None
+        self.sentence_sums = None
+        if feature_ids is not None:
+            self.feature_ids = torch.as_tensor(np.asarray(feature_ids, dtype=np.int64), device=device)
+            self.sentence_sums = torch.zeros(n_sentences, len(self.feature_ids), dtype=self.dtype, device=device)
+
+    @torch.no_grad()
+    def update(self, feature_acts: torch.Tensor, row_index: torch.Tensor, n_rows: int,
+               sentence_index: torch.Tensor | None = None) -> None:
+        """Add one batch. feature_acts: [n, d_sae] of the analysed tokens; row_index: [n] long, each token's row in the
+        batch (0..n_rows-1; a batch holds whole sentences, so a row is a sentence); sentence_index: [n] long, the
+        sentence's position in the language's text list (needed only with `feature_ids`)."""
+        n = feature_acts.shape[0]
+        if n == 0:
+            return
+        acts = feature_acts.to(torch.float32)
+        # Per-row firing counts [n_rows, d_sae]: their column sums are the token firing counts, and rows with a count
+        # are the sentences the feature fires in; one pass over [n, d_sae] serves both.
+        per_row = torch.zeros(n_rows, acts.shape[1], dtype=torch.float32, device=acts.device)
+        per_row.index_add_(0, row_index, (acts != 0).to(torch.float32))
+        row_tokens = torch.zeros(n_rows, dtype=torch.float32, device=acts.device)
+        row_tokens.index_add_(0, row_index, torch.ones(n, dtype=torch.float32, device=acts.device))
+        self.n_tokens += n
+        self.n_sentences += (row_tokens > 0).sum().to(self.dtype)
+        self.act_sum += acts.sum(dim=0).to(self.dtype)
+        self.fire_count += per_row.sum(dim=0).to(self.dtype)
+        self.sentences_fired += (per_row > 0).sum(dim=0).to(self.dtype)
+        if self.feature_ids is not None:
+            self.sentence_sums.index_add_(0, sentence_index, acts.index_select(1, self.feature_ids).to(self.dtype))
+
+    def finalize(self) -> FeatureSums:
+        out = FeatureSums(
+            n_tokens=np.asarray(float(self.n_tokens)),
+            n_sentences=np.asarray(float(self.n_sentences.cpu())),
+            act_sum=self.act_sum.double().cpu().numpy(),
+            fire_count=self.fire_count.double().cpu().numpy(),
+            sentences_fired=self.sentences_fired.double().cpu().numpy(),
+        )
+        if self.feature_ids is not None:
+            out.feature_ids = self.feature_ids.cpu().numpy()
+            out.sentence_sums = self.sentence_sums.double().cpu().numpy()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+
+def selectivity(mean_acts: np.ndarray) -> np.ndarray:
+    """[n_langs, F] share of each feature's mean activation that each language carries: mu_lf / sum_l' mu_l'f.
+    1 = only this language activates it; 1/n_langs = every language equally. NaN where no language activates it."""
+    mean_acts = np.clip(np.nan_to_num(np.asarray(mean_acts, dtype=np.float64)), 0.0, None)
+    total = mean_acts.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, mean_acts / np.where(total > 0, total, 1.0), np.nan)
+
+
+def specificity(share: np.ndarray, n_langs: int) -> np.ndarray:
+    """(share - 1/n) / (1 - 1/n): 1 = one language only, 0 = uniform, negative = below uniform. NaN for n = 1."""
+    if n_langs < 2:
+        return np.full_like(share, np.nan)
+    return (share - 1.0 / n_langs) / (1.0 - 1.0 / n_langs)
+
+
+def weighted_jaccard(mean_acts: np.ndarray) -> np.ndarray:
+    """[n, n] activation-weighted Jaccard of the languages' activation profiles p_l = mu_l / sum_f mu_lf:
+    sum_f min(p_af, p_bf) / sum_f max(p_af, p_bf). 1 = the same features in the same proportions, 0 = disjoint.
+    Profiles are normalised so that a language using the same features uniformly more weakly still overlaps fully
+    (that gap is what disparity_pct measures). A language without any activation overlaps only itself."""
+    mu = np.clip(np.nan_to_num(np.asarray(mean_acts, dtype=np.float64)), 0.0, None)
+    total = mu.sum(axis=1, keepdims=True)
+    p = np.where(total > 0, mu / np.where(total > 0, total, 1.0), 0.0)
+    n = p.shape[0]
+    out = np.eye(n)
+    for a in range(n):
+        for b in range(a + 1, n):
+            high = np.maximum(p[a], p[b]).sum()
+            out[a, b] = out[b, a] = float(np.minimum(p[a], p[b]).sum() / high) if high > 0 else 0.0
+    return np.clip(out, 0.0, 1.0)
+
+
+def _paired_counts(ids_by_lang, langs, reference_lang, sizes, n_resamples, seed):
+    from mlalign.analysis.metrics import _paired_columns, _resample_counts
+
+    ids_by_lang = ids_by_lang or {}
+    ref_counts = _resample_counts(sizes[reference_lang], n_resamples, np.random.default_rng([seed, 14, 0]))
+    out = {}
+    for k, lang in enumerate(langs):
+        if lang == reference_lang:
+            out[lang] = ref_counts
+            continue
+        columns = _paired_columns(ids_by_lang.get(lang), ids_by_lang.get(reference_lang))
+        out[lang] = (ref_counts[:, columns] if columns is not None
+                     else _resample_counts(sizes[lang], n_resamples, np.random.default_rng([seed, 14, k + 1])))
+    return out
+
+
+@dataclass
+class FeatureReport:
+    """Everything the outputs are written from. Per layer (int keys), per language (analysed order)."""
+
+    reference_lang: str
+    langs: list[str]
+    layers: list[int]
+    top_k: int
+    min_sentences: int
+    specific_threshold: float
+    stats: dict
+    """[layer] -> {mean_act, firing_rate, mean_act_firing, sentences_fired, selectivity, specificity}: [n_langs, F]."""
+    lists: dict
+    """[lang][layer][kind] -> [feature ids]; kinds under/over (vs the reference) and specific."""
+    specific_counts: dict
+    """[lang][layer] -> number of features specific to the language."""
+    overlap: dict
+    """[layer] -> [n_langs, n_langs] weighted Jaccard."""
+    reference_share: dict
+    """[lang][layer] -> {"features": share of the reference's supported features the language also supports,
+    "mass": the reference activation mass on those features}."""
+    intervals: dict = field(default_factory=dict)
+    """[lang][layer][feature] -> [low, high] CI of mean_act(lang) - mean_act(reference)."""
+    neuronpedia: dict = field(default_factory=dict)
+    """[layer] -> Neuronpedia SAE id (e.g. gemma-2-2b/3-gemmascope-res-16k) or None."""
+
+    def value(self, name: str, lang: str, layer: int, feature: int) -> float:
+        return float(self.stats[layer][name][self.langs.index(lang), feature])
+
+    def diff(self, lang: str, layer: int, feature: int) -> float:
+        return self.value("mean_act", lang, layer, feature) - self.value("mean_act", self.reference_lang, layer, feature)
+
+    def url(self, layer: int, feature: int) -> str | None:
+        np_id = self.neuronpedia.get(layer)
+        return NEURONPEDIA_URL.format(np_id=np_id, feature=int(feature)) if np_id else None
+
+    def needed_features(self) -> dict[str, dict[int, list[int]]]:
+        """[lang][layer] -> features whose per-sentence sums the CIs need: each language's listed features, and for
+        the reference the union over languages (the CI is of a paired difference)."""
+        out = {lang: {layer: set() for layer in self.layers} for lang in self.langs}
+        for lang, by_layer in self.lists.items():
+            if lang == self.reference_lang:
+                continue
+            for layer, kinds in by_layer.items():
+                listed = {f for kind in LIST_KINDS for f in kinds.get(kind, [])}
+                out[lang][layer] |= listed
+                out[self.reference_lang][layer] |= listed
+        return {lang: {layer: sorted(fs) for layer, fs in by_layer.items() if fs} for lang, by_layer in out.items()}
+
+
+def analyze_features(feature_stats: dict[str, dict[int, FeatureSums]], reference_lang: str, langs: list[str] | None = None,
+                     top_k: int = 10, min_sentences: int = 5, specific_threshold: float = 0.5) -> FeatureReport:
+    """Per-feature statistics, top-k lists, language-specific features and overlap (docs/method.md §8).
+
+    Over-active in `lang`: mean_act(lang) - mean_act(ref) > 0, firing in >= min_sentences of lang's sentences;
+    under-active: the difference < 0, firing in >= min_sentences of the reference's; the k largest |difference| each.
+    Specific to `lang`: specificity >= specific_threshold and firing in >= min_sentences of lang's sentences, listed
+    by mean activation (the top k; `specific_counts` counts all of them). Needs the reference among the languages.
+    """
+    langs = list(langs or feature_stats)
+    if reference_lang not in langs:
+        raise UserError(f"reference language {reference_lang!r} was not analysed; add it to langs or set reference_lang")
+    if top_k < 1 or min_sentences < 1:
+        raise UserError(f"analysis.features.top_k and min_sentences must be >= 1, got {top_k} and {min_sentences}")
+    if not 0 < specific_threshold <= 1:
+        raise UserError(f"analysis.features.specific_threshold must lie in (0, 1], got {specific_threshold}")
+    layers = sorted(feature_stats[reference_lang])
+    ref = langs.index(reference_lang)
+    n = len(langs)
+    stats, lists, counts, overlap, share = {}, {lang: {} for lang in langs}, {lang: {} for lang in langs}, {}, {lang: {} for lang in langs}
+    for layer in layers:
+        sums = [feature_stats[lang][layer] for lang in langs]
+        mean_act = np.stack([s.mean_act for s in sums])
+        fired = np.stack([s.sentences_fired for s in sums])
+        sel = selectivity(mean_act)
+        spec = specificity(sel, n)
+        stats[layer] = {"mean_act": mean_act, "firing_rate": np.stack([s.firing_rate for s in sums]),
+                        "mean_act_firing": np.stack([s.mean_act_firing for s in sums]), "sentences_fired": fired,
+                        "selectivity": sel, "specificity": spec}
+        overlap[layer] = weighted_jaccard(mean_act)
+        supported = fired >= min_sentences
+        ref_support = supported[ref]
+        ref_mass = np.nan_to_num(mean_act[ref]) * ref_support
+        for i, lang in enumerate(langs):
+            kinds = {}
+            if n > 1:
+                specific = supported[i] & (np.nan_to_num(spec[i], nan=-1.0) >= specific_threshold - 1e-12)
+                counts[lang][layer] = int(specific.sum())
+                kinds["specific"] = _top(np.where(specific, mean_act[i], -np.inf), top_k)
+            else:
+                counts[lang][layer] = 0
+            both = ref_support & supported[i]
+            share[lang][layer] = {
+                "features": float(both.sum() / ref_support.sum()) if ref_support.any() else None,
+                "mass": float(ref_mass[both].sum() / ref_mass.sum()) if ref_mass.sum() > 0 else None,
+            }
+            if i != ref:
+                diff = np.nan_to_num(mean_act[i] - mean_act[ref])
+                # Differences within float rounding of the sums (batch composition) are no difference.
+                scale = np.nan_to_num(np.maximum(np.abs(mean_act[i]), np.abs(mean_act[ref])))
+                diff = np.where(np.abs(diff) > ROUNDING * scale, diff, 0.0)
+                kinds["over"] = _top(np.where(supported[i] & (diff > 0), diff, -np.inf), top_k)
+                kinds["under"] = _top(np.where(ref_support & (diff < 0), -diff, -np.inf), top_k)
+            lists[lang][layer] = kinds
+    return FeatureReport(reference_lang, langs, layers, top_k, min_sentences, specific_threshold, stats, lists,
+                         counts, overlap, share)
+
+
+def _top(scores: np.ndarray, k: int) -> list[int]:
+    """Indices of the k largest finite scores, largest first (ties by index)."""
+    finite = np.flatnonzero(np.isfinite(scores))
+    order = finite[np.lexsort((finite, -scores[finite]))]
+    return [int(f) for f in order[:k]]
+
+
+def add_intervals(report: FeatureReport, sentence_sums: dict[str, dict[int, FeatureSums]],
+                  n_tokens: dict[str, dict[int, np.ndarray]], ids_by_lang: dict | None = None,
+                  n_resamples: int = 1000, ci: float = 0.95, seed: int = 0) -> None:
+    """Paired percentile-bootstrap CIs of mean_act(lang) - mean_act(ref) for every listed feature, into
+    `report.intervals`. sentence_sums[lang][layer] holds per-sentence sums of (at least) the needed features;
+    n_tokens[lang][layer] the per-sentence token counts. A language holding the reference's sentence ids reuses its
+    draw by id (the same sentences on both sides), like the disparity CIs."""
+    from mlalign.analysis.metrics import _interval
+
+    if n_resamples <= 0:
+        return
+    ref = report.reference_lang
+    langs = [lang for lang in report.langs if lang in sentence_sums]
+    if ref not in langs:
+        return
+    sizes = {lang: len(next(iter(n_tokens[lang].values()))) for lang in langs}
+    counts = _paired_counts(ids_by_lang, langs, ref, sizes, n_resamples, seed)
+    needed = report.needed_features()
+    for lang in langs:
+        if lang == ref:
+            continue
+        for layer, features in needed.get(lang, {}).items():
+            mine, theirs = sentence_sums[lang].get(layer), sentence_sums[ref].get(layer)
+            if mine is None or theirs is None:
+                continue
+            with np.errstate(invalid="ignore", divide="ignore"):
+                a = _resampled_means(mine, n_tokens[lang][layer], counts[lang], features)
+                b = _resampled_means(theirs, n_tokens[ref][layer], counts[ref], features)
+            cell = report.intervals.setdefault(lang, {}).setdefault(layer, {})
+            for j, feature in enumerate(features):
+                cell[feature] = _interval(a[:, j] - b[:, j], ci)
+
+
+def _resampled_means(sums: FeatureSums, n_tokens: np.ndarray, counts: np.ndarray, features: list[int]) -> np.ndarray:
+    """[n_resamples, len(features)] token-pooled mean activation of `features` under each resample's weights."""
+    where = {int(f): j for j, f in enumerate(sums.feature_ids)}
+    columns = sums.sentence_sums[:, [where[int(f)] for f in features]]
+    return (counts @ columns) / (counts @ np.asarray(n_tokens, dtype=np.float64))[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def neuronpedia_ids(sae_cfg, layers) -> dict[int, str | None]:
+    """layer -> the Neuronpedia id sae-lens's registry gives that layer's SAE (None for local SAEs and releases
+    without one)."""
+    out = {int(layer): None for layer in layers}
+    release = sae_cfg.get("release") if sae_cfg is not None else None
+    if not release:
+        return out
+    try:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+        from mlalign.saes import sae_id_for
+    except ImportError:  # pragma: no cover - sae-lens is a dependency
+        return out
+    lookup = get_pretrained_saes_directory().get(release)
+    ids = dict(getattr(lookup, "neuronpedia_id", None) or {})
+    for layer in layers:
+        out[int(layer)] = ids.get(sae_id_for(sae_cfg, layer))
+    return out
+
+
+FEATURES_CSV_COLUMNS = ("lang", "layer", "feature", "firing_rate", "mean_act", "mean_act_firing", "sentences_fired",
+                        "selectivity", "specificity", "specific", "diff_vs_reference", "diff_ci_low", "diff_ci_high",
+                        "listed", "neuronpedia_url")
+
+
+def _num(x):
+    x = float(x)
+    return None if not np.isfinite(x) else x
+
+
+def feature_rows(report: FeatureReport, rows: str = "fired") -> list[dict]:
+    """Long-format rows of `analysis/features.csv`: one per (lang, layer, feature). rows="fired": features that fire
+    at least once in that (lang, layer) (a feature that never fires has zeros everywhere); "all": every feature;
+    "listed": only the features in some list."""
+    if rows not in ("fired", "all", "listed"):
+        raise UserError(f"analysis.features.csv_rows must be fired, all or listed, got {rows!r}")
+    out = []
+    ref = report.langs.index(report.reference_lang)
+    for layer in report.layers:
+        s = report.stats[layer]
+        for i, lang in enumerate(report.langs):
+            kinds = report.lists[lang].get(layer, {})
+            listed = {}
+            for kind in LIST_KINDS:
+                for f in kinds.get(kind, []):
+                    listed.setdefault(f, []).append(kind)
+            if rows == "listed":
+                features = sorted(listed)
+            elif rows == "fired":
+                features = np.flatnonzero(s["firing_rate"][i] > 0)
+            else:
+                features = range(s["mean_act"].shape[1])
+            intervals = report.intervals.get(lang, {}).get(layer, {})
+            spec_ok = s["sentences_fired"][i] >= report.min_sentences
+            for f in features:
+                f = int(f)
+                interval = intervals.get(f) or [None, None]
+                spec = s["specificity"][i, f]
+                out.append({
+                    "lang": lang, "layer": layer, "feature": f,
+                    "firing_rate": _num(s["firing_rate"][i, f]), "mean_act": _num(s["mean_act"][i, f]),
+                    "mean_act_firing": _num(s["mean_act_firing"][i, f]),
+                    "sentences_fired": int(s["sentences_fired"][i, f]),
+                    "selectivity": _num(s["selectivity"][i, f]), "specificity": _num(spec),
+                    "specific": bool(np.isfinite(spec) and spec >= report.specific_threshold - 1e-12 and spec_ok[f]),
+                    "diff_vs_reference": _num(s["mean_act"][i, f] - s["mean_act"][ref, f]),
+                    "diff_ci_low": interval[0], "diff_ci_high": interval[1],
+                    "listed": "+".join(listed.get(f, [])), "neuronpedia_url": report.url(layer, f),
+                })
+    return out
+
+
+def overlap_json(report: FeatureReport) -> dict:
+    """`analysis/feature_overlap.json`: {"<layer>": {"<lang>": {"<lang>": value}}}, values in [0, 1], 1 on the diagonal."""
+    return {str(layer): {a: {b: float(report.overlap[layer][i, j]) for j, b in enumerate(report.langs)}
+                         for i, a in enumerate(report.langs)} for layer in report.layers}
+
+
+def features_summary(report: FeatureReport, bands: dict[str, list[int]]) -> dict:
+    """`analysis/features_summary.json`: settings, specific-feature counts, reference shares, the lists."""
+    return {
+        "reference_lang": report.reference_lang, "langs": report.langs, "layers": report.layers,
+        "top_k": report.top_k, "min_sentences": report.min_sentences, "specific_threshold": report.specific_threshold,
+        "specific_counts": {lang: {str(k): v for k, v in by.items()} for lang, by in report.specific_counts.items()},
+        "reference_share": {lang: {str(k): v for k, v in by.items()} for lang, by in report.reference_share.items()},
+        "band_overlap_with_reference": {lang: {band: _band_mean(report, lang, ls) for band, ls in bands.items()}
+                                        for lang in report.langs},
+        "lists": {lang: {str(layer): {kind: [{"feature": f, "diff_vs_reference": _num(report.diff(lang, layer, f)),
+                                              "ci": report.intervals.get(lang, {}).get(layer, {}).get(f),
+                                              "neuronpedia_url": report.url(layer, f)} for f in fs]
+                                      for kind, fs in kinds.items()}
+                         for layer, kinds in by.items()} for lang, by in report.lists.items()},
+        "neuronpedia": {str(k): v for k, v in report.neuronpedia.items()},
+    }
+
+
+def _band_mean(report: FeatureReport, lang: str, layers: list[int]) -> float | None:
+    i, r = report.langs.index(lang), report.langs.index(report.reference_lang)
+    values = [report.overlap[layer][i, r] for layer in layers if layer in report.overlap]
+    return float(np.mean(values)) if values else None
+
+
+def _fmt(x, digits=4) -> str:
+    return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}g}"
+
+
+def _link(report: FeatureReport, layer: int, feature: int) -> str:
+    url = report.url(layer, feature)
+    return f"[{feature}]({url})" if url else str(feature)
+
+
+def features_markdown(report: FeatureReport, bands: dict[str, list[int]], title: str = "", ci: float = 0.95) -> str:
+    """`analysis/features_top.md`: per language and layer band, the features most under- and over-active against the
+    reference (with their paired bootstrap CIs), the language's specific features, and overlap numbers."""
+    ref = report.reference_lang
+    lines = [f"# Which features{': ' + title if title else ''}", "",
+             f"Reference: {ref}. Top {report.top_k} per language and band, pooled over the band's layers; a feature "
+             f"counts only where it fires in at least {report.min_sentences} sentences; specific = specificity >= "
+             f"{report.specific_threshold}. Definitions: docs/method.md §8. "
+             + ("Feature numbers link to Neuronpedia." if any(report.neuronpedia.values())
+                else "No Neuronpedia links: this SAE set has no Neuronpedia id in sae-lens's registry."), ""]
+    others = [lang for lang in report.langs if lang != ref]
+    band_names = list(bands)
+    lines += ["## Overlap with the reference", "",
+              f"Activation-weighted Jaccard with {ref} (mean over the band's layers) / share of {ref}'s features "
+              f"(fired in >= {report.min_sentences} sentences) the language also uses.", "",
+              "| lang | " + " | ".join(band_names) + " |", "|---|" + "---|" * len(band_names)]
+    for lang in others:
+        cells = []
+        for band in band_names:
+            jac = _band_mean(report, lang, bands[band])
+            shares = [report.reference_share[lang][layer]["features"] for layer in bands[band]
+                      if layer in report.reference_share[lang] and report.reference_share[lang][layer]["features"] is not None]
+            cells.append(f"{_fmt(jac, 3)} / {_fmt(float(np.mean(shares)) if shares else None, 3)}")
+        lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+    lines += ["", "## Language-specific features (count per band, summed over its layers)", "",
+              "| lang | " + " | ".join(band_names) + " |", "|---|" + "---|" * len(band_names)]
+    for lang in report.langs:
+        cells = [str(sum(report.specific_counts[lang].get(layer, 0) for layer in bands[band])) for band in band_names]
+        lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+    pct = int(round(100 * ci))
+    for lang in report.langs:
+        lines += ["", f"## {lang}"]
+        for band in band_names:
+            layers = [layer for layer in bands[band] if layer in report.lists[lang]]
+            if not layers:
+                continue
+            lines += ["", f"### {band} (layers {layers[0]}-{layers[-1]})"]
+            kinds = (("under", f"under-active vs {ref}"), ("over", f"over-active vs {ref}"), ("specific", f"specific to {lang}"))
+            for kind, words in kinds:
+                items = [(layer, f) for layer in layers for f in report.lists[lang][layer].get(kind, [])]
+                if kind == "specific":
+                    items.sort(key=lambda lf: (-report.value("mean_act", lang, *lf), lf))
+                else:
+                    items.sort(key=lambda lf: (-abs(report.diff(lang, *lf)), lf))
+                items = items[: report.top_k]
+                if lang == ref and kind != "specific":
+                    continue
+                lines += ["", f"**{words}**", ""]
+                if not items:
+                    lines.append("none")
+                    continue
+                if lang == ref:
+                    lines += ["| layer | feature | mean_act | firing rate | selectivity | sentences fired |",
+                              "|---|---|---|---|---|---|"]
+                    lines += [f"| {layer} | {_link(report, layer, f)} | {_fmt(report.value('mean_act', lang, layer, f))} | "
+                              f"{_fmt(report.value('firing_rate', lang, layer, f), 3)} | "
+                              f"{_fmt(report.value('selectivity', lang, layer, f), 3)} | "
+                              f"{int(report.value('sentences_fired', lang, layer, f))} |" for layer, f in items]
+                    continue
+                lines += [f"| layer | feature | mean_act {lang} | mean_act {ref} | diff [{pct}% CI] | selectivity | "
+                          f"sentences fired {lang} / {ref} |", "|---|---|---|---|---|---|---|"]
+                for layer, f in items:
+                    interval = report.intervals.get(lang, {}).get(layer, {}).get(f)
+                    ci_words = f" [{_fmt(interval[0], 3)}, {_fmt(interval[1], 3)}]" if interval else ""
+                    lines.append(
+                        f"| {layer} | {_link(report, layer, f)} | {_fmt(report.value('mean_act', lang, layer, f))} | "
+                        f"{_fmt(report.value('mean_act', ref, layer, f))} | {_fmt(report.diff(lang, layer, f), 3)}{ci_words} | "
+                        f"{_fmt(report.value('selectivity', lang, layer, f), 3)} | "
+                        f"{int(report.value('sentences_fired', lang, layer, f))} / "
+                        f"{int(report.value('sentences_fired', ref, layer, f))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_features(report: FeatureReport, bands: dict[str, list[int]], out_dir: str | Path, title: str = "") -> list[Path]:
+    """feature_overlap.png (languages x languages weighted Jaccard, mean over each band's layers) and
+    selective_features.png (specific-feature counts, languages x layers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    langs, n = report.langs, len(report.langs)
+    bands = {b: [layer for layer in ls if layer in report.overlap] for b, ls in bands.items()}
+    bands = {b: ls for b, ls in bands.items() if ls}
+    fig, axes = plt.subplots(1, len(bands), figsize=(0.45 * n * len(bands) + 2.5 * len(bands), 0.45 * n + 2.0), squeeze=False)
+    for ax, (band, layers) in zip(axes[0], bands.items()):
+        grid = np.mean([report.overlap[layer] for layer in layers], axis=0)
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_xticks(range(n), langs, fontsize=8, rotation=90)
+        ax.set_yticks(range(n), langs, fontsize=8)
+        if n <= 12:
+            for a in range(n):
+                for b in range(n):
+                    ax.text(b, a, f"{grid[a, b]:.2f}", ha="center", va="center", fontsize=6,
+                            color="black" if grid[a, b] > 0.6 else "white")
+        ax.set_title(f"{band} (layers {layers[0]}-{layers[-1]})", fontsize=9)
+    fig.colorbar(image, ax=list(axes[0]), label="activation-weighted Jaccard")
+    fig.suptitle(f"Feature overlap between languages{' — ' + title if title else ''}", fontsize=10)
+    overlap_path = out_dir / "feature_overlap.png"
+    fig.savefig(overlap_path, dpi=150)
+    plt.close(fig)
+
+    layers = report.layers
+    grid = np.array([[report.specific_counts[lang].get(layer, 0) for layer in layers] for lang in langs], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(layers) + 2.5), 0.45 * n + 1.8))
+    image = ax.imshow(grid, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(layers)), [str(layer) for layer in layers], fontsize=8)
+    ax.set_yticks(range(n), langs)
+    if n * len(layers) <= 300:
+        top = grid.max() if grid.size else 0
+        for r in range(n):
+            for c in range(len(layers)):
+                ax.text(c, r, f"{int(grid[r, c])}", ha="center", va="center", fontsize=6,
+                        color="black" if grid[r, c] > 0.6 * top else "white")
+    ax.set_xlabel("layer")
+    fig.colorbar(image, ax=ax, label=f"specific features (specificity >= {report.specific_threshold})")
+    ax.set_title(f"Language-specific SAE features per layer{' — ' + title if title else ''}", fontsize=10)
+    fig.tight_layout()
+    selective_path = out_dir / "selective_features.png"
+    fig.savefig(selective_path, dpi=150)
+    plt.close(fig)
+    return [overlap_path, selective_path]
+
+
+# ---------------------------------------------------------------------------------------------------- adapter view
+
+
+def adapter_changes(base: dict[str, dict[int, FeatureSums]], adapted: dict[str, dict[int, FeatureSums]], langs: list[str],
+                    reference_lang: str, top_k: int = 10, min_sentences: int = 5, specific_threshold: float = 0.5) -> dict:
+    """Which features an adapter turned up or down, per language in `langs` and layer (docs/method.md §8, adapter view).
+
+    change[f] = mu_f(adapted) - mu_f(base) on the same sentences. `up`/`down`: the top_k largest rises (the feature
+    counts in the adapted model) and falls (it counts in the base model). `gain_top_k_share`: the share of all rises
+    (sum of positive changes) that the top_k carry (near 1 = a handful of features); `gain_specific_share`: the share
+    that falls on features specific to this language in the base model (analyze_features over every base language);
+    `turned_on`/`turned_off`: features that reach / lose the support of min_sentences sentences.
+    """
+    base_report = analyze_features(base, reference_lang, list(base), top_k=top_k, min_sentences=min_sentences,
+                                   specific_threshold=specific_threshold)
+    out: dict = {}
+    for lang in langs:
+        out[lang] = {}
+        i = base_report.langs.index(lang)
+        for layer in base_report.layers:
+            b, a = base[lang][layer], adapted[lang][layer]
+            change = np.nan_to_num(a.mean_act - b.mean_act)
+            scale = np.nan_to_num(np.maximum(np.abs(a.mean_act), np.abs(b.mean_act)))
+            change = np.where(np.abs(change) > ROUNDING * scale, change, 0.0)
+            supported_a, supported_b = a.sentences_fired >= min_sentences, b.sentences_fired >= min_sentences
+            up = _top(np.where(supported_a & (change > 0), change, -np.inf), top_k)
+            down = _top(np.where(supported_b & (change < 0), -change, -np.inf), top_k)
+            rises = np.clip(change, 0.0, None)
+            total = rises.sum()
+            spec = base_report.stats[layer]["specificity"][i]
+            specific = supported_b & (np.nan_to_num(spec, nan=-1.0) >= specific_threshold - 1e-12)
+            out[lang][layer] = {
+                "up": [{"feature": f, "base": float(b.mean_act[f]), "adapted": float(a.mean_act[f]),
+                        "change": float(change[f])} for f in up],
+                "down": [{"feature": f, "base": float(b.mean_act[f]), "adapted": float(a.mean_act[f]),
+                          "change": float(change[f])} for f in down],
+                "gain_top_k_share": float(rises[up].sum() / total) if total > 0 else None,
+                "gain_specific_share": float(rises[specific].sum() / total) if total > 0 else None,
+                "turned_on": int((supported_a & ~supported_b).sum()),
+                "turned_off": int((supported_b & ~supported_a).sum()),
+            }
+    return out
+
+
+def adapter_changes_markdown(changes: dict, bands: dict[str, list[int]], top_k: int, neuronpedia: dict | None = None) -> str:
+    """`feature_changes.md`: per language and band, how concentrated the adapter's rises are and on which features."""
+    neuronpedia = neuronpedia or {}
+
+    def link(layer, f):
+        np_id = neuronpedia.get(layer)
+        return f"[{f}]({NEURONPEDIA_URL.format(np_id=np_id, feature=f)})" if np_id else str(f)
+
+    lines = ["# Which features the adapter changed", "",
+             "Mean activation with the adapter minus without it, on the same sentences. top-k share: the part of all "
+             "rises that the top "
+             f"{top_k} features carry (near 1 = a handful of features); specific share: the part that falls on the "
+             "language's own specific features in the base model; on/off: features that gain / lose support. "
+             "Definitions: docs/method.md §8.", ""]
+    for lang, by_layer in changes.items():
+        lines += [f"## {lang}", "", "| band | top-k share | specific share | turned on | turned off |", "|---|---|---|---|---|"]
+        for band, layers in bands.items():
+            cells = [by_layer[layer] for layer in layers if layer in by_layer]
+            if not cells:
+                continue
+            tops = [c["gain_top_k_share"] for c in cells if c["gain_top_k_share"] is not None]
+            specs = [c["gain_specific_share"] for c in cells if c["gain_specific_share"] is not None]
+            lines.append(f"| {band} | {_fmt(float(np.mean(tops)) if tops else None, 3)} | "
+                         f"{_fmt(float(np.mean(specs)) if specs else None, 3)} | {sum(c['turned_on'] for c in cells)} | "
+                         f"{sum(c['turned_off'] for c in cells)} |")
+        for band, layers in bands.items():
+            for kind, words in (("up", "raised"), ("down", "lowered")):
+                items = [(layer, item) for layer in layers if layer in by_layer for item in by_layer[layer][kind]]
+                items.sort(key=lambda li: (-abs(li[1]["change"]), li[0], li[1]["feature"]))
+                if not items:
+                    continue
+                lines += ["", f"**{band}, {words}**", "", "| layer | feature | base | adapter | change |", "|---|---|---|---|---|"]
+                lines += [f"| {layer} | {link(layer, it['feature'])} | {_fmt(it['base'])} | {_fmt(it['adapted'])} | "
+                          f"{_fmt(it['change'], 3)} |" for layer, it in items[:top_k]]
+        lines.append("")
+    return "\n".join(lines) + "\n"
