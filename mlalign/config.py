@@ -152,9 +152,9 @@ class AnalysisConfig:
 class LossConfig:
     ce: float = 1.0
     """Weight of the causal-LM cross-entropy on target-language text."""
-    act_align: float = 1.0
+    act_align: float = 5.0
     """Weight of the activation-alignment term (0 = plain LoRA)."""
-    sae_fidelity: float = 1.0
+    sae_fidelity: float = 5.0
     """Weight of the SAE-fidelity term: mean relu(FVU_adapted / FVU_base - 1) on target and English tokens."""
     en_retain: float = 1.0
     """Weight of the English-retention term."""
