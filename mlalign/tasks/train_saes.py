@@ -259,7 +259,8 @@ def run(cfg, ctx) -> dict[str, float]:
                             l0_coefficient=float(st.l0_coefficient),
                             target_l0=None if st.target_l0 is None else float(st.target_l0),
                             seed=int(cfg.seed) + layer, index=index, model_name=str(cfg.model.name),
-                            context_size=max_length, device=device, checkpoint_dir=checkpoints, progress=True)
+                            context_size=max_length, device=device, checkpoint_dir=checkpoints, progress=True,
+                            b_dec_init="mean")
             sae.save_model(out_dir / f"layer_{layer}")
             overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
             per_lang = {lang: fidelity(sae, heldout[lang][layer]) for lang in langs}
