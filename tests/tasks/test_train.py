@@ -159,21 +159,50 @@ def test_run_writes_adapter_metrics_plot_and_the_outcome_contract(aligned_run):
     assert [p.name for p in (aligned_run / "checkpoints").iterdir()] == [f"step-{STEPS:08d}"]
 
 
-@pytest.mark.slow
-def test_act_align_term_falls_during_training(aligned_run):
-    history = json.loads((aligned_run / "train" / "history.json").read_text())
-    act = [h["act_align"] for h in history]
-    assert len(act) == STEPS
-    assert sum(act[-4:]) / 4 < 0.5 * sum(act[:4]) / 4
+def test_steps_on_the_alignment_term_raise_the_exact_metric_ratio(testbed_dir, tmp_path):
+    """The term's value is the reported metric's ratio, and descending it raises that ratio (not a surrogate's)."""
+    from accelerate import Accelerator
+
+    from mlalign.models import load_tokenizer
+    from mlalign.saes import load_saes
+    from mlalign.training.data import load_parallel_stream
+    from mlalign.training.loop import ObjectiveFn
+
+    # margin 0.5: the hinge is active whatever the batch's starting ratio.
+    cfg = train_cfg(testbed_dir, tmp_path, "loss.ce=0", "loss.act_align=1", "loss.sae_fidelity=0", "loss.en_retain=0",
+                    "loss.margin=0.5", "lora.lora_dropout=0")
+    model = peft_testbed(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    layers = [1, 4, 15, 19, 24]
+    saes = load_saes(cfg.sae, layers, model.config.hidden_size)
+    batch = load_parallel_stream(cfg.data, ["hi"], "en", "train", tokenizer, 48, seed=0).batch(0, 8, torch.device("cpu"))
+    objective = ObjectiveFn(cfg.loss, saes, layers, tokenizer.bos_token_id, Accelerator(cpu=True))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    first = objective(model, batch).values
+    assert first["act_align"] == pytest.approx(max(0.0, 1.5 - first["act_ratio"]), abs=0.05)  # per-layer mean
+    for _ in range(8):
+        terms = objective(model, batch)
+        optimizer.zero_grad()
+        terms.total.backward()
+        optimizer.step()
+    last = objective(model, batch).values
+    assert last["act_align"] < first["act_align"]
+    assert last["act_ratio"] > first["act_ratio"] + 0.02
 
 
 @pytest.mark.slow
-def test_act_align_raises_heldout_activation_more_than_plain_lora(aligned_run, plain_run):
+def test_the_fidelity_term_keeps_the_sae_valid_where_plain_lora_breaks_it(aligned_run, plain_run):
+    # Measured on the session testbed at this learning rate: plain LoRA pushes the SAE's FVU on the adapted residual
+    # up ~1e3-1e4x (hi and English), the default objective keeps it within ~1.2x, and only the latter moves the
+    # residual's direction towards more activation (norm-matched gain ~+19% vs ~-5%).
     aligned, plain = report(aligned_run), report(plain_run)
-    assert aligned["activation_gain_pct"]["hi"] > 0
-    assert aligned["activation_gain_pct"]["hi"] > plain["activation_gain_pct"]["hi"] + 5.0
-    # ... and not by scale alone: the norm-matched gain moves the same way.
-    assert aligned["norm_matched_gain_pct"]["hi"] > plain["norm_matched_gain_pct"]["hi"]
+    tolerance = aligned["fidelity_tolerance"]
+    assert plain["per_lang"]["hi"]["fvu_ratio"] > 10 * tolerance and not plain["all_valid"]
+    assert plain["valid_activation_gain_pct"]["hi"] is None
+    for lang in ("hi", "en"):
+        assert aligned["per_lang"][lang]["fvu_ratio"] < 2.0
+    assert aligned["norm_matched_gain_pct"]["hi"] > plain["norm_matched_gain_pct"]["hi"] + 5.0
+    assert aligned["alignment_score"] > plain["alignment_score"]
 
 
 @pytest.mark.slow
