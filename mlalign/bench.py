@@ -435,11 +435,13 @@ def build_training(bench: Bench):
     stream = ParallelStream(targets, target_ids, reference_ids, int(bench.tokenizer.pad_token_id), s.seed)
     layers = sorted(saes)
     objectives = {
-        "plain": ObjectiveFn(_loss_cfg(act_align=0.0, en_retain=0.0), saes, layers, bench.tokenizer.bos_token_id,
-                             accelerator),
+        "plain": ObjectiveFn(_loss_cfg(act_align=0.0, sae_fidelity=0.0, en_retain=0.0), saes, layers,
+                             bench.tokenizer.bos_token_id, accelerator),
         # The activation term's own cost (issue: "step-time cost of the activation term against plain LoRA") ...
-        "act": ObjectiveFn(_loss_cfg(en_retain=0.0), saes, layers, bench.tokenizer.bos_token_id, accelerator),
-        # ... and the full default objective, whose KL retention adds a graph-keeping English forward + backward.
+        "act": ObjectiveFn(_loss_cfg(sae_fidelity=0.0, en_retain=0.0), saes, layers, bench.tokenizer.bos_token_id,
+                           accelerator),
+        # ... and the full default objective: the SAE-fidelity term adds a frozen forward on the target batch and an
+        # adapted English forward, KL retention a graph-keeping English forward + backward.
         "full": ObjectiveFn(_loss_cfg(), saes, layers, bench.tokenizer.bos_token_id, accelerator),
     }
     params = [p for p in model.parameters() if p.requires_grad]
@@ -501,7 +503,8 @@ def usable_objectives(training) -> dict[str, str]:
     return notes
 
 
-_OBJECTIVE_LOSS = {"plain": "loss=plain", "act": "loss=act_align loss.en_retain=0", "full": "loss=act_align"}
+_OBJECTIVE_LOSS = {"plain": "loss=plain", "act": "loss=act_align loss.sae_fidelity=0 loss.en_retain=0",
+                   "full": "loss=act_align"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -755,7 +758,7 @@ def print_table(result: dict) -> None:
             ("trunk_s", "decoder layers only (no LM head)"), ("analyze_s", "mlalign collect_stats, all layers"),
             ("naive_s", "naive: one hooked full pass per layer"), ("saelens_s", "sae-lens run_with_cache_with_saes"),
             ("plain_step_s", "LoRA step, loss=plain (CE)"), ("act_step_s", "LoRA step, CE + act_align"),
-            ("full_step_s", "LoRA step, CE + act_align + KL retention")]
+            ("full_step_s", "LoRA step, default objective (+ SAE fidelity + KL retention)")]
     for key, label in rows:
         value = result.get(key)
         print(f"  {key:<22} {_fmt(value):>9}  {label}")
