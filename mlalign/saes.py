@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from mlalign.errors import UserError
@@ -98,6 +99,11 @@ def load_sae(sae_cfg, layer: int, hidden_size: int, device: str = "cpu"):
     return sae
 
 
-def load_saes(sae_cfg, layers: list[int], hidden_size: int, device: str = "cpu") -> dict:
+def load_saes(sae_cfg, layers: list[int], hidden_size: int, device: str = "cpu", progress: bool = True) -> dict:
+    """Every layer's SAE, with a progress bar (a hub release downloads and loads each one: minutes for 26 layers)."""
+    from tqdm.auto import tqdm
+
     check_sae_config(sae_cfg, layers)
-    return {layer: load_sae(sae_cfg, layer, hidden_size, device) for layer in layers}
+    bar = tqdm(layers, desc=f"SAEs ({sae_cfg.name})", unit="layer", leave=False,
+               disable=not progress or len(layers) < 2 or int(os.environ.get("RANK", "0")) != 0)
+    return {layer: load_sae(sae_cfg, layer, hidden_size, device) for layer in bar}

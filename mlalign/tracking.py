@@ -18,6 +18,19 @@ STEP_METRIC = "train/step"
 logs (task=pipeline's analysis) or a resume from an older checkpoint would otherwise drop the first steps."""
 
 
+def _verbose() -> bool:
+    from mlalign.console import verbose
+
+    return verbose()
+
+
+def _quiet_stderr():
+    import contextlib
+    import io
+
+    return contextlib.nullcontext() if _verbose() else contextlib.redirect_stderr(io.StringIO())
+
+
 def scrub_secrets(container):
     """A copy of a plain config dict with any secret-looking values removed (tokens never leave the machine)."""
     if isinstance(container, dict):
@@ -77,6 +90,9 @@ class WandbTracker(Tracker):
             reinit="finish_previous",
             id=self._run_id(run_dir),
             resume="allow",
+            # W&B's own banner and end-of-run history/summary tables (~40 lines) stay off the console unless
+            # log_level=debug; mlalign.console's closing block names the run and how to sync it.
+            settings=wandb.Settings(silent=not _verbose()),
         )
         self._wandb = wandb
         self._log_adapter = bool(logger_cfg.get("log_adapter", True))
@@ -127,7 +143,8 @@ class WandbTracker(Tracker):
             return
         artifact = self._wandb.Artifact(name=f"adapter-{self.run.id}", type="model",
                                         metadata={"run_dir": str(Path(adapter_dir).parent)})
-        artifact.add_dir(str(adapter_dir))
+        with _quiet_stderr():  # "wandb: Adding directory to artifact ... Done." even in a silent run
+            artifact.add_dir(str(adapter_dir))
         self.run.log_artifact(artifact)
 
     def finish(self, exit_code: int = 0) -> None:

@@ -68,3 +68,14 @@ def offline_history(root: Path) -> list[dict]:
     """The logged rows (key -> JSON text) of the offline runs under `root`: what W&B kept, after its step checks."""
     return [{item.key or "/".join(item.nested_key): item.value_json for item in history.item}
             for history in offline_records(root, "history")]
+
+
+def offline_summary(root: Path) -> dict:
+    """The run summary (key -> value) of the offline runs under `root`, as W&B last recorded it."""
+    import json
+
+    summary: dict = {}
+    for record in offline_records(root, "summary"):
+        for item in record.update:
+            summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return summary

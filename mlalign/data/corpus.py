@@ -394,14 +394,16 @@ def report_lines(report: dict) -> list[str]:
         lines.append(f"dropped {dropped['n']} {line}(s) in every language, as blank in at least one ({where}"
                      f"{', ...' if dropped['n'] > len(dropped['first']) else ''}); unless a translation is missing "
                      f"there, a file is misaligned from that {line} on")
+    over = []
     for lang, entry in report["langs"].items():
         duplicates = entry["duplicates"]
         if duplicates["n"]:
             pairs = ", ".join(f"{line} {a} = {line} {b}" for a, b in duplicates["first"])
             lines.append(f"{lang}: {duplicates['n']} exact duplicate {line}(s) kept ({pairs})")
         if entry.get("over_max_length"):
-            lines.append(f"{lang}: {entry['over_max_length']} sentence(s) longer than max_length="
-                         f"{report['max_length']} tokens are truncated")
+            over.append(f"{lang} {entry['over_max_length']}")
+    if over:  # one line for every language: a per-language line each made the console a wall of text
+        lines.append(f"sentences longer than max_length={report['max_length']} tokens are truncated: {', '.join(over)}")
     return lines
 
 

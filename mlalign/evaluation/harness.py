@@ -280,6 +280,10 @@ def run_plan(model, tokenizer, plan: EvalPlan, output_dir: str | Path | None = N
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
 
+    from mlalign.console import transient_bars
+
+    # One bar per task and side would stay on the console; mlalign.console's stage lines say what ran and how long.
+    transient_bars("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
     settings = plan.settings
     results: dict[str, dict[str, dict]] = {benchmark: {} for benchmark in plan.benchmarks}
     for entry in plan.entries:
@@ -294,7 +298,7 @@ def run_plan(model, tokenizer, plan: EvalPlan, output_dir: str | Path | None = N
         try:
             for num_fewshot, entries in by_shots.items():
                 tasks = list(dict.fromkeys(entry.task for entry in entries))
-                log.info("lm-eval %s suite, %s-shot, limit %s: %s", plan.suite,
+                log.debug("lm-eval %s suite, %s-shot, limit %s: %s", plan.suite,
                          "default" if num_fewshot is None else num_fewshot, settings["limit"], ", ".join(tasks))
                 tracker = None
                 if output_dir is not None:
@@ -322,7 +326,7 @@ def run_plan(model, tokenizer, plan: EvalPlan, output_dir: str | Path | None = N
                 for entry in entries:
                     row = _row(entry.task, output)
                     results[entry.benchmark][entry.lang] = row
-                    log.info("%s %s (%s): acc %s on %d items", entry.benchmark, entry.lang, entry.task, row["acc"],
+                    log.debug("%s %s (%s): acc %s on %d items", entry.benchmark, entry.lang, entry.task, row["acc"],
                              row["n_samples"])
                 if tracker is not None:
                     samples = output.pop("samples")

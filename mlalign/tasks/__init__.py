@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -62,6 +63,10 @@ def dispatch(cfg: DictConfig) -> float | None:
     if stale is not None:  # a requeued or resumed job starts clean
         (stale / ERROR_FILE).unlink(missing_ok=True)
     try:
+        from mlalign import console
+
+        console.configure(cfg)  # the story on the console, other libraries' chatter in <run dir>/run.log
+        started = time.perf_counter()
         if cfg.task not in TASKS:
             raise UserError(f"unknown task {cfg.task!r}; choose one of: task={' | task='.join(TASKS)}")
         module = importlib.import_module(f"mlalign.tasks.{TASKS[cfg.task]}")
@@ -69,12 +74,14 @@ def dispatch(cfg: DictConfig) -> float | None:
         if check_config is not None:  # settings that cannot work fail before any tokenizer or model loads
             check_config(cfg)
         with RunContext(cfg) as ctx:
+            console.emit(f"task={cfg.task}, model {cfg.model.name}: {ctx.run_dir}")
             if cfg.task in CORPUS_TASKS:
                 from mlalign.data.corpus import write_corpus_report
 
                 write_corpus_report(cfg.data, ctx.langs, ctx.run_dir, ctx.load_tokenizer(), CORPUS_TASKS[cfg.task])
             metrics = module.run(cfg, ctx)
             ctx.finish(metrics)
+        console.print_closing_block(str(cfg.task), ctx.run_dir, time.perf_counter() - started, ctx.tracker)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         _record_failure(cfg, f"error: {err}")

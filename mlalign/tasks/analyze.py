@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 from pathlib import Path
 
 from mlalign.analysis.cache import StatsCache, adapter_fingerprint, model_fingerprint, sae_fingerprints
@@ -267,20 +268,33 @@ def scalar_results(summary: dict) -> dict[str, float]:
         value = info.get("mean_disparity_pct") if isinstance(info, dict) else None
         if value is not None:
             out[f"band_{band}_mean_disparity_pct"] = value
+    # Per band and language (`band_<band>_disparity_pct_<lang>`, the mean over the band's layers the SAE fits): what a
+    # W&B runs table or parallel-coordinates panel compares across runs.
+    unfit = {int(layer) for layer in summary.get("unfit_layers") or []}
+    for band, layers in (summary.get("bands") or {}).items():
+        for lang in summary["langs"]:
+            if lang == ref:
+                continue
+            by_layer = {int(layer): v for layer, v in summary["disparity_pct"][lang].items()}
+            values = [by_layer[int(layer)] for layer in layers
+                      if int(layer) not in unfit and by_layer.get(int(layer)) is not None
+                      and math.isfinite(by_layer[int(layer)])]
+            if values:
+                out[f"band_{band}_disparity_pct_{lang}"] = sum(values) / len(values)
     return out
 
 
 def run(cfg, ctx) -> dict[str, float]:
-    summary = analyze_model(cfg, ctx, adapter=cfg.adapter)
+    from mlalign.console import headline, output, stage
+
+    with stage("analysing the base model" if not cfg.adapter else f"analysing base + adapter {cfg.adapter}"):
+        summary = analyze_model(cfg, ctx, adapter=cfg.adapter)
     out_dir = ctx.run_dir / "analysis"
-    print()
+    # The closing block (mlalign.console) prints these once, at the end of the run, with the plots.
     if summary["langs"] == [summary["reference_lang"]]:
-        print(f"- reference only ({summary['reference_lang']}): per-layer values and curves, no disparity to report")
-    for statement in summary["statements"]:
-        print(f"- {statement}")
-    print(f"\nresults: {out_dir / 'summary.json'}, {out_dir / 'metrics.csv'}")
+        headline(f"- reference only ({summary['reference_lang']}): per-layer values and curves, no disparity to report")
+    headline(*(f"- {statement}" for statement in summary["statements"]))
+    output("results", f"{out_dir / 'summary.json'}, {out_dir / 'metrics.csv'}")
     if summary.get("features"):
-        print(f"features: {summary['features']['top']}, {summary['features']['csv']}")
-    for path in summary.get("plots", {}).values():
-        print(f"plot: {path}")
+        output("features", f"{summary['features']['top']}, {summary['features']['csv']}")
     return scalar_results(summary)

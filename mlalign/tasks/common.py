@@ -161,11 +161,15 @@ class RunContext:
         return load_tokenizer(self.cfg.model, self.testbed_dir)
 
     def load_model(self, adapter: str | None = None, **kwargs):
+        from mlalign.console import stage
         from mlalign.models import load_model
 
-        return load_model(self.cfg.model, self.testbed_dir, adapter=adapter, **kwargs)
+        with stage(f"loading model {self.cfg.model.name}" + (f" + adapter {adapter}" if adapter else "")):
+            return load_model(self.cfg.model, self.testbed_dir, adapter=adapter, **kwargs)
 
     def load_saes(self, layers: list[int], hidden_size: int, device) -> dict:
+        from mlalign.console import stage
         from mlalign.saes import load_saes
 
-        return load_saes(self.cfg.sae, layers, hidden_size, device=str(device))
+        with stage(f"loading {len(layers)} SAE(s) ({self.cfg.sae.name})"):
+            return load_saes(self.cfg.sae, layers, hidden_size, device=str(device))

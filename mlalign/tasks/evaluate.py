@@ -58,6 +58,7 @@ def evaluate_models(cfg, ctx, adapter=None, out_dir: Path | None = None) -> dict
     return the comparison. A side evaluated before with the same settings comes from the cache (`cache hit`).
     Reused by task=pipeline."""
     from mlalign.analysis.cache import adapter_fingerprint
+    from mlalign.console import report_truncations, stage
     from mlalign.evaluation.cache import EvalCache, entry_key, eval_identity
 
     ecfg = cfg.eval
@@ -89,15 +90,16 @@ def evaluate_models(cfg, ctx, adapter=None, out_dir: Path | None = None) -> dict
             tokenizer = ctx.load_tokenizer()
             model = ctx.load_model()
         if side_adapter:
-            print(f"evaluating base + adapter {side_adapter}")
             model = attach_adapter(model, side_adapter, model_source(cfg.model, ctx.testbed_dir))
             model.eval()
-        else:
-            print("evaluating the base model")
         model_args = {"pretrained": model_source(cfg.model, ctx.testbed_dir)}
         if side_adapter:
             model_args["peft"] = str(side_adapter)
-        runs[side] = run_plan(model, tokenizer, plan, output_dir=files, log_samples=log_samples, model_args=model_args)
+        what = f"base + adapter {side_adapter}" if side_adapter else "the base model"
+        with stage(f"evaluating {what} on {len(plan.entries)} lm-eval task(s)"):
+            runs[side] = run_plan(model, tokenizer, plan, output_dir=files, log_samples=log_samples,
+                                  model_args=model_args)
+            report_truncations()
         # After loading: a first download fixed the snapshot the key names, so later runs compute the same key.
         cache.save(identity(), runs[side], files_from=files)
     test_settings = dict(alpha=float(ecfg.get("alpha", 0.05)), ci=float(ecfg.get("ci", 0.95)),
@@ -116,14 +118,49 @@ def evaluate_models(cfg, ctx, adapter=None, out_dir: Path | None = None) -> dict
 
 
 def summary_metrics(comparison: dict) -> dict[str, float]:
+    """`<benchmark>/<lang>/<side>_<metric>` and p-values (flat_metrics), plus, where there is an adapter, the mean
+    accuracy difference (`mean_diff_acc`, `<benchmark>/mean_diff_acc`) and the number of differences significant after
+    Holm's adjustment (`n_significant`, of `n_tests`): the W&B summary values of task=eval and pipeline."""
     flat = flat_metrics(comparison)
     diffs = [v for k, v in flat.items() if k.endswith("/diff_acc")]
     if diffs:
         flat["mean_diff_acc"] = sum(diffs) / len(diffs)
+    for benchmark, by_lang in comparison["results"].items():
+        values = [cell["diff"]["acc"] for cell in by_lang.values() if (cell.get("diff") or {}).get("acc") is not None]
+        if values:
+            flat[f"{benchmark}/mean_diff_acc"] = sum(values) / len(values)
+    if comparison.get("has_adapter"):
+        cells = [cell for by_lang in comparison["results"].values() for cell in by_lang.values()]
+        flat["n_significant"] = float(sum(1 for cell in cells if cell.get("significant")))
+        flat["n_tests"] = float(comparison.get("n_tests", 0))
     return flat
 
 
+def headline_lines(comparison: dict) -> list[str]:
+    """One line per benchmark for the closing block: mean accuracy (base, and the adapter's difference), and which
+    differences are significant after Holm's adjustment."""
+    lines = []
+    alpha = comparison.get("alpha", 0.05)
+    for benchmark, by_lang in comparison["results"].items():
+        cells = {lang: cell for lang, cell in by_lang.items() if (cell.get("base") or {}).get("acc") is not None}
+        if not cells:
+            continue
+        base = sum(cell["base"]["acc"] for cell in cells.values()) / len(cells)
+        line = f"{benchmark}: base acc {base:.3f} (mean of {len(cells)} language(s))"
+        diffs = {lang: cell["diff"]["acc"] for lang, cell in cells.items() if (cell.get("diff") or {}).get("acc") is not None}
+        if diffs:
+            significant = [f"{lang} {diffs[lang]:+.3f}" for lang, cell in cells.items() if cell.get("significant")]
+            line += (f", adapter {sum(diffs.values()) / len(diffs):+.3f}; significant (Holm, p < {alpha:g}): "
+                     + (", ".join(significant) if significant else f"none of {len(diffs)}"))
+        lines.append(line)
+    return lines
+
+
 def run(cfg, ctx) -> dict[str, float]:
+    from mlalign.console import headline, output
+
     comparison = evaluate_models(cfg, ctx, adapter=cfg.adapter)
     print((ctx.run_dir / "eval" / "results.md").read_text())
+    headline(*headline_lines(comparison))
+    output("results", ctx.run_dir / "eval" / "results.md")
     return summary_metrics(comparison)

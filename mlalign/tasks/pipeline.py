@@ -46,36 +46,55 @@ def write_feature_changes(cfg, ctx, summary: dict, base: dict, adapted: dict, ou
     print(f"features the adapter changed: {path}")
 
 
+def disparity_line(cfg, ctx, before: dict, after: dict) -> str:
+    """`disparity vs en (mean over layers), base -> adapter: hi -20.1% -> -12.3%, ...` for the target languages."""
+    from mlalign.tasks import analyze, train
+
+    base, adapted = analyze.scalar_results(before), analyze.scalar_results(after)
+    cells = [f"{lang} {base[f'disparity_pct_{lang}']:+.1f}% -> {adapted[f'disparity_pct_{lang}']:+.1f}%"
+             for lang in train.target_langs(cfg, ctx.langs)
+             if f"disparity_pct_{lang}" in base and f"disparity_pct_{lang}" in adapted]
+    return (f"disparity vs {cfg.reference_lang} (mean over layers), base -> base + adapter: "
+            + (", ".join(cells) if cells else "n/a"))
+
+
 def run(cfg, ctx) -> dict[str, float]:
+    from mlalign.console import headline, output, stage
     from mlalign.errors import UserError
     from mlalign.tasks import analyze, evaluate, train
 
     if not train.target_langs(cfg, ctx.langs):  # fail before the first analysis, not after it
         raise UserError(f"task=pipeline trains an adapter, so it needs a language besides {cfg.reference_lang}; "
                         f"type e.g. langs=[hi] (task=analyze maps {cfg.reference_lang} alone)")
-    print("[1/4] analysing the base model")
-    base_features: dict = {}
-    before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base", feature_stats_out=base_features)
-    print("[2/4] training the adapter")
-    train_result = train.run(cfg, ctx)
+    # What is measured where (docs/training.md#what-is-measured-where): step 1 computes only (language, layer)
+    # statistics missing from the analysis cache; step 2 measures base vs adapter on the same dev/test tokens (the
+    # paired outcome measures); step 3 computes the adapted model only; step 4 evaluates the base model only when the
+    # evaluation cache lacks it.
     adapter = ctx.run_dir / "adapter"
-    print("[3/4] analysing base + adapter")
+    base_features: dict = {}
     adapted_features: dict = {}
-    after = analyze.analyze_model(cfg, ctx, adapter=adapter, out_dir=ctx.run_dir / "analysis_adapter",
-                                  feature_stats_out=adapted_features)
-    if base_features and adapted_features:
-        write_feature_changes(cfg, ctx, before, base_features, adapted_features, ctx.run_dir / "analysis_adapter")
-    print("[4/4] evaluating base vs adapter")
-    comparison = evaluate.evaluate_models(cfg, ctx, adapter=adapter)
+    with stage("[1/4] analysing the base model"):
+        before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base", feature_stats_out=base_features)
+    with stage("[2/4] training the adapter"):
+        train_result = train.run(cfg, ctx)
+    with stage("[3/4] analysing base + adapter"):
+        after = analyze.analyze_model(cfg, ctx, adapter=adapter, out_dir=ctx.run_dir / "analysis_adapter",
+                                      feature_stats_out=adapted_features)
+        if base_features and adapted_features:
+            write_feature_changes(cfg, ctx, before, base_features, adapted_features, ctx.run_dir / "analysis_adapter")
+    with stage("[4/4] evaluating base vs adapter"):
+        comparison = evaluate.evaluate_models(cfg, ctx, adapter=adapter)
 
     import json
 
     train_metrics = json.loads((ctx.run_dir / "train" / "metrics.json").read_text())
     report = render_report(ctx.run_dir, before, after, train_metrics, comparison, rerun_command())
     path = write_text_atomic(ctx.run_dir / "report.md", report)
-    print(f"\nreport: {path}")
-    for statement in before["statements"]:
-        print(f"- {statement}")
+    # The closing block (mlalign.console) prints the headline once, at the end: the base model's findings first,
+    # then the adapter's outcome (registered by train.run), its effect on the disparity, and the benchmarks.
+    headline(*(f"- {statement}" for statement in before["statements"]), at=0)
+    headline(disparity_line(cfg, ctx, before, after), *evaluate.headline_lines(comparison))
+    output("report", path)
     corr = gap_accuracy_correlation(before, comparison)
     result = {**train_result, **{f"before_{k}": v for k, v in analyze.scalar_results(before).items()},
               **{f"after_{k}": v for k, v in analyze.scalar_results(after).items()},

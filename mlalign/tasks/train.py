@@ -108,6 +108,8 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
     from mlalign.training.outcomes import measure_paired, outcome_report
     from mlalign.training.report import outcome_lines, plot_before_after, train_metrics
 
+    from mlalign.console import headline, output, stage
+
     check_train_config(cfg)
     reference = str(cfg.reference_lang)
     targets = target_langs(cfg, ctx.langs)
@@ -167,10 +169,11 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     train_started = time.perf_counter()
-    state = train_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                       objective=objective, stream=stream, train_cfg=cfg.train,
-                       checkpoints=ctx.run_dir / "checkpoints", resume_from=resume_from, tracker=ctx.tracker,
-                       eval_fn=dev_losses)
+    with stage(f"training the adapter ({int(cfg.train.max_steps)} steps, LoRA r={cfg.lora.r}, {', '.join(targets)})"):
+        state = train_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                           objective=objective, stream=stream, train_cfg=cfg.train,
+                           checkpoints=ctx.run_dir / "checkpoints", resume_from=resume_from, tracker=ctx.tracker,
+                           eval_fn=dev_losses)
     train_s = time.perf_counter() - train_started
 
     # Outcomes: base vs adapted on the same tokens of dev (for choices) and of the held-out split (reported once).
@@ -179,10 +182,13 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
     analysed_saes = {layer: saes[layer] for layer in analysed}
     reports = {}
     for split in ("dev", "headline"):
-        accelerator.print(f"measuring base vs adapter on the {splits[split]} split ({', '.join(measured)})")
-        paired = measure_paired(peft_model, peft_model.disable_adapter, tokenizer, analysed_saes, texts[split], metric,
-                                batch_size=int(cfg.analysis.batch_size), max_length=int(cfg.data.max_length),
-                                progress=accelerator.is_local_main_process)
+        # Base and adapter on the same tokens, batch by batch (the norm-matched gain needs both residuals of each
+        # token), so the base side cannot come from the analysis cache: docs/training.md#what-is-measured-where.
+        with stage(f"measuring base vs adapter on the {splits[split]} split ({len(texts[split][reference])} "
+                   f"sentences x {len(measured)} languages x {len(analysed)} layers)"):
+            paired = measure_paired(peft_model, peft_model.disable_adapter, tokenizer, analysed_saes, texts[split],
+                                    metric, batch_size=int(cfg.analysis.batch_size),
+                                    max_length=int(cfg.data.max_length), progress=accelerator.is_local_main_process)
         reports[split] = outcome_report(paired, reference, targets, aggregate, tolerance,
                                         n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),
                                         seed=int(cfg.seed))
@@ -221,8 +227,12 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
     ctx.tracker.log({f"result/{k}": v for k, v in result.items()})
     ctx.tracker.summary(_outcome_scalars(report))
     ctx.tracker.log_table("train/outcomes", _outcome_rows(report))
-    accelerator.print("\n".join([f"{splits['headline']} split, reported once (dev numbers drive sweeps):",
-                                  *outcome_lines(report), f"adapter: {ctx.run_dir / 'adapter'}"]))
+    # The closing block (mlalign.console) prints these once, at the end of the run (task=pipeline's too).
+    headline(f"{splits['headline']} split, reported once (dev numbers drive sweeps; alignment_score "
+             f"{report['alignment_score']:.2f} on {splits['dev']}):",
+             *(line.replace("**", "") for line in outcome_lines(report)[:-1]))
+    output("adapter", ctx.run_dir / "adapter")
+    output("train metrics", out / "metrics.json")
     return result
 
 

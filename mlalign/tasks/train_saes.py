@@ -212,6 +212,18 @@ def plot_fidelity(table: dict, langs: list[str], path: Path, title: str) -> Path
     return path
 
 
+def fidelity_scalars(table: dict) -> dict[str, float]:
+    """W&B summary values with stable names: `layer_<L>/<fvu|l0|l0_pct|dead_pct>` and `layer_<L>/<lang>/<fvu|l0>`."""
+    out = {}
+    for layer, row in table.items():
+        out.update({f"layer_{layer}/{key}": float(row[key]) for key in ("fvu", "l0", "l0_pct", "dead_pct")
+                    if row.get(key) is not None})
+        for lang, values in row.get("per_lang", {}).items():
+            out.update({f"layer_{layer}/{lang}/{key}": float(values[key]) for key in ("fvu", "l0")
+                        if values.get(key) is not None})
+    return out
+
+
 def run(cfg, ctx) -> dict[str, float]:
     from tqdm.auto import tqdm
 
@@ -290,7 +302,14 @@ def run(cfg, ctx) -> dict[str, float]:
                                                    for layer, row in table.items()])
     ctx.tracker.log_images({"train_saes/fidelity": out_dir / "fidelity.png"})
     print("\n" + markdown)
-    print(f"SAEs: {out_dir} (analyse with: sae=local sae.path_template={out_dir} layers=[{','.join(map(str, layers))}])")
+    ctx.tracker.summary(fidelity_scalars(table))
+    from mlalign.console import headline, output
+
+    per_layer = ", ".join(f"{layer} {row['fvu']:.3f}" for layer, row in table.items())
+    headline(f"held-out FVU per layer ({cfg.data.splits.valid} split): {per_layer}")
+    output("SAEs", f"{out_dir} (analyse with: sae=local sae.path_template={out_dir} "
+                   f"layers=[{','.join(map(str, layers))}])")
+    output("fidelity", out_dir / "fidelity.md")
     fvus = [row["fvu"] for row in table.values()]
     l0s = [row["l0"] for row in table.values()]
     return {
