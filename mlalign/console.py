@@ -71,11 +71,13 @@ def format_seconds(seconds: float) -> str:
 
 
 @contextlib.contextmanager
-def stage(title: str):
+def stage(title: str, start_line: bool = True):
     """`title ...` when the stage starts, `title: done in 12.3 s` (or `failed after`) when it ends; nested stages
-    are indented. Every top-level or nested stage's wall time is kept for the closing block."""
+    are indented. Every top-level or nested stage's wall time is kept for the closing block. `start_line=False` for
+    stages whose own progress bar says that they run (loading the model or the SAEs): only the end line."""
     prefix = "  " * _STATE["depth"]
-    emit(f"{prefix}{title} ...")
+    if start_line:
+        emit(f"{prefix}{title} ...")
     started = time.perf_counter()
     _STATE["depth"] += 1
     try:
@@ -132,6 +134,13 @@ class ConsoleFilter(logging.Filter):
             return True
         if record.levelno < logging.WARNING and _STATE["level"] == "warning":
             return False
+        if record.levelno == logging.WARNING:
+            # The same warning again (task=pipeline's second analysis of the same corpus): run.log only.
+            seen = _STATE.setdefault("warned", set())
+            key = (record.name, record.getMessage())
+            if key in seen:
+                return False
+            seen.add(key)
         if record.name == "mlalign" or record.name.startswith("mlalign."):
             return record.levelno >= logging.INFO  # mlalign's DEBUG records: run.log only
         if record.name == "py.warnings" or record.name.startswith(("__main__", "hydra")):
@@ -252,7 +261,7 @@ def configure(cfg) -> str:
             level = "debug"
     except Exception:  # pragma: no cover - outside Hydra
         pass
-    _STATE.update(level=level, depth=0, counts={}, stages=[], headline=[], outputs=[])
+    _STATE.update(level=level, depth=0, counts={}, stages=[], headline=[], outputs=[], warned=set())
     debug = level == "debug"
     logging.getLogger("mlalign").setLevel(logging.DEBUG)  # run.log keeps mlalign's details; the console filters
     for handler in _console_handlers():

@@ -121,3 +121,11 @@ def test_unknown_log_level_is_one_error_line(tmp_path):
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: log_level=loud is not one of debug, info, warning"), \
         result.stderr
+
+
+def test_a_repeated_warning_is_shown_once(console_handler):
+    handler, stream = console_handler
+    _configure("info", handler)
+    for _ in range(2):
+        logging.getLogger("mlalign.analysis.metrics").warning("36.3% of ml's sentences are cut at max_length")
+    assert stream.getvalue().count("cut at max_length") == 1

@@ -164,12 +164,13 @@ class RunContext:
         from mlalign.console import stage
         from mlalign.models import load_model
 
-        with stage(f"loading model {self.cfg.model.name}" + (f" + adapter {adapter}" if adapter else "")):
+        with stage(f"loading model {self.cfg.model.name}" + (f" + adapter {adapter}" if adapter else ""),
+                   start_line=False):  # transformers' "Loading weights" bar shows it running
             return load_model(self.cfg.model, self.testbed_dir, adapter=adapter, **kwargs)
 
     def load_saes(self, layers: list[int], hidden_size: int, device) -> dict:
         from mlalign.console import stage
         from mlalign.saes import load_saes
 
-        with stage(f"loading {len(layers)} SAE(s) ({self.cfg.sae.name})"):
+        with stage(f"loading {len(layers)} SAE(s) ({self.cfg.sae.name})", start_line=False):  # with its own bar
             return load_saes(self.cfg.sae, layers, hidden_size, device=str(device))

@@ -57,7 +57,10 @@ def test_console_has_every_stage_and_the_closing_block(pipeline_run):
     for title in STAGES:
         starts = [line for line in out.splitlines() if line.strip().startswith(title) and line.endswith(" ...")]
         ends = [line for line in out.splitlines() if line.strip().startswith(title) and ": done in " in line]
-        assert starts and len(starts) == len(ends), (title, out)
+        if title.startswith("loading"):  # their own progress bars show them running: the end line only
+            assert ends and not starts, (title, out)
+        else:
+            assert starts and len(starts) == len(ends), (title, out)
     closing = out[out.index("task=pipeline finished in"):]
     assert f"report:" in closing and str(run_dir / "report.md") in closing
     assert "analysis_base/ disparity_heatmap.png" in closing and "train/ activation_before_after.png" in closing
