@@ -52,15 +52,17 @@ def _number(value: str):
         return None
 
 
-def collect_rows(sweep_dir: str | Path) -> list[dict]:
+def collect_rows(sweep_dir: str | Path | None = None, run_dirs: list[Path] | None = None) -> list[dict]:
     """One row per job: its directory name, `status` (`ok`/`failed`), its `error` line, whether it completed, its
-    overrides and its scalar metrics (none for a job that failed)."""
+    overrides and its scalar metrics (none for a job that failed). `run_dirs` (instead of a multirun directory): any
+    run directories, e.g. a plain-LoRA run and an activation-aware one; their rows are named by path."""
     import json
 
     rows = []
-    for job in _job_dirs(Path(sweep_dir)):
+    jobs = _job_dirs(Path(sweep_dir)) if run_dirs is None else [Path(d) for d in run_dirs]
+    for job in jobs:
         error = _job_error(job)
-        row = {"job": job.name, "status": "failed" if error else "ok", "error": error, "complete": is_complete(job),
+        row = {"job": job.name if run_dirs is None else str(job), "status": "failed" if error else "ok", "error": error, "complete": is_complete(job),
                **_overrides(job)}
         if (job / "metrics.json").is_file():
             row.update(json.loads((job / "metrics.json").read_text()))
@@ -75,7 +77,8 @@ def swept_params(rows: list[dict]) -> list[str]:
 
 
 def plot_sweep(rows: list[dict], out_dir: Path, metrics: list[str]) -> list[Path]:
-    """Each metric against the first numeric swept parameter (e.g. activation gain vs LoRA rank)."""
+    """Each metric against the first numeric swept parameter (e.g. activation gain vs LoRA rank), or per run when no
+    parameter is numeric."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,8 +86,22 @@ def plot_sweep(rows: list[dict], out_dir: Path, metrics: list[str]) -> list[Path
 
     axes_keys = [k for k in swept_params(rows) if all(_number(r.get(k)) is not None for r in rows)]
     metrics = [m for m in metrics if any(isinstance(r.get(m), (int, float)) for r in rows)]
-    if not axes_keys or not metrics:
+    if not metrics:
         return []
+    if not axes_keys:  # e.g. a plain-LoRA run next to an activation-aware one: one bar per run
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+        names = [Path(str(r["job"])).name for r in rows]
+        for ax, metric in zip(axes[0], metrics):
+            values = [r.get(metric) if isinstance(r.get(metric), (int, float)) else 0.0 for r in rows]
+            ax.bar(range(len(rows)), values)
+            ax.set_xticks(range(len(rows)), names, rotation=30, fontsize=7)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        path = out_dir / "summary.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return [path]
     key = axes_keys[0]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -106,10 +123,11 @@ def plot_sweep(rows: list[dict], out_dir: Path, metrics: list[str]) -> list[Path
 PLOTTED_METRICS = ["dev_activation_gain_pct_mean", "dev_english_retention_pct", "alignment_score"]
 
 
-def summarize_sweep(sweep_dir: str | Path, tracker=None) -> Path:
-    """Write `summary.csv` (one row per job) and `summary.png` in the sweep directory; return the CSV's path."""
+def summarize_sweep(sweep_dir: str | Path, tracker=None, run_dirs: list[Path] | None = None) -> Path:
+    """Write `summary.csv` (one row per job) and `summary.png` in `sweep_dir`; return the CSV's path. With `run_dirs`,
+    the rows are those run directories and `sweep_dir` is only where the summary goes."""
     sweep_dir = Path(sweep_dir)
-    rows = collect_rows(sweep_dir)
+    rows = collect_rows(sweep_dir, run_dirs)
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]

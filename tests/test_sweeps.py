@@ -165,3 +165,24 @@ def test_optuna_marks_a_failed_trial_failed_and_goes_on(testbed_dir, testbed_cac
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_params"] == {"lora.r": 2} and best["best_value"] == pytest.approx(float(table["2"]["alignment_score"]))
     assert "Failed experiment" in result.stderr + result.stdout
+
+
+def test_summarize_takes_a_list_or_glob_of_run_directories(tmp_path):
+    # Two single runs side by side (e.g. plain LoRA and activation-aware), not a multirun folder.
+    for name, gain in (("plain", 3.0), ("aligned", 12.0)):
+        run = tmp_path / "outputs" / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["task=train", f"loss={name}"]))
+        (run / "metrics.json").write_text(json.dumps({"dev_activation_gain_pct_mean": gain, "alignment_score": gain}))
+        (run / "COMPLETE").write_text("{}")
+    out = tmp_path / "summary_run"
+    result = run_cli(["task=summarize", f"runs=['{tmp_path}/outputs/*']", f"hydra.run.dir={out}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    with (out / "summary.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["loss"], float(r["alignment_score"]), r["status"]) for r in table] == [
+        ("aligned", 12.0, "ok"), ("plain", 3.0, "ok")]
+    assert (out / "summary.png").stat().st_size > 1000
+    missing = run_cli(["task=summarize", f"runs=[{tmp_path}/nowhere]", f"hydra.run.dir={tmp_path / 'x'}"])
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "matches no directory" not in missing.stderr
+    assert "is not a directory" in missing.stderr
