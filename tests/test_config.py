@@ -49,3 +49,26 @@ def test_experiments_state_their_setting():
 def test_experiment_files_are_global_deltas():
     for path in (CONF_DIR / "experiment").glob("*.yaml"):
         assert path.read_text().startswith("# @package _global_"), path
+
+
+def test_help_names_every_task_and_every_option_of_every_group():
+    import subprocess
+    import sys
+
+    from mlalign.tasks import TASKS
+    from tests.helpers import CONF_DIR, REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout
+    assert "schema" not in text
+    for task in TASKS:
+        assert f"\n  {task} " in text, task
+    for group in ("model", "sae", "data", "analysis", "loss", "lora", "train", "eval", "logger", "sae_train",
+                  "experiment", "hparams_search"):
+        assert f"\n  {group} " in text, group
+        for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
+            if group == "sae" and option not in ("local",):
+                continue  # the SAE set follows the model
+            assert option in text, (group, option)
