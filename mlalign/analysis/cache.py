@@ -73,7 +73,10 @@ def hub_snapshot(repo_id: str, revision: str | None = None, filename: str = "con
         from huggingface_hub.constants import HF_HUB_CACHE
     except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
         return None
-    path = try_to_load_from_cache(repo_id, filename, revision=revision)
+    try:
+        path = try_to_load_from_cache(repo_id, filename, revision=revision)
+    except ValueError:  # HFValidationError: not a repo id (e.g. a local path that does not exist); loading says so
+        return None
     if isinstance(path, str) and Path(path).parent.parent.name == "snapshots":
         return Path(path).parent.name
     ref = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / (revision or "main")

@@ -99,3 +99,10 @@ def test_other_entry_kinds_round_trip_and_checksum(tmp_path):
     data = next(tmp_path.glob("*.features.npz"))
     data.write_bytes(data.read_bytes()[:-4] + b"0000")
     assert cache.load_arrays("hi", 2, "features", ("act_sum", "fire_count")) is None
+
+
+def test_model_fingerprint_of_a_missing_local_path_is_not_a_crash():
+    from mlalign.analysis.cache import model_fingerprint
+
+    # Not a directory and not a valid hub id: the fingerprint is empty; loading the model then says what is wrong.
+    assert model_fingerprint("/nonexistent/model") == {"snapshot": None}
