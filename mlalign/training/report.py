@@ -9,13 +9,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
-import torch
 
-from mlalign.analysis.engine import collect_stats, pad_batch
-from mlalign.analysis.metrics import compute_metrics, layer_bands
-from mlalign.training.data import tokenize
-from mlalign.training.losses import lm_cross_entropy_sum
+from mlalign.analysis.engine import collect_stats
+from mlalign.analysis.metrics import compute_metrics
 
 
 def activation_levels(model, tokenizer, saes: dict, texts_by_lang: dict[str, list[str]], metric: str, aggregate: str,
@@ -45,29 +41,6 @@ def activation_levels(model, tokenizer, saes: dict, texts_by_lang: dict[str, lis
                     cache.save(lang, layer, sums)
     values = compute_metrics(stats, aggregate)
     return {lang: {int(layer): float(v[metric]) for layer, v in by_layer.items()} for lang, by_layer in values.items()}
-
-
-@torch.no_grad()
-def lm_loss(model, tokenizer, texts_by_lang: dict[str, list[str]], batch_size: int, max_length: int) -> dict[str, float]:
-    """Token-weighted next-token cross-entropy per language (nats)."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    was_training = model.training
-    model.eval()
-    out = {}
-    try:
-        for lang, texts in texts_by_lang.items():
-            ids = tokenize(tokenizer, texts, max_length)
-            total, count = 0.0, 0
-            for start in range(0, len(ids), batch_size):
-                inputs = pad_batch(ids[start:start + batch_size], pad_id, "right", device)
-                logits = model(**inputs, use_cache=False).logits
-                s, n = lm_cross_entropy_sum(logits, inputs["input_ids"], inputs["attention_mask"])
-                total, count = total + s, count + n
-            out[lang] = total / max(count, 1)
-    finally:
-        model.train(was_training)
-    return out
 
 
 STUDY_FIGURES = "+87% (ml) and +86% (hi) activation gain with ~91% of English kept"
