@@ -82,7 +82,8 @@ def test_optuna_search_space_composes():
     cfg = _hydra_cfg(["hparams_search=lora_optuna"])
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
-    assert set(sweeper.params) == {"lora.r", "lora.lora_alpha", "train.optimizer.lr", "loss.act_align", "loss.en_retain"}
+    assert set(sweeper.params) == {"lora.r", "lora.lora_alpha", "train.optimizer.lr", "loss.act_align",
+                                   "loss.sae_fidelity", "loss.en_retain"}
     assert cfg.task == "train"
     # Batches of n_jobs=1 trial fail at rate 0 or 1: only 1.0 lets a search survive its failed trials.
     assert sweeper.n_jobs == 1 and sweeper.max_failure_rate == 1.0
@@ -118,7 +119,7 @@ def test_multirun_over_lora_rank_logs_grouped_wandb_runs_and_a_summary(testbed_d
     with (sweep / "summary.csv").open() as handle:
         table = list(csv.DictReader(handle))
     assert sorted(r["lora.r"] for r in table) == ["2", "4"]
-    assert all(r["complete"] == "True" and float(r["english_retention_pct"]) > 0 for r in table)
+    assert all(r["complete"] == "True" and float(r["dev_english_retention_pct"]) > 0 for r in table)
 
 
 @pytest.mark.slow
@@ -144,7 +145,7 @@ def test_optuna_sweep_runs_trials_and_reports_the_best(testbed_dir, testbed_cach
         scores = [float(r["alignment_score"]) for r in csv.DictReader(handle)]
     assert len(scores) == 2 and best["best_value"] == pytest.approx(max(scores))
     assert set(best["best_params"]) == {"lora.r", "lora.lora_alpha", "train.optimizer.lr", "loss.act_align",
-                                        "loss.en_retain"}
+                                        "loss.sae_fidelity", "loss.en_retain"}
 
 
 @pytest.mark.slow
