@@ -142,8 +142,8 @@ class StatsCache:
         return self.directory / f"{key}.npz", self.directory / f"{key}.sha256"
 
     def load_arrays(self, lang: str, layer: int, kind: str, names) -> dict[str, np.ndarray] | None:
-        """Another kind of entry of the same (language, layer) (e.g. "features"): its arrays if the checksum matches
-        and it holds exactly `names`, else None (recompute)."""
+        """The arrays of one entry of a (language, layer): kind "" is its SentenceSums, others (e.g. "features") sit
+        beside it. None (recompute) unless the checksum matches and it holds exactly `names`."""
         if not self.enabled:
             return None
         data_path, sum_path = self._paths(lang, layer, kind)
@@ -154,6 +154,8 @@ class StatsCache:
             return None
         with np.load(data_path) as arrays:
             if set(arrays.files) != set(names):
+                log.warning("cache entry %s (%s, layer %d) holds other fields than this version computes; "
+                            "recomputing it", data_path.name, lang, layer)
                 return None
             return {name: arrays[name] for name in arrays.files}
 
@@ -163,21 +165,8 @@ class StatsCache:
         self._write(*self._paths(lang, layer, kind), arrays)
 
     def load(self, lang: str, layer: int) -> SentenceSums | None:
-        if not self.enabled:
-            return None
-        data_path, sum_path = self._paths(lang, layer)
-        if not (data_path.is_file() and sum_path.is_file()):
-            return None
-        if file_digest(data_path) != sum_path.read_text().strip():
-            log.warning("cache entry %s (%s, layer %d) is corrupt; recomputing it", data_path.name, lang, layer)
-            return None
-        with np.load(data_path) as arrays:
-            expected = {f.name for f in fields(SentenceSums)}
-            if set(arrays.files) != expected:
-                log.warning("cache entry %s (%s, layer %d) holds other fields than this version computes; recomputing it",
-                            data_path.name, lang, layer)
-                return None
-            return SentenceSums(**{name: arrays[name] for name in arrays.files})
+        arrays = self.load_arrays(lang, layer, "", {f.name for f in fields(SentenceSums)})
+        return None if arrays is None else SentenceSums(**arrays)
 
     def save(self, lang: str, layer: int, sums: SentenceSums) -> None:
         if not self.enabled:

@@ -306,7 +306,7 @@ def add_intervals(report: FeatureReport, sentence_sums: dict[str, dict[int, Feat
     `report.intervals`. sentence_sums[lang][layer] holds per-sentence sums of (at least) the needed features;
     n_tokens[lang][layer] the per-sentence token counts. A language holding the reference's sentence ids reuses its
     draw by id (the same sentences on both sides), like the disparity CIs."""
-    from mlalign.analysis.metrics import _interval
+    from mlalign.analysis.metrics import percentile_interval
 
     if n_resamples <= 0:
         return
@@ -329,7 +329,7 @@ def add_intervals(report: FeatureReport, sentence_sums: dict[str, dict[int, Feat
                 b = _resampled_means(theirs, n_tokens[ref][layer], counts[ref], features)
             cell = report.intervals.setdefault(lang, {}).setdefault(layer, {})
             for j, feature in enumerate(features):
-                cell[feature] = _interval(a[:, j] - b[:, j], ci)
+                cell[feature] = percentile_interval(a[:, j] - b[:, j], ci)
 
 
 def _resampled_means(sums: FeatureSums, n_tokens: np.ndarray, counts: np.ndarray, features: list[int]) -> np.ndarray:

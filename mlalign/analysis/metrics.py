@@ -172,7 +172,7 @@ def _resampled_metrics(by_layer: dict[int, SentenceSums], counts: np.ndarray, ag
     return out
 
 
-def _interval(samples: np.ndarray, ci: float) -> list[float] | None:
+def percentile_interval(samples: np.ndarray, ci: float) -> list[float] | None:
     samples = samples[np.isfinite(samples)]
     if samples.size == 0:
         return None
@@ -227,7 +227,7 @@ def bootstrap_ci(
 
     values_ci = {
         lang: {
-            layer: {m: (None if m == "feature_coverage" else _interval(s[m], ci)) for m in METRICS}
+            layer: {m: (None if m == "feature_coverage" else percentile_interval(s[m], ci)) for m in METRICS}
             for layer, s in by_layer.items()
         }
         for lang, by_layer in samples.items()
@@ -243,7 +243,7 @@ def bootstrap_ci(
             else:
                 ref = samples[reference_lang][layer][metric]
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    disparity_ci[lang][layer] = _interval(100.0 * (s[metric] - ref) / ref, ci)
+                    disparity_ci[lang][layer] = percentile_interval(100.0 * (s[metric] - ref) / ref, ci)
     return {"values_ci": values_ci, "disparity_ci": disparity_ci}
 
 

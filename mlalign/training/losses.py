@@ -186,13 +186,6 @@ def lm_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, attention_ma
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
 
-def lm_cross_entropy_sum(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, int]:
-    """(summed cross-entropy, number of predicted tokens) for token-weighted averages over many batches."""
-    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-    return float(total), int((labels != -100).sum())
-
-
 def kl_base_to_adapted(base_logits: torch.Tensor, adapted_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(p_base || p_adapted) of next-token distributions, averaged over real tokens (`mask` [batch, seq])."""
     base_logp = F.log_softmax(base_logits.float(), dim=-1)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from mlalign.analysis.capture import ResidualCapture
 from mlalign.analysis.engine import analysed_positions, pad_batch, tokenize_sorted
+from mlalign.analysis.metrics import percentile_interval
 from mlalign.training.losses import per_token_metric
 
 FIDELITY_TOLERANCE = 1.25
@@ -196,14 +197,6 @@ def _levels(values: np.ndarray, n_tokens: np.ndarray, weights: np.ndarray, aggre
     return (weights @ per_sentence) / (weights @ valid.astype(float))[..., None]
 
 
-def _ci(samples: np.ndarray, ci: float) -> list[float] | None:
-    samples = samples[np.isfinite(samples)]
-    if samples.size == 0:
-        return None
-    low, high = np.percentile(samples, [50 * (1 - ci), 50 * (1 + ci)])
-    return [float(low), float(high)]
-
-
 def _pct(after: np.ndarray, before: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return 100.0 * (after / before - 1.0)
@@ -244,9 +237,9 @@ def language_outcome(sums: PairedSums, aggregate: str, tolerance: float, counts:
     layers = [str(layer) for layer in sums.layers]
     out = {
         "gain_pct": float(gain[0]),
-        "gain_ci": _ci(gain[1:], ci),
+        "gain_ci": percentile_interval(gain[1:], ci),
         "norm_matched_gain_pct": float(norm_matched[0]),
-        "norm_matched_gain_ci": _ci(norm_matched[1:], ci),
+        "norm_matched_gain_ci": percentile_interval(norm_matched[1:], ci),
         "level_before": float(point["level_before"].mean()),
         "level_after": float(point["level_after"].mean()),
         "fvu_before": fvu_b,
@@ -263,7 +256,7 @@ def language_outcome(sums: PairedSums, aggregate: str, tolerance: float, counts:
         "lm_loss_before": float(ce_before[0] / max(sums.ce_tokens.sum(), 1.0)),
         "lm_loss_after": float(ce_after[0] / max(sums.ce_tokens.sum(), 1.0)),
         "lm_loss_change": float(lm_change[0]),
-        "lm_loss_change_ci": _ci(lm_change[1:], ci),
+        "lm_loss_change_ci": percentile_interval(lm_change[1:], ci),
         "n_sentences": sums.n_sentences,
         "n_tokens": int(sums.n_tokens.sum()),
         "per_layer": {
@@ -278,7 +271,7 @@ def language_outcome(sums: PairedSums, aggregate: str, tolerance: float, counts:
         },
     }
     if is_reference:
-        out.update(retention_pct=float(retention[0]), retention_ci=_ci(retention[1:], ci),
+        out.update(retention_pct=float(retention[0]), retention_ci=percentile_interval(retention[1:], ci),
                    code_cosine=float(point["cosine"].mean()))
     return out
 
