@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mlalign.analysis.capture import ResidualCapture, decoder_layers
+from mlalign.analysis.decode import DECODE_MODES, reconstruct
 from mlalign.analysis.features import FeatureStats
 from mlalign.analysis.stats import LayerStats, SentenceSums
 from mlalign.errors import UserError
@@ -169,6 +170,7 @@ def collect_stats(
     sae_device: torch.device | str | None = None,
     feature_stats: dict | None = None,
     feature_ids: dict | None = None,
+    decode: str = "auto",
 ) -> dict[str, dict[int, SentenceSums]]:
     """Per-sentence SAE statistics for every (language, layer): `result[lang][layer]` is a `SentenceSums`.
 
@@ -190,8 +192,12 @@ def collect_stats(
     feature_stats: a dict to fill with per-feature statistics, `feature_stats[lang][layer]` = `features.FeatureSums`
     (O(d_sae) each; off when None). feature_ids: {lang: {layer: [features]}} whose per-sentence sums those also keep
     (`FeatureSums.sentence_sums`, O(sentences x k)); implies feature_stats.
+    decode: how x̂ (for FVU) is computed: "auto"/"sparse" read only the decoder rows of features that fired
+    (`analysis.decode.decode_active`), "dense" calls `sae.decode`; the numbers agree to float rounding.
     """
     _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
+    if decode not in DECODE_MODES:
+        raise UserError(f"analysis.decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     empty = [lang for lang, texts in texts_by_lang.items() if not texts]
     if empty:
         raise UserError(f"no sentences for {', '.join(empty)}; check data.path / the split, or drop them from langs")
@@ -238,7 +244,7 @@ def collect_stats(
                     batches = list(_batches(items, batch_size))
                     for batch in _progress(batches, progress, desc=desc, leave=False):
                         _run_batch(model, saes, accs, batch, pad_id, bos_id, padding_side, device, sae_device,
-                                   min_position, max_position, feature_accs=faccs)
+                                   min_position, max_position, feature_accs=faccs, decode=decode)
                     for layer, acc in accs.items():
                         result[lang][layer] = acc.finalize()
                         if faccs is not None:
@@ -259,7 +265,7 @@ def _param_device(module: nn.Module) -> torch.device | None:
 
 def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, padding_side, device,
                sae_device=None, min_position: int = 0, max_position: int | None = None,
-               feature_accs: dict[int, FeatureStats] | None = None) -> None:
+               feature_accs: dict[int, FeatureStats] | None = None, decode: str = "auto") -> None:
     sae_device = device if sae_device is None else sae_device
     indices = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
     inputs = pad_batch([ids for _, ids in batch], pad_id, padding_side, device)
@@ -278,7 +284,7 @@ def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, 
         sae = saes[layer]
         x = activations[layer].flatten(0, 1).index_select(0, flat).to(sae_device)
         feature_acts = sae.encode(x)
-        x_hat = sae.decode(feature_acts)
+        x_hat = reconstruct(sae, feature_acts, decode)
         acc.update(x, feature_acts, x_hat, sentence_index, positions)
         if feature_accs is not None:
             feature_accs[layer].update(feature_acts, row_index, len(batch), sentence_index)

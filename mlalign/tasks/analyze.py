@@ -92,7 +92,8 @@ class _LazyEngine:
         return collect_stats(self.model, self.tokenizer, {layer: self.saes[layer] for layer in layers}, texts_by_lang,
                              batch_size=int(acfg.batch_size), max_length=int(cfg.data.max_length),
                              sae_chunk=acfg.sae_chunk, progress=True, min_position=int(acfg.get("min_position") or 0),
-                             max_position=acfg.get("max_position"), sae_device=compute_device, **kwargs)
+                             max_position=acfg.get("max_position"), sae_device=compute_device,
+                             decode=str(acfg.get("decode") or "auto"), **kwargs)
 
     def release(self) -> None:
         self.saes = {}

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mlalign.analysis.capture import ResidualCapture
+from mlalign.analysis.decode import decode_active
 from mlalign.analysis.engine import analysed_positions, pad_batch, tokenize_sorted
 from mlalign.analysis.metrics import percentile_interval
 from mlalign.training.losses import per_token_metric
@@ -152,8 +153,8 @@ class _Accumulator:
             "resid_norm_after": norm_after,
             "l0_before": (f_before != 0).sum(-1),
             "l0_after": (f_after != 0).sum(-1),
-            "sq_err_before": (x_before - sae.decode(f_before)).pow(2).sum(-1),
-            "sq_err_after": (x_after - sae.decode(f_after)).pow(2).sum(-1),
+            "sq_err_before": (x_before - decode_active(sae, f_before)).pow(2).sum(-1),
+            "sq_err_after": (x_after - decode_active(sae, f_after)).pow(2).sum(-1),
             "code_cosine": cosine,
         }
         for name, values in per_token.items():
