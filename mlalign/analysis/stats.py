@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from mlalign.analysis.decode import SparseCode
+
 PER_SENTENCE_SUMS = ("n_tokens", "mean_act", "l1", "l0", "resid_norm", "sq_err", "sq_dev", "sq_norm", "position")
 """Per-sentence sums over the sentence's analysed tokens (BOS and padding excluded):
 
@@ -111,13 +113,15 @@ class LayerStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, feature_acts: torch.Tensor, x_hat: torch.Tensor, sentence_index: torch.Tensor,
-               positions: torch.Tensor | None = None) -> None:
+               positions: torch.Tensor | None = None, code: SparseCode | None = None) -> None:
         """Add one batch.
 
         x: [n, d_model] residuals of the analysed tokens (BOS and padding already removed);
         feature_acts: [n, d_sae] = sae.encode(x); x_hat: [n, d_model] = sae.decode(feature_acts);
         sentence_index: [n] long, the sentence (position in the language's text list) each token belongs to;
-        positions: [n] the token's position in its row (0 = first token), None = not tracked (sums stay 0).
+        positions: [n] the token's position in its row (0 = first token), None = not tracked (sums stay 0);
+        code: `feature_acts`'s non-zero entries if already found: the activation sums then cost O(nnz), not
+        O(n x d_sae) (same numbers).
         """
         if x.shape[0] == 0:
             return
@@ -125,14 +129,14 @@ class LayerStats:
         if self.shift is None:
             first = sentence_index == sentence_index[0]
             self.shift = x[first].mean(dim=0)
-        acts = feature_acts.to(torch.float32)
-        fired = acts != 0  # one [n, d_sae] pass shared by l0 and features_fired
+        if code is None:
+            code = SparseCode.from_dense(feature_acts)
         dev = x - self.shift
         per_token = {
             "n_tokens": torch.ones(x.shape[0], dtype=self.dtype, device=x.device),
-            "mean_act": acts.mean(dim=-1),
-            "l1": acts.abs().sum(dim=-1),
-            "l0": fired.sum(dim=-1),
+            "mean_act": code.per_token(dtype=self.dtype) / code.d_sae,
+            "l1": code.per_token(code.values.abs(), dtype=self.dtype),
+            "l0": code.active_per_token(),
             "resid_norm": torch.linalg.vector_norm(x, dim=-1),
             "sq_err": (x - x_hat.to(self.dtype)).pow(2).sum(dim=-1),
             "sq_dev": dev.pow(2).sum(dim=-1),
@@ -144,7 +148,7 @@ class LayerStats:
             self.sums[name].index_add_(0, sentence_index, values.to(self.dtype))
         self.sum_x += x.sum(dim=0)
         self.sum_dev.index_add_(0, sentence_index, dev)
-        self.features_fired |= fired.any(dim=0)
+        self.features_fired[code.features] = True
 
     def finalize(self) -> SentenceSums:
         """Move everything to the CPU once and return it as numpy arrays."""

@@ -7,7 +7,8 @@ import pytest
 import torch
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
-from mlalign.analysis.decode import decode_active, reconstruct, supports_sparse_decode
+from mlalign.analysis.decode import (decode_active, encode_sparse, reconstruct, supports_fused_encode,
+                                     supports_sparse_decode)
 from mlalign.analysis.engine import collect_stats
 from mlalign.analysis.stats import PER_SENTENCE_SUMS
 from mlalign.errors import UserError
@@ -69,3 +70,47 @@ def test_unknown_decode_mode_is_a_user_error(model, tokenizer, saes, texts):
     with pytest.raises(UserError, match="analysis.decode"):
         collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"][:2]}, progress=False, decode="fast")
 
+
+
+def test_fused_encode_equals_saelens_encode_and_its_code_lists_every_active_feature():
+    sae = jumprelu_sae(16, 64, seed=7)
+    with torch.no_grad():  # some negative thresholds: relu and the jump must both apply
+        sae.threshold.copy_(torch.linspace(-0.2, 0.3, 64))
+    x = torch.randn(40, 16)
+    acts, code = encode_sparse(sae, x)
+    torch.testing.assert_close(acts, sae.encode(x), rtol=1e-6, atol=1e-6)
+    dense_from_code = torch.zeros_like(acts)
+    dense_from_code[code.rows, code.features] = code.values
+    assert torch.equal(dense_from_code, acts)
+    assert int(code.active_per_token().sum()) == int((acts != 0).sum()) > 0
+
+
+def test_an_saes_hooks_or_other_encoders_take_saelens_own_encode():
+    sae = jumprelu_sae(8, 16, seed=1)
+    assert supports_fused_encode(sae)
+    handle = sae.hook_sae_acts_post.register_forward_hook(lambda module, inputs, output: output * 2)
+    try:
+        assert not supports_fused_encode(sae)
+        x = torch.randn(5, 8)
+        torch.testing.assert_close(encode_sparse(sae, x)[0], sae.encode(x))
+    finally:
+        handle.remove()
+    assert not supports_fused_encode(identity_sae(4))
+    acts, code = encode_sparse(identity_sae(4), torch.tensor([[1.0, -2.0, 0.0, 3.0]]))
+    assert acts.tolist() == [[1.0, 0.0, 0.0, 3.0, 0.0, 2.0, 0.0, 0.0]] and code.features.tolist() == [0, 3, 5]
+
+
+def test_layer_stats_from_a_sparse_code_equal_the_dense_path(saes):
+    from mlalign.analysis.stats import LayerStats
+
+    sae = saes[0]
+    x = torch.randn(30, sae.cfg.d_in)
+    acts, code = encode_sparse(sae, x)
+    sentence = torch.arange(30) // 7
+    with_code, without = (LayerStats(5, sae.cfg.d_in, sae.cfg.d_sae) for _ in range(2))
+    with_code.update(x, acts, decode_active(sae, acts, code), sentence, code=code)
+    without.update(x, acts, sae.decode(acts), sentence)
+    a, b = with_code.finalize(), without.finalize()
+    for name in PER_SENTENCE_SUMS:
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-9, err_msg=name)
+    assert np.array_equal(a.features_fired, b.features_fired) and a.l0.sum() > 0
