@@ -78,9 +78,9 @@ class DataSplits:
 @dataclass
 class DataConfig:
     source: str = "flores"
-    """flores (bundled FLORES-200) or text_dir (one {lang}.txt per language)."""
+    """flores (bundled FLORES-200), text_dir (one {lang}.txt per language) or hf (a Hugging Face dataset)."""
     path: Optional[str] = None
-    """Corpus directory; null = the bundled copy (flores)."""
+    """Corpus directory; null = the bundled copy (flores). hf: a hub dataset id or a local folder load_dataset reads."""
     splits: DataSplits = field(default_factory=DataSplits)
     """Which split each task uses."""
     max_sentences: Optional[int] = None
@@ -88,9 +88,19 @@ class DataConfig:
     max_length: int = 128
     """Tokens per sentence (BOS included) after truncation."""
     dev_fraction: float = 0.1
-    """text_dir: share of lines in split dev (by line number, right before test); FLORES-200's splits are fixed."""
+    """text_dir, hf: share of lines (rows) in split dev (by position, right before test); FLORES-200's are fixed."""
     test_fraction: float = 0.2
-    """text_dir: share of lines in split test (the last lines); train is the rest, from the first line."""
+    """text_dir, hf: share of lines (rows) in split test (the last ones); train is the rest, from the first one."""
+    hf_config: Optional[str] = "{flores}"
+    """hf: each language's dataset config; {flores} is its FLORES-200 code (FLORES+: hin_Deva), {lang} its code."""
+    hf_splits: list[str] = field(default_factory=lambda: ["dev", "devtest"])
+    """hf: the dataset's splits to read, one after the other, before mlalign's own train/dev/test split."""
+    text_column: str = "text"
+    """hf: the column holding the sentence."""
+    id_column: Optional[str] = "id"
+    """hf: the column that matches rows across languages within a split; null = by row position."""
+    revision: Optional[str] = None
+    """hf: dataset revision (branch, tag or commit); pin it so the analysis cache never sees a changed dataset."""
     normalize: Optional[str] = "NFC"
     """Unicode normal form applied to every sentence (NFC, NFKC, NFD, NFKD); null keeps the text as written."""
 

@@ -35,3 +35,26 @@ def run_cli(args: list[str], cwd: Path = REPO, env: dict | None = None, timeout:
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def write_flores_plus(root: Path, sentences: dict[str, dict[str, list[str]]], iso: dict[str, str] | None = None) -> Path:
+    """A local dataset in FLORES+'s layout that `datasets.load_dataset(root, "<flores code>", split=...)` reads:
+    `<split>/<code>.parquet` with columns id, iso_639_3, iso_15924, text, and a README whose `configs:` name one
+    config per FLORES-200 code. `sentences[code][split]` are the rows; `iso` overrides a config's language columns."""
+    import datasets
+
+    root.mkdir(parents=True, exist_ok=True)
+    configs = []
+    for code, by_split in sentences.items():
+        language, script = (iso or {}).get(code, code).split("_")
+        files = []
+        for split, texts in by_split.items():
+            (root / split).mkdir(exist_ok=True)
+            n = len(texts)
+            datasets.Dataset.from_dict({"id": list(range(n)), "iso_639_3": [language] * n,
+                                        "iso_15924": [script] * n, "text": texts}).to_parquet(root / split / f"{code}.parquet")
+            files.append(f"  - split: {split}\n    path: {split}/{code}.parquet\n")
+        configs.append(f"- config_name: {code}\n  data_files:\n{''.join(files)}")
+    (root / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n# A tiny FLORES+-shaped test set\n",
+                                    encoding="utf-8")
+    return root

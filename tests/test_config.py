@@ -5,8 +5,8 @@ from omegaconf import OmegaConf
 
 from tests.helpers import CONF_DIR, compose_cfg
 
-GROUPS = ["model", "sae", "data", "analysis", "loss", "lora", "train", "eval", "logger", "paths", "experiment",
-          "hparams_search"]
+GROUPS = ["model", "sae", "data", "languages", "analysis", "loss", "lora", "train", "eval", "logger", "paths",
+          "experiment", "hparams_search"]
 NEEDS = {"data=text_dir": ["data.path=/tmp/corpus"], "sae=local": ["sae.path_template=/tmp/sae"]}
 
 
@@ -65,8 +65,8 @@ def test_help_names_every_task_and_every_option_of_every_group():
     assert "schema" not in text
     for task in TASKS:
         assert f"\n  {task} " in text, task
-    for group in ("model", "sae", "data", "analysis", "loss", "lora", "train", "eval", "logger", "sae_train",
-                  "experiment", "hparams_search"):
+    for group in ("model", "sae", "data", "languages", "analysis", "loss", "lora", "train", "eval", "logger",
+                  "sae_train", "experiment", "hparams_search"):
         assert f"\n  {group} " in text, group
         for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
             if group == "sae" and option not in ("local",):

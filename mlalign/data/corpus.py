@@ -1,12 +1,14 @@
-"""Load parallel sentences per language and split from the bundled FLORES-200 copy or a user's text directory.
+"""Load parallel sentences per language and split from the bundled FLORES-200 copy, a user's text directory, or a
+Hugging Face dataset (e.g. FLORES+).
 
-Both sources go through one path: read every language the corpus holds, normalise, drop each line (id) that is
+Every source goes through one path: read every language the corpus holds, normalise, drop each line (id) that is
 blank in any language, split by id (the same ids in every language), and keep what was dropped and repeated for the
 corpus report (`corpus.json`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import unicodedata
@@ -159,7 +161,7 @@ def _select(info: CorpusInfo, langs: list[str], split: str, max_sentences: int |
     ids = [i for part in check_split(split) for i in info.split_ids[part]][:max_sentences]
     if not ids:
         sizes = ", ".join(f"{s} {info.sizes[s]}" for s in SPLITS)
-        if info.source != "text_dir":
+        if info.source == "flores":
             hint = "choose another split"
         elif "train" in check_split(split):
             hint = "lower data.dev_fraction / data.test_fraction or add lines"
@@ -174,6 +176,16 @@ def _select(info: CorpusInfo, langs: list[str], split: str, max_sentences: int |
 def _flores_langs(root: Path) -> dict[str, Path]:
     """Every language of the table that has a folder in this FLORES-200 copy."""
     return {code: root / lang.flores_code for code, lang in LANGUAGES.items() if (root / lang.flores_code).is_dir()}
+
+
+def flores_langs(path: str | None = None) -> list[str]:
+    """The languages of the table with sentences in this FLORES-200 copy (the bundled one: the study's ten)."""
+    return list(_flores_langs(Path(path) if path else FLORES_DIR))
+
+
+def _no_sentences_hint(lang: str) -> str:
+    return (f"add its sentences (data=text_dir with a {lang}.txt, or data=hf with a dataset that has "
+            f"{get_language(lang).flores_code}, e.g. FLORES+) or drop {lang} from langs")
 
 
 def read_flores(path: str | None = None, normalize: str | None = "NFC") -> CorpusInfo:
@@ -222,8 +234,8 @@ def load_flores(langs: list[str], split: str, path: str | None = None, max_sente
     info = read_flores(path, normalize)
     for lang in langs:
         if lang not in info.texts:
-            raise UserError(f"FLORES-200 folder {Path(info.path) / get_language(lang).flores_code} is missing; point "
-                            f"data.path at a copy of the bundled flores200 folder")
+            raise UserError(f"the FLORES-200 copy at {info.path} has no {lang} (no {get_language(lang).flores_code}/ "
+                            f"folder; it holds {', '.join(info.texts)}); {_no_sentences_hint(lang)}")
     return _select(info, langs, split, max_sentences)
 
 
@@ -272,9 +284,103 @@ def load_text_dir(
     return _select(info, langs, split, max_sentences)
 
 
-# A Hugging Face `datasets` source for larger corpora slots in here: a reader returning a CorpusInfo.
-READERS: dict[str, Callable[..., CorpusInfo]] = {"flores": read_flores, "text_dir": read_text_dir}
-SOURCES: dict[str, Callable[..., ParallelCorpus]] = {"flores": load_flores, "text_dir": load_text_dir}
+def _load_hf_split(path: str, config: str | None, split: str, revision: str | None, lang: str) -> dict[str, list]:
+    """One split of one config as {column: values}."""
+    import tempfile
+
+    import datasets
+
+    # A local folder is read through a throwaway cache: datasets' cache key for local files can miss a changed file
+    # (rows of an earlier copy with the same folder name and layout are served instead); a corpus is small.
+    local = Path(path).is_dir()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlalign-hf-") if local else contextlib.nullcontext() as cache_dir:
+            table = datasets.load_dataset(path, config, split=split, revision=revision, cache_dir=cache_dir,
+                                          keep_in_memory=local)
+            return table.to_dict()
+    except (ValueError, OSError) as err:  # DatasetNotFoundError and ConnectionError are OSErrors
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(f"data=hf could not load {path!r} (config {config!r}, split {split!r}) for {lang}: {reason}; "
+                        f"check data.path, data.hf_config and data.hf_splits; a gated dataset such as FLORES+ needs its "
+                        f"conditions accepted on huggingface.co and `hf auth login`, offline a local copy in "
+                        f"data.path") from None
+
+
+def read_hf(path: str | None, required: list[str] = (), hf_config: str | None = "{flores}",
+            hf_splits: list[str] = ("dev", "devtest"), text_column: str = "text", id_column: str | None = "id",
+            revision: str | None = None, dev_fraction: float = 0.1, test_fraction: float = 0.2,
+            normalize: str | None = "NFC") -> CorpusInfo:
+    """A parallel corpus from Hugging Face `datasets` (a hub id or a local folder `load_dataset` reads), for the
+    `required` languages: per language the dataset config `hf_config` names (`{flores}` its FLORES-200 code, `{lang}`
+    its short code: FLORES+'s configs are `hin_Deva`, ...), the dataset splits `hf_splits` one after the other, rows
+    matched across languages by `id_column` within each split (null: by row position). Rows that carry `iso_639_3`
+    and `iso_15924` (FLORES+) must be in the language asked for. Then, as text_dir: train / dev / test by row position
+    (`dev_fraction`, `test_fraction`), a row blank in any language dropped in all of them."""
+    if not path:
+        raise UserError("data=hf needs a dataset: data.path=openlanguagedata/flores_plus (a Hugging Face hub id) or a "
+                        "local folder that datasets.load_dataset reads")
+    if not required:
+        raise UserError("data=hf reads the languages of the run; give langs (e.g. langs=[hi,bn])")
+    if isinstance(hf_splits, str) or not hf_splits:
+        raise UserError(f"data.hf_splits must be a list of the dataset's splits, got {hf_splits!r}; "
+                        "type e.g. data.hf_splits=[dev,devtest]")
+    normalize = check_normalize(normalize)
+    dev_fraction, test_fraction = check_fractions(dev_fraction, test_fraction)
+    texts: dict[str, dict[str, str]] = {}
+    files: dict[str, str] = {}
+    order: list[str] | None = None
+    reference = required[0]
+    for lang in required:
+        language = get_language(lang)
+        try:
+            config = hf_config.format(flores=language.flores_code, lang=lang) if hf_config else None
+        except (KeyError, IndexError, ValueError):
+            raise UserError(f"data.hf_config={hf_config!r} may only use {{flores}} and {{lang}} "
+                            "(e.g. data.hf_config='{flores}')") from None
+        files[lang] = f"{path} ({config})" if config else str(path)
+        rows: dict[str, str] = {}
+        for split in hf_splits:
+            table = _load_hf_split(str(path), config, str(split), revision, lang)
+            if text_column not in table or (id_column and id_column not in table):
+                missing = text_column if text_column not in table else id_column
+                raise UserError(f"{files[lang]} split {split!r} has no column {missing!r} (it has "
+                                f"{', '.join(table)}); set data.text_column / data.id_column")
+            if {"iso_639_3", "iso_15924"} <= set(table):
+                found = {f"{a}_{b}" for a, b in zip(table["iso_639_3"], table["iso_15924"])}
+                if found != {language.flores_code}:
+                    raise UserError(f"{files[lang]} split {split!r} holds {', '.join(sorted(found))}, not "
+                                    f"{lang}'s {language.flores_code}; fix languages.{lang}.flores_code or data.hf_config")
+            ids = [f"{split}:{i}" for i in (table[id_column] if id_column else range(len(table[text_column])))]
+            if len(set(ids)) != len(ids):
+                repeated = next(i for i in ids if ids.count(i) > 1)
+                raise UserError(f"{files[lang]} split {split!r} repeats {id_column} {repeated.split(':', 1)[1]}; ids "
+                                f"must be unique (data.id_column=null matches rows by position)")
+            rows.update(zip(ids, (text or "" for text in table[text_column])))
+        if order is None:
+            order = list(rows)
+        elif set(rows) != set(order):
+            gap = next((i for i in order if i not in rows), None)
+            extra = next((i for i in rows if i not in set(order)), None)
+            what = f"lacks row {gap}, which {reference} has" if gap else f"has row {extra}, which {reference} lacks"
+            raise UserError(f"data=hf corpus is not parallel: {files[lang]} {what} (rows are split:{id_column or 'row'});"
+                            f" use the same splits and rows in every language")
+        texts[lang] = rows
+    n_lines = len(order)
+    sizes = split_sizes(n_lines, dev_fraction, test_fraction)
+    names = [s for s in SPLITS for _ in range(sizes[s])]
+    split_of = {i: names[n] for n, i in enumerate(order)}
+    return _align("hf", Path(str(path)), texts, split_of, normalize, files)
+
+
+def load_hf(langs: list[str], split: str, path: str | None, max_sentences: int | None = None, **options) -> ParallelCorpus:
+    """`split` of a Hugging Face dataset corpus (see read_hf) for `langs`."""
+    check_split(split)
+    return _select(read_hf(path, required=langs, **options), langs, split, max_sentences)
+
+
+READERS: dict[str, Callable[..., CorpusInfo]] = {"flores": read_flores, "text_dir": read_text_dir, "hf": read_hf}
+SOURCES: dict[str, Callable[..., ParallelCorpus]] = {"flores": load_flores, "text_dir": load_text_dir, "hf": load_hf}
+HF_OPTIONS = ("hf_config", "hf_splits", "text_column", "id_column", "revision")
 
 
 def _get(data_cfg, key: str, default=None):
@@ -284,27 +390,36 @@ def _get(data_cfg, key: str, default=None):
 def _source(data_cfg) -> str:
     source = data_cfg.source
     if source not in READERS:
-        raise UserError(f"unknown data source {source!r}; use data=flores or data=text_dir data.path=DIR")
+        raise UserError(f"unknown data source {source!r}; use data=flores, data=text_dir data.path=DIR or data=hf")
     return source
 
 
 def _options(data_cfg) -> dict:
     """Keyword arguments of the source's reader, from the data config (schema defaults where a key is absent)."""
     options = {"normalize": _get(data_cfg, "normalize", "NFC")}
-    if _source(data_cfg) == "text_dir":
+    if _source(data_cfg) in ("text_dir", "hf"):
         options.update(dev_fraction=_get(data_cfg, "dev_fraction", 0.1), test_fraction=_get(data_cfg, "test_fraction", 0.2))
+    if _source(data_cfg) == "hf":
+        from omegaconf import OmegaConf
+
+        defaults = {"hf_config": "{flores}", "hf_splits": ["dev", "devtest"], "text_column": "text",
+                    "id_column": "id", "revision": None}
+        for key in HF_OPTIONS:
+            value = _get(data_cfg, key, defaults[key])
+            options[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     return options
 
 
 def read_corpus(data_cfg, required: list[str] = ()) -> CorpusInfo:
     """The whole corpus that `data_cfg.source` names, aligned and split (`required`: languages that must be in it)."""
     source = _source(data_cfg)
-    if source == "text_dir":
-        return read_text_dir(data_cfg.path, required=required, **_options(data_cfg))
+    if source in ("text_dir", "hf"):
+        return READERS[source](data_cfg.path, required=list(required), **_options(data_cfg))
     info = READERS[source](data_cfg.path, **_options(data_cfg))
     for lang in required:
         if lang not in info.texts:
-            raise UserError(f"the {source} corpus at {info.path} has no {lang}; drop {lang} from langs")
+            raise UserError(f"the {source} corpus at {info.path} has no {lang} (no {get_language(lang).flores_code}/ "
+                            f"folder; it holds {', '.join(info.texts)}); {_no_sentences_hint(lang)}")
     return info
 
 
@@ -320,7 +435,13 @@ def corpus_fingerprint(data_cfg) -> str:
     the analysis cache's key, so an edited corpus file is never answered from a stale cache."""
     source = _source(data_cfg)
     digest = hashlib.sha256(repr(sorted(_options(data_cfg).items())).encode())
-    if source == "text_dir":
+    if source == "hf":
+        # The dataset's identity: its id and revision (pin data.revision for a hub dataset that may change), or, for a
+        # local copy, every file's bytes.
+        digest.update(f"{data_cfg.path}@{_get(data_cfg, 'revision')}".encode())
+        root = Path(str(data_cfg.path or ""))
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
+    elif source == "text_dir":
         root = Path(data_cfg.path or "")
         files = [root / f"{lang}.txt" for lang in LANGUAGES]
     else:

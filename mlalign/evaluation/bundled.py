@@ -26,7 +26,6 @@ import yaml
 
 from mlalign.data.corpus import BUNDLED_DATA_DIR
 from mlalign.errors import UserError
-from mlalign.evaluation.tasks import TASK_TABLE
 from mlalign.languages import LANGUAGES
 
 OKAPI_DIR = BUNDLED_DATA_DIR / "okapi"
@@ -43,6 +42,15 @@ def okapi_file(benchmark: str, lang: str, okapi_dir: Path = OKAPI_DIR) -> Path:
     if benchmark == "mmlu":
         return okapi_dir / "m_mmlu" / f"{lang}_dev.json"
     raise ValueError(f"no bundled items for benchmark {benchmark!r}")
+
+
+def bundled_task_name(benchmark: str, lang: str) -> str:
+    return f"mlalign_{'arc' if benchmark == 'arc_challenge' else benchmark}_{lang}"
+
+
+def bundled_langs() -> list[str]:
+    """The languages of the table with bundled Okapi items (the study's ten)."""
+    return [lang for lang in LANGUAGES if all(okapi_file(b, lang).is_file() for b in BUNDLED_BENCHMARKS)]
 
 
 def license_note(lang: str, benchmark: str) -> str:
@@ -106,7 +114,7 @@ def task_config(benchmark: str, lang: str, cache_dir: Path | None = None, okapi_
     if cache_dir is not None:
         dataset_kwargs["cache_dir"] = str(Path(cache_dir).resolve())
     common = {
-        "task": TASK_TABLE["bundled"][benchmark][lang],
+        "task": bundled_task_name(benchmark, lang),
         "tag": [BUNDLED_TAG],
         "dataset_path": "json",
         "dataset_name": None,
@@ -162,7 +170,7 @@ def write_bundled_tasks(
     cache_dir = Path(cache_dir) if cache_dir is not None else task_dir / "datasets_cache"
     written = {}
     for benchmark in benchmarks or BUNDLED_BENCHMARKS:
-        for lang in langs or list(LANGUAGES):
+        for lang in langs or bundled_langs():
             config = task_config(benchmark, lang, cache_dir)
             path = task_dir / f"{config['task']}.yaml"
             text = "# Written by mlalign.evaluation.bundled; prompt format of lm-eval's Okapi tasks.\n"

@@ -6,13 +6,11 @@ import difflib
 from typing import NamedTuple
 
 from mlalign.errors import UserError
-from mlalign.languages import LANGUAGES, get_language
+from mlalign.languages import BENCHMARK_KEYS, LANGUAGES, get_language
 
-BENCHMARKS: tuple[str, ...] = ("arc_challenge", "mmlu", "hellaswag", "belebele")
+BENCHMARKS: tuple[str, ...] = BENCHMARK_KEYS
 SUITES: tuple[str, ...] = ("harness", "bundled")
 
-# Okapi (Lai et al. 2023) translated HellaSwag into 26 languages, Chinese not among them.
-_NO_HELLASWAG_ZH = "Okapi has no Chinese HellaSwag (lm-eval has no hellaswag_zh task)"
 _NO_BUNDLED_HELLASWAG = (
     "HellaSwag is not bundled (its files are too large for the offline snapshot); use eval=harness, which downloads it"
 )
@@ -20,28 +18,17 @@ _NO_BUNDLED_BELEBELE = "Belebele is not bundled; use eval=harness, which downloa
 
 
 def _harness_name(benchmark: str, lang: str) -> str | None:
-    # English runs the original tasks; MMLU uses Okapi's English file (m_mmlu_en) rather than `mmlu`, because
-    # `mmlu` is 57 subject subtasks with a different prompt (a subject header), while m_mmlu_en has exactly the
-    # prompt, choices and split of every other m_mmlu_<lang>.
-    if benchmark == "arc_challenge":
-        return "arc_challenge" if lang == "en" else f"arc_{lang}"
-    if benchmark == "mmlu":
-        return f"m_mmlu_{lang}"
-    if benchmark == "hellaswag":
-        if lang == "zh":
-            return None
-        return "hellaswag" if lang == "en" else f"hellaswag_{lang}"
-    if benchmark == "belebele":
-        # Belebele is FLORES-based (the same passages as the corpus) and written by native speakers in every language.
-        return f"belebele_{get_language(lang).flores_code}"
-    raise AssertionError(benchmark)
+    # The languages table's names (conf/languages/): English originals (m_mmlu_en for MMLU: the prompt of every other
+    # m_mmlu_<lang>), Okapi arc_/m_mmlu_/hellaswag_<lang>, Belebele by FLORES-200 code; a benchmark an entry leaves out
+    # has no lm-eval task in that language.
+    return get_language(lang).tasks.get(benchmark)
 
 
 def _bundled_name(benchmark: str, lang: str) -> str | None:
-    if benchmark == "arc_challenge":
-        return f"mlalign_arc_{lang}"
-    if benchmark == "mmlu":
-        return f"mlalign_mmlu_{lang}"
+    from mlalign.evaluation.bundled import BUNDLED_BENCHMARKS, bundled_task_name, okapi_file
+
+    if benchmark in BUNDLED_BENCHMARKS and okapi_file(benchmark, lang).is_file():
+        return bundled_task_name(benchmark, lang)
     return None
 
 
@@ -50,19 +37,26 @@ def _reason(suite: str, benchmark: str, lang: str) -> str:
         return _NO_BUNDLED_HELLASWAG
     if suite == "bundled" and benchmark == "belebele":
         return _NO_BUNDLED_BELEBELE
-    if benchmark == "hellaswag" and lang == "zh":
-        return _NO_HELLASWAG_ZH
-    raise AssertionError((suite, benchmark, lang))
+    language = get_language(lang)
+    if suite == "bundled":
+        harness = language.tasks.get(benchmark)
+        return (f"no bundled {benchmark} items in {language.name} ({lang}); use eval=harness, which downloads "
+                + (f"lm-eval's {harness}" if harness else "lm-eval's tasks"))
+    return (f"no lm-eval {benchmark} task for {language.name} ({lang}): its entry in conf/languages has no "
+            f"tasks.{benchmark}")
 
 
-# TASK_TABLE[suite][benchmark][lang] -> lm-eval task name, or None where the combination does not exist.
-TASK_TABLE: dict[str, dict[str, dict[str, str | None]]] = {
-    suite: {
-        benchmark: {lang: (_harness_name if suite == "harness" else _bundled_name)(benchmark, lang) for lang in LANGUAGES}
-        for benchmark in BENCHMARKS
+def task_table() -> dict[str, dict[str, dict[str, str | None]]]:
+    """table[suite][benchmark][lang] -> lm-eval task name, or None where the combination does not exist, for every
+    language of the current table."""
+    return {
+        suite: {
+            benchmark: {lang: (_harness_name if suite == "harness" else _bundled_name)(benchmark, lang)
+                        for lang in LANGUAGES}
+            for benchmark in BENCHMARKS
+        }
+        for suite in SUITES
     }
-    for suite in SUITES
-}
 
 
 class TaskChoice(NamedTuple):
@@ -106,5 +100,5 @@ def lookup_task(benchmark: str, lang: str, suite: str = "harness") -> TaskChoice
     check_suite(suite)
     check_benchmarks([benchmark])
     get_language(lang)
-    task = TASK_TABLE[suite][benchmark][lang]
+    task = (_harness_name if suite == "harness" else _bundled_name)(benchmark, lang)
     return TaskChoice(task) if task is not None else TaskChoice(None, _reason(suite, benchmark, lang))

@@ -52,35 +52,47 @@ def _record_failure(cfg: DictConfig, line: str) -> None:
         write_text_atomic(Path(run_dir) / ERROR_FILE, line + "\n")
 
 
+def _run_task(cfg: DictConfig, module):
+    """Check the config, then run the task in its run directory: (metrics, the finished RunContext)."""
+    from mlalign import console
+    from mlalign.tasks.common import RunContext
+
+    check_config = getattr(module, "check_config", None)
+    if check_config is not None:  # settings that cannot work fail before any tokenizer or model loads
+        check_config(cfg)
+    with RunContext(cfg) as ctx:
+        console.emit(f"task={cfg.task}, model {cfg.model.name}: {ctx.run_dir}")
+        if cfg.task in CORPUS_TASKS:
+            from mlalign.data.corpus import write_corpus_report
+
+            write_corpus_report(cfg.data, ctx.langs, ctx.run_dir, ctx.load_tokenizer(), CORPUS_TASKS[cfg.task])
+        metrics = module.run(cfg, ctx)
+        ctx.finish(metrics)
+    return metrics, ctx
+
+
 def dispatch(cfg: DictConfig) -> float | None:
     """Run `cfg.task`; return the metric a sweeper optimises. A failure leaves its line in `<run dir>/ERROR`; a user
     mistake is printed as one line and, in a single run, exits 1. In a multirun every failure is raised to Hydra, which
     marks the job failed: the sweep goes on (hydra_plugins.mlalign_sweeper, Optuna's max_failure_rate) and
     exits non-zero at the end (mlalign.sweeps.SweepSummaryCallback)."""
-    from mlalign.tasks.common import RunContext, hydra_run_dir
+    from mlalign.tasks.common import hydra_run_dir
 
     stale = hydra_run_dir()
     if stale is not None:  # a requeued or resumed job starts clean
         (stale / ERROR_FILE).unlink(missing_ok=True)
     try:
         from mlalign import console
+        from mlalign.languages import use_languages
 
         console.configure(cfg)  # the story on the console, other libraries' chatter in <run dir>/run.log
         started = time.perf_counter()
         if cfg.task not in TASKS:
             raise UserError(f"unknown task {cfg.task!r}; choose one of: task={' | task='.join(TASKS)}")
         module = importlib.import_module(f"mlalign.tasks.{TASKS[cfg.task]}")
-        check_config = getattr(module, "check_config", None)
-        if check_config is not None:  # settings that cannot work fail before any tokenizer or model loads
-            check_config(cfg)
-        with RunContext(cfg) as ctx:
-            console.emit(f"task={cfg.task}, model {cfg.model.name}: {ctx.run_dir}")
-            if cfg.task in CORPUS_TASKS:
-                from mlalign.data.corpus import write_corpus_report
-
-                write_corpus_report(cfg.data, ctx.langs, ctx.run_dir, ctx.load_tokenizer(), CORPUS_TASKS[cfg.task])
-            metrics = module.run(cfg, ctx)
-            ctx.finish(metrics)
+        # The run's languages table (conf/languages/ plus the user's entries) before anything reads a language.
+        with use_languages(cfg.get("languages")):
+            metrics, ctx = _run_task(cfg, module)
         console.print_closing_block(str(cfg.task), ctx.run_dir, time.perf_counter() - started, ctx.tracker)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

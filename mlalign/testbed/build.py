@@ -87,8 +87,14 @@ class TestbedSpec:
     def __post_init__(self) -> None:
         if not self.lang_mix:
             raise UserError("testbed lang_mix is empty; give e.g. model.testbed.lang_mix={en:0.5,hi:0.5}")
+        from mlalign.data.corpus import flores_langs
+
+        bundled = flores_langs()
         for code, weight in self.lang_mix.items():
             get_language(code)
+            if code not in bundled:
+                raise UserError(f"testbed lang_mix has {code!r}, which the bundled FLORES-200 copy lacks (the testbed "
+                                f"is pretrained on it); use languages it holds: {', '.join(bundled)}")
             if not float(weight) > 0:
                 raise UserError(f"testbed lang_mix weight for {code!r} is {weight}; every weight must be > 0 "
                                 f"(drop the language from lang_mix instead)")
@@ -155,7 +161,7 @@ def ensure_testbed(spec: TestbedSpec, cache_dir: str | Path, progress: bool = Tr
 
 def build_testbed(spec: TestbedSpec, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Build the testbed into `out_dir` (no caching, no COMPLETE marker) and return its build info."""
-    from mlalign.data.corpus import load_flores
+    from mlalign.data.corpus import flores_langs, load_flores
     # Imported here: they import this module's constants, and a cache hit needs neither.
     from mlalign.testbed.lm import build_tokenizer, final_loss_per_lang, new_model, pretrain
     from mlalign.testbed.saes import collect_residuals, evaluate_saes, train_layer_sae
@@ -175,9 +181,10 @@ def build_testbed(spec: TestbedSpec, out_dir: str | Path, progress: bool = True)
         rng = np.random.default_rng(spec.seed)
         # The text exactly as bundled (normalize=None): the build's hash covers its config, not the corpus loader's
         # defaults, so a cached testbed and a fresh build must read the same bytes.
-        train = load_flores(list(LANGUAGES), "train", normalize=None)
+        bundled = flores_langs()  # the study's ten: every language of the bundled copy trains the tokenizer
+        train = load_flores(bundled, "train", normalize=None)
         with phase("tokenizer"):
-            tokenizer = build_tokenizer(spec, [s for lang in LANGUAGES for s in train[lang]])
+            tokenizer = build_tokenizer(spec, [s for lang in bundled for s in train[lang]])
         with phase("pretrain"):
             model = new_model(spec)
             pretrain(model, tokenizer, spec, train, rng, progress)

@@ -1,18 +1,19 @@
 import pytest
 from omegaconf import OmegaConf
 
-from mlalign.data.corpus import (FLORES_DIR, corpus_fingerprint, corpus_report, load_corpus, load_flores,
-                                 load_text_dir, report_lines, split_sizes)
+from mlalign.data.corpus import (FLORES_DIR, corpus_fingerprint, corpus_report, flores_langs, load_corpus,
+                                 load_flores, load_text_dir, report_lines, split_sizes)
 from mlalign.errors import UserError
-from mlalign.languages import LANGUAGES
 
 
 def test_flores_splits_are_aligned_in_all_ten_languages():
+    ten = flores_langs()
+    assert ten == ["en", "zh", "ru", "es", "it", "id", "ca", "mr", "ml", "hi"]  # the bundled copy: the study's ten
     sizes = {"train": 701, "dev": 99, "test": 204}
     for split, size in sizes.items():
-        corpus = load_flores(list(LANGUAGES), split)
-        assert all(len(corpus[lang]) == size for lang in LANGUAGES)
-        assert all(corpus.ids[lang] == corpus.ids["en"] for lang in LANGUAGES)
+        corpus = load_flores(ten, split)
+        assert all(len(corpus[lang]) == size for lang in ten)
+        assert all(corpus.ids[lang] == corpus.ids["en"] for lang in ten)
     train, test = load_flores(["en"], "train"), load_flores(["en"], "test")
     assert not set(train.ids["en"]) & set(test.ids["en"])
 
@@ -143,8 +144,8 @@ def test_duplicates_are_reported_and_the_report_counts_tokens_over_max_length(tm
 
 
 def test_flores_ids_behave_like_a_text_dir(tmp_path):
-    full = load_flores(list(LANGUAGES), "all")
-    assert len(full["en"]) == 1004 and all(full.ids[lang] == full.ids["en"] for lang in LANGUAGES)
+    full = load_flores(flores_langs(), "all")
+    assert len(full["en"]) == 1004 and all(full.ids[lang] == full.ids["en"] for lang in flores_langs())
     info = full.info
     assert not info.dropped and [len(info.split_ids[s]) for s in ("train", "dev", "test")] == [701, 99, 204]
     assert not set(info.split_ids["dev"]) & set(info.split_ids["test"])
@@ -167,3 +168,99 @@ def test_corpus_fingerprint_follows_the_files_and_settings(tmp_path):
     assert corpus_fingerprint(OmegaConf.merge(cfg, {"test_fraction": 0.3})) != first
     _write(tmp_path, en="a\nc\n")
     assert corpus_fingerprint(cfg) != first
+
+
+BENGALI = ["আমি ভাত খাই।", "সে বই পড়ে।", "আকাশ নীল।", "আজ বৃষ্টি হবে।", "আমরা স্কুলে যাই।", "নদীটি বড়।", "তিনি গান গান।"]
+"""Seven Bengali sentences standing in for FLORES+ rows (4 dev, 3 devtest)."""
+
+
+def _flores_plus(tmp_path, **overrides):
+    from tests.helpers import write_flores_plus
+
+    sentences = {"eng_Latn": {"dev": [f"en {i}" for i in range(4)], "devtest": [f"en {i}" for i in range(4, 7)]},
+                 "ben_Beng": {"dev": BENGALI[:4], "devtest": BENGALI[4:]}}
+    sentences.update(overrides)
+    return write_flores_plus(tmp_path / "flores_plus", sentences)
+
+
+def _hf_cfg(path, **extra):
+    from tests.helpers import compose_cfg
+
+    return OmegaConf.merge(compose_cfg(["data=hf"]).data, {"path": str(path), **extra})
+
+
+def test_hf_reads_flores_plus_layout_by_flores_code_and_splits_like_text_dir(tmp_path):
+    cfg = _hf_cfg(_flores_plus(tmp_path), dev_fraction=0.2, test_fraction=0.3)
+    everything = load_corpus(cfg, ["en", "bn"], "all")
+    assert everything["bn"] == BENGALI and everything["en"] == [f"en {i}" for i in range(7)]
+    assert everything.ids["bn"][:2] == ["dev:0", "dev:1"] and everything.ids["bn"][4] == "devtest:0"
+    parts = {split: load_corpus(cfg, ["en", "bn"], split) for split in ("train", "dev", "test")}
+    assert [len(parts[s]["bn"]) for s in ("train", "dev", "test")] == [4, 1, 2]  # by row position, test last
+    assert parts["test"].aligned("en", "bn") == [("en 5", BENGALI[5]), ("en 6", BENGALI[6])]
+    info = everything.info
+    assert info.source == "hf" and info.files["bn"].endswith("(ben_Beng)")
+    report = corpus_report(info, ["en", "bn"])
+    assert report["langs"]["bn"]["kept"] == 7 and report["split_sizes_read"] == {"train": 4, "dev": 1, "test": 2}
+
+
+def test_hf_runs_the_same_checks_as_the_bundled_corpus(tmp_path):
+    # A row blank in one language is dropped in every language, by its id.
+    blank = _flores_plus(tmp_path, ben_Beng={"dev": BENGALI[:3] + [" "], "devtest": BENGALI[4:]})
+    corpus = load_corpus(_hf_cfg(blank), ["en", "bn"], "all")
+    assert corpus.info.dropped == ["dev:3"] and "en 3" not in corpus["en"] and len(corpus["bn"]) == 6
+    # Rows that do not match across languages are refused, naming the row.
+    (tmp_path / "flores_plus").rename(tmp_path / "old")
+    short = _flores_plus(tmp_path, ben_Beng={"dev": BENGALI[:3], "devtest": BENGALI[4:]})
+    with pytest.raises(UserError, match=r"not parallel: .*\(ben_Beng\) lacks row dev:3, which en has"):
+        load_corpus(_hf_cfg(short), ["en", "bn"], "all")
+
+
+@pytest.mark.parametrize("langs, extra, needle", [
+    (["en", "hi"], {}, "could not load .*config 'hin_Deva'.*for hi: BuilderConfig 'hin_Deva' not found"),
+    (["en", "bn"], {"hf_splits": ["dev", "test"]}, "split 'test'.*Unknown split"),
+    (["en", "bn"], {"text_column": "sentence"}, "has no column 'sentence'"),
+    (["en", "bn"], {"hf_config": "{code}"}, "may only use {flores} and {lang}"),
+])
+def test_hf_mistakes_are_one_line_user_errors(tmp_path, langs, extra, needle):
+    with pytest.raises(UserError, match=needle) as err:
+        load_corpus(_hf_cfg(_flores_plus(tmp_path), **extra), langs, "all")
+    assert "\n" not in str(err.value)
+
+
+def test_hf_rows_in_another_language_than_the_flores_code_are_refused(tmp_path):
+    from tests.helpers import write_flores_plus
+
+    path = write_flores_plus(tmp_path / "fp", {"eng_Latn": {"dev": ["a", "b"]}, "ben_Beng": {"dev": ["c", "d"]}},
+                             iso={"ben_Beng": "hin_Deva"})
+    with pytest.raises(UserError, match="holds hin_Deva, not bn's ben_Beng"):
+        load_corpus(_hf_cfg(path, hf_splits=["dev"]), ["en", "bn"], "all")
+
+
+def test_hub_dataset_offline_is_a_user_error_not_a_download():
+    # HF_DATASETS_OFFLINE=1 (tests/conftest.py): the default FLORES+ hub id cannot be reached, and says so in one line.
+    from tests.helpers import compose_cfg
+
+    with pytest.raises(UserError, match="openlanguagedata/flores_plus.*hf auth login"):
+        load_corpus(compose_cfg(["data=hf"]).data, ["en", "bn"], "all")
+
+
+def test_hf_fingerprint_follows_the_local_copy(tmp_path):
+    path = _flores_plus(tmp_path)
+    first = corpus_fingerprint(_hf_cfg(path))
+    assert corpus_fingerprint(_hf_cfg(path)) == first
+    assert corpus_fingerprint(_hf_cfg(path, revision="v2")) != first
+    _flores_plus(tmp_path, ben_Beng={"dev": BENGALI[:4], "devtest": BENGALI[4:6] + ["অন্য বাক্য।"]})
+    assert corpus_fingerprint(_hf_cfg(path)) != first
+    # ... and the edited copy is what is read (datasets' own cache would serve the first copy's rows).
+    assert load_corpus(_hf_cfg(path), ["en", "bn"], "all")["bn"][-1] == "অন্য বাক্য।"
+
+
+def test_a_language_without_sentences_in_the_bundled_corpus_says_where_to_get_them():
+    from mlalign.data.corpus import read_corpus
+    from tests.helpers import compose_cfg
+
+    with pytest.raises(UserError, match="has no bn .*ben_Beng/.*data=text_dir with a bn.txt, or data=hf") as err:
+        read_corpus(compose_cfg().data, required=["en", "bn"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="has no bn"):
+        load_flores(["en", "bn"], "dev")

@@ -5,24 +5,28 @@ from pathlib import Path
 import pytest
 
 from mlalign.errors import UserError
-from mlalign.evaluation.tasks import BENCHMARKS, SUITES, TASK_TABLE, lookup_task
-from mlalign.languages import LANGUAGES
+from mlalign.evaluation.tasks import BENCHMARKS, SUITES, lookup_task, task_table
+from mlalign.languages import LANGUAGES, use_languages
 
 
 def test_table_covers_every_suite_benchmark_and_language():
-    assert set(TASK_TABLE) == set(SUITES)
+    table = task_table()
+    assert set(table) == set(SUITES)
     for suite in SUITES:
-        assert set(TASK_TABLE[suite]) == set(BENCHMARKS)
+        assert set(table[suite]) == set(BENCHMARKS)
         for benchmark in BENCHMARKS:
-            assert set(TASK_TABLE[suite][benchmark]) == set(LANGUAGES)
+            assert set(table[suite][benchmark]) == set(LANGUAGES)
 
 
 def test_every_harness_task_exists_in_installed_lm_eval(builtin_task_manager):
     known = set(builtin_task_manager.all_subtasks)
-    names = [name for by_lang in TASK_TABLE["harness"].values() for name in by_lang.values() if name is not None]
-    assert len(names) == 4 * 10 - 1  # everything but HellaSwag in Chinese
+    names = [name for by_lang in task_table()["harness"].values() for name in by_lang.values() if name is not None]
+    assert len(names) == 4 * len(LANGUAGES) - 1  # everything but HellaSwag in Chinese
     missing = [name for name in names if name not in known]
     assert not missing, f"not in lm-eval {len(known)} tasks: {missing}"
+    # Belebele by each entry's own FLORES-200 code: the table's two codes of a language cannot drift apart.
+    assert all(task_table()["harness"]["belebele"][code] == f"belebele_{lang.flores_code}"
+               for code, lang in LANGUAGES.items())
 
 
 def test_harness_uses_english_originals_and_okapi_elsewhere():
@@ -48,7 +52,7 @@ def test_english_mmlu_has_the_prompt_of_the_other_languages(builtin_task_manager
 
     english = prompt_fields("m_mmlu_en")
     for lang in LANGUAGES:
-        assert prompt_fields(TASK_TABLE["harness"]["mmlu"][lang]) == english
+        assert prompt_fields(task_table()["harness"]["mmlu"][lang]) == english
 
 
 def test_missing_combinations_come_with_a_reason():
@@ -60,6 +64,24 @@ def test_missing_combinations_come_with_a_reason():
         choice = lookup_task("belebele", lang, "bundled")
         assert choice.task is None and "eval=harness" in choice.reason
     assert lookup_task("mmlu", "zh", "bundled") == ("mlalign_mmlu_zh", None)
+    # Bengali is in the table (Okapi and Belebele online) but has no bundled items.
+    assert lookup_task("mmlu", "bn", "harness") == ("m_mmlu_bn", None)
+    choice = lookup_task("mmlu", "bn", "bundled")
+    assert choice.task is None and "eval=harness" in choice.reason and "m_mmlu_bn" in choice.reason
+
+
+def test_a_language_added_in_config_gets_its_tasks_and_reasons():
+    table = {"en": {"name": "English", "flores_code": "eng_Latn", "script": "Latin", "tier": "reference",
+                    "tasks": {"mmlu": "m_mmlu_en"}},
+             "sw": {"name": "Swahili", "flores_code": "swh_Latn", "script": "Latin", "tier": "medium_low",
+                    "tasks": {"belebele": "belebele_swh_Latn"}}}
+    with use_languages(table):
+        assert lookup_task("belebele", "sw").task == "belebele_swh_Latn"
+        choice = lookup_task("mmlu", "sw")
+        assert choice.task is None and "Swahili" in choice.reason and "tasks.mmlu" in choice.reason
+        assert set(task_table()["harness"]["belebele"]) == {"en", "sw"}
+    with pytest.raises(UserError, match="valid codes"):
+        lookup_task("belebele", "sw")  # the run's table is gone after the block
 
 
 @pytest.mark.parametrize(
