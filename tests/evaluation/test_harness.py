@@ -101,6 +101,18 @@ def test_builtin_task_names_are_checked_against_lm_evals_index(builtin_task_mana
         plan_benchmarks(["hi"], [], "harness", tasks=["belebele_hin_Dev"], task_manager=builtin_task_manager)
 
 
+def test_a_language_beyond_the_ten_runs_its_table_tasks_and_skips_what_is_not_bundled(builtin_task_manager, tmp_path):
+    from mlalign.evaluation.harness import plan_benchmarks
+
+    online = plan_benchmarks(["bn"], ["arc_challenge", "mmlu", "hellaswag", "belebele"], "harness",
+                             task_manager=builtin_task_manager)
+    assert {e.task for e in online.entries} == {"arc_bn", "m_mmlu_bn", "hellaswag_bn", "belebele_ben_Beng"}
+    offline = plan_benchmarks(["en", "bn"], ["arc_challenge", "mmlu"], "bundled", work_dir=tmp_path)
+    assert {(e.lang, e.task) for e in offline.entries} == {("en", "mlalign_arc_en"), ("en", "mlalign_mmlu_en")}
+    assert {(s["benchmark"], s["lang"]) for s in offline.skipped} == {("arc_challenge", "bn"), ("mmlu", "bn")}
+    assert all("eval=harness" in s["reason"] for s in offline.skipped)
+
+
 def test_per_benchmark_fewshot_and_lm_evals_own_files(tiny_model, tiny_tokenizer, tmp_path):
     import json
 
