@@ -344,7 +344,8 @@ def read_hf(path: str | None, required: list[str] = (), hf_config: str | None = 
             if text_column not in table or (id_column and id_column not in table):
                 missing = text_column if text_column not in table else id_column
                 raise UserError(f"{files[lang]} split {split!r} has no column {missing!r} (it has "
-                                f"{', '.join(table)}); set data.text_column / data.id_column")
+                                f"{', '.join(table)}); set data.text_column / data.id_column (data.id_column=null matches "
+                                f"rows by position)")
             if {"iso_639_3", "iso_15924"} <= set(table):
                 found = {f"{a}_{b}" for a, b in zip(table["iso_639_3"], table["iso_15924"])}
                 if found != {language.flores_code}:
