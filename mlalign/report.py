@@ -85,6 +85,28 @@ def _corpus_section(run_dir: Path) -> list[str]:
             "- details, and the ids of every split: `corpus.json`", ""]
 
 
+def _feature_changes_section(run_dir: Path, changes: dict | None) -> list[str]:
+    """Which features the adapter changed (analysis_adapter/feature_changes.md), key numbers per language and band."""
+    if not changes:
+        return []
+    k = changes["top_k"]
+    lines = ["", "## Which features the adapter changed", "",
+             f"Per language and layer band (shares: mean over the band's layers): the adapter's total rise and fall in "
+             f"per-feature mean activation, the share of the rise carried by its top {k} raised features (near 1 = a "
+             f"handful of features), and the share on the language's own specific features in the base model next to "
+             f"the base model's activation mass on them (an adapter that scaled every feature alike gives the two "
+             f"equal). Definitions: docs/method.md §8; the features themselves: "
+             f"`{_rel(changes['md'], run_dir)}`.", "",
+             f"| lang | band | rise | fall | top-{k} share | specific share | base mass on specific | turned on / off |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for lang, by_band in changes["by_band"].items():
+        for band, row in by_band.items():
+            lines.append(f"| {lang} | {band} | {_fmt(row['total_rise'], '.3g')} | {_fmt(row['total_fall'], '.3g')} | "
+                         f"{_fmt(row['gain_top_k_share'], '.2f')} | {_fmt(row['gain_specific_share'], '.2f')} | "
+                         f"{_fmt(row['base_specific_share'], '.2f')} | {row['turned_on']} / {row['turned_off']} |")
+    return lines
+
+
 def render_report(run_dir: Path, before: dict, after: dict, train: dict, comparison: dict, command: str) -> str:
     """report.md: everything a reader needs to judge the run, in the study's terms."""
     ref = before["reference_lang"]
@@ -128,6 +150,7 @@ def render_report(run_dir: Path, before: dict, after: dict, train: dict, compari
                      f"{_fmt(o['norm_matched_gain_pct'])} | {_fmt(o['resid_norm_change_pct'])} | "
                      f"{_fmt(o['fvu_before'], '.3f')} -> {_fmt(o['fvu_after'], '.3f')} | {'yes' if o['valid'] else 'no'} | "
                      f"{_fmt(o['lm_loss_change'], '+.3f')} |")
+    lines += _feature_changes_section(run_dir, after.get("feature_changes"))
     n_tests = comparison.get("n_tests") or 0
     n_significant = sum(1 for by_lang in comparison["results"].values() for cell in by_lang.values()
                         if cell.get("significant"))

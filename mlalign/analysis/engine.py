@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -10,8 +11,8 @@ import torch
 from torch import nn
 
 from mlalign.analysis.capture import ResidualCapture, decoder_layers
-from mlalign.analysis.decode import DECODE_MODES, reconstruct
-from mlalign.analysis.features import FeatureStats
+from mlalign.analysis.decode import DECODE_MODES, encode_sparse, reconstruct
+from mlalign.analysis.features import FeatureStats, ListedSums, SentenceFeatureStats
 from mlalign.analysis.stats import LayerStats, SentenceSums
 from mlalign.errors import UserError
 
@@ -225,10 +226,7 @@ def collect_stats(
     try:
         for start in range(0, len(layers), chunk):
             chunk_layers = layers[start : start + chunk]
-            homes = {layer: _param_device(saes[layer]) for layer in chunk_layers}
-            for layer in chunk_layers:
-                saes[layer].to(sae_device)
-            try:
+            with _saes_on(saes, chunk_layers, sae_device):
                 for lang, items in tokenized.items():
                     accs = {
                         layer: LayerStats(len(items), saes[layer].cfg.d_in if hidden is None else hidden, saes[layer].cfg.d_sae,
@@ -249,13 +247,131 @@ def collect_stats(
                         result[lang][layer] = acc.finalize()
                         if faccs is not None:
                             feature_stats[lang][layer] = faccs[layer].finalize()
-            finally:
-                for layer, home in homes.items():
-                    if home is not None:
-                        saes[layer].to(home)
     finally:
         model.train(was_training)
     return result
+
+
+@torch.inference_mode()
+def collect_listed_sums(
+    model: nn.Module,
+    tokenizer,
+    saes: dict[int, nn.Module],
+    texts_by_lang: dict[str, list[str]],
+    feature_ids: dict[str, dict[int, list[int]]],
+    batch_size: int = 16,
+    max_length: int = 128,
+    sae_chunk: int | None = None,
+    padding_side: str = "right",
+    progress: bool = True,
+    min_position: int = 0,
+    max_position: int | None = None,
+    sae_device: torch.device | str | None = None,
+) -> dict[str, dict[int, ListedSums]]:
+    """The features' second pass: per-sentence sums of only the listed features, `result[lang][layer]` for every
+    (lang, layer) in `feature_ids` ({lang: {layer: [features]}}).
+
+    The same tokens and batches as `collect_stats` (so the sums equal its `feature_ids` path's to float rounding), but
+    only the forward (up to the language's deepest listed layer) and the encoder columns of the listed features run
+    (`encode_listed`): no decode, no `LayerStats`, no O(d_sae) per-feature totals, and only the layers a language has
+    listed features in. Arguments as in `collect_stats`.
+    """
+    saes = {int(layer): sae for layer, sae in saes.items()}
+    wanted = {lang: {int(layer): fs for layer, fs in (feature_ids.get(lang) or {}).items() if len(fs)}
+              for lang in texts_by_lang}
+    wanted = {lang: by_layer for lang, by_layer in wanted.items() if by_layer}
+    result: dict[str, dict[int, ListedSums]] = {lang: {} for lang in wanted}
+    if not wanted:
+        return result
+    missing = sorted({layer for by_layer in wanted.values() for layer in by_layer} - set(saes))
+    if missing:
+        raise ValueError(f"feature_ids name layers {missing} without an SAE")
+    _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
+    device = _model_device(model)
+    sae_device = device if sae_device is None else torch.device(sae_device)
+    layers = sorted({layer for by_layer in wanted.values() for layer in by_layer})
+    chunk = len(layers) if sae_chunk is None else int(sae_chunk)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    bos_id = tokenizer.bos_token_id
+    tokenized = {lang: tokenize_sorted(tokenizer, texts_by_lang[lang], max_length) for lang in wanted}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(layers), chunk):
+            chunk_layers = layers[start : start + chunk]
+            with _saes_on(saes, chunk_layers, sae_device):
+                for lang, items in tokenized.items():
+                    accs = {layer: SentenceFeatureStats(len(items), wanted[lang][layer], sae_device)
+                            for layer in chunk_layers if layer in wanted[lang]}
+                    if not accs:
+                        continue
+                    desc = f"{lang} listed features, layers {min(accs)}-{max(accs)}"
+                    for batch in _progress(list(_batches(items, batch_size)), progress, desc=desc, leave=False):
+                        inputs, flat, sentence_index, _ = _batch_inputs(batch, pad_id, bos_id, padding_side, device,
+                                                                        sae_device, min_position, max_position)
+                        with ResidualCapture(model, list(accs), detach=True, stop_after_last=True) as capture:
+                            activations = capture.forward(**inputs, use_cache=False)
+                        for layer, acc in accs.items():
+                            x = activations[layer].flatten(0, 1).index_select(0, flat).to(sae_device)
+                            acc.add(encode_listed(saes[layer], x, acc.feature_ids), sentence_index)
+                    for layer, acc in accs.items():
+                        result[lang][layer] = acc.finalize()
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _elementwise_encoder(sae) -> str | None:
+    """"jumprelu" / "relu" when `sae.encode` is that activation of pre = (x - b_dec·apply_b_dec) @ W_enc + b_enc, feature
+    by feature (sae-lens JumpReLU and Standard SAEs without activation normalisation, hook_z reshaping or hooks on their
+    hook points), else None (TopK: a feature's activation depends on the others)."""
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUTrainingSAE
+    from sae_lens.saes.standard_sae import StandardSAE, StandardTrainingSAE
+
+    if getattr(sae.cfg, "normalize_activations", "none") not in (None, "none") or getattr(sae, "hook_z_reshaping_mode", False):
+        return None
+    if any(getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None)
+           for name, module in sae.named_modules() if name.startswith("hook_")):
+        return None
+    if not isinstance(getattr(sae, "activation_fn", None), nn.ReLU):
+        return None
+    encode = type(sae).encode
+    if encode in (JumpReLUSAE.encode, JumpReLUTrainingSAE.encode):
+        return "jumprelu"
+    if encode in (StandardSAE.encode, StandardTrainingSAE.encode):
+        return "relu"
+    return None
+
+
+def encode_listed(sae, x: torch.Tensor, feature_ids: torch.Tensor) -> torch.Tensor:
+    """[n, k] = sae.encode(x)[:, feature_ids] for x [n, d_in], computing only those k encoder columns where the encoder
+    works feature by feature (`_elementwise_encoder`; k/d_sae of the encode's cost), else through `sae.encode`. The
+    same numbers up to float rounding of the smaller matmul (tests/analysis/test_engine.py)."""
+    kind = _elementwise_encoder(sae)
+    if kind is None:
+        return sae.encode(x).index_select(1, feature_ids)
+    sae_in = x.to(sae.dtype)
+    if sae.cfg.apply_b_dec_to_input:
+        sae_in = sae_in - sae.b_dec
+    pre = torch.addmm(sae.b_enc.index_select(0, feature_ids), sae_in, sae.W_enc.index_select(1, feature_ids))
+    acts = torch.relu(pre)
+    if kind == "jumprelu":
+        acts = acts * (pre > sae.threshold.index_select(0, feature_ids)).to(acts.dtype)
+    return acts
+
+
+@contextmanager
+def _saes_on(saes: dict, layers: list[int], device):
+    """The SAEs of `layers` on `device` for the block, back where they were afterwards."""
+    homes = {layer: _param_device(saes[layer]) for layer in layers}
+    for layer in layers:
+        saes[layer].to(device)
+    try:
+        yield
+    finally:
+        for layer, home in homes.items():
+            if home is not None:
+                saes[layer].to(home)
 
 
 def _param_device(module: nn.Module) -> torch.device | None:
@@ -263,10 +379,10 @@ def _param_device(module: nn.Module) -> torch.device | None:
     return None if param is None else param.device
 
 
-def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, padding_side, device,
-               sae_device=None, min_position: int = 0, max_position: int | None = None,
-               feature_accs: dict[int, FeatureStats] | None = None, decode: str = "auto") -> None:
-    sae_device = device if sae_device is None else sae_device
+def _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device, min_position: int = 0,
+                  max_position: int | None = None):
+    """One batch's model inputs, its analysed positions as flat row-major indices, each kept token's sentence (its
+    index in the language's text list) and the padded width."""
     indices = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
     inputs = pad_batch([ids for _, ids in batch], pad_id, padding_side, device)
     keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], bos_id, min_position, max_position)
@@ -275,16 +391,25 @@ def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, 
     flat = keep.flatten().nonzero().squeeze(1)
     # Token order is row by row, so each kept token's sentence is its row's text index.
     sentence_index = indices.repeat_interleave(keep.shape[1]).index_select(0, flat).to(sae_device)
+    return inputs, flat, sentence_index, keep.shape[1]
+
+
+def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, padding_side, device,
+               sae_device=None, min_position: int = 0, max_position: int | None = None,
+               feature_accs: dict[int, FeatureStats] | None = None, decode: str = "auto") -> None:
+    sae_device = device if sae_device is None else sae_device
+    inputs, flat, sentence_index, width = _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device,
+                                                        min_position, max_position)
     positions = inputs["position_ids"].flatten().index_select(0, flat).to(sae_device)
     # Each kept token's row in the batch (a row is one whole sentence): per-sentence firing without host syncs.
-    row_index = (flat // keep.shape[1]).to(sae_device) if feature_accs is not None else None
+    row_index = (flat // width).to(sae_device) if feature_accs is not None else None
     with ResidualCapture(model, list(accs), detach=True, stop_after_last=True) as capture:
         activations = capture.forward(**inputs, use_cache=False)
     for layer, acc in accs.items():
         sae = saes[layer]
         x = activations[layer].flatten(0, 1).index_select(0, flat).to(sae_device)
-        feature_acts = sae.encode(x)
-        x_hat = reconstruct(sae, feature_acts, decode)
-        acc.update(x, feature_acts, x_hat, sentence_index, positions)
+        feature_acts, code = encode_sparse(sae, x)
+        x_hat = reconstruct(sae, feature_acts, decode, code)
+        acc.update(x, feature_acts, x_hat, sentence_index, positions, code=code)
         if feature_accs is not None:
-            feature_accs[layer].update(feature_acts, row_index, len(batch), sentence_index)
+            feature_accs[layer].update(feature_acts, row_index, len(batch), sentence_index, code=code)

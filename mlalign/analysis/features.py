@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlalign.analysis.decode import SparseCode
+
 from mlalign.errors import UserError
 
 NEURONPEDIA_URL = "https://www.neuronpedia.org/{np_id}/{feature}"
@@ -88,35 +90,34 @@ class FeatureStats:
         self.act_sum = torch.zeros(d_sae, dtype=self.dtype, device=device)
         self.fire_count = torch.zeros(d_sae, dtype=self.dtype, device=device)
         self.sentences_fired = torch.zeros(d_sae, dtype=self.dtype, device=device)
-        self.feature_ids = None
-        self.sentence_sums = None
-        if feature_ids is not None:
-            self.feature_ids = torch.as_tensor(np.asarray(feature_ids, dtype=np.int64), device=device)
-            self.sentence_sums = torch.zeros(n_sentences, len(self.feature_ids), dtype=self.dtype, device=device)
+        self.listed = None if feature_ids is None else SentenceFeatureStats(n_sentences, feature_ids, device)
 
     @torch.no_grad()
     def update(self, feature_acts: torch.Tensor, row_index: torch.Tensor, n_rows: int,
-               sentence_index: torch.Tensor | None = None) -> None:
+               sentence_index: torch.Tensor | None = None, code: SparseCode | None = None) -> None:
         """Add one batch. feature_acts: [n, d_sae] of the analysed tokens; row_index: [n] long, each token's row in the
         batch (0..n_rows-1; a batch holds whole sentences, so a row is a sentence); sentence_index: [n] long, the
-        sentence's position in the language's text list (needed only with `feature_ids`)."""
+        sentence's position in the language's text list (needed only with `feature_ids`); code: feature_acts's
+        non-zero entries if already found (the totals then cost O(nnz), not O(n x d_sae))."""
         n = feature_acts.shape[0]
         if n == 0:
             return
-        acts = feature_acts.to(torch.float32)
-        # Per-row firing counts [n_rows, d_sae]: their column sums are the token firing counts, and rows with a count
-        # are the sentences the feature fires in; one pass over [n, d_sae] serves both.
-        per_row = torch.zeros(n_rows, acts.shape[1], dtype=torch.float32, device=acts.device)
-        per_row.index_add_(0, row_index, (acts != 0).to(torch.float32))
-        row_tokens = torch.zeros(n_rows, dtype=torch.float32, device=acts.device)
-        row_tokens.index_add_(0, row_index, torch.ones(n, dtype=torch.float32, device=acts.device))
+        acts = feature_acts
+        if code is None:
+            code = SparseCode.from_dense(feature_acts)
+        d_sae = code.d_sae
+        # Which (row, feature) pairs fired, as a [n_rows, d_sae] grid: its column sums count the sentences a feature
+        # fires in (a batch's rows are whole sentences).
+        fired_in_row = torch.zeros(n_rows * d_sae, dtype=torch.bool, device=acts.device)
+        fired_in_row[row_index.index_select(0, code.rows) * d_sae + code.features] = True
+        row_tokens = torch.bincount(row_index, minlength=n_rows)
         self.n_tokens += n
         self.n_sentences += (row_tokens > 0).sum().to(self.dtype)
-        self.act_sum += acts.sum(dim=0).to(self.dtype)
-        self.fire_count += per_row.sum(dim=0).to(self.dtype)
-        self.sentences_fired += (per_row > 0).sum(dim=0).to(self.dtype)
-        if self.feature_ids is not None:
-            self.sentence_sums.index_add_(0, sentence_index, acts.index_select(1, self.feature_ids).to(self.dtype))
+        self.act_sum.index_add_(0, code.features, code.values.to(self.dtype))
+        self.fire_count += torch.bincount(code.features, minlength=d_sae).to(self.dtype)
+        self.sentences_fired += fired_in_row.view(n_rows, d_sae).sum(dim=0).to(self.dtype)
+        if self.listed is not None:
+            self.listed.update(acts, sentence_index)
 
     def finalize(self) -> FeatureSums:
         out = FeatureSums(
@@ -126,10 +127,47 @@ class FeatureStats:
             fire_count=self.fire_count.double().cpu().numpy(),
             sentences_fired=self.sentences_fired.double().cpu().numpy(),
         )
-        if self.feature_ids is not None:
-            out.feature_ids = self.feature_ids.cpu().numpy()
-            out.sentence_sums = self.sentence_sums.double().cpu().numpy()
+        if self.listed is not None:
+            listed = self.listed.finalize()
+            out.feature_ids, out.sentence_sums = listed.feature_ids, listed.sentence_sums
         return out
+
+
+@dataclass
+class ListedSums:
+    """Per-sentence sums of a few listed features of one (language, layer): what their paired bootstrap CIs need."""
+
+    feature_ids: np.ndarray
+    """[k] the features."""
+    sentence_sums: np.ndarray
+    """[n_sentences, k] per sentence sum_t a_tf, rows in the language's text order."""
+
+
+class SentenceFeatureStats:
+    """Streaming per-sentence sums of k listed features for one (language, layer): O(sentences x k), nothing else.
+    The second pass (`engine.collect_listed_sums`) runs only this; `FeatureStats(feature_ids=...)` runs it beside its
+    O(d_sae) totals, through the same code, so both give the same numbers."""
+
+    def __init__(self, n_sentences: int, feature_ids, device: torch.device | str = "cpu"):
+        device = torch.device(device)
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.feature_ids = torch.as_tensor(np.asarray(feature_ids, dtype=np.int64), device=device)
+        self.sentence_sums = torch.zeros(n_sentences, len(self.feature_ids), dtype=self.dtype, device=device)
+
+    @torch.no_grad()
+    def update(self, feature_acts: torch.Tensor, sentence_index: torch.Tensor) -> None:
+        """feature_acts: [n, d_sae] of the analysed tokens; sentence_index: [n] long, each token's sentence."""
+        self.add(feature_acts.index_select(1, self.feature_ids), sentence_index)
+
+    @torch.no_grad()
+    def add(self, listed_acts: torch.Tensor, sentence_index: torch.Tensor) -> None:
+        """listed_acts: [n, k] activations of `feature_ids` only (in that order), e.g. from `engine.encode_listed`."""
+        if listed_acts.shape[0] == 0:
+            return
+        self.sentence_sums.index_add_(0, sentence_index, listed_acts.to(torch.float32).to(self.dtype))
+
+    def finalize(self) -> ListedSums:
+        return ListedSums(self.feature_ids.cpu().numpy(), self.sentence_sums.double().cpu().numpy())
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -587,9 +625,12 @@ def adapter_changes(base: dict[str, dict[int, FeatureSums]], adapted: dict[str, 
     """Which features an adapter turned up or down, per language in `langs` and layer (docs/method.md §8, adapter view).
 
     change[f] = mu_f(adapted) - mu_f(base) on the same sentences. `up`/`down`: the top_k largest rises (the feature
-    counts in the adapted model) and falls (it counts in the base model). `gain_top_k_share`: the share of all rises
-    (sum of positive changes) that the top_k carry (near 1 = a handful of features); `gain_specific_share`: the share
-    that falls on features specific to this language in the base model (analyze_features over every base language);
+    counts in the adapted model) and falls (it counts in the base model), each with the feature's base selectivity and
+    whether it is specific to the language in the base model. `total_rise` R = sum of positive changes, `total_fall`
+    the sum of |negative| ones. `gain_top_k_share`: the share of R the top_k rises carry (near 1 = a handful of
+    features); `gain_specific_share`: the share of R on features specific to this language in the base model
+    (analyze_features over every base language), against `base_specific_share`, the share of the base model's
+    activation mass on them (what an adapter that scaled every feature alike would give);
     `turned_on`/`turned_off`: features that reach / lose the support of min_sentences sentences.
     """
     base_report = analyze_features(base, reference_lang, list(base), top_k=top_k, min_sentences=min_sentences,
@@ -607,19 +648,50 @@ def adapter_changes(base: dict[str, dict[int, FeatureSums]], adapted: dict[str, 
             up = _top(np.where(supported_a & (change > 0), change, -np.inf), top_k)
             down = _top(np.where(supported_b & (change < 0), -change, -np.inf), top_k)
             rises = np.clip(change, 0.0, None)
-            total = rises.sum()
+            total = float(rises.sum())
+            sel = base_report.stats[layer]["selectivity"][i]
             spec = base_report.stats[layer]["specificity"][i]
             specific = supported_b & (np.nan_to_num(spec, nan=-1.0) >= specific_threshold - 1e-12)
+            base_mass = np.clip(np.nan_to_num(b.mean_act), 0.0, None)
+
+            def item(f):
+                return {"feature": f, "base": float(b.mean_act[f]), "adapted": float(a.mean_act[f]),
+                        "change": float(change[f]), "base_selectivity": _num(sel[f]), "specific": bool(specific[f])}
+
             out[lang][layer] = {
-                "up": [{"feature": f, "base": float(b.mean_act[f]), "adapted": float(a.mean_act[f]),
-                        "change": float(change[f])} for f in up],
-                "down": [{"feature": f, "base": float(b.mean_act[f]), "adapted": float(a.mean_act[f]),
-                          "change": float(change[f])} for f in down],
+                "up": [item(f) for f in up],
+                "down": [item(f) for f in down],
+                "total_rise": total,
+                "total_fall": float(np.clip(-change, 0.0, None).sum()),
                 "gain_top_k_share": float(rises[up].sum() / total) if total > 0 else None,
                 "gain_specific_share": float(rises[specific].sum() / total) if total > 0 else None,
+                "base_specific_share": float(base_mass[specific].sum() / base_mass.sum()) if base_mass.sum() > 0 else None,
                 "turned_on": int((supported_a & ~supported_b).sum()),
                 "turned_off": int((supported_b & ~supported_a).sum()),
             }
+    return out
+
+
+CHANGE_SHARES = ("gain_top_k_share", "gain_specific_share", "base_specific_share")
+
+
+def adapter_changes_by_band(changes: dict, bands: dict[str, list[int]]) -> dict:
+    """[lang][band] -> the shares averaged over the band's layers (layers without any rise left out), the rises and
+    falls and the feature counts turned on / off summed over them: the key numbers report.md shows."""
+    out: dict = {}
+    for lang, by_layer in changes.items():
+        out[lang] = {}
+        for band, layers in bands.items():
+            cells = [by_layer[layer] for layer in layers if layer in by_layer]
+            if not cells:
+                continue
+            row = {}
+            for name in CHANGE_SHARES:
+                values = [c[name] for c in cells if c[name] is not None and c["total_rise"] > 0]
+                row[name] = float(np.mean(values)) if values else None
+            row.update({name: float(sum(c[name] for c in cells)) for name in ("total_rise", "total_fall")})
+            row.update({name: int(sum(c[name] for c in cells)) for name in ("turned_on", "turned_off")})
+            out[lang][band] = row
     return out
 
 
@@ -632,30 +704,34 @@ def adapter_changes_markdown(changes: dict, bands: dict[str, list[int]], top_k: 
         return f"[{f}]({NEURONPEDIA_URL.format(np_id=np_id, feature=f)})" if np_id else str(f)
 
     lines = ["# Which features the adapter changed", "",
-             "Mean activation with the adapter minus without it, on the same sentences. top-k share: the part of all "
-             "rises that the top "
-             f"{top_k} features carry (near 1 = a handful of features); specific share: the part that falls on the "
-             "language's own specific features in the base model; on/off: features that gain / lose support. "
+             "Mean activation with the adapter minus without it, on the same sentences, summed over the band's layers "
+             f"(rise / fall). top-{top_k} share: the part of all rises that the top {top_k} raised features carry (near "
+             "1 = a handful of features); specific share: the part that falls on the language's own specific features "
+             "in the base model, next to the base model's activation mass on them (what an adapter that scaled every "
+             "feature alike would give: a specific share above it = the adapter favours the language's own "
+             "features); on/off: features that gain / lose support. Shares are means over the band's layers. "
              "Definitions: docs/method.md §8.", ""]
+    by_band = adapter_changes_by_band(changes, bands)
     for lang, by_layer in changes.items():
-        lines += [f"## {lang}", "", "| band | top-k share | specific share | turned on | turned off |", "|---|---|---|---|---|"]
-        for band, layers in bands.items():
-            cells = [by_layer[layer] for layer in layers if layer in by_layer]
-            if not cells:
-                continue
-            tops = [c["gain_top_k_share"] for c in cells if c["gain_top_k_share"] is not None]
-            specs = [c["gain_specific_share"] for c in cells if c["gain_specific_share"] is not None]
-            lines.append(f"| {band} | {_fmt(float(np.mean(tops)) if tops else None, 3)} | "
-                         f"{_fmt(float(np.mean(specs)) if specs else None, 3)} | {sum(c['turned_on'] for c in cells)} | "
-                         f"{sum(c['turned_off'] for c in cells)} |")
+        lines += [f"## {lang}", "", f"| band | rise | fall | top-{top_k} share | specific share | base mass on specific "
+                  "| turned on | turned off |", "|---|---|---|---|---|---|---|---|"]
+        for band, row in by_band[lang].items():
+            lines.append(f"| {band} | {_fmt(row['total_rise'], 3)} | {_fmt(row['total_fall'], 3)} | "
+                         f"{_fmt(row['gain_top_k_share'], 3)} | {_fmt(row['gain_specific_share'], 3)} | "
+                         f"{_fmt(row['base_specific_share'], 3)} | {row['turned_on']} | {row['turned_off']} |")
+        if not any(cell["up"] or cell["down"] for cell in by_layer.values()):
+            lines += ["", "No feature counting in either model changed beyond float rounding."]
         for band, layers in bands.items():
             for kind, words in (("up", "raised"), ("down", "lowered")):
                 items = [(layer, item) for layer in layers if layer in by_layer for item in by_layer[layer][kind]]
                 items.sort(key=lambda li: (-abs(li[1]["change"]), li[0], li[1]["feature"]))
                 if not items:
                     continue
-                lines += ["", f"**{band}, {words}**", "", "| layer | feature | base | adapter | change |", "|---|---|---|---|---|"]
+                lines += ["", f"**{band}, {words}**", "",
+                          f"| layer | feature | base | adapter | change | base selectivity | specific to {lang} |",
+                          "|---|---|---|---|---|---|---|"]
                 lines += [f"| {layer} | {link(layer, it['feature'])} | {_fmt(it['base'])} | {_fmt(it['adapted'])} | "
-                          f"{_fmt(it['change'], 3)} |" for layer, it in items[:top_k]]
+                          f"{_fmt(it['change'], 3)} | {_fmt(it['base_selectivity'], 3)} | "
+                          f"{'yes' if it['specific'] else 'no'} |" for layer, it in items[:top_k]]
         lines.append("")
     return "\n".join(lines) + "\n"

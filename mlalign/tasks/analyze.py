@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from mlalign.analysis.cache import StatsCache, adapter_fingerprint, model_fingerprint, sae_fingerprints
-from mlalign.analysis.engine import collect_stats
+from mlalign.analysis.engine import collect_listed_sums, collect_stats
 from mlalign.analysis.features import FeatureSums
 from mlalign.analysis.metrics import METRICS_CSV_COLUMNS, metrics_rows, summarize
 from mlalign.data.corpus import corpus_fingerprint, load_corpus
@@ -71,6 +71,19 @@ class _LazyEngine:
         self.saes: dict = {}
 
     def collect(self, texts_by_lang: dict, layers: list[int], **kwargs):
+        """`collect_stats` over `layers`: the per-layer sums (and per-feature totals with `feature_stats=`)."""
+        saes, settings = self._prepare(layers)
+        return collect_stats(self.model, self.tokenizer, saes, texts_by_lang, decode=str(self.cfg.analysis.get("decode") or "auto"),
+                             **settings, **kwargs)
+
+    def collect_listed(self, texts_by_lang: dict, feature_ids: dict[str, dict[int, list[int]]]):
+        """`collect_listed_sums`: the second pass, per-sentence sums of the listed features only."""
+        layers = sorted({layer for by_layer in feature_ids.values() for layer in by_layer})
+        saes, settings = self._prepare(layers)
+        return collect_listed_sums(self.model, self.tokenizer, saes, texts_by_lang, feature_ids, **settings)
+
+    def _prepare(self, layers: list[int]) -> tuple[dict, dict]:
+        """The SAEs of `layers` and the model loaded; the engine settings both passes share (the same tokens)."""
         from mlalign.models import hidden_size, num_layers, resolve_device
 
         cfg, acfg = self.cfg, self.cfg.analysis
@@ -89,19 +102,22 @@ class _LazyEngine:
             # A first download fixed the snapshot the key names: store under the key later runs will compute.
             self.cache.identity = cache_identity(cfg, self.ctx.testbed_dir, self.adapter, self.split, self.layers)
         self.ctx.layers(num_layers(self.model))  # the config's layer count must match the weights
-        return collect_stats(self.model, self.tokenizer, {layer: self.saes[layer] for layer in layers}, texts_by_lang,
-                             batch_size=int(acfg.batch_size), max_length=int(cfg.data.max_length),
-                             sae_chunk=acfg.sae_chunk, progress=True, min_position=int(acfg.get("min_position") or 0),
-                             max_position=acfg.get("max_position"), sae_device=compute_device,
-                             decode=str(acfg.get("decode") or "auto"), **kwargs)
+        settings = dict(batch_size=int(acfg.batch_size), max_length=int(cfg.data.max_length), sae_chunk=acfg.sae_chunk,
+                        progress=True, min_position=int(acfg.get("min_position") or 0),
+                        max_position=acfg.get("max_position"), sae_device=compute_device)
+        return {layer: self.saes[layer] for layer in layers}, settings
 
-    def release(self) -> None:
+    def release(self, model: bool = False) -> None:
+        """Drop the SAEs (and with model=True the model it loaded) so the next model fits beside nothing."""
         self.saes = {}
+        if model:
+            self.model = self.tokenizer = None
 
 
 def feature_sentence_sums(needed: dict[str, dict[int, list[int]]], corpus, cache, engine) -> dict:
     """[lang][layer] -> per-sentence sums of (at least) the `needed` features: from the cache where it holds them,
-    else from a second pass over those languages that keeps only these k features per sentence (O(sentences x k)).
+    else from a second pass over those languages that keeps only these k features per sentence (O(sentences x k);
+    forward + encode only, `engine.collect_listed_sums`).
     A recomputed entry keeps the cached features too, so the entry only grows as languages are added."""
     from types import SimpleNamespace
 
@@ -120,8 +136,7 @@ def feature_sentence_sums(needed: dict[str, dict[int, list[int]]], corpus, cache
         n_features = sum(len(fs) for by_layer in todo.values() for fs in by_layer.values())
         print(f"feature CIs: a second pass over {len(todo)} language(s) x {len(layers)} layer(s) keeping per-sentence "
               f"sums of {n_features} listed (language, layer, feature)s")
-        computed: dict = {}
-        engine.collect({lang: corpus[lang] for lang in todo}, layers, feature_stats=computed, feature_ids=todo)
+        computed = engine.collect_listed({lang: corpus[lang] for lang in todo}, todo)
         for lang, by_layer in todo.items():
             for layer in by_layer:
                 sums = computed[lang][layer]
@@ -168,22 +183,14 @@ def analyze_features_step(cfg, ctx, summary: dict, stats, feature_stats, corpus,
     return images
 
 
-def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: Path | None = None,
-                  split: str | None = None, feature_stats_out: dict | None = None) -> dict:
-    """Statistics for every (language, layer), from the cache where possible; writes summary.json, metrics.csv and
-    plots to `out_dir` (default `<run dir>/analysis`) and returns the summary dict. Reused by task=pipeline."""
-    out_dir = Path(out_dir or ctx.run_dir / "analysis")
-    split = split or cfg.data.splits.analysis
-    acfg = cfg.analysis
+def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, tokenizer=None, label: str = ""):
+    """Every (language, layer)'s `SentenceSums` and (features on) `FeatureSums` for the model (+ adapter): from the
+    cache where it holds both, the rest computed in one engine run and cached. Returns (stats, feature_stats, cache,
+    engine); the engine loads the model only if something was missing."""
     layers = ctx.layers()
     langs = ctx.langs
-    corpus = load_corpus(cfg.data, langs, split)
-    from mlalign.saes import check_sae_config
-
-    check_sae_config(cfg.sae, layers)
     cache = StatsCache(Path(cfg.paths.cache_dir) / "analysis",
-                       cache_identity(cfg, ctx.testbed_dir, adapter, split, layers), enabled=bool(acfg.cache))
-    fcfg = feature_settings(acfg)
+                       cache_identity(cfg, ctx.testbed_dir, adapter, split, layers), enabled=bool(cfg.analysis.cache))
     stats = {lang: {} for lang in langs}
     feature_stats = {lang: {} for lang in langs}
     missing: dict[str, list[int]] = {}
@@ -201,7 +208,7 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
     if missing:
         todo_layers = sorted({layer for ls in missing.values() for layer in ls})
         n_cached = sum(len(v) for v in stats.values())
-        print(f"analyzing {len(missing)} language(s) x {len(todo_layers)} layer(s)"
+        print(f"{label}analyzing {len(missing)} language(s) x {len(todo_layers)} layer(s)"
               + (f" ({n_cached} (language, layer) results from the cache)" if n_cached else ""))
         computed_features = {} if fcfg["enabled"] else None
         computed = engine.collect({lang: corpus[lang] for lang in missing}, todo_layers, feature_stats=computed_features)
@@ -216,7 +223,64 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
                 if layer in layers:
                     stats[lang][layer] = sums
     else:
-        print(f"all {len(langs)} x {len(layers)} (language, layer) results come from the cache")
+        print(f"{label}all {len(langs)} x {len(layers)} (language, layer) results come from the cache")
+    return stats, feature_stats, cache, engine
+
+
+def base_feature_stats(cfg, ctx, split: str | None = None) -> dict[str, dict[int, FeatureSums]]:
+    """The base model's (no adapter) per-feature totals for every analysed (language, layer), from the analysis cache
+    where present (e.g. an earlier `task=analyze` without the adapter), computed and cached otherwise: what the
+    adapter view compares against. The base model is loaded only for what is missing, and released after."""
+    split = split or cfg.data.splits.analysis
+    fcfg = feature_settings(cfg.analysis)
+    corpus = load_corpus(cfg.data, ctx.langs, split)
+    _, feature_stats, _, engine = cached_stats(cfg, ctx, None, corpus, split, fcfg, label="base model: ")
+    engine.release(model=True)
+    return feature_stats
+
+
+def write_feature_changes(cfg, ctx, summary: dict, base: dict, adapted: dict, out_dir: Path) -> dict:
+    """The adapter view (docs/method.md §8): feature_changes.json/.md in `out_dir`, which features the adapter raised or
+    lowered in the target languages and the reference. Returns the key numbers per language and band (for
+    summary.json and report.md). Shared by `task=analyze adapter=...` and `task=pipeline`."""
+    from mlalign.analysis.features import adapter_changes, adapter_changes_by_band, adapter_changes_markdown, neuronpedia_ids
+    from mlalign.tasks import train
+
+    fcfg = feature_settings(cfg.analysis)
+    langs = [lang for lang in dict.fromkeys([*train.target_langs(cfg, ctx.langs), cfg.reference_lang]) if lang in base]
+    changes = adapter_changes(base, adapted, langs, cfg.reference_lang, top_k=fcfg["top_k"],
+                              min_sentences=fcfg["min_sentences"], specific_threshold=fcfg["specific_threshold"])
+    json_path = write_json_atomic(out_dir / "feature_changes.json",
+                                  {lang: {str(k): v for k, v in by.items()} for lang, by in changes.items()})
+    layers = sorted(next(iter(base.values())))
+    bands = {band: [int(layer) for layer in ls] for band, ls in summary["bands"].items()}
+    md_path = write_text_atomic(out_dir / "feature_changes.md", adapter_changes_markdown(
+        changes, bands, fcfg["top_k"], neuronpedia_ids(cfg.sae, layers)))
+    ctx.tracker.log_table("analysis/feature_changes", [
+        {"lang": lang, "layer": layer, "kind": kind, **item}
+        for lang, by_layer in changes.items() for layer, cell in by_layer.items() for kind in ("up", "down")
+        for item in cell[kind]])
+    return {"md": str(md_path), "json": str(json_path), "top_k": fcfg["top_k"],
+            "by_band": adapter_changes_by_band(changes, bands)}
+
+
+def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: Path | None = None,
+                  split: str | None = None, feature_stats_out: dict | None = None, base_features: dict | None = None) -> dict:
+    """Statistics for every (language, layer), from the cache where possible; writes summary.json, metrics.csv and
+    plots to `out_dir` (default `<run dir>/analysis`) and returns the summary dict. Reused by task=pipeline.
+    With an adapter and `base_features` (the base model's per-feature totals on the same split), also the adapter
+    view: feature_changes.json/.md and `summary["feature_changes"]`."""
+    out_dir = Path(out_dir or ctx.run_dir / "analysis")
+    split = split or cfg.data.splits.analysis
+    acfg = cfg.analysis
+    layers = ctx.layers()
+    langs = ctx.langs
+    corpus = load_corpus(cfg.data, langs, split)
+    from mlalign.saes import check_sae_config
+
+    check_sae_config(cfg.sae, layers)
+    fcfg = feature_settings(acfg)
+    stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, fcfg, model, tokenizer)
 
     summary = summarize(stats, cfg.reference_lang, metric=acfg.metric, aggregate=acfg.aggregate,
                         ids_by_lang={lang: corpus.ids[lang] for lang in langs}, bootstrap=int(acfg.bootstrap),
@@ -242,6 +306,8 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
         feature_images = analyze_features_step(cfg, ctx, summary, stats, feature_stats, corpus, cache, engine, out_dir, fcfg)
         images.update(feature_images)
     engine.release()
+    if adapter and base_features and fcfg["enabled"]:
+        summary["feature_changes"] = write_feature_changes(cfg, ctx, summary, base_features, feature_stats, out_dir)
     if feature_stats_out is not None and fcfg["enabled"]:
         feature_stats_out.update(feature_stats)
     summary["plots"] = {name: str(path) for name, path in images.items()}
@@ -288,8 +354,13 @@ def scalar_results(summary: dict) -> dict[str, float]:
 def run(cfg, ctx) -> dict[str, float]:
     from mlalign.console import headline, output, stage
 
+    base_features = None
+    if cfg.adapter and feature_settings(cfg.analysis)["enabled"]:
+        # The adapter view compares with the base model's per-feature statistics on the same sentences.
+        with stage("base model's feature statistics (what the adapter changed)"):
+            base_features = base_feature_stats(cfg, ctx)
     with stage("analysing the base model" if not cfg.adapter else f"analysing base + adapter {cfg.adapter}"):
-        summary = analyze_model(cfg, ctx, adapter=cfg.adapter)
+        summary = analyze_model(cfg, ctx, adapter=cfg.adapter, base_features=base_features)
     out_dir = ctx.run_dir / "analysis"
     # The closing block (mlalign.console) prints these once, at the end of the run, with the plots.
     if summary["langs"] == [summary["reference_lang"]]:
@@ -298,4 +369,6 @@ def run(cfg, ctx) -> dict[str, float]:
     output("results", f"{out_dir / 'summary.json'}, {out_dir / 'metrics.csv'}")
     if summary.get("features"):
         output("features", f"{summary['features']['top']}, {summary['features']['csv']}")
+    if summary.get("feature_changes"):
+        output("feature changes", summary["feature_changes"]["md"])
     return scalar_results(summary)

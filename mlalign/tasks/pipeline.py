@@ -27,25 +27,6 @@ def rerun_command() -> str:
     return " ".join(["python", "run.py", *(shlex.quote(o) for o in overrides)])
 
 
-def write_feature_changes(cfg, ctx, summary: dict, base: dict, adapted: dict, out_dir) -> None:
-    """feature_changes.json/.md: which features the adapter raised or lowered in the target languages and English."""
-    from mlalign.analysis.features import adapter_changes, adapter_changes_markdown, neuronpedia_ids
-    from mlalign.io import write_json_atomic
-    from mlalign.tasks import train
-    from mlalign.tasks.analyze import feature_settings
-
-    fcfg = feature_settings(cfg.analysis)
-    langs = [lang for lang in dict.fromkeys([*train.target_langs(cfg, ctx.langs), cfg.reference_lang]) if lang in base]
-    changes = adapter_changes(base, adapted, langs, cfg.reference_lang, top_k=fcfg["top_k"],
-                              min_sentences=fcfg["min_sentences"], specific_threshold=fcfg["specific_threshold"])
-    write_json_atomic(out_dir / "feature_changes.json", {lang: {str(k): v for k, v in by.items()} for lang, by in changes.items()})
-    layers = sorted(next(iter(base.values())))
-    bands = {band: [int(layer) for layer in ls] for band, ls in summary["bands"].items()}
-    path = write_text_atomic(out_dir / "feature_changes.md", adapter_changes_markdown(
-        changes, bands, fcfg["top_k"], neuronpedia_ids(cfg.sae, layers)))
-    print(f"features the adapter changed: {path}")
-
-
 def disparity_line(cfg, ctx, before: dict, after: dict) -> str:
     """`disparity vs en (mean over layers), base -> adapter: hi -20.1% -> -12.3%, ...` for the target languages."""
     from mlalign.tasks import analyze, train
@@ -72,16 +53,15 @@ def run(cfg, ctx) -> dict[str, float]:
     # evaluation cache lacks it.
     adapter = ctx.run_dir / "adapter"
     base_features: dict = {}
-    adapted_features: dict = {}
     with stage("[1/4] analysing the base model"):
         before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base", feature_stats_out=base_features)
     with stage("[2/4] training the adapter"):
         train_result = train.run(cfg, ctx)
     with stage("[3/4] analysing base + adapter"):
+        # With the base model's per-feature statistics, also which features the adapter changed (feature_changes.md),
+        # the same code path as task=analyze adapter=...
         after = analyze.analyze_model(cfg, ctx, adapter=adapter, out_dir=ctx.run_dir / "analysis_adapter",
-                                      feature_stats_out=adapted_features)
-        if base_features and adapted_features:
-            write_feature_changes(cfg, ctx, before, base_features, adapted_features, ctx.run_dir / "analysis_adapter")
+                                      base_features=base_features)
     with stage("[4/4] evaluating base vs adapter"):
         comparison = evaluate.evaluate_models(cfg, ctx, adapter=adapter)
 
@@ -95,6 +75,8 @@ def run(cfg, ctx) -> dict[str, float]:
     headline(*(f"- {statement}" for statement in before["statements"]), at=0)
     headline(disparity_line(cfg, ctx, before, after), *evaluate.headline_lines(comparison))
     output("report", path)
+    if after.get("feature_changes"):
+        output("feature changes", after["feature_changes"]["md"])
     corr = gap_accuracy_correlation(before, comparison)
     result = {**train_result, **{f"before_{k}": v for k, v in analyze.scalar_results(before).items()},
               **{f"after_{k}": v for k, v in analyze.scalar_results(after).items()},

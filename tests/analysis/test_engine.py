@@ -243,3 +243,52 @@ def test_missing_bos_is_caught_when_the_sae_was_trained_with_it(model, tokenizer
     stats = collect_stats(model, no_bos, {0: sae}, small, min_position=1, progress=False)["en"][0]
     lengths = np.array([len(no_bos(t)["input_ids"]) for t in small["en"]])
     np.testing.assert_array_equal(stats.n_tokens, lengths - 1)
+
+
+@pytest.mark.parametrize("sae_chunk,max_position", [(None, None), (1, 20)])
+def test_listed_sums_pass_equals_the_full_path(model, tokenizer, saes, texts, sae_chunk, max_position):
+    """The features' second pass (forward + the listed features' encoder columns only) gives the per-sentence sums of
+    the full engine's `feature_ids` path, on the same tokens; languages and layers without listed features are not
+    computed."""
+    from mlalign.analysis.engine import collect_listed_sums
+
+    wanted = {"en": {0: [3, 1, 40], 2: [5]}, "hi": {2: [0, 7, 11, 47]}, "es": {}}
+    sub = {lang: texts[lang][:10] for lang in wanted}
+    settings = dict(batch_size=4, max_length=MAX_LENGTH, sae_chunk=sae_chunk, progress=False, max_position=max_position)
+    full: dict = {}
+    collect_stats(model, tokenizer, {0: saes[0], 2: saes[2]}, sub, feature_stats=full, feature_ids=wanted, **settings)
+    light = collect_listed_sums(model, tokenizer, {0: saes[0], 2: saes[2]}, sub, wanted, **settings)
+    assert set(light) == {"en", "hi"} and set(light["en"]) == {0, 2} and set(light["hi"]) == {2}
+    for lang, by_layer in light.items():
+        for layer, sums in by_layer.items():
+            np.testing.assert_array_equal(sums.feature_ids, wanted[lang][layer])
+            # Float rounding of a k-column matmul instead of a d_sae-column one: far below any reported digit.
+            np.testing.assert_allclose(sums.sentence_sums, full[lang][layer].sentence_sums, rtol=1e-5, atol=1e-6)
+            assert sums.sentence_sums.shape == (10, len(wanted[lang][layer])) and sums.sentence_sums.any()
+    # Per-sentence sums of a feature add up to its total (float32 batch sums): the light pass saw every analysed token.
+    np.testing.assert_allclose(light["hi"][2].sentence_sums.sum(0), full["hi"][2].act_sum[[0, 7, 11, 47]], rtol=1e-6)
+
+
+def test_encode_listed_equals_the_encoders_columns(saes):
+    """Only the listed encoder columns for JumpReLU and Standard SAEs; TopK (not feature by feature) and an SAE with a
+    hook on a hook point go through sae.encode, exactly."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    from mlalign.analysis.engine import _elementwise_encoder, encode_listed
+
+    x = torch.randn(50, D_MODEL, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([31, 0, 5, 11])  # out of order, in range of both SAEs (d_sae 32 and 48)
+    standard = identity_sae(D_MODEL)
+    topk = TopKSAE(TopKSAEConfig(d_in=D_MODEL, d_sae=48, k=4))
+    assert [_elementwise_encoder(s) for s in (saes[0], standard, topk)] == ["jumprelu", "relu", None]
+    for sae in (saes[0], standard):
+        want = sae.encode(x)[:, ids]
+        assert (want != 0).any() and (want == 0).any()
+        torch.testing.assert_close(encode_listed(sae, x, ids), want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(encode_listed(topk, x, ids), topk.encode(x)[:, ids], rtol=0, atol=0)
+    handle = saes[1].hook_sae_acts_pre.register_forward_hook(lambda _m, _i, out: out * 2)
+    try:
+        assert _elementwise_encoder(saes[1]) is None
+        torch.testing.assert_close(encode_listed(saes[1], x, ids), saes[1].encode(x)[:, ids], rtol=0, atol=0)
+    finally:
+        handle.remove()

@@ -251,8 +251,57 @@ def test_adapter_view_tells_language_features_from_generic_ones(synthetic):
     assert specific["hi"][0]["up"][0]["feature"] == 3
     assert specific["hi"][0]["gain_specific_share"] == pytest.approx(1.0)  # feature 3 is Hindi's own
     assert specific["hi"][0]["gain_top_k_share"] == pytest.approx(1.0)
+    # Above the uniform-scaling baseline (the base model's mass on Hindi's specific features), and flagged as Hindi's.
+    assert 0 < specific["hi"][0]["base_specific_share"] < 1 and specific["hi"][0]["up"][0]["specific"]
     assert specific["en"][0]["up"] == [] and specific["en"][0]["gain_top_k_share"] is None  # English untouched
     generic = adapter_changes(base, adapted(5, 2.0), ["hi"], "en", top_k=1, min_sentences=2)
     assert generic["hi"][0]["up"][0]["feature"] == 5 and generic["hi"][0]["gain_specific_share"] == 0.0
     text = adapter_changes_markdown(specific, {"early": [0]}, 1)
-    assert "## hi" in text and "| 0 | 3 |" in text
+    assert "## hi" in text and "| 0 | 3 |" in text and "| yes |" in text
+
+
+def test_identity_adapter_changes_no_feature(synthetic):
+    from mlalign.analysis.features import adapter_changes, adapter_changes_by_band
+
+    _, base = synthetic
+    same = {lang: {0: stream(s)} for lang, s in synthetic[0].items()}  # recomputed, as an identity adapter would be
+    changes = adapter_changes(base, same, ["hi", "mr", "en"], "en", top_k=3, min_sentences=2)
+    for lang in ("hi", "mr", "en"):
+        cell = changes[lang][0]
+        assert cell["up"] == [] and cell["down"] == [] and cell["total_rise"] == 0 and cell["total_fall"] == 0
+        assert cell["turned_on"] == cell["turned_off"] == 0 and cell["gain_top_k_share"] is None
+    assert changes["hi"][0]["base_specific_share"] > 0  # feature 3 is Hindi's: the baseline is defined regardless
+    band = adapter_changes_by_band(changes, {"all": [0]})["hi"]["all"]
+    assert band["gain_specific_share"] is None and band["turned_on"] == 0
+
+
+def test_planted_encoder_change_is_the_top_change(model, tokenizer, saes, texts):
+    """An "adapter" that raises exactly one feature (its encoder column and bias x3 in a JumpReLU SAE: the feature's
+    pre-activation triples, nothing else moves) through the real engine: that feature is the top rise and carries all
+    of it; no feature falls or turns off."""
+    import copy
+
+    from mlalign.analysis.features import adapter_changes
+
+    sub = {lang: texts[lang][:12] for lang in ("en", "hi")}
+    base: dict = {}
+    collect_stats(model, tokenizer, {1: saes[1]}, sub, batch_size=4, max_length=MAX_LENGTH, progress=False,
+                  feature_stats=base)
+    planted = int(np.argmax(base["hi"][1].sentences_fired))
+    raised = copy.deepcopy(saes[1])
+    with torch.no_grad():
+        raised.W_enc[:, planted] *= 3
+        raised.b_enc[planted] *= 3
+    adapted: dict = {}
+    collect_stats(model, tokenizer, {1: raised}, sub, batch_size=4, max_length=MAX_LENGTH, progress=False,
+                  feature_stats=adapted)
+    changes = adapter_changes(base, adapted, ["hi", "en"], "en", top_k=1, min_sentences=2)
+    for lang in ("hi", "en"):
+        cell = changes[lang][1]
+        assert [item["feature"] for item in cell["up"]] == [planted]
+        assert cell["up"][0]["adapted"] > 2.9 * cell["up"][0]["base"] > 0
+        assert cell["gain_top_k_share"] == pytest.approx(1.0) and cell["down"] == [] and cell["total_fall"] == 0
+        assert cell["turned_off"] == 0
+    # With more room than changed features, the lists still name only the planted one.
+    wide = adapter_changes(base, adapted, ["hi"], "en", top_k=10, min_sentences=2)
+    assert [item["feature"] for item in wide["hi"][1]["up"]] == [planted]

@@ -71,3 +71,46 @@ def test_text_dir_corpus_missing_a_language_is_one_line(testbed_dir, testbed_cac
                       f"paths.cache_dir={testbed_cache_dir}", f"paths.root_dir={tmp_path}", *SMALL_TESTBED_OVERRIDES])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: corpus directory") and "hi.txt" in result.stderr
+
+
+def identity_adapter(testbed_dir, out_dir):
+    """A peft LoRA adapter as initialised (B = 0): it changes no weight, so no SAE feature may change."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(testbed_dir / "model")
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=True))
+    lora.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.mark.slow
+def test_adapter_view_with_the_base_from_the_cache(testbed_dir, testbed_cache_dir, tmp_path):
+    """task=analyze adapter=DIR also writes which features the adapter changed, against the base model's statistics
+    taken from the analysis cache an earlier base run filled; an identity adapter changes none."""
+    common = ["task=analyze", "model=testbed", "data.max_sentences=24", "analysis.bootstrap=20", "langs=[hi]",
+              "layers=[1,4,7]", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.root_dir={tmp_path}",
+              *SMALL_TESTBED_OVERRIDES]
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "testbed").symlink_to(testbed_cache_dir / "testbed")
+    base = run_cli(common)
+    assert base.returncode == 0, base.stderr[-2000:]
+    adapter = identity_adapter(testbed_dir, tmp_path / "identity")
+    result = run_cli([*common, f"adapter={adapter}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "base model: all 2 x 3 (language, layer) results come from the cache" in result.stdout
+    assert "analyzing 2 language(s) x 3 layer(s)" in result.stdout  # the adapted model: a new cache key
+    run_dir = sorted((tmp_path / "outputs" / "analyze").iterdir())[-1]
+    changes = json.loads((run_dir / "analysis" / "feature_changes.json").read_text())
+    assert set(changes) == {"hi", "en"} and set(changes["hi"]) == {"1", "4", "7"}
+    for by_layer in changes.values():
+        for cell in by_layer.values():
+            assert cell["up"] == [] and cell["down"] == [] and cell["total_rise"] == 0 == cell["total_fall"]
+            assert cell["turned_on"] == 0 == cell["turned_off"]
+    summary = json.loads((run_dir / "analysis" / "summary.json").read_text())
+    assert summary["feature_changes"]["md"].endswith("feature_changes.md")
+    assert all(row["turned_on"] == 0 for row in summary["feature_changes"]["by_band"]["hi"].values())
+    text = (run_dir / "analysis" / "feature_changes.md").read_text()
+    assert "# Which features the adapter changed" in text and "## hi" in text and ", raised**" not in text
+    assert "No feature counting in either model changed" in text
+    assert "feature changes:" in result.stdout
