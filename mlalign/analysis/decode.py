@@ -125,7 +125,9 @@ def decode_active(sae, feature_acts: torch.Tensor, code: SparseCode | None = Non
 
 def reconstruct(sae, feature_acts: torch.Tensor, mode: str = "auto",
                 code: SparseCode | None = None) -> torch.Tensor:
-    """x̂ by the chosen path: "sparse" (`decode_active`), "dense" (`sae.decode`), or "auto" (sparse)."""
-    if mode == "dense":
+    """x̂ by the chosen path: "sparse" (`decode_active`), "dense" (`sae.decode`), or "auto": sparse on the CPU, dense on
+    an accelerator, where a dense bf16 matmul beat the gather (H100, Gemma-2-2B widths: analysis 1.68 s dense vs
+    2.48 s sparse; experiments/performance/README.md)."""
+    if mode == "dense" or (mode == "auto" and feature_acts.device.type != "cpu"):
         return sae.decode(feature_acts)
     return decode_active(sae, feature_acts, code)

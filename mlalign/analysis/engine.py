@@ -193,8 +193,9 @@ def collect_stats(
     feature_stats: a dict to fill with per-feature statistics, `feature_stats[lang][layer]` = `features.FeatureSums`
     (O(d_sae) each; off when None). feature_ids: {lang: {layer: [features]}} whose per-sentence sums those also keep
     (`FeatureSums.sentence_sums`, O(sentences x k)); implies feature_stats.
-    decode: how x̂ (for FVU) is computed: "auto"/"sparse" read only the decoder rows of features that fired
-    (`analysis.decode.decode_active`), "dense" calls `sae.decode`; the numbers agree to float rounding.
+    decode: how x̂ (for FVU) is computed: "sparse" reads only the decoder rows of features that fired
+    (`analysis.decode.decode_active`), "dense" calls `sae.decode`, "auto" is sparse on the CPU and dense on an
+    accelerator; the numbers agree to float rounding.
     """
     _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
     if decode not in DECODE_MODES:
