@@ -2,8 +2,9 @@
 over-active against the reference, language-specific features, cross-language overlap, and links to look at them.
 
 Definitions and formulas: docs/method.md §8. The engine streams `FeatureStats` next to `stats.LayerStats` (O(d_sae)
-per (language, layer)); a second, optional pass keeps per-sentence sums of the listed features only (O(sentences x k))
-for their paired bootstrap CIs.
+per (language, layer)); a second, optional pass (`engine.collect_listed_sums`, `SentenceFeatureStats`) keeps
+per-sentence sums of the listed features only (O(sentences x k)) for their paired bootstrap CIs. The adapter view
+(`adapter_changes`) compares an adapted model's statistics with the base model's.
 """
 
 from __future__ import annotations

@@ -356,6 +356,9 @@ def run(cfg, ctx) -> dict[str, float]:
 
     base_features = None
     if cfg.adapter and feature_settings(cfg.analysis)["enabled"]:
+        from mlalign.tasks.train import target_langs
+
+        target_langs(cfg, ctx.langs)  # the adapter view's languages: a wrong train.target_langs fails before any work
         # The adapter view compares with the base model's per-feature statistics on the same sentences.
         with stage("base model's feature statistics (what the adapter changed)"):
             base_features = base_feature_stats(cfg, ctx)

@@ -101,3 +101,20 @@ def test_wandb_summary_holds_the_headline_names(pipeline_run):
     ]
     missing = [key for key in expected if key not in summary]
     assert not missing, (missing, sorted(summary))
+
+
+@pytest.mark.slow
+def test_report_says_which_features_the_adapter_changed(pipeline_run):
+    """The adapter view (docs/method.md §8) through the pipeline: feature_changes.md/json beside the adapted analysis,
+    its key numbers in report.md, its path in the closing block."""
+    import json
+
+    result, run_dir = pipeline_run
+    changes = json.loads((run_dir / "analysis_adapter" / "feature_changes.json").read_text())
+    assert set(changes) == {"hi", "en"} and set(changes["hi"]) == {"1", "4"}
+    report = (run_dir / "report.md").read_text()
+    assert "## Which features the adapter changed" in report and "`analysis_adapter/feature_changes.md`" in report
+    assert "| hi | early |" in report and "| en | early |" in report
+    summary = json.loads((run_dir / "analysis_adapter" / "summary.json").read_text())
+    assert set(summary["feature_changes"]["by_band"]) == {"hi", "en"}
+    assert str(run_dir / "analysis_adapter" / "feature_changes.md") in result.stdout
