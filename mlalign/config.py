@@ -139,7 +139,7 @@ class AnalysisConfig:
     sae_chunk: Optional[int] = None
     """At most this many layers' SAEs on the device at once; null = all."""
     bands: Optional[Any] = None
-    """{band: [first_layer, last_layer]}; null = thirds of the analysed layers (early, middle, deep)."""
+    """{band: [first_layer, last_layer]}; null = thirds of the model's layers (early, middle, deep)."""
     cache: bool = True
     """Reuse per-(language, layer) statistics from paths.cache_dir."""
     plots: bool = True

@@ -43,7 +43,7 @@ def test_table_comes_from_the_config_group_and_adds_okapi_belebele_languages():
 
 
 def test_tiers_are_the_ones_results_are_ordered_by():
-    from mlalign.analysis.metrics import TIER_ORDER
+    from mlalign.analysis.summary import TIER_ORDER
 
     assert TIERS == TIER_ORDER
     assert {lang.tier for lang in LANGUAGES.values()} == set(TIERS)

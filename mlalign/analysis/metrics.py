@@ -1,50 +1,26 @@
-"""Metrics, disparities against the reference language, bootstrap CIs, layer bands and the study's headline numbers.
+"""The metric math: per-(language, layer) metrics from `SentenceSums`, disparities against the reference language,
+paired bootstrap CIs over sentences, and the corpus confounds (tokens per sentence, truncation, position).
 
-Everything here works on the CPU-side `SentenceSums` that `engine.collect_stats` returns; see docs/method.md.
+Everything here works on the CPU-side `SentenceSums` that `engine.collect_stats` returns; see docs/method.md. The
+summary, headline statements and output rows built from these numbers live in `analysis/summary.py`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
 
 from mlalign.analysis.stats import SentenceSums
 from mlalign.errors import UserError
-from mlalign.languages import LANGUAGES
-
-log = logging.getLogger(__name__)
 
 METRICS = ("mean_act", "l1", "l0", "feature_coverage", "fvu", "resid_norm", "fvu_raw")
 PER_TOKEN_METRICS = ("mean_act", "l1", "l0", "resid_norm")
 """Metrics that are means over tokens and so follow `aggregate`; fvu and feature_coverage are always pooled over
 all of a language's tokens (a per-sentence FVU of a 5-token sentence is not meaningful)."""
 AGGREGATES = ("token", "sentence")
-TIER_ORDER = ("reference", "high", "medium_low")
-TIER_WORDS = {"high": "High-resource languages", "medium_low": "Medium-to-low resource languages"}
-METRIC_WORDS = {
-    "mean_act": "SAE activations",
-    "l1": "L1 SAE activation",
-    "l0": "active SAE features per token",
-    "feature_coverage": "SAE feature coverage",
-    "fvu": "fraction of variance unexplained",
-    "resid_norm": "residual-stream norm",
-    "fvu_raw": "fraction of residual energy unexplained",
-}
 LOWER_IS_BETTER = ("fvu", "fvu_raw")
 """Metrics where a larger value means a worse SAE fit, not "more activation"."""
-FVU_ARTEFACT_RATIO = 1.25
-"""A language's raw FVU (`fvu_raw`, same denominator form for every language) this many times the reference's marks
-the SAE as fitting it markedly worse."""
-MAX_FVU = 1.0
-"""Default `analysis.max_fvu`: a layer where the reference language's FVU reaches this is flagged as unfit (the SAE
-reconstructs worse than predicting the mean residual), and none of its numbers is read as a finding."""
-MAX_TRUNCATED_PCT = 5.0
-"""Default `analysis.max_truncated_pct`: a language with more of its sentences cut at max_length gets a warning."""
-MODEL_LEVEL_FRACTION = 0.5
-"""A residual-norm gap at least this fraction of the metric's gap (same sign) marks the gap as model-level."""
-
 
 def check_metric(metric: str) -> str:
     if metric not in METRICS:
@@ -247,182 +223,6 @@ def bootstrap_ci(
     return {"values_ci": values_ci, "disparity_ci": disparity_ci}
 
 
-# ---------------------------------------------------------------------------------------------------- layer bands
-
-
-def layer_bands(layers: list[int], bands: dict | None = None) -> dict[str, list[int]]:
-    """band -> the analysed layers in it.
-
-    Default: early/middle/deep = thirds of the sorted analysed layers (the first bands get the remainder, so 26
-    layers split 9/9/8 = [0-8], [9-17], [18-25]); bands left empty (fewer than 3 layers) are dropped.
-    `bands` = {name: [first, last]} (inclusive, in model layer numbers) overrides this, in the given order.
-    """
-    layers = sorted(int(layer) for layer in layers)
-    if not layers:
-        raise UserError("no layers to analyse; set layers=null (all) or e.g. layers=[0,5,10]")
-    if bands is None:
-        parts = np.array_split(np.array(layers), 3)
-        return {name: [int(x) for x in part] for name, part in zip(("early", "middle", "deep"), parts) if len(part)}
-    out = {}
-    for name, bounds in dict(bands).items():
-        try:
-            first, last = (int(b) for b in bounds)
-        except (TypeError, ValueError):
-            raise UserError(f"band {name!r} must be [first_layer, last_layer], got {bounds!r}; e.g. analysis.bands={{early: [0, 8]}}") from None
-        if first > last:
-            raise UserError(f"band {name!r} has first layer {first} after last layer {last}; write it as [{last}, {first}]")
-        members = [layer for layer in layers if first <= layer <= last]
-        if not members:
-            raise UserError(
-                f"band {name!r} [{first}, {last}] holds none of the analysed layers {layers}; "
-                f"adjust analysis.bands or set analysis.bands=null for thirds"
-            )
-        out[str(name)] = members
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------- headlines
-
-
-def tier_of(lang: str) -> str:
-    return LANGUAGES[lang].tier if lang in LANGUAGES else "unknown"
-
-
-def order_by_tier(langs: list[str]) -> list[str]:
-    """Reference first, then high, then medium-to-low resource languages, keeping the given order inside a tier."""
-    rank = {tier: i for i, tier in enumerate(TIER_ORDER)}
-    return sorted(langs, key=lambda lang: rank.get(tier_of(lang), len(rank)))
-
-
-def _finite(x) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x))
-
-
-def _gap_context(values, disp, reference_lang, lang, layer) -> dict:
-    """What the residual stream and the SAE's fit do at a gap: to tell a model-level gap from an SAE artefact."""
-    ref, own = values[reference_lang][layer], values[lang][layer]
-    return {
-        "lang": lang,
-        "layer": int(layer),
-        "disparity_pct": disp[lang][layer],
-        "resid_norm_disparity_pct": disparity_pct(own["resid_norm"], ref["resid_norm"]),
-        "fvu": own["fvu"],
-        "fvu_reference": ref["fvu"],
-        "fvu_raw": own.get("fvu_raw"),
-        "fvu_raw_reference": ref.get("fvu_raw"),
-    }
-
-
-def _verdict(context: dict) -> str:
-    gap, resid = context["disparity_pct"], context["resid_norm_disparity_pct"]
-    # Raw FVU: every language's error over its own energy sum ||x||², not over variance around its own mean (which
-    # gives each language a different denominator); the centred FVU is the fallback for older value tables.
-    fvu, fvu_ref = context.get("fvu_raw"), context.get("fvu_raw_reference")
-    if not (_finite(fvu) and _finite(fvu_ref)):
-        fvu, fvu_ref = context["fvu"], context["fvu_reference"]
-    if _finite(fvu) and _finite(fvu_ref) and fvu_ref > 0 and fvu > FVU_ARTEFACT_RATIO * fvu_ref:
-        return "the SAE reconstructs this language markedly worse, so part of the gap may be an SAE artefact"
-    if _finite(resid) and _finite(gap) and gap != 0 and resid * gap > 0 and abs(resid) >= MODEL_LEVEL_FRACTION * abs(gap):
-        return "the raw residual stream differs in the same direction, so the gap is (at least partly) model-level"
-    return "the SAE fits both languages comparably and the residual norm does not explain the gap"
-
-
-def unfit_layers(values, reference_lang: str, max_fvu: float | None = MAX_FVU) -> list[int]:
-    """Layers where the reference language's FVU is >= `max_fvu`: the SAE reconstructs this model's residual stream
-    no better than its mean (an SAE for another model or layer, or uncalibrated), so no number there is a finding."""
-    if max_fvu is None:
-        return []
-    return [layer for layer, v in values[reference_lang].items() if _finite(v.get("fvu")) and v["fvu"] >= max_fvu]
-
-
-def band_summary(values, disp, reference_lang: str, bands: dict[str, list[int]], unfit=()) -> dict[str, dict]:
-    """Per band: mean disparity over the non-reference languages (overall and per tier) and the most negative
-    (lang, layer) with its residual-norm disparity and FVUs; layers in `unfit` are left out (listed as unfit_layers)."""
-    others = [lang for lang in disp if lang != reference_lang]
-    out = {}
-    for band, layers in bands.items():
-        entry: dict = {"layers": layers, "unfit_layers": [layer for layer in layers if layer in unfit]}
-        cells = [(disp[lang][layer], lang, layer) for lang in others for layer in layers
-                 if layer not in unfit and _finite(disp[lang][layer])]
-        entry["mean_disparity_pct"] = float(np.mean([c[0] for c in cells])) if cells else None
-        entry["mean_disparity_pct_by_tier"] = {}
-        for tier in TIER_ORDER[1:]:
-            tier_cells = [c[0] for c in cells if tier_of(c[1]) == tier]
-            if tier_cells:
-                entry["mean_disparity_pct_by_tier"][tier] = float(np.mean(tier_cells))
-        entry["most_negative"] = _gap_context(values, disp, reference_lang, *min(cells)[1:]) if cells else None
-        out[band] = entry
-    return out
-
-
-def headline_statements(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]], unfit=()) -> list[str]:
-    """The study's sentences, per resource tier, reproduced from the numbers, e.g.
-
-    "Medium-to-low resource languages (id, ca, mr, ml, hi) receive up to 27.1% lower SAE activations than English
-    in early layers (hi, layer 3); a gap of 12.3% persists in deep layers (mean over layers 18-25). At hi, layer 3
-    the residual norm differs by -2.0% and the FVU is 0.31 vs 0.30 for English: <verdict>."
-
-    Layers in `unfit` (the SAE does not reconstruct the reference there, see `unfit_layers`) give no finding: they are
-    left out of every number and named in a last statement instead.
-    """
-    ref_name = LANGUAGES[reference_lang].name if reference_lang in LANGUAGES else reference_lang
-    what = METRIC_WORDS[metric]
-    statements = []
-    band_of = {layer: band for band, layers in bands.items() for layer in layers}
-    band_names = list(bands)
-    for tier in TIER_ORDER[1:]:
-        langs = [lang for lang in disp if lang != reference_lang and tier_of(lang) == tier]
-        cells = [(disp[lang][layer], lang, layer) for lang in langs for layer in disp[lang]
-                 if layer in band_of and layer not in unfit and _finite(disp[lang][layer])]
-        if not cells:
-            continue
-        gap, lang, layer = min(cells)
-        where = band_of[layer]
-        head = f"{TIER_WORDS[tier]} ({', '.join(langs)})"
-        if gap >= 0:
-            statements.append(f"{head} receive no lower {what} than {ref_name} in any analysed layer (smallest difference {gap:+.1f}%, {lang}, layer {layer}).")
-            continue
-        parts = [f"{head} receive up to {-gap:.1f}% lower {what} than {ref_name} in {where} layers ({lang}, layer {layer})"]
-        for band in band_names:
-            if band == where:
-                continue
-            band_cells = [c[0] for c in cells if band_of[c[2]] == band]
-            if not band_cells:
-                continue
-            mean = float(np.mean(band_cells))
-            span = f"layer {bands[band][0]}" if len(bands[band]) == 1 else f"mean over layers {bands[band][0]}-{bands[band][-1]}"
-            if mean < 0:
-                verb = "persists" if band_names.index(band) > band_names.index(where) else "is already present"
-                parts.append(f"a gap of {-mean:.1f}% {verb} in {band} layers ({span})")
-            else:
-                parts.append(f"no gap remains on average in {band} layers ({mean:+.1f}%, {span})")
-        context = _gap_context(values, disp, reference_lang, lang, layer)
-        check = (
-            f"At {lang}, layer {layer} the residual norm differs by {context['resid_norm_disparity_pct']:+.1f}% and the "
-            f"FVU is {context['fvu']:.2f} vs {context['fvu_reference']:.2f} for {ref_name}{_raw_fvu_words(context)}: "
-            f"{_verdict(context)}."
-        )
-        statements.append("; ".join(parts) + ". " + check)
-    if unfit:
-        statements.append(unfit_statement(values, reference_lang, sorted(unfit)))
-    return statements
-
-
-def _raw_fvu_words(context: dict) -> str:
-    if not (_finite(context.get("fvu_raw")) and _finite(context.get("fvu_raw_reference"))):
-        return ""
-    return f" (raw FVU ||x-x̂||²/||x||² {context['fvu_raw']:.3f} vs {context['fvu_raw_reference']:.3f})"
-
-
-def unfit_statement(values, reference_lang: str, layers: list[int]) -> str:
-    ref_name = LANGUAGES[reference_lang].name if reference_lang in LANGUAGES else reference_lang
-    worst = max(layers, key=lambda layer: values[reference_lang][layer]["fvu"])
-    return (f"The SAE does not reconstruct this model's residual stream at layer{'s' if len(layers) > 1 else ''} "
-            f"{', '.join(str(layer) for layer in layers)} ({ref_name} FVU up to {values[reference_lang][worst]['fvu']:.2f} "
-            f"at layer {worst}, worse than predicting the mean): no number of these layers is a finding, and they are "
-            f"left out of the statements above; use the SAE set trained on this model.")
-
-
 def corpus_stats(stats: dict[str, dict[int, SentenceSums]]) -> dict[str, dict[str, float]]:
     """Per language: analysed tokens per sentence, % of sentences cut at max_length, mean token position (0 = the
     row's first token). Position and truncation confound cross-language comparisons: a language tokenised into more
@@ -437,129 +237,3 @@ def corpus_stats(stats: dict[str, dict[int, SentenceSums]]) -> dict[str, dict[st
             "mean_position": float(sums.position.sum() / n) if n > 0 else float("nan"),
         }
     return out
-
-
-# ---------------------------------------------------------------------------------------------------- outputs
-
-
-def _json_float(x):
-    if x is None:
-        return None
-    x = float(x)
-    return None if math.isnan(x) or math.isinf(x) else x
-
-
-def _clean(obj):
-    """NaN/inf -> None and numpy scalars -> Python, so the summary is strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k) if isinstance(k, (int, np.integer)) else k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return _json_float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def summarize(
-    stats: dict[str, dict[int, SentenceSums]],
-    reference_lang: str,
-    metric: str = "mean_act",
-    aggregate: str = "token",
-    ids_by_lang: dict[str, list] | None = None,
-    bootstrap: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
-    bands: dict | None = None,
-    model: str | None = None,
-    sae: str | None = None,
-    max_fvu: float | None = MAX_FVU,
-    max_truncated_pct: float | None = MAX_TRUNCATED_PCT,
-) -> dict:
-    """The content of `analysis/summary.json` (strict JSON: NaN becomes null, layer keys are strings).
-
-    Keys: model, sae, reference_lang, metric, aggregate, ci, bootstrap, layers (ints), langs (tier order),
-    values[lang][layer][metric], values_ci[lang][layer][metric] = [low, high] | null, disparity_pct[lang][layer]
-    (of `metric`), disparity_ci[lang][layer] = [low, high] | null, bands {band: [layers]}, band_summary,
-    statements, n_tokens[lang], n_sentences[lang], corpus_stats[lang] {tokens_per_sentence, truncated_pct,
-    mean_position}, max_fvu, unfit_layers (reference FVU >= max_fvu; left out of band_summary and statements),
-    sae_fits[layer] (bool), warnings (also logged).
-    """
-    check_metric(metric)
-    check_aggregate(aggregate)
-    if reference_lang not in stats:
-        raise UserError(f"reference language {reference_lang!r} was not analysed; add it to langs or set reference_lang")
-    layer_sets = {lang: sorted(by_layer) for lang, by_layer in stats.items()}
-    layers = layer_sets[reference_lang]
-    if any(ls != layers for ls in layer_sets.values()):
-        raise ValueError(f"languages were analysed at different layers: {layer_sets}")
-    values = compute_metrics(stats, aggregate)
-    disp = disparity(values, reference_lang, metric)
-    boot = bootstrap_ci(stats, reference_lang, metric, aggregate, ids_by_lang, bootstrap, ci, seed)
-    band_layers = layer_bands(layers, bands)
-    langs = order_by_tier(list(stats))
-    first = {lang: stats[lang][layers[0]] for lang in langs}
-    unfit = unfit_layers(values, reference_lang, max_fvu)
-    corpus = corpus_stats(stats)
-    warnings = []
-    if unfit:
-        warnings.append(unfit_statement(values, reference_lang, unfit))
-    for lang in langs:
-        pct = corpus[lang]["truncated_pct"]
-        if max_truncated_pct is not None and _finite(pct) and pct > max_truncated_pct:
-            warnings.append(f"{pct:.1f}% of {lang}'s sentences are cut at max_length (threshold {max_truncated_pct}%): "
-                            f"its numbers cover shorter, earlier-position text than other languages; raise data.max_length "
-                            f"or compare position-matched with analysis.max_position")
-    for warning in warnings:
-        log.warning(warning)
-    return _clean(
-        {
-            "model": model,
-            "sae": sae,
-            "reference_lang": reference_lang,
-            "metric": metric,
-            "aggregate": aggregate,
-            "ci": ci,
-            "bootstrap": int(bootstrap),
-            "layers": [int(layer) for layer in layers],
-            "langs": langs,
-            "values": {lang: values[lang] for lang in langs},
-            "values_ci": {lang: boot["values_ci"][lang] for lang in langs} if boot["values_ci"] else None,
-            "disparity_pct": {lang: disp[lang] for lang in langs},
-            "disparity_ci": {lang: boot["disparity_ci"][lang] for lang in langs} if boot["disparity_ci"] else None,
-            "bands": band_layers,
-            "band_summary": band_summary(values, disp, reference_lang, band_layers, unfit),
-            "statements": headline_statements(values, disp, reference_lang, metric, band_layers, unfit),
-            "n_tokens": {lang: first[lang].total_tokens for lang in langs},
-            "n_sentences": {lang: first[lang].n_sentences for lang in langs},
-            "corpus_stats": {lang: corpus[lang] for lang in langs},
-            "max_fvu": max_fvu,
-            "unfit_layers": [int(layer) for layer in unfit],
-            "sae_fits": {layer: layer not in unfit for layer in layers},
-            "warnings": warnings,
-        }
-    )
-
-
-METRICS_CSV_COLUMNS = ("lang", "layer", "metric", "value", "ci_low", "ci_high", "n_tokens", "n_sentences")
-
-
-def metrics_rows(summary: dict) -> list[dict]:
-    """Long-format rows for `analysis/metrics.csv` (`METRICS_CSV_COLUMNS`): every metric of every (lang, layer),
-    then `disparity_pct` of the primary metric. Missing CIs are None (empty cells)."""
-    rows = []
-    values_ci = summary.get("values_ci") or {}
-    disparity_ci = summary.get("disparity_ci") or {}
-    for lang in summary["langs"]:
-        counts = {"n_tokens": summary["n_tokens"][lang], "n_sentences": summary["n_sentences"][lang]}
-        for layer in summary["layers"]:
-            key = str(layer)
-            for metric, value in summary["values"][lang][key].items():
-                low_high = (values_ci.get(lang, {}).get(key, {}) or {}).get(metric) or [None, None]
-                rows.append({"lang": lang, "layer": layer, "metric": metric, "value": value,
-                             "ci_low": low_high[0], "ci_high": low_high[1], **counts})
-            low_high = disparity_ci.get(lang, {}).get(key) or [None, None]
-            rows.append({"lang": lang, "layer": layer, "metric": "disparity_pct",
-                         "value": summary["disparity_pct"][lang][key], "ci_low": low_high[0], "ci_high": low_high[1], **counts})
-    return rows

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
-from mlalign.analysis.metrics import METRIC_WORDS, order_by_tier, tier_of  # noqa: E402
+from mlalign.analysis.summary import METRIC_WORDS, order_by_tier, tier_of  # noqa: E402
 from mlalign.languages import LANGUAGES  # noqa: E402
 
 TIER_COLORS = {"reference": "black", "high": "tab:blue", "medium_low": "tab:orange", "unknown": "tab:gray"}

@@ -11,7 +11,7 @@ from pathlib import Path
 from mlalign.analysis.cache import StatsCache, adapter_fingerprint, model_fingerprint, sae_fingerprints
 from mlalign.analysis.engine import collect_listed_sums, collect_stats
 from mlalign.analysis.features import FeatureSums
-from mlalign.analysis.metrics import METRICS_CSV_COLUMNS, metrics_rows, summarize
+from mlalign.analysis.summary import METRICS_CSV_COLUMNS, metrics_rows, summarize
 from mlalign.data.corpus import corpus_fingerprint, load_corpus
 from mlalign.io import write_json_atomic, write_text_atomic
 from mlalign.models import model_source
@@ -286,7 +286,8 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
                         ids_by_lang={lang: corpus.ids[lang] for lang in langs}, bootstrap=int(acfg.bootstrap),
                         ci=float(acfg.ci), seed=int(cfg.seed), bands=acfg.bands, model=cfg.model.name,
                         sae=cfg.sae.name, max_fvu=acfg.get("max_fvu", 1.0),
-                        max_truncated_pct=acfg.get("max_truncated_pct", 5.0))
+                        max_truncated_pct=acfg.get("max_truncated_pct", 5.0),
+                        n_model_layers=cfg.model.get("num_layers"))
     summary["adapter"] = str(adapter) if adapter else None
     report = ctx.run_dir / "corpus.json"
     summary["corpus"] = {"source": cfg.data.source, "split": split, "n_sentences": len(corpus.ids[cfg.reference_lang]),

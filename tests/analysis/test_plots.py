@@ -4,7 +4,7 @@ import copy
 
 import matplotlib.image
 
-from mlalign.analysis.metrics import summarize
+from mlalign.analysis.summary import summarize
 from mlalign.analysis.plots import make_plots
 
 

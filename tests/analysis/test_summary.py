@@ -1,0 +1,194 @@
+"""Layer bands, headline statements (direction, CIs, verdicts), unfit layers and the summary/CSV shapes."""
+
+import copy
+import json
+
+import pytest
+
+from mlalign.analysis.metrics import METRICS, disparity
+from mlalign.analysis.summary import (
+    METRICS_CSV_COLUMNS,
+    headline_statements,
+    layer_bands,
+    metrics_rows,
+    summarize,
+)
+from mlalign.errors import UserError
+
+
+def test_layer_bands():
+    assert layer_bands(list(range(26))) == {"early": list(range(0, 9)), "middle": list(range(9, 18)), "deep": list(range(18, 26))}
+    assert layer_bands([0, 1, 2, 3]) == {"early": [0, 1], "middle": [2], "deep": [3]}
+    assert layer_bands([5]) == {"early": [5]}
+    assert layer_bands([3, 10, 20, 25], {"low": [0, 12], "high": [13, 25]}) == {"low": [3, 10], "high": [20, 25]}
+    with pytest.raises(UserError, match="holds none"):
+        layer_bands([0, 1], {"deep": [18, 25]})
+    with pytest.raises(UserError, match="after last"):
+        layer_bands([0, 1], {"early": [1, 0]})
+    with pytest.raises(UserError, match="first_layer, last_layer"):
+        layer_bands([0, 1], {"early": 3})
+
+
+def _synthetic(disp_by_lang: dict, resid=None, fvu=None):
+    layers = range(6)
+    values = {"en": {layer: {"mean_act": 1.0, "resid_norm": 10.0, "fvu": 0.2} for layer in layers}}
+    for lang, gaps in disp_by_lang.items():
+        values[lang] = {
+            layer: {
+                "mean_act": 1.0 + gaps[layer] / 100,
+                "resid_norm": 10.0 * (1 + (resid or {}).get(lang, 0.0) / 100),
+                "fvu": (fvu or {}).get(lang, 0.2),
+            }
+            for layer in layers
+        }
+    return values
+
+
+def test_headline_statements_reproduce_the_numbers():
+    values = _synthetic({"es": [-5, -4, -1, 0, 1, 2], "hi": [-10, -30, -15, -12, -8, -12], "mr": [-20, -5, -4, -7, -9, -5]})
+    disp = disparity(values, "en", "mean_act")
+    bands = layer_bands(list(range(6)))
+    statements = headline_statements(values, disp, "en", "mean_act", bands)
+    assert statements[0].startswith("High-resource languages (es) receive up to 5.0% lower SAE activations than English in early layers (es, layer 0)")
+    low = statements[1]
+    assert low.startswith("Medium-to-low resource languages (hi, mr) receive up to 30.0% lower SAE activations than English in early layers (hi, layer 1)")
+    assert "a gap of 9.5% persists in middle layers (mean over layers 2-3)" in low  # mean(-15, -12, -4, -7)
+    assert "a gap of 8.5% persists in deep layers (mean over layers 4-5)" in low  # mean(-8, -12, -9, -5)
+    assert "the SAE fits both languages comparably" in low
+
+
+def test_statements_tell_a_model_level_gap_from_an_sae_artefact():
+    gaps = {"hi": [-20.0] * 6}
+    model_level = _synthetic(gaps, resid={"hi": -15.0})
+    artefact = _synthetic(gaps, fvu={"hi": 0.5})
+    bands = layer_bands(list(range(6)))
+    for values, phrase in ((model_level, "model-level"), (artefact, "SAE artefact")):
+        disp = disparity(values, "en", "mean_act")
+        (statement,) = headline_statements(values, disp, "en", "mean_act", bands)
+        assert phrase in statement
+
+
+def test_summary_is_strict_json_with_the_documented_keys(reference_stats, ids):
+    summary = summarize(reference_stats, "en", ids_by_lang=ids, bootstrap=50, model="tiny", sae="rand")
+    text = json.dumps(summary, allow_nan=False)
+    assert json.loads(text) == summary
+    for key in ("model", "sae", "reference_lang", "metric", "aggregate", "layers", "langs", "values", "disparity_pct",
+                "disparity_ci", "bands", "band_summary", "statements", "n_tokens", "n_sentences"):
+        assert key in summary, key
+    assert summary["layers"] == [0, 1, 2, 3]
+    assert summary["langs"] == ["en", "es", "hi"]
+    assert set(summary["values"]["hi"]["2"]) == set(METRICS)
+    assert summary["disparity_pct"]["en"] == {str(layer): 0.0 for layer in range(4)}
+    assert summary["n_sentences"] == {"en": 30, "es": 30, "hi": 30}
+    assert summary["n_tokens"]["hi"] == int(reference_stats["hi"][0].n_tokens.sum())
+
+    rows = metrics_rows(summary)
+    assert len(rows) == 3 * 4 * (len(METRICS) + 1)
+    assert all(tuple(row) == METRICS_CSV_COLUMNS for row in rows)
+    disparity_rows = [r for r in rows if r["metric"] == "disparity_pct" and r["lang"] == "hi" and r["layer"] == 1]
+    assert disparity_rows[0]["value"] == summary["disparity_pct"]["hi"]["1"]
+    assert [disparity_rows[0]["ci_low"], disparity_rows[0]["ci_high"]] == summary["disparity_ci"]["hi"]["1"]
+
+
+def test_summary_with_bootstrap_off_and_a_dead_reference_layer(reference_stats):
+    stats = copy.deepcopy(reference_stats)
+    dead = stats["en"][1]
+    for name in ("mean_act", "l1", "l0"):
+        getattr(dead, name)[:] = 0.0
+    summary = summarize(stats, "en", bootstrap=0)
+    assert summary["values_ci"] is None and summary["disparity_ci"] is None
+    assert summary["disparity_pct"]["hi"]["1"] is None  # 0 reference: undefined, not infinite
+    json.dumps(summary, allow_nan=False)
+
+
+def test_bad_metric_or_aggregate_is_a_user_error(reference_stats):
+    with pytest.raises(UserError, match="unknown metric"):
+        summarize(reference_stats, "en", metric="activation")
+    with pytest.raises(UserError, match="aggregate"):
+        summarize(reference_stats, "en", aggregate="tokens")
+    with pytest.raises(UserError, match="reference language"):
+        summarize(reference_stats, "ru")
+
+
+def test_artefact_verdict_compares_raw_fvus_with_the_same_denominator():
+    """The centred FVU divides by each language's own variance; the verdict reads the raw FVU ||x-x̂||²/||x||²."""
+    gaps = {"hi": [-20.0] * 6}
+    bands = layer_bands(list(range(6)))
+    centred_only = _synthetic(gaps, fvu={"hi": 0.5})  # 2.5x English's centred FVU ...
+    for layer in range(6):
+        centred_only["en"][layer]["fvu_raw"] = 0.05
+        centred_only["hi"][layer]["fvu_raw"] = 0.05  # ... but the same share of residual energy unexplained
+    disp = disparity(centred_only, "en", "mean_act")
+    (statement,) = headline_statements(centred_only, disp, "en", "mean_act", bands)
+    assert "SAE artefact" not in statement and "raw FVU" in statement
+    for layer in range(6):
+        centred_only["hi"][layer]["fvu_raw"] = 0.1
+    (statement,) = headline_statements(centred_only, disp, "en", "mean_act", bands)
+    assert "SAE artefact" in statement
+
+
+def test_layers_where_the_sae_does_not_fit_the_reference_are_not_findings(reference_stats):
+    from mlalign.analysis.summary import band_summary, unfit_layers
+
+    values = _synthetic({"hi": [-40, -5, -6, -7, -8, -9]})
+    values["en"][0]["fvu"] = 1.26  # worse than predicting the mean: layer 0's -40% is no finding
+    values["en"][3]["fvu"] = 5.06
+    disp = disparity(values, "en", "mean_act")
+    bands = layer_bands(list(range(6)))
+    unfit = unfit_layers(values, "en")
+    assert unfit == [0, 3]
+    statements = headline_statements(values, disp, "en", "mean_act", bands, unfit)
+    assert "up to 9.0% lower" in statements[0] and "40.0" not in statements[0]
+    assert "does not reconstruct this model's residual stream at layers 0, 3" in statements[-1]
+    assert band_summary(values, disp, "en", bands, unfit)["early"]["most_negative"]["layer"] == 1
+    assert unfit_layers(values, "en", max_fvu=10.0) == []
+
+    summary = summarize(reference_stats, "en", bootstrap=0, max_fvu=0.0)  # every layer flagged
+    assert summary["unfit_layers"] == [0, 1, 2, 3] and summary["sae_fits"] == {str(k): False for k in range(4)}
+    assert any("does not reconstruct" in w for w in summary["warnings"])
+    assert "does not reconstruct" in summary["statements"][-1]
+    # The fixture's SAEs are random (FVU > 1 everywhere): flagged by default, not when the check is off.
+    assert summarize(reference_stats, "en", bootstrap=0)["unfit_layers"] == [0, 1, 2, 3]
+    off = summarize(reference_stats, "en", bootstrap=0, max_fvu=None)
+    assert off["unfit_layers"] == [] and not any("does not reconstruct" in s for s in off["statements"] + off["warnings"])
+
+
+def test_corpus_stats_report_length_truncation_and_position(reference_stats):
+    summary = summarize(reference_stats, "en", bootstrap=0, max_truncated_pct=0.0)
+    for lang, sums in ((lang, reference_stats[lang][0]) for lang in reference_stats):
+        entry = summary["corpus_stats"][lang]
+        assert set(entry) == {"tokens_per_sentence", "truncated_pct", "mean_position"}
+        assert entry["tokens_per_sentence"] == pytest.approx(sums.n_tokens.mean())
+        assert entry["truncated_pct"] == pytest.approx(100 * sums.truncated.mean())
+        # Every sentence of n analysed tokens holds positions 1..n (BOS at 0 is dropped).
+        assert entry["mean_position"] == pytest.approx((sums.n_tokens * (sums.n_tokens + 1) / 2).sum() / sums.n_tokens.sum())
+    truncated = [lang for lang in summary["langs"] if summary["corpus_stats"][lang]["truncated_pct"] > 0]
+    assert truncated, "the fixture's max_length should cut some sentences"
+    assert sum("cut at max_length" in w for w in summary["warnings"]) == len(truncated)
+
+
+def test_default_bands_are_thirds_of_the_models_layers_not_of_the_analysed_ones():
+    assert layer_bands([0, 25], n_model_layers=26) == {"early": [0], "deep": [25]}
+    assert layer_bands([0, 25]) == {"early": [0], "middle": [25]}  # without the model's depth: thirds of what ran
+    assert layer_bands(list(range(26)), n_model_layers=26) == layer_bands(list(range(26)))
+    assert layer_bands([3, 9], n_model_layers=18) == {"early": [3], "middle": [9]}
+
+
+def test_statements_quote_the_ci_and_word_fvu_as_a_worse_fit():
+    values = _synthetic({"hi": [-30, -5, -6, -7, -8, -9]})
+    bands = layer_bands(list(range(6)))
+    disp = disparity(values, "en", "mean_act")
+    cis = {"hi": {layer: [disp["hi"][layer] - 4, disp["hi"][layer] + 3] for layer in range(6)}}
+    (statement,) = headline_statements(values, disp, "en", "mean_act", bands, disparity_ci=cis)
+    assert f"up to {-disp['hi'][0]:.1f}% (95% CI {-disp['hi'][0] - 3:.1f} to {-disp['hi'][0] + 4:.1f}%) lower" in statement
+    cis["hi"][0] = [-5.0, 2.0]
+    (statement,) = headline_statements(values, disp, "en", "mean_act", bands, disparity_ci=cis)
+    assert "includes 0" in statement
+
+    # FVU: lower is better, so the finding is the highest FVU disparity, worded as a worse fit, never "lower FVU".
+    for layer, pct in enumerate([5, 40, 1, 2, 3, 4]):
+        values["hi"][layer]["fvu"] = values["en"][layer]["fvu"] * (1 + pct / 100)
+    fvu_disp = disparity(values, "en", "fvu")
+    (statement,) = headline_statements(values, fvu_disp, "en", "fvu", bands)
+    assert "up to 40.0% higher fraction of variance unexplained (a worse SAE fit)" in statement
+    assert "(hi, layer 1)" in statement and "lower" not in statement.split(".")[0]
