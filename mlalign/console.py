@@ -92,6 +92,11 @@ def stage(title: str, start_line: bool = True):
     emit(f"{prefix}{title}: done in {format_seconds(seconds)}")
 
 
+def note(line: str) -> None:
+    """A line inside the current stage, indented like its nested stages (e.g. `base model: cache hit ...`)."""
+    emit(f"{'  ' * _STATE['depth']}{line}")
+
+
 def headline(*lines: str, at: int | None = None) -> None:
     """Lines for the closing block's headline (printed once, at the end of the run, by `closing_block`); `at=0`
     puts them before the lines registered so far."""

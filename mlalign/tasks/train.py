@@ -105,7 +105,8 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
     from mlalign.tasks.common import resolve_layers
     from mlalign.training.data import load_parallel_stream
     from mlalign.training.loop import ObjectiveFn, resolve_mixed_precision, train_loop
-    from mlalign.training.outcomes import measure_paired, outcome_report
+    from mlalign.training import base_cache
+    from mlalign.training.outcomes import measure_adapted, outcome_report
     from mlalign.training.report import outcome_lines, plot_before_after, train_metrics
 
     from mlalign.console import headline, output, stage
@@ -122,7 +123,8 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
     started = time.perf_counter()
 
     cpu = str(cfg.model.device) == "cpu"
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, cpu),
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, cpu)
+    accelerator = Accelerator(mixed_precision=precision,
                               gradient_accumulation_steps=int(cfg.train.grad_accum), cpu=cpu)
     tokenizer = ctx.load_tokenizer()
     base = ctx.load_model(device=str(accelerator.device))
@@ -181,14 +183,19 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
     peft_model.eval()
     analysed_saes = {layer: saes[layer] for layer in analysed}
     reports = {}
+    passes = dict(batch_size=int(cfg.analysis.batch_size), max_length=int(cfg.data.max_length),
+                  progress=accelerator.is_local_main_process)
     for split in ("dev", "headline"):
-        # Base and adapter on the same tokens, batch by batch (the norm-matched gain needs both residuals of each
-        # token), so the base side cannot come from the analysis cache: docs/training.md#what-is-measured-where.
+        # Base and adapter on the same tokens. The base side (per-token residual norms and SAE codes, per-sentence
+        # sums) comes from its cache when an earlier run had the same base settings, so a sweep job measures only the
+        # adapted side: docs/training.md#what-is-measured-where.
         with stage(f"measuring base vs adapter on the {splits[split]} split ({len(texts[split][reference])} "
                    f"sentences x {len(measured)} languages x {len(analysed)} layers)"):
-            paired = measure_paired(peft_model, peft_model.disable_adapter, tokenizer, analysed_saes, texts[split],
-                                    metric, batch_size=int(cfg.analysis.batch_size),
-                                    max_length=int(cfg.data.max_length), progress=accelerator.is_local_main_process)
+            cache = base_cache.open_cache(cfg, ctx.testbed_dir, splits[split], analysed, precision)
+            with peft_model.disable_adapter():
+                base_side = base_cache.base_sides(cache, peft_model, tokenizer, analysed_saes, texts[split],
+                                                  write=accelerator.is_main_process, **passes)
+            paired = measure_adapted(peft_model, base_side, tokenizer, analysed_saes, texts[split], metric, **passes)
         reports[split] = outcome_report(paired, reference, targets, aggregate, tolerance,
                                         n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),
                                         seed=int(cfg.seed))

@@ -5,6 +5,10 @@ sums of the metric (before, after, and after with each token's residual rescaled
 residual norm, L0, the SAE's squared reconstruction error, the SAE-code cosine, and the LM loss. Everything the train
 report says (gain, norm-matched gain, FVU change, retention, their paired bootstrap CIs) is a function of these sums:
 see docs/training.md, "Outcome measures".
+
+The pass has two halves: `measure_base` (the base model: per-token residual norms and SAE codes, per-sentence sums),
+which `mlalign.training.base_cache` keeps between runs, and `measure_adapted` (the adapted model on the same tokens,
+compared token by token with the base side). `measure_paired` runs both.
 """
 
 from __future__ import annotations
@@ -72,75 +76,240 @@ class PairedSums:
             return np.where(dev > 0, err / dev, np.nan)
 
 
+@dataclass
+class BaseLayer:
+    """The base model's side of one (language, layer): what the adapted side is compared against, token by token.
+
+    Tokens are in sentence order (sentence 0's analysed positions first, each sentence's in position order), whatever
+    the batches, so a base side cached by one run lines up with another run's adapted tokens."""
+
+    token_norm: np.ndarray
+    """[tokens] float32 ‖x_before,t‖: the norm the norm-matched gain rescales each adapted residual to."""
+    code_ptr: np.ndarray
+    """[tokens + 1] int64: token t's non-zero SAE code entries are `code_features/code_values[ptr[t]:ptr[t+1]]`."""
+    code_features: np.ndarray
+    """[nnz] int64: the feature of each non-zero entry of f_before (the code cosine, the metric and L0 before)."""
+    code_values: np.ndarray
+    """[nnz] float32: its activation (exact for float32 and bfloat16 SAEs)."""
+    sq_err: np.ndarray
+    """[sentences] float64 Σ_t ‖x_before,t − x̂_before,t‖²."""
+    sumsq: np.ndarray
+    """[] float64 Σ_t ‖x_before,t‖² over all tokens."""
+    sum_x: np.ndarray
+    """[d_model] float64 Σ_t x_before,t."""
+
+
+@dataclass
+class BaseSide:
+    """The base model's side of the paired pass for one language: per-sentence token counts and LM loss, and per
+    analysed layer a `BaseLayer`. Computed by `measure_base`, or read from the cache (`mlalign.training.base_cache`)."""
+
+    n_tokens: np.ndarray
+    """[sentences] float64 analysed tokens (all but BOS and padding)."""
+    ce: np.ndarray
+    """[sentences] float64 summed next-token cross-entropy of the base model (nats)."""
+    ce_tokens: np.ndarray
+    """[sentences] float64 predicted tokens."""
+    layers: dict[int, BaseLayer]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """[sentences] index of each sentence's first token in the per-token arrays."""
+        counts = self.n_tokens.astype(np.int64)
+        return np.cumsum(counts) - counts
+
+
+def _token_order(keep: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flat, sentence, rank) of a batch's analysed tokens in row-major order: their flat [batch * seq] index, their
+    sentence and their place among that sentence's analysed tokens."""
+    flat = keep.flatten().nonzero().squeeze(1)
+    sentence = rows.repeat_interleave(keep.shape[1]).index_select(0, flat)
+    rank = (keep.long().cumsum(dim=1) - 1).flatten().index_select(0, flat)
+    return flat, sentence, rank
+
+
+def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int):
+    items = tokenize_sorted(tokenizer, texts, max_length)
+    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def _inputs(tokenizer, batch, device):
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
+    inputs = pad_batch([ids for _, ids in batch], pad_id, "right", device)
+    keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], tokenizer.bos_token_id)
+    return rows, inputs, keep
+
+
+def _ce_per_sentence(logits, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch] summed next-token cross-entropy and the number of predicted tokens of each row."""
+    labels = inputs["input_ids"][:, 1:].masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return per_token.sum(dim=1).double(), (labels != -100).sum(dim=1).double()
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
-def measure_paired(model, adapter_off: Callable[[], contextlib.AbstractContextManager], tokenizer, saes: dict,
-                   texts_by_lang: dict[str, list[str]], metric: str, batch_size: int, max_length: int,
-                   progress: bool = True) -> dict[str, PairedSums]:
-    """PairedSums per language: each batch runs once with the adapter off (`adapter_off()`, e.g. peft's
-    `model.disable_adapter`) and once with it on, capturing every analysed layer in each pass."""
+def measure_base(model, tokenizer, saes: dict, texts_by_lang: dict[str, list[str]], batch_size: int,
+                 max_length: int, progress: bool = True) -> dict[str, BaseSide]:
+    """The base model's side of the paired pass (run `model` with any adapter off): per language a `BaseSide`."""
     from tqdm.auto import tqdm
 
     layers = sorted(int(layer) for layer in saes)
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    bos_id = tokenizer.bos_token_id
-    was_training = model.training
-    model.eval()
     out = {}
-    try:
+    with _eval_mode(model):
         for lang, texts in texts_by_lang.items():
-            items = tokenize_sorted(tokenizer, texts, max_length)
-            acc = _Accumulator(len(texts), layers, device)
-            batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-            for batch in tqdm(batches, desc=f"held-out {lang}: base vs adapter", unit="batch", leave=False,
-                              disable=not progress):
-                rows = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
-                inputs = pad_batch([ids for _, ids in batch], pad_id, "right", device)
-                keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], bos_id)
-                with adapter_off(), ResidualCapture(model, layers) as capture:
-                    logits = model(**inputs, use_cache=False).logits
-                    before = dict(capture.activations)
-                acc.add_lm_loss("before", logits, inputs, rows)
+            n = len(texts)
+            zeros = dict(dtype=torch.float64, device=device)
+            n_tokens, ce, ce_tokens = (torch.zeros(n, **zeros) for _ in range(3))
+            sq_err = torch.zeros(n, len(layers), **zeros)
+            sumsq = torch.zeros(len(layers), **zeros)
+            sum_x: list[torch.Tensor | None] = [None] * len(layers)
+            # Per batch, on the CPU: each token's (sentence, rank), and per layer its norm and non-zero code entries.
+            sentences, ranks = [], []
+            norms: list[list[torch.Tensor]] = [[] for _ in layers]
+            entries: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
+            seen = 0
+            for batch in tqdm(_batches(tokenizer, texts, batch_size, max_length), desc=f"held-out {lang}: base model",
+                              unit="batch", leave=False, disable=not progress):
+                rows, inputs, keep = _inputs(tokenizer, batch, device)
                 with ResidualCapture(model, layers) as capture:
                     logits = model(**inputs, use_cache=False).logits
-                    after = dict(capture.activations)
-                acc.add_lm_loss("after", logits, inputs, rows)
-                flat = keep.flatten().nonzero().squeeze(1)
-                sentence = rows.repeat_interleave(keep.shape[1]).index_select(0, flat)
+                    acts = dict(capture.activations)
+                row_ce, row_tokens = _ce_per_sentence(logits, inputs)
+                ce.index_add_(0, rows, row_ce)
+                ce_tokens.index_add_(0, rows, row_tokens)
+                flat, sentence, rank = _token_order(keep, rows)
+                n_tokens.index_add_(0, sentence, torch.ones_like(sentence, dtype=torch.float64))
+                sentences.append(sentence.cpu())
+                ranks.append(rank.cpu())
                 for j, layer in enumerate(layers):
-                    acc.add_layer(j, saes[layer], metric, before[layer].flatten(0, 1).index_select(0, flat).float(),
-                                  after[layer].flatten(0, 1).index_select(0, flat).float(), sentence)
-            out[lang] = acc.finalize()
-    finally:
-        model.train(was_training)
+                    x = acts[layer].flatten(0, 1).index_select(0, flat).float()
+                    f = saes[layer].encode(x)
+                    sq_err[:, j].index_add_(0, sentence, (x - decode_active(saes[layer], f)).pow(2).sum(-1).double())
+                    norms[j].append(x.norm(dim=-1).cpu())
+                    token, feature = f.nonzero(as_tuple=True)
+                    entries[j].append(((token + seen).cpu(), feature.cpu(), f[token, feature].float().cpu()))
+                    x = x.double()
+                    sumsq[j] += x.pow(2).sum()
+                    sum_x[j] = x.sum(dim=0) if sum_x[j] is None else sum_x[j] + x.sum(dim=0)
+                seen += len(flat)
+            side = BaseSide(n_tokens=n_tokens.cpu().numpy(), ce=ce.cpu().numpy(), ce_tokens=ce_tokens.cpu().numpy(),
+                            layers={})
+            # Batch order -> sentence order.
+            position = torch.from_numpy(side.offsets)[torch.cat(sentences)] + torch.cat(ranks) if seen else \
+                torch.zeros(0, dtype=torch.long)
+            for j, layer in enumerate(layers):
+                token_norm = torch.zeros(seen, dtype=torch.float32)
+                if seen:
+                    token_norm[position] = torch.cat(norms[j])
+                token = torch.cat([e[0] for e in entries[j]]) if seen else torch.zeros(0, dtype=torch.long)
+                feature = torch.cat([e[1] for e in entries[j]]) if seen else torch.zeros(0, dtype=torch.long)
+                value = torch.cat([e[2] for e in entries[j]]) if seen else torch.zeros(0)
+                owner = position[token] if seen else token
+                order = torch.sort(owner, stable=True).indices  # each token's entries stay in feature order
+                ptr = torch.zeros(seen + 1, dtype=torch.long)
+                ptr[1:] = torch.bincount(owner, minlength=seen).cumsum(0)
+                total = sum_x[j] if sum_x[j] is not None else torch.zeros(int(model.config.hidden_size), **zeros)
+                side.layers[layer] = BaseLayer(
+                    token_norm=token_norm.numpy(), code_ptr=ptr.numpy(), code_features=feature[order].numpy(),
+                    code_values=value[order].numpy(), sq_err=sq_err[:, j].cpu().numpy(),
+                    sumsq=sumsq[j].cpu().numpy(), sum_x=total.cpu().numpy())
+            out[lang] = side
     return out
+
+
+class _OnDevice:
+    """One `BaseLayer`'s per-token arrays on the device, and the dense base code of any batch's tokens from them."""
+
+    def __init__(self, base: BaseLayer, device):
+        self.token_norm = torch.from_numpy(base.token_norm).to(device)
+        self.ptr = torch.from_numpy(base.code_ptr).to(device)
+        self.features = torch.from_numpy(base.code_features).to(device)
+        self.values = torch.from_numpy(base.code_values).to(device)
+
+    def code(self, position: torch.Tensor, d_sae: int, dtype) -> torch.Tensor:
+        """[tokens, d_sae] f_before of the tokens at `position` (sentence order), exactly as the SAE encoded it."""
+        start = self.ptr.index_select(0, position)
+        counts = self.ptr.index_select(0, position + 1) - start
+        token = torch.repeat_interleave(torch.arange(len(position), device=position.device), counts)
+        first = (counts.cumsum(0) - counts).index_select(0, token)
+        entry = start.index_select(0, token) + torch.arange(len(token), device=position.device) - first
+        code = torch.zeros(len(position), d_sae, dtype=dtype, device=position.device)
+        code[token, self.features.index_select(0, entry)] = self.values.index_select(0, entry).to(dtype)
+        return code
+
+
+@torch.no_grad()
+def measure_adapted(model, base: dict[str, BaseSide], tokenizer, saes: dict, texts_by_lang: dict[str, list[str]],
+                    metric: str, batch_size: int, max_length: int, progress: bool = True) -> dict[str, PairedSums]:
+    """PairedSums per language: the adapted model (`model` as it runs) on the tokens of its `BaseSide`, token by token."""
+    from tqdm.auto import tqdm
+
+    layers = sorted(int(layer) for layer in saes)
+    device = next(model.parameters()).device
+    out = {}
+    with _eval_mode(model):
+        for lang, texts in texts_by_lang.items():
+            side = base[lang]
+            on_device = {layer: _OnDevice(side.layers[layer], device) for layer in layers}
+            offsets = torch.from_numpy(side.offsets).to(device)
+            acc = _Accumulator(len(texts), layers, device)
+            for batch in tqdm(_batches(tokenizer, texts, batch_size, max_length), desc=f"held-out {lang}: adapter",
+                              unit="batch", leave=False, disable=not progress):
+                rows, inputs, keep = _inputs(tokenizer, batch, device)
+                with ResidualCapture(model, layers) as capture:
+                    logits = model(**inputs, use_cache=False).logits
+                    acts = dict(capture.activations)
+                row_ce, _ = _ce_per_sentence(logits, inputs)
+                acc.s["ce_after"].index_add_(0, rows, row_ce)
+                flat, sentence, rank = _token_order(keep, rows)
+                position = offsets.index_select(0, sentence) + rank
+                for j, layer in enumerate(layers):
+                    x_after = acts[layer].flatten(0, 1).index_select(0, flat).float()
+                    acc.add_layer(j, saes[layer], metric, on_device[layer], position, x_after, sentence)
+            out[lang] = acc.finalize(side)
+    return out
+
+
+def measure_paired(model, adapter_off: Callable[[], contextlib.AbstractContextManager], tokenizer, saes: dict,
+                   texts_by_lang: dict[str, list[str]], metric: str, batch_size: int, max_length: int,
+                   progress: bool = True, base: dict[str, BaseSide] | None = None) -> dict[str, PairedSums]:
+    """PairedSums per language: the base side (`adapter_off()`, e.g. peft's `model.disable_adapter`; or `base`, e.g.
+    from the cache) and the adapted side on the same tokens."""
+    if base is None:
+        with adapter_off():
+            base = measure_base(model, tokenizer, saes, texts_by_lang, batch_size, max_length, progress)
+    return measure_adapted(model, base, tokenizer, saes, texts_by_lang, metric, batch_size, max_length, progress)
 
 
 class _Accumulator:
     def __init__(self, n_sentences: int, layers: list[int], device):
         self.layers = layers
         per_layer = ("metric_before", "metric_after", "metric_norm_matched", "resid_norm_before", "resid_norm_after",
-                     "l0_before", "l0_after", "sq_err_before", "sq_err_after", "code_cosine")
+                     "l0_before", "l0_after", "sq_err_after", "code_cosine")
         zeros = dict(dtype=torch.float64, device=device)
         self.sl = {name: torch.zeros(n_sentences, len(layers), **zeros) for name in per_layer}
-        self.s = {name: torch.zeros(n_sentences, **zeros) for name in ("n_tokens", "ce_before", "ce_after", "ce_tokens")}
-        self.sumsq = {w: torch.zeros(len(layers), **zeros) for w in ("before", "after")}
-        self.sum_x: dict[str, torch.Tensor | None] = {"before": None, "after": None}
+        self.s = {"ce_after": torch.zeros(n_sentences, **zeros)}
+        self.sumsq_after = torch.zeros(len(layers), **zeros)
+        self.sum_x_after: torch.Tensor | None = None
 
-    def add_lm_loss(self, which: str, logits, inputs, rows) -> None:
-        labels = inputs["input_ids"][:, 1:].masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
-        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        self.s[f"ce_{which}"].index_add_(0, rows, per_token.sum(dim=1).double())
-        if which == "before":
-            self.s["ce_tokens"].index_add_(0, rows, (labels != -100).sum(dim=1).double())
-
-    def add_layer(self, j: int, sae, metric: str, x_before, x_after, sentence) -> None:
-        if j == 0:
-            self.s["n_tokens"].index_add_(0, sentence, torch.ones_like(sentence, dtype=torch.float64))
-        norm_before = x_before.norm(dim=-1)
+    def add_layer(self, j: int, sae, metric: str, base: _OnDevice, position, x_after, sentence) -> None:
+        norm_before = base.token_norm.index_select(0, position)
         norm_after = x_after.norm(dim=-1)
         x_matched = x_after * (norm_before / norm_after.clamp_min(1e-12)).unsqueeze(-1)
-        f_before, f_after, f_matched = sae.encode(x_before), sae.encode(x_after), sae.encode(x_matched)
+        f_after, f_matched = sae.encode(x_after), sae.encode(x_matched)
+        f_before = base.code(position, f_after.shape[-1], f_after.dtype)
         dot = (f_before * f_after).sum(-1)
         nb, na = f_before.norm(dim=-1), f_after.norm(dim=-1)
         both_zero = (nb == 0) & (na == 0)
@@ -153,31 +322,31 @@ class _Accumulator:
             "resid_norm_after": norm_after,
             "l0_before": (f_before != 0).sum(-1),
             "l0_after": (f_after != 0).sum(-1),
-            "sq_err_before": (x_before - decode_active(sae, f_before)).pow(2).sum(-1),
             "sq_err_after": (x_after - decode_active(sae, f_after)).pow(2).sum(-1),
             "code_cosine": cosine,
         }
         for name, values in per_token.items():
             self.sl[name][:, j].index_add_(0, sentence, values.double())
-        for which, x in (("before", x_before), ("after", x_after)):
-            x = x.double()
-            self.sumsq[which][j] += x.pow(2).sum()
-            if self.sum_x[which] is None:
-                self.sum_x[which] = torch.zeros(len(self.layers), x.shape[1], dtype=torch.float64, device=x.device)
-            self.sum_x[which][j] += x.sum(dim=0)
+        x = x_after.double()
+        self.sumsq_after[j] += x.pow(2).sum()
+        total = x.sum(dim=0)
+        if self.sum_x_after is None:
+            self.sum_x_after = torch.zeros(len(self.layers), x.shape[1], dtype=torch.float64, device=x.device)
+        self.sum_x_after[j] += total
 
-    def finalize(self) -> PairedSums:
+    def finalize(self, base: BaseSide) -> PairedSums:
         def cpu(t):
             return t.cpu().numpy()
 
-        def stacked(which):
-            total = self.sum_x[which]
-            return cpu(total) if total is not None else np.zeros((len(self.layers), 1))
-
+        before = [base.layers[layer] for layer in self.layers]
+        d_model = before[0].sum_x.shape[0] if before else 1
+        sum_x_after = cpu(self.sum_x_after) if self.sum_x_after is not None else np.zeros((len(self.layers), d_model))
         return PairedSums(layers=list(self.layers), **{k: cpu(v) for k, v in self.sl.items()},
-                          **{k: cpu(v) for k, v in self.s.items()},
-                          sumsq_before=cpu(self.sumsq["before"]), sumsq_after=cpu(self.sumsq["after"]),
-                          sum_x_before=stacked("before"), sum_x_after=stacked("after"))
+                          sq_err_before=np.stack([b.sq_err for b in before], axis=1),
+                          n_tokens=base.n_tokens, ce_before=base.ce, ce_after=cpu(self.s["ce_after"]),
+                          ce_tokens=base.ce_tokens, sumsq_before=np.array([float(b.sumsq) for b in before]),
+                          sumsq_after=cpu(self.sumsq_after),
+                          sum_x_before=np.stack([b.sum_x for b in before]), sum_x_after=sum_x_after)
 
 
 # --------------------------------------------------------------------------------------------------- the numbers

@@ -206,6 +206,31 @@ def test_the_fidelity_term_keeps_the_sae_valid_where_plain_lora_breaks_it(aligne
 
 
 @pytest.mark.slow
+def test_a_second_run_takes_the_base_side_from_the_cache_with_identical_numbers(testbed_dir, tmp_path):
+    """A sweep job after the first (same base model, SAEs, corpus, layers): the held-out "before" is a cache hit, only
+    the adapted side is measured, and every number is the first run's."""
+    cache = tmp_path / "cache"
+    args = [*FAST, *bed_overrides(testbed_dir), "layers=[1,4]", "data.max_sentences=32", "train.max_steps=2",
+            "train.save_every=0", "analysis.bootstrap=20", f"paths.cache_dir={cache}"]
+    runs = []
+    for name in ("first", "second"):
+        result = run_cli([*args, f"hydra.run.dir={tmp_path / name}"], env={"OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(result.stdout)
+    for split in ("dev", "test"):
+        assert f"measuring base vs adapter on the {split} split" in runs[0]
+    assert "base model: measuring 2 language(s) x 2 layer(s), cached for later runs: done in" in runs[0]
+    assert "cache hit" not in runs[0]
+    hits = [line for line in runs[1].splitlines() if "base model: cache hit (2 language(s) x 2 layer(s)" in line]
+    assert len(hits) == 2 and "base model: measuring" not in runs[1]  # dev and test
+    assert "base model: cache hit" in (tmp_path / "second" / "run.log").read_text()
+    first, second = (report(tmp_path / name) for name in ("first", "second"))
+    for timing in ("train_s", "total_s"):
+        first.pop(timing), second.pop(timing)
+    assert first == second
+
+
+@pytest.mark.slow
 def test_reloaded_adapter_reproduces_the_reported_numbers(aligned_run, testbed_dir, tmp_path):
     from mlalign.data.corpus import load_corpus
     from mlalign.models import load_model, load_tokenizer

@@ -1,0 +1,135 @@
+"""The base side of the paired outcome pass, cached: the same numbers as measuring it, token by token, whatever the
+batches; the old one-pass definition of the code cosine; a key that changes with the split and a switch that
+recomputes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from mlalign.training import base_cache
+from mlalign.training.outcomes import measure_adapted, measure_base, measure_paired
+from tests.training.test_outcomes import scaled_layer
+
+LAYERS = [4, 12]
+
+
+@pytest.fixture(scope="module")
+def bed(testbed_dir):
+    from mlalign.data.corpus import load_corpus
+    from mlalign.models import load_model, load_tokenizer
+    from mlalign.saes import load_saes
+    from tests.helpers import compose_cfg
+    from tests.tasks.test_train import bed_overrides
+
+    overrides = ["model=testbed", *bed_overrides(testbed_dir)]
+    cfg = compose_cfg(overrides)
+    model = load_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    saes = load_saes(cfg.sae, LAYERS, model.config.hidden_size)
+    corpus = load_corpus(cfg.data, ["en", "hi"], "dev")
+    texts = {lang: corpus[lang][:24] for lang in ("hi", "en")}
+    return model, tokenizer, saes, texts, overrides
+
+
+def _cache(bed, tmp_path, *overrides, split="dev"):
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg([*bed[4], *overrides], tmp_path)
+    return base_cache.open_cache(cfg, None, split, LAYERS, "no")
+
+
+def _same(a: dict, b: dict, rtol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for lang in a:
+        for name, value in asdict(a[lang]).items():
+            other = asdict(b[lang])[name]
+            if rtol == 0.0:
+                assert np.array_equal(np.asarray(value), np.asarray(other)), (lang, name)
+            else:
+                np.testing.assert_allclose(value, other, rtol=rtol, atol=1e-9, err_msg=f"{lang} {name}")
+
+
+def test_a_cached_base_side_gives_the_same_numbers_as_measuring_it(bed, tmp_path):
+    model, tokenizer, saes, texts, _ = bed
+    state, adapter_off = scaled_layer(model, 3, 1.3)
+    try:
+        direct = measure_paired(model, adapter_off, tokenizer, saes, texts, "l1", batch_size=8, max_length=48,
+                                progress=False)
+        cache = _cache(bed, tmp_path)
+        with adapter_off():
+            first = base_cache.base_sides(cache, model, tokenizer, saes, texts, batch_size=8, max_length=48,
+                                          progress=False)
+        assert len(list(cache.directory.glob("*.npz"))) == len(texts) * len(LAYERS)
+        loaded, missing = base_cache.load(_cache(bed, tmp_path), list(texts), LAYERS)
+        assert missing == {}
+        # Another batch size for the adapted side (another sweep job): the tokens still line up, one by one.
+        from_cache = measure_adapted(model, loaded, tokenizer, saes, texts, "l1", batch_size=5, max_length=48,
+                                     progress=False)
+        same_run = measure_adapted(model, first, tokenizer, saes, texts, "l1", batch_size=8, max_length=48,
+                                   progress=False)
+    finally:
+        state["handle"].remove()
+    _same(direct, same_run)  # what the cache held is what was measured
+    _same(direct, from_cache, rtol=1e-5)  # the batches differ: float rounding only
+    assert all(np.any(direct[lang].metric_after != direct[lang].metric_before) for lang in texts)  # the "adapter" acts
+
+
+def test_code_cosine_and_norm_matched_metric_keep_the_one_pass_definition(bed):
+    """The adapted side rebuilds f_before from the stored non-zero entries: the same numbers as both forward passes
+    side by side, as the outcome measures were first defined (docs/training.md)."""
+    from mlalign.analysis.capture import ResidualCapture
+    from mlalign.analysis.engine import analysed_positions, pad_batch
+
+    model, tokenizer, saes, texts, _ = bed
+    layer, lang = LAYERS[1], "hi"
+    state, adapter_off = scaled_layer(model, 3, 1.3)
+    try:
+        paired = measure_paired(model, adapter_off, tokenizer, {layer: saes[layer]}, {lang: texts[lang]}, "mean_act",
+                                batch_size=64, max_length=48, progress=False)[lang]
+        encoded = tokenizer(texts[lang], truncation=True, max_length=48)["input_ids"]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        inputs = pad_batch(encoded, pad, "right", torch.device("cpu"))
+        keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], tokenizer.bos_token_id)
+        residual = {}
+        with torch.no_grad():
+            for which, context in (("before", adapter_off), ("after", None)):
+                with (context() if context else torch.no_grad()), ResidualCapture(model, [layer]) as capture:
+                    model(**inputs, use_cache=False)
+                    residual[which] = capture.activations[layer].float()
+    finally:
+        state["handle"].remove()
+    sae = saes[layer]
+    cosine, matched = [], []
+    for row in range(len(encoded)):
+        x_before, x_after = residual["before"][row][keep[row]], residual["after"][row][keep[row]]
+        f_before, f_after = sae.encode(x_before), sae.encode(x_after)
+        scale = x_before.norm(dim=-1) / x_after.norm(dim=-1)
+        matched.append(sae.encode(x_after * scale[:, None]).mean(dim=-1).sum().item())
+        both_zero = (f_before.norm(dim=-1) == 0) & (f_after.norm(dim=-1) == 0)
+        cos = torch.nn.functional.cosine_similarity(f_before, f_after, dim=-1, eps=1e-12)
+        cosine.append(torch.where(both_zero, torch.ones_like(cos), cos).sum().item())
+    np.testing.assert_allclose(paired.code_cosine[:, 0], cosine, rtol=1e-4)
+    np.testing.assert_allclose(paired.metric_norm_matched[:, 0], matched, rtol=1e-4)
+    assert 0 < paired.code_cosine.sum() / paired.n_tokens.sum() < 1  # the codes changed, yet stayed related
+
+
+def test_the_key_follows_the_split_and_max_length_and_analysis_cache_false_recomputes(bed, tmp_path):
+    model, tokenizer, saes, texts, _ = bed
+    small = {"en": texts["en"][:6]}
+    cache = _cache(bed, tmp_path)
+    base_cache.base_sides(cache, model, tokenizer, saes, small, batch_size=8, max_length=48, progress=False)
+    assert base_cache.load(_cache(bed, tmp_path), ["en"], LAYERS)[1] == {}
+    for other in (_cache(bed, tmp_path, split="test"), _cache(bed, tmp_path, "data.max_length=32")):
+        assert base_cache.load(other, ["en"], LAYERS)[1] == {"en": LAYERS}
+    off = _cache(bed, tmp_path, "analysis.cache=false")
+    assert base_cache.load(off, ["en"], LAYERS)[1] == {"en": LAYERS}
+    before = {p: p.stat().st_mtime_ns for p in cache.directory.glob("*.npz")}
+    measured = base_cache.base_sides(off, model, tokenizer, saes, small, batch_size=8, max_length=48, progress=False)
+    assert set(measured["en"].layers) == set(LAYERS)
+    assert {p: p.stat().st_mtime_ns for p in cache.directory.glob("*.npz")} == before  # nothing written
+    direct = measure_base(model, tokenizer, saes, small, batch_size=8, max_length=48, progress=False)
+    _same({"en": measured["en"].layers[4]}, {"en": direct["en"].layers[4]})
