@@ -230,22 +230,25 @@ def _quiet_libraries(debug: bool) -> None:
 
 
 def transient_bars(*modules: str) -> None:
-    """Progress bars of these modules, which do `from tqdm import tqdm`, vanish when done instead of leaving a line
-    each (lm-eval draws one per task and side: 40 lines in `make demo`); log_level=debug keeps them."""
+    """Progress bars of these modules, which do `from tqdm import tqdm` (or `from tqdm.auto import tqdm`), vanish when
+    done instead of leaving a line each (lm-eval draws one per task and side: 40 lines in `make demo`; sae-lens one per
+    trained SAE); log_level=debug keeps them."""
     if verbose():
         return
     import functools
     import importlib
 
     from tqdm import tqdm
+    from tqdm.auto import tqdm as auto_tqdm
 
     for name in modules:
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        if getattr(module, "tqdm", None) is tqdm:
-            module.tqdm = functools.partial(tqdm, leave=False)
+        bar = getattr(module, "tqdm", None)
+        if bar is tqdm or bar is auto_tqdm:
+            module.tqdm = functools.partial(bar, leave=False)
 
 
 def _filter_known_warnings() -> None:

@@ -100,10 +100,15 @@ def load_sae(sae_cfg, layer: int, hidden_size: int, device: str = "cpu"):
 
 
 def load_saes(sae_cfg, layers: list[int], hidden_size: int, device: str = "cpu", progress: bool = True) -> dict:
-    """Every layer's SAE, with a progress bar (a hub release downloads and loads each one: minutes for 26 layers)."""
+    """Every layer's SAE, with a progress bar that names the layer loading (a hub release downloads and loads each
+    one: minutes for 26 layers, and for a single wide one)."""
     from tqdm.auto import tqdm
 
     check_sae_config(sae_cfg, layers)
     bar = tqdm(layers, desc=f"SAEs ({sae_cfg.name})", unit="layer", leave=False,
-               disable=not progress or len(layers) < 2 or int(os.environ.get("RANK", "0")) != 0)
-    return {layer: load_sae(sae_cfg, layer, hidden_size, device) for layer in bar}
+               disable=not progress or int(os.environ.get("RANK", "0")) != 0)
+    saes = {}
+    for layer in bar:
+        bar.set_postfix_str(f"layer {layer}")
+        saes[layer] = load_sae(sae_cfg, layer, hidden_size, device)
+    return saes

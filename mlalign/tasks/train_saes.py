@@ -225,8 +225,6 @@ def fidelity_scalars(table: dict) -> dict[str, float]:
 
 
 def run(cfg, ctx) -> dict[str, float]:
-    from tqdm.auto import tqdm
-
     from mlalign.models import hidden_size, num_layers
 
     check_settings(cfg)
@@ -240,6 +238,8 @@ def run(cfg, ctx) -> dict[str, float]:
     seconds: dict[str, float] = {}
     started = time.perf_counter()
 
+    from mlalign.console import emit, note, stage, transient_bars
+
     model, tokenizer = ctx.load_model(), ctx.load_tokenizer()
     ctx.layers(num_layers(model))  # the config's layer count must match the weights
     d_in = hidden_size(model)
@@ -250,39 +250,45 @@ def run(cfg, ctx) -> dict[str, float]:
     lr = float(st.lr) if st.lr is not None else default_lr(steps, float(st.threshold_travel), max_lr=TASK_MAX_LR)
     device = str(st.device or next(model.parameters()).device)
     max_length, capture_batch = int(cfg.data.max_length), int(st.capture_batch_size)
-    print(f"training {len(layers)} SAE(s) of {width} features on {int(st.tokens)} {cfg.data.splits.train}-split tokens "
-          f"per layer ({st.lang_mix} mix over {len(langs)} languages), {steps} steps of {int(st.batch_size)}, lr {lr:.2g}")
+    emit(f"training {len(layers)} SAE(s) of {width} features on {int(st.tokens)} {cfg.data.splits.train}-split tokens "
+         f"per layer ({st.lang_mix} mix over {len(langs)} languages), {steps} steps of {int(st.batch_size)}, lr {lr:.2g}")
 
     rng = np.random.default_rng(int(cfg.seed))
-    acts, index, data_info = collect_training_activations(model, tokenizer, train, quotas, layers, max_length,
-                                                          capture_batch, rng)
-    heldout = {lang: capture_language(model, tokenizer, valid[lang][: st.eval_sentences], layers, max_length,
-                                      capture_batch, desc=f"held-out {lang}") for lang in langs}
+    with stage(f"capturing training activations ({int(st.tokens)} tokens x {len(layers)} layer(s), "
+               f"{cfg.data.splits.train} split)"):
+        acts, index, data_info = collect_training_activations(model, tokenizer, train, quotas, layers, max_length,
+                                                              capture_batch, rng)
+    with stage(f"capturing held-out activations ({cfg.data.splits.valid} split, up to {st.eval_sentences} "
+               f"sentences x {len(langs)} languages)"):
+        heldout = {lang: capture_language(model, tokenizer, valid[lang][: st.eval_sentences], layers, max_length,
+                                          capture_batch, desc=f"held-out {lang}") for lang in langs}
     seconds["activations"] = round(time.perf_counter() - started, 2)
 
     out_dir = ctx.run_dir / "saes"
     table: dict[str, dict] = {}
     train_started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mlalign-sae-ckpt-") as checkpoints:
-        bar = tqdm(layers, desc="SAEs", unit="layer")
-        for layer in bar:
-            torch.manual_seed(int(cfg.seed) + layer)
-            sae = train_sae(acts.pop(layer), layer, width=width, steps=steps, batch_size=int(st.batch_size), lr=lr,
-                            l0_coefficient=float(st.l0_coefficient),
-                            target_l0=None if st.target_l0 is None else float(st.target_l0),
-                            seed=int(cfg.seed) + layer, index=index, model_name=str(cfg.model.name),
-                            context_size=max_length, device=device, checkpoint_dir=checkpoints, progress=True,
-                            b_dec_init="mean")
-            sae.save_model(out_dir / f"layer_{layer}")
-            overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
-            per_lang = {lang: fidelity(sae, heldout[lang][layer]) for lang in langs}
+    transient_bars("sae_lens.training.sae_trainer")  # its per-SAE bar vanishes when done; each layer's line stays
+    with tempfile.TemporaryDirectory(prefix="mlalign-sae-ckpt-") as checkpoints, \
+            stage(f"training {len(layers)} SAE(s) ({steps} steps each)"):
+        for layer in layers:
+            with stage(f"SAE of layer {layer}", start_line=False):  # sae-lens's "Training SAE" bar shows it running
+                torch.manual_seed(int(cfg.seed) + layer)
+                sae = train_sae(acts.pop(layer), layer, width=width, steps=steps, batch_size=int(st.batch_size),
+                                lr=lr, l0_coefficient=float(st.l0_coefficient),
+                                target_l0=None if st.target_l0 is None else float(st.target_l0),
+                                seed=int(cfg.seed) + layer, index=index, model_name=str(cfg.model.name),
+                                context_size=max_length, device=device, checkpoint_dir=checkpoints, progress=True,
+                                b_dec_init="mean")
+                sae.save_model(out_dir / f"layer_{layer}")
+                overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
+                per_lang = {lang: fidelity(sae, heldout[lang][layer]) for lang in langs}
             table[str(layer)] = {
                 "fvu": _round(overall["fvu"]), "l0": _round(overall["l0"]), "l0_pct": _round(overall["l0_pct"]),
                 "dead_pct": _round(overall["dead_pct"]), "width": width, "heldout_tokens": overall["tokens"],
                 "per_lang": {lang: {"fvu": _round(s["fvu"]), "l0": _round(s["l0"]), "tokens": s["tokens"]}
                              for lang, s in per_lang.items()},
             }
-            bar.set_postfix(fvu=f"{overall['fvu']:.3f}", l0=f"{overall['l0']:.1f}", refresh=False)
+            note(f"  held-out FVU {overall['fvu']:.3f}, L0 {overall['l0']:.1f}")
     seconds["training"] = round(time.perf_counter() - train_started, 2)
 
     header = (f"SAE fidelity on held-out text ({cfg.data.splits.valid} split), model {cfg.model.name}, "

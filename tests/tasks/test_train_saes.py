@@ -84,6 +84,30 @@ def test_english_heavy_mix_takes_the_configured_shares(testbed_dir, testbed_cach
     assert data["weights"]["en"] == pytest.approx(0.40 / 0.48)
 
 
+@pytest.mark.slow
+def test_console_says_when_each_step_starts_and_ends_and_closes_with_the_results(testbed_dir, testbed_cache_dir,
+                                                                                 tmp_path):
+    result = run_cli(["task=train_saes", *_common(tmp_path, testbed_cache_dir), "layers=[0,2]", "langs=[hi]",
+                      "sae_train.tokens=600", "sae_train.width=32", "sae_train.steps=4", "sae_train.eval_sentences=4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout.splitlines()
+    for title in ("capturing training activations (600 tokens x 2 layer(s), train split)",
+                  "capturing held-out activations (dev split, up to 4 sentences x 2 languages)",
+                  "training 2 SAE(s) (4 steps each)"):
+        assert f"{title} ..." in out, (title, result.stdout)
+        assert [line for line in out if line.startswith(f"{title}: done in ")], (title, result.stdout)
+    for layer in (0, 2):  # sae-lens's own bar shows each one running: its end line only
+        assert [line for line in out if line.startswith(f"  SAE of layer {layer}: done in ")], result.stdout
+        assert not [line for line in out if line.strip() == f"SAE of layer {layer} ..."]
+    closing = result.stdout[result.stdout.index("task=train_saes finished in"):]
+    assert "time: " in closing and "training 2 SAE(s) (4 steps each)" in closing
+    run = _only_run(tmp_path, "train_saes")
+    assert f"SAEs:" in closing and str(run / "saes") in closing and str(run / "saes" / "fidelity.md") in closing
+    assert "held-out FVU per layer (dev split): 0 " in closing
+    assert "capturing training activations" in (run / "run.log").read_text()
+    assert "Training SAE" not in result.stdout  # sae-lens's bar is on stderr, and transient
+
+
 def test_mixes_split_the_token_budget_exactly():
     langs = ["en", "zh", "hi"]
     balanced = token_quotas(mix_weights("balanced", langs, None), 1000)
