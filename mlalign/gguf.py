@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -151,10 +150,11 @@ def ensure_converted(model_cfg, cache_dir: str | Path) -> Path:
         final = converted_dir(cache_dir, sha256)
         if (final / COMPLETE_MARKER).is_file():
             return final
-        print(f"converting GGUF -> safetensors ({gguf.name}; ~3 min on 2 CPU cores, once) into {final}",
-              file=sys.stderr, flush=True)
+        from mlalign.console import stage
+
         out = staging / "model"
-        info = convert(gguf, out)
+        with stage(f"converting GGUF -> safetensors ({gguf.name}; ~3 min on 2 CPU cores, once) into {final}"):
+            info = convert(gguf, out)
         info.update(gguf_file=gguf.name, gguf_sha256=sha256, convert_version=CONVERT_VERSION,
                     source=str(model_cfg.get("pypi_package") or model_cfg.get("hf_id")))
         (out / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -121,6 +121,8 @@ def feature_sentence_sums(needed: dict[str, dict[int, list[int]]], corpus, cache
     A recomputed entry keeps the cached features too, so the entry only grows as languages are added."""
     from types import SimpleNamespace
 
+    from mlalign.console import stage
+
     out: dict = {lang: {} for lang in needed}
     todo: dict[str, dict[int, list[int]]] = {}
     for lang, by_layer in needed.items():
@@ -134,9 +136,9 @@ def feature_sentence_sums(needed: dict[str, dict[int, list[int]]], corpus, cache
     if todo:
         layers = sorted({layer for by_layer in todo.values() for layer in by_layer})
         n_features = sum(len(fs) for by_layer in todo.values() for fs in by_layer.values())
-        print(f"feature CIs: a second pass over {len(todo)} language(s) x {len(layers)} layer(s) keeping per-sentence "
-              f"sums of {n_features} listed (language, layer, feature)s")
-        computed = engine.collect_listed({lang: corpus[lang] for lang in todo}, todo)
+        with stage(f"feature CIs: a second pass over {len(todo)} language(s) x {len(layers)} layer(s) keeping "
+                   f"per-sentence sums of {n_features} listed (language, layer, feature)s"):
+            computed = engine.collect_listed({lang: corpus[lang] for lang in todo}, todo)
         for lang, by_layer in todo.items():
             for layer in by_layer:
                 sums = computed[lang][layer]
@@ -187,6 +189,8 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
     """Every (language, layer)'s `SentenceSums` and (features on) `FeatureSums` for the model (+ adapter): from the
     cache where it holds both, the rest computed in one engine run and cached. Returns (stats, feature_stats, cache,
     engine); the engine loads the model only if something was missing."""
+    from mlalign.console import note, stage
+
     layers = ctx.layers()
     langs = ctx.langs
     cache = StatsCache(Path(cfg.paths.cache_dir) / "analysis",
@@ -208,10 +212,11 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
     if missing:
         todo_layers = sorted({layer for ls in missing.values() for layer in ls})
         n_cached = sum(len(v) for v in stats.values())
-        print(f"{label}analyzing {len(missing)} language(s) x {len(todo_layers)} layer(s)"
-              + (f" ({n_cached} (language, layer) results from the cache)" if n_cached else ""))
         computed_features = {} if fcfg["enabled"] else None
-        computed = engine.collect({lang: corpus[lang] for lang in missing}, todo_layers, feature_stats=computed_features)
+        with stage(f"{label}analyzing {len(missing)} language(s) x {len(todo_layers)} layer(s)"
+                   + (f" ({n_cached} (language, layer) results from the cache)" if n_cached else "")):
+            computed = engine.collect({lang: corpus[lang] for lang in missing}, todo_layers,
+                                      feature_stats=computed_features)
         for lang, by_layer in computed.items():
             for layer, sums in by_layer.items():
                 cache.save(lang, layer, sums)
@@ -223,7 +228,7 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
                 if layer in layers:
                     stats[lang][layer] = sums
     else:
-        print(f"{label}all {len(langs)} x {len(layers)} (language, layer) results come from the cache")
+        note(f"{label}all {len(langs)} x {len(layers)} (language, layer) results come from the cache")
     return stats, feature_stats, cache, engine
 
 

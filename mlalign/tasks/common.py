@@ -85,9 +85,16 @@ def prepare_testbed(cfg: DictConfig) -> None:
     testbed = cfg.model.get("testbed")
     if testbed is None or cfg.model.hf_id:
         return
+    from mlalign.console import stage
     from mlalign.testbed import TestbedSpec, ensure_testbed
+    from mlalign.testbed.build import COMPLETE_MARKER, testbed_dir
 
-    directory = ensure_testbed(TestbedSpec.from_config(testbed), cfg.paths.cache_dir)
+    spec = TestbedSpec.from_config(testbed)
+    if (testbed_dir(spec, cfg.paths.cache_dir) / COMPLETE_MARKER).is_file():
+        directory = ensure_testbed(spec, cfg.paths.cache_dir)
+    else:  # minutes, once per build config: tokenizer, pretraining and one SAE per layer, with their own bars
+        with stage(f"building the testbed (first use; cached under {cfg.paths.cache_dir})"):
+            directory = ensure_testbed(spec, cfg.paths.cache_dir)
     with open_dict(cfg):
         cfg.paths.testbed_dir = str(directory)
 

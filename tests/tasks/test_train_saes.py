@@ -102,7 +102,7 @@ def test_console_says_when_each_step_starts_and_ends_and_closes_with_the_results
     closing = result.stdout[result.stdout.index("task=train_saes finished in"):]
     assert "time: " in closing and "training 2 SAE(s) (4 steps each)" in closing
     run = _only_run(tmp_path, "train_saes")
-    assert f"SAEs:" in closing and str(run / "saes") in closing and str(run / "saes" / "fidelity.md") in closing
+    assert "SAEs:" in closing and str(run / "saes") in closing and str(run / "saes" / "fidelity.md") in closing
     assert "held-out FVU per layer (dev split): 0 " in closing
     assert "capturing training activations" in (run / "run.log").read_text()
     assert "Training SAE" not in result.stdout  # sae-lens's bar is on stderr, and transient
