@@ -1,4 +1,5 @@
-"""After a Hydra multirun: gather each job's results into `<sweep dir>/summary.csv` plus plots, and log them to W&B."""
+"""After a Hydra multirun: gather each job's results into `<sweep dir>/summary.csv` plus plots (each metric vs the
+swept parameter; parallel coordinates of every swept parameter vs the outcomes), and log them to W&B."""
 
 from __future__ import annotations
 
@@ -121,11 +122,107 @@ def plot_sweep(rows: list[dict], out_dir: Path, metrics: list[str]) -> list[Path
 
 
 PLOTTED_METRICS = ["dev_activation_gain_pct_mean", "dev_english_retention_pct", "alignment_score"]
+PARALLEL_METRICS = ("alignment_score", "dev_activation_gain_pct_mean", "dev_fvu_ratio_*", "dev_english_retention_pct",
+                    "mean_disparity_pct", "mean_fvu")
+"""The outcome axes of `parallel_coordinates.png`, in this order (globs: every matching column, sorted), after one
+axis per swept parameter; lines coloured by the first one present (task=train: alignment_score)."""
+PARALLEL_FILE = "parallel_coordinates.png"
+
+
+def parallel_axes(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """(swept parameters, outcome columns) that `plot_parallel_coordinates` draws, one vertical axis each."""
+    import fnmatch
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    columns = list(dict.fromkeys(k for r in ok for k in r))
+    metrics: list[str] = []
+    for pattern in PARALLEL_METRICS:
+        for key in sorted(fnmatch.filter(columns, pattern)):
+            if key not in metrics and any(_is_number(r.get(key)) for r in ok):
+                metrics.append(key)
+    return swept_params(ok), metrics
+
+
+def _is_number(value) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_parallel_coordinates(rows: list[dict], out_dir: Path) -> Path | None:
+    """`parallel_coordinates.png`: one vertical axis per swept parameter, then the outcome columns (each scaled to its
+    own min..max, labelled at both ends), one line per finished job, coloured by the first outcome: W&B's
+    parallel-coordinates panel, drawn from the jobs' metrics.json without a W&B server. None with fewer than two
+    finished jobs or no swept parameter."""
+    params, metrics = parallel_axes(rows)
+    ok = [r for r in rows if r.get("status") == "ok" and any(_is_number(r.get(m)) for m in metrics)]
+    if len(ok) < 2 or not params or not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    axes_names = [*params, *metrics]
+    columns, labels = [], []
+    for key in axes_names:
+        raw = [r.get(key) for r in ok]
+        if key in params and not all(_number(v) is not None for v in raw):  # categorical: one level per value
+            levels = sorted({str(v) for v in raw})
+            values = np.array([levels.index(str(v)) for v in raw], dtype=float)
+            ticks = [(i, level) for i, level in enumerate(levels)]
+        else:
+            values = np.array([(_number(v) if key in params else v) if _number(v) is not None else np.nan
+                               for v in raw], dtype=float)
+            finite = values[np.isfinite(values)]
+            ticks = [(float(finite.min()), f"{finite.min():.4g}"), (float(finite.max()), f"{finite.max():.4g}")] \
+                if finite.size else []
+            if key in params:  # every swept value is a tick
+                ticks = [(float(v), f"{v:.4g}") for v in sorted(set(finite.tolist()))]
+        ticks = list(dict.fromkeys(ticks))  # a constant column: one label
+        lo, hi = (min(t[0] for t in ticks), max(t[0] for t in ticks)) if ticks else (0.0, 1.0)
+        span = hi - lo if hi > lo else 1.0
+        columns.append((values - lo) / span if hi > lo else np.full_like(values, 0.5))
+        labels.append([((t - lo) / span if hi > lo else 0.5, text) for t, text in ticks])
+    data = np.stack(columns, axis=1)  # [jobs, axes] in 0..1
+    colour_by = metrics[0]
+    score = np.array([r.get(colour_by) if _is_number(r.get(colour_by)) else np.nan for r in ok], dtype=float)
+    finite = score[np.isfinite(score)]
+    norm = plt.Normalize(finite.min(), finite.max()) if finite.size else plt.Normalize(0, 1)
+    cmap = plt.get_cmap("viridis")
+
+    fig, ax = plt.subplots(figsize=(1.9 * len(axes_names) + 1.5, 4.6))
+    x = np.arange(len(axes_names))
+    for row, value in zip(data, score):
+        ax.plot(x, row, color=cmap(norm(value)) if np.isfinite(value) else "0.6", linewidth=1.6, alpha=0.85,
+                marker="o", markersize=3)
+    for i, ticks in enumerate(labels):
+        ax.axvline(i, color="0.3", linewidth=0.8)
+        for level, text in ticks:
+            ax.annotate(text, (i, level), xytext=(4, 0), textcoords="offset points", fontsize=7, va="center")
+    ax.set_xticks(x, [name.replace("dev_", "dev ").replace("_pct", " %").replace("_", " ") if name in metrics
+                      else name for name in axes_names], rotation=20, fontsize=8, ha="right")
+    ax.set_yticks([])
+    ax.set_xlim(-0.3, len(axes_names) - 0.4)
+    ax.set_ylim(-0.06, 1.06)
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.01, label=colour_by)
+    ax.set_title(f"{len(ok)} jobs: swept {', '.join(params)} vs outcomes (each axis scaled to its own range)",
+                 fontsize=9)
+    fig.tight_layout()
+    path = out_dir / PARALLEL_FILE
+    # The axes, in order, in the PNG's metadata: what tests and scripts read back.
+    fig.savefig(path, dpi=130, metadata={"Description": "axes: " + " | ".join(axes_names)})
+    plt.close(fig)
+    return path
 
 
 def summarize_sweep(sweep_dir: str | Path, tracker=None, run_dirs: list[Path] | None = None) -> Path:
-    """Write `summary.csv` (one row per job) and `summary.png` in `sweep_dir`; return the CSV's path. With `run_dirs`,
-    the rows are those run directories and `sweep_dir` is only where the summary goes."""
+    """Write `summary.csv` (one row per job), `summary.png` and `parallel_coordinates.png` (swept parameters vs
+    outcomes) in `sweep_dir`; return the CSV's path. With `run_dirs`, the rows are those run directories and
+    `sweep_dir` is only where the summary goes."""
     sweep_dir = Path(sweep_dir)
     rows = collect_rows(sweep_dir, run_dirs)
     columns: list[str] = []
@@ -137,6 +234,9 @@ def summarize_sweep(sweep_dir: str | Path, tracker=None, run_dirs: list[Path] | 
     writer.writerows(rows)
     path = write_text_atomic(sweep_dir / "summary.csv", buffer.getvalue())
     images = plot_sweep(rows, sweep_dir, PLOTTED_METRICS) if rows else []
+    parallel = plot_parallel_coordinates(rows, sweep_dir) if rows else None
+    if parallel is not None:
+        images.append(parallel)
     if tracker is not None:
         tracker.log_table("sweep_summary", [{c: r.get(c) for c in columns} for r in rows])
         tracker.log_images({p.stem: p for p in images})

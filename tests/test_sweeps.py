@@ -35,6 +35,46 @@ def test_summary_has_one_row_per_job_and_a_plot(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 1000
 
 
+def test_parallel_coordinates_have_one_axis_per_swept_parameter_then_the_outcomes(tmp_path):
+    from PIL import Image
+
+    from mlalign.sweeps import PARALLEL_FILE, parallel_axes
+
+    grid = [(4, "1e-3", "0.5"), (8, "1e-3", "1.0"), (4, "3e-3", "1.0"), (8, "3e-3", "0.5")]
+    for num, (rank, lr, weight) in enumerate(grid):
+        job = tmp_path / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+            ["task=train", f"lora.r={rank}", f"train.optimizer.lr={lr}", f"loss.act_align={weight}", "langs=[hi]"]))
+        (job / "metrics.json").write_text(json.dumps({
+            "alignment_score": float(num), "dev_activation_gain_pct_mean": 2.0 * num, "dev_fvu_ratio_hi": 1.0 + num / 10,
+            "dev_fvu_ratio_en": 1.0, "dev_english_retention_pct": 99.0 - num, "steps": 20.0}))
+        (job / "COMPLETE").write_text("{}")
+    failed = tmp_path / "4"  # a failed job has no line (and no axis value) in the plot
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["task=train", "lora.r=16"]))
+    (failed / "ERROR").write_text("error: boom\n")
+
+    params, metrics = parallel_axes(collect_rows(tmp_path))
+    assert params == ["lora.r", "train.optimizer.lr", "loss.act_align"]  # langs is not swept
+    assert metrics == ["alignment_score", "dev_activation_gain_pct_mean", "dev_fvu_ratio_en", "dev_fvu_ratio_hi",
+                       "dev_english_retention_pct"]
+    summarize_sweep(tmp_path)
+    with Image.open(tmp_path / PARALLEL_FILE) as image:
+        axes = image.info["Description"].removeprefix("axes: ").split(" | ")
+        assert image.size[0] > 800
+    assert axes == [*params, *metrics]
+
+
+def test_no_parallel_coordinates_without_a_swept_parameter(tmp_path):
+    from mlalign.sweeps import PARALLEL_FILE
+
+    for num in range(2):
+        _fake_job(tmp_path, num, 8, 10.0 + num)
+    summarize_sweep(tmp_path)
+    assert (tmp_path / "summary.png").is_file() and not (tmp_path / PARALLEL_FILE).exists()
+
+
 def test_a_failed_job_is_a_row_with_status_failed_and_its_error(tmp_path):
     _fake_job(tmp_path, 0, 4, 10.0)
     failed = tmp_path / "1"
