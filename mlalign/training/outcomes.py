@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mlalign.analysis.capture import ResidualCapture
-from mlalign.analysis.decode import decode_active
+from mlalign.analysis.sae_ops import decode_active
 from mlalign.analysis.engine import analysed_positions, pad_batch, tokenize_sorted
 from mlalign.analysis.metrics import percentile_interval
 from mlalign.training.losses import per_token_metric
@@ -88,7 +88,7 @@ class BaseLayer:
     code_ptr: np.ndarray
     """[tokens + 1] int64: token t's non-zero SAE code entries are `code_features/code_values[ptr[t]:ptr[t+1]]`."""
     code_features: np.ndarray
-    """[nnz] int64: the feature of each non-zero entry of f_before (the code cosine, the metric and L0 before)."""
+    """[nnz] int32: the feature of each non-zero entry of f_before (the code cosine, the metric and L0 before)."""
     code_values: np.ndarray
     """[nnz] float32: its activation (exact for float32 and bfloat16 SAEs)."""
     sq_err: np.ndarray
@@ -199,7 +199,8 @@ def measure_base(model, tokenizer, saes: dict, texts_by_lang: dict[str, list[str
                     sq_err[:, j].index_add_(0, sentence, (x - decode_active(saes[layer], f)).pow(2).sum(-1).double())
                     norms[j].append(x.norm(dim=-1).cpu())
                     token, feature = f.nonzero(as_tuple=True)
-                    entries[j].append(((token + seen).cpu(), feature.cpu(), f[token, feature].float().cpu()))
+                    entries[j].append(((token + seen).cpu(), feature.to(torch.int32).cpu(),
+                                       f[token, feature].float().cpu()))
                     x = x.double()
                     sumsq[j] += x.pow(2).sum()
                     sum_x[j] = x.sum(dim=0) if sum_x[j] is None else sum_x[j] + x.sum(dim=0)
@@ -214,7 +215,7 @@ def measure_base(model, tokenizer, saes: dict, texts_by_lang: dict[str, list[str
                 if seen:
                     token_norm[position] = torch.cat(norms[j])
                 token = torch.cat([e[0] for e in entries[j]]) if seen else torch.zeros(0, dtype=torch.long)
-                feature = torch.cat([e[1] for e in entries[j]]) if seen else torch.zeros(0, dtype=torch.long)
+                feature = torch.cat([e[1] for e in entries[j]]) if seen else torch.zeros(0, dtype=torch.int32)
                 value = torch.cat([e[2] for e in entries[j]]) if seen else torch.zeros(0)
                 owner = position[token] if seen else token
                 order = torch.sort(owner, stable=True).indices  # each token's entries stay in feature order
@@ -235,7 +236,7 @@ class _OnDevice:
     def __init__(self, base: BaseLayer, device):
         self.token_norm = torch.from_numpy(base.token_norm).to(device)
         self.ptr = torch.from_numpy(base.code_ptr).to(device)
-        self.features = torch.from_numpy(base.code_features).to(device)
+        self.features = torch.from_numpy(base.code_features).to(device).long()
         self.values = torch.from_numpy(base.code_values).to(device)
 
     def code(self, position: torch.Tensor, d_sae: int, dtype) -> torch.Tensor:
