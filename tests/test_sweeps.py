@@ -224,6 +224,8 @@ def test_summarize_takes_a_list_or_glob_of_run_directories(tmp_path):
     assert [(r["loss"], float(r["alignment_score"]), r["status"]) for r in table] == [
         ("aligned", 12.0, "ok"), ("plain", 3.0, "ok")]
     assert (out / "summary.png").stat().st_size > 1000
+    closing = result.stdout[result.stdout.index("task=summarize finished in"):]
+    assert str(out / "summary.csv") in closing and str(out / "parallel_coordinates.png") in closing
     missing = run_cli(["task=summarize", f"runs=[{tmp_path}/nowhere]", f"hydra.run.dir={tmp_path / 'x'}"])
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "matches no directory" not in missing.stderr
     assert "is not a directory" in missing.stderr

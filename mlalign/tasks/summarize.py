@@ -54,5 +54,12 @@ def run(cfg, ctx) -> dict[str, float]:
         n_jobs = sum(1 for _ in csv.DictReader(handle))
     if n_jobs == 0:
         raise UserError(f"{source} holds no job (no */metrics.json or */.hydra); is it a multirun directory?")
+    from mlalign.console import output
+    from mlalign.sweeps import PARALLEL_FILE
+
     print(f"summarised {n_jobs} jobs -> {path}")
+    output("summary", path)
+    for name in ("summary.png", PARALLEL_FILE):
+        if (path.parent / name).is_file():
+            output(name.removesuffix(".png").replace("_", " "), path.parent / name)
     return {"n_jobs": float(n_jobs)}
