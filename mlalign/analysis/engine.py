@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mlalign.analysis.capture import ResidualCapture, decoder_layers
-from mlalign.analysis.decode import DECODE_MODES, encode_sparse, reconstruct
+from mlalign.analysis.sae_ops import DECODE_MODES, StackedSAEs, elementwise_encoder, sparse_decode_wanted, stack_groups
 from mlalign.analysis.features import FeatureStats, ListedSums, SentenceFeatureStats
 from mlalign.analysis.stats import LayerStats, SentenceSums
 from mlalign.errors import UserError
@@ -228,26 +228,37 @@ def collect_stats(
         for start in range(0, len(layers), chunk):
             chunk_layers = layers[start : start + chunk]
             with _saes_on(saes, chunk_layers, sae_device):
+                # Layers whose SAEs stack run as one batched step (sae_ops.StackedSAEs); the group size keeps the
+                # per-batch [layers, tokens, d_sae] work tensor bounded. feature_ids are per layer: no stacking then.
+                max_tokens = max(sum(len(ids) for _, ids in batch) for items in tokenized.values()
+                                 for batch in _batches(items, batch_size))
+                groups = ([[layer] for layer in chunk_layers] if feature_ids is not None
+                          else stack_groups(chunk_layers, saes, max_tokens, sae_device))
+                stacks = [StackedSAEs([saes[layer] for layer in group]) if StackedSAEs.stackable(
+                    [saes[layer] for layer in group]) else None for group in groups]
                 for lang, items in tokenized.items():
-                    accs = {
-                        layer: LayerStats(len(items), saes[layer].cfg.d_in if hidden is None else hidden, saes[layer].cfg.d_sae,
-                                          sae_device, truncated=truncated[lang])
-                        for layer in chunk_layers
-                    }
+                    accs = [
+                        LayerStats(len(items), saes[group[0]].cfg.d_in if hidden is None else hidden,
+                                   saes[group[0]].cfg.d_sae, sae_device, truncated=truncated[lang], n_layers=len(group))
+                        for group in groups
+                    ]
                     faccs = None
                     if feature_stats is not None:
                         wanted = (feature_ids or {}).get(lang) or {}
-                        faccs = {layer: FeatureStats(len(items), saes[layer].cfg.d_sae, sae_device,
-                                                     feature_ids=wanted.get(layer)) for layer in chunk_layers}
+                        faccs = [FeatureStats(len(items), saes[group[0]].cfg.d_sae, sae_device,
+                                              feature_ids=wanted.get(group[0]) if len(group) == 1 else None,
+                                              n_layers=len(group)) for group in groups]
                     desc = f"{lang} layers {chunk_layers[0]}-{chunk_layers[-1]}"
                     batches = list(_batches(items, batch_size))
                     for batch in _progress(batches, progress, desc=desc, leave=False):
-                        _run_batch(model, saes, accs, batch, pad_id, bos_id, padding_side, device, sae_device,
-                                   min_position, max_position, feature_accs=faccs, decode=decode)
-                    for layer, acc in accs.items():
-                        result[lang][layer] = acc.finalize()
+                        _run_batch(model, saes, groups, stacks, accs, batch, pad_id, bos_id, padding_side, device,
+                                   sae_device, min_position, max_position, feature_accs=faccs, decode=decode)
+                    for index, group in enumerate(groups):
+                        for layer, sums in zip(group, accs[index].finalize_layers()):
+                            result[lang][layer] = sums
                         if faccs is not None:
-                            feature_stats[lang][layer] = faccs[layer].finalize()
+                            for layer, fsums in zip(group, faccs[index].finalize_layers()):
+                                feature_stats[lang][layer] = fsums
     finally:
         model.train(was_training)
     return result
@@ -322,33 +333,11 @@ def collect_listed_sums(
     return result
 
 
-def _elementwise_encoder(sae) -> str | None:
-    """"jumprelu" / "relu" when `sae.encode` is that activation of pre = (x - b_dec·apply_b_dec) @ W_enc + b_enc, feature
-    by feature (sae-lens JumpReLU and Standard SAEs without activation normalisation, hook_z reshaping or hooks on their
-    hook points), else None (TopK: a feature's activation depends on the others)."""
-    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUTrainingSAE
-    from sae_lens.saes.standard_sae import StandardSAE, StandardTrainingSAE
-
-    if getattr(sae.cfg, "normalize_activations", "none") not in (None, "none") or getattr(sae, "hook_z_reshaping_mode", False):
-        return None
-    if any(getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None)
-           for name, module in sae.named_modules() if name.startswith("hook_")):
-        return None
-    if not isinstance(getattr(sae, "activation_fn", None), nn.ReLU):
-        return None
-    encode = type(sae).encode
-    if encode in (JumpReLUSAE.encode, JumpReLUTrainingSAE.encode):
-        return "jumprelu"
-    if encode in (StandardSAE.encode, StandardTrainingSAE.encode):
-        return "relu"
-    return None
-
-
 def encode_listed(sae, x: torch.Tensor, feature_ids: torch.Tensor) -> torch.Tensor:
     """[n, k] = sae.encode(x)[:, feature_ids] for x [n, d_in], computing only those k encoder columns where the encoder
-    works feature by feature (`_elementwise_encoder`; k/d_sae of the encode's cost), else through `sae.encode`. The
+    works feature by feature (`sae_ops.elementwise_encoder`; k/d_sae of the encode's cost), else through `sae.encode`. The
     same numbers up to float rounding of the smaller matmul (tests/analysis/test_engine.py)."""
-    kind = _elementwise_encoder(sae)
+    kind = elementwise_encoder(sae)
     if kind is None:
         return sae.encode(x).index_select(1, feature_ids)
     sae_in = x.to(sae.dtype)
@@ -395,22 +384,33 @@ def _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device, min_p
     return inputs, flat, sentence_index, keep.shape[1]
 
 
-def _run_batch(model, saes, accs: dict[int, LayerStats], batch, pad_id, bos_id, padding_side, device,
-               sae_device=None, min_position: int = 0, max_position: int | None = None,
-               feature_accs: dict[int, FeatureStats] | None = None, decode: str = "auto") -> None:
+def _run_batch(model, saes, groups: list[list[int]], stacks: list, accs: list[LayerStats], batch, pad_id, bos_id,
+               padding_side, device, sae_device=None, min_position: int = 0, max_position: int | None = None,
+               feature_accs: list[FeatureStats] | None = None, decode: str = "auto") -> None:
+    """One batch: one forward capturing every layer of the groups, then one SAE step per group (stacked where the
+    group's SAEs stack, else the layer's own `encode`/`decode`) and the group's streaming sums."""
     sae_device = device if sae_device is None else sae_device
     inputs, flat, sentence_index, width = _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device,
                                                         min_position, max_position)
     positions = inputs["position_ids"].flatten().index_select(0, flat).to(sae_device)
     # Each kept token's row in the batch (a row is one whole sentence): per-sentence firing without host syncs.
     row_index = (flat // width).to(sae_device) if feature_accs is not None else None
-    with ResidualCapture(model, list(accs), detach=True, stop_after_last=True) as capture:
+    # The code's non-zero entries cost one host sync per group on an accelerator: only where the decode uses them.
+    sparse = sparse_decode_wanted(decode, torch.device(sae_device))
+    layers = [layer for group in groups for layer in group]
+    with ResidualCapture(model, layers, detach=True, stop_after_last=True) as capture:
         activations = capture.forward(**inputs, use_cache=False)
-    for layer, acc in accs.items():
-        sae = saes[layer]
-        x = activations[layer].flatten(0, 1).index_select(0, flat).to(sae_device)
-        feature_acts, code = encode_sparse(sae, x)
-        x_hat = reconstruct(sae, feature_acts, decode, code)
-        acc.update(x, feature_acts, x_hat, sentence_index, positions, code=code)
+    for index, group in enumerate(groups):
+        # Layer-major: layer position l's tokens are rows l*n ... (l+1)*n - 1.
+        x = torch.cat([activations[layer].flatten(0, 1).index_select(0, flat) for layer in group]).to(sae_device)
+        stack = stacks[index]
+        if stack is not None:
+            feature_acts, code = stack.encode(x, with_code=sparse)
+            x_hat = stack.decode(feature_acts, code)
+        else:  # a single SAE that does not stack (TopK, hooks, normalisation): its own encode and decode
+            sae = saes[group[0]]
+            feature_acts = sae.encode(x)
+            code, x_hat = None, sae.decode(feature_acts)
+        accs[index].update(x, feature_acts, x_hat, sentence_index, positions, code=code)
         if feature_accs is not None:
-            feature_accs[layer].update(feature_acts, row_index, len(batch), sentence_index, code=code)
+            feature_accs[index].update(feature_acts, row_index, len(batch), sentence_index, code=code)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlalign.analysis.decode import SparseCode
+from mlalign.analysis.sae_ops import SparseCode
 
 from mlalign.errors import UserError
 
@@ -79,59 +79,82 @@ FEATURE_SUMS_FIELDS = tuple(f.name for f in fields(FeatureSums))
 
 
 class FeatureStats:
-    """Streaming per-feature accumulator for one (language, layer); nothing is synchronised with the host until
-    `finalize()`. Memory O(d_sae), plus [n_sentences, k] when `feature_ids` (k features) are given."""
+    """Streaming per-feature accumulator for one language and a group of `n_layers` layers (1 by default; inputs of a
+    group are layer-major flattened, as in `stats.LayerStats`); nothing is synchronised with the host until
+    finalizing. Memory O(d_sae) per layer, plus [n_sentences, k] when `feature_ids` (k features; one layer only)."""
 
-    def __init__(self, n_sentences: int, d_sae: int, device: torch.device | str = "cpu", feature_ids=None):
+    def __init__(self, n_sentences: int, d_sae: int, device: torch.device | str = "cpu", feature_ids=None,
+                 n_layers: int = 1):
         device = torch.device(device)
+        if feature_ids is not None and n_layers != 1:
+            raise ValueError("feature_ids are per layer: use one FeatureStats per layer for them")
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.device = device
+        self.n_layers, self.d_sae = int(n_layers), int(d_sae)
         self.n_tokens = 0  # from shapes: a Python int costs no host sync
         self.n_sentences = torch.zeros((), dtype=self.dtype, device=device)
-        self.act_sum = torch.zeros(d_sae, dtype=self.dtype, device=device)
-        self.fire_count = torch.zeros(d_sae, dtype=self.dtype, device=device)
-        self.sentences_fired = torch.zeros(d_sae, dtype=self.dtype, device=device)
+        self.act_sum = torch.zeros(self.n_layers * self.d_sae, dtype=self.dtype, device=device)
+        self.fire_count = torch.zeros(self.n_layers * self.d_sae, dtype=self.dtype, device=device)
+        self.sentences_fired = torch.zeros(self.n_layers * self.d_sae, dtype=self.dtype, device=device)
         self.listed = None if feature_ids is None else SentenceFeatureStats(n_sentences, feature_ids, device)
 
     @torch.no_grad()
     def update(self, feature_acts: torch.Tensor, row_index: torch.Tensor, n_rows: int,
                sentence_index: torch.Tensor | None = None, code: SparseCode | None = None) -> None:
-        """Add one batch. feature_acts: [n, d_sae] of the analysed tokens; row_index: [n] long, each token's row in the
-        batch (0..n_rows-1; a batch holds whole sentences, so a row is a sentence); sentence_index: [n] long, the
-        sentence's position in the language's text list (needed only with `feature_ids`); code: feature_acts's
-        non-zero entries if already found (the totals then cost O(nnz), not O(n x d_sae))."""
-        n = feature_acts.shape[0]
+        """Add one batch. feature_acts: [L * n, d_sae] of the analysed tokens (layer-major); row_index: [n] long, each
+        token's row in the batch (0..n_rows-1; a batch holds whole sentences, so a row is a sentence); sentence_index:
+        [n] long, the sentence's position in the language's text list (needed only with `feature_ids`); code:
+        feature_acts's non-zero entries if already found (the totals then cost O(nnz)); without it, dense passes with
+        no host synchronisation (what an accelerator wants)."""
+        n = row_index.shape[0]
         if n == 0:
             return
-        acts = feature_acts
-        if code is None:
-            code = SparseCode.from_dense(feature_acts)
-        d_sae = code.d_sae
-        # Which (row, feature) pairs fired, as a [n_rows, d_sae] grid: its column sums count the sentences a feature
-        # fires in (a batch's rows are whole sentences).
-        fired_in_row = torch.zeros(n_rows * d_sae, dtype=torch.bool, device=acts.device)
-        fired_in_row[row_index.index_select(0, code.rows) * d_sae + code.features] = True
-        row_tokens = torch.bincount(row_index, minlength=n_rows)
+        L, d_sae = self.n_layers, self.d_sae
         self.n_tokens += n
-        self.n_sentences += (row_tokens > 0).sum().to(self.dtype)
-        self.act_sum.index_add_(0, code.features, code.values.to(self.dtype))
-        self.fire_count += torch.bincount(code.features, minlength=d_sae).to(self.dtype)
-        self.sentences_fired += fired_in_row.view(n_rows, d_sae).sum(dim=0).to(self.dtype)
+        self.n_sentences += (torch.bincount(row_index, minlength=n_rows) > 0).sum().to(self.dtype)
+        if code is not None:
+            # Which (layer, row, feature) triples fired, as a [L * n_rows, d_sae] grid: its column sums count the
+            # sentences a feature fires in (a batch's rows are whole sentences).
+            layer_position = torch.div(code.rows, n, rounding_mode="floor")
+            token = code.rows - layer_position * n
+            fired_in_row = torch.zeros(L * n_rows * d_sae, dtype=torch.bool, device=feature_acts.device)
+            fired_in_row[(layer_position * n_rows + row_index.index_select(0, token)) * d_sae + code.features] = True
+            column = layer_position * d_sae + code.features
+            self.act_sum.index_add_(0, column, code.values.to(self.dtype))
+            self.fire_count += torch.bincount(column, minlength=L * d_sae).to(self.dtype)
+        else:
+            acts = feature_acts.view(L, n, d_sae)
+            # Per-row firing counts as one batched matmul with the [n_rows, n] token-to-row one-hot matrix: no float32
+            # copy of the code; fp16 counts are exact up to 2048 tokens a row (float32 beyond, or on the CPU).
+            count_dtype = torch.float16 if acts.device.type != "cpu" and n <= 2048 else torch.float32
+            one_hot = torch.zeros(n_rows, n, dtype=count_dtype, device=acts.device)
+            one_hot[row_index, torch.arange(n, device=acts.device)] = 1
+            per_row = torch.matmul(one_hot, (acts != 0).to(count_dtype))  # [L, n_rows, d_sae]
+            fired_in_row = per_row > 0
+            self.act_sum += acts.sum(dim=1, dtype=torch.float32).view(-1).to(self.dtype)
+            self.fire_count += per_row.sum(dim=1, dtype=torch.float32).view(-1).to(self.dtype)
+        self.sentences_fired += fired_in_row.view(L, n_rows, d_sae).sum(dim=1).view(-1).to(self.dtype)
         if self.listed is not None:
-            self.listed.update(acts, sentence_index)
+            self.listed.update(feature_acts, sentence_index)
 
-    def finalize(self) -> FeatureSums:
-        out = FeatureSums(
-            n_tokens=np.asarray(float(self.n_tokens)),
-            n_sentences=np.asarray(float(self.n_sentences.cpu())),
-            act_sum=self.act_sum.double().cpu().numpy(),
-            fire_count=self.fire_count.double().cpu().numpy(),
-            sentences_fired=self.sentences_fired.double().cpu().numpy(),
-        )
+    def finalize_layers(self) -> list[FeatureSums]:
+        """One `FeatureSums` per layer of the group, in its order."""
+        n_tokens, n_sentences = np.asarray(float(self.n_tokens)), np.asarray(float(self.n_sentences.cpu()))
+        per_layer = {name: getattr(self, name).double().cpu().numpy().reshape(self.n_layers, -1)
+                     for name in ("act_sum", "fire_count", "sentences_fired")}
+        out = [FeatureSums(n_tokens=n_tokens.copy(), n_sentences=n_sentences.copy(),
+                           **{name: values[i].copy() for name, values in per_layer.items()})
+               for i in range(self.n_layers)]
         if self.listed is not None:
             listed = self.listed.finalize()
-            out.feature_ids, out.sentence_sums = listed.feature_ids, listed.sentence_sums
+            out[0].feature_ids, out[0].sentence_sums = listed.feature_ids, listed.sentence_sums
         return out
+
+    def finalize(self) -> FeatureSums:
+        """The `FeatureSums` of a one-layer accumulator."""
+        if self.n_layers != 1:
+            raise ValueError("finalize() is for one layer; use finalize_layers() for a group")
+        return self.finalize_layers()[0]
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from mlalign.analysis.decode import SparseCode
+from mlalign.analysis.sae_ops import SparseCode
 
 PER_SENTENCE_SUMS = ("n_tokens", "mean_act", "l1", "l0", "resid_norm", "sq_err", "sq_dev", "sq_norm", "position")
 """Per-sentence sums over the sentence's analysed tokens (BOS and padding excluded):
@@ -92,23 +92,27 @@ class SentenceSums:
 
 
 class LayerStats:
-    """Streaming accumulator for one (language, layer).
+    """Streaming accumulator for one language and a group of `n_layers` layers (1 by default).
 
-    Feed it every batch's analysed tokens with `update()`; `finalize()` returns a `SentenceSums`. Nothing is
-    synchronised with the host until `finalize()`.
+    Feed it every batch's analysed tokens with `update()`; `finalize()` returns a `SentenceSums` (one layer) and
+    `finalize_layers()` one per layer of the group. Inputs of a group are layer-major flattened ([L * n, ...], layer
+    position l's n tokens at rows l*n ... (l+1)*n - 1), so a group costs a few tensor operations per batch, not a few
+    per layer. Nothing is synchronised with the host until finalizing (except the first batch's centre).
     """
 
     def __init__(self, n_sentences: int, d_model: int, d_sae: int, device: torch.device | str = "cpu",
-                 truncated=None):
+                 truncated=None, n_layers: int = 1):
         device = torch.device(device)
         # float64 sums make results independent of batch composition to ~1e-12; MPS has no float64.
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.device = device
-        self.sums = {name: torch.zeros(n_sentences, dtype=self.dtype, device=device) for name in PER_SENTENCE_SUMS}
-        self.sum_x = torch.zeros(d_model, dtype=self.dtype, device=device)
-        self.sum_dev = torch.zeros(n_sentences, d_model, dtype=self.dtype, device=device)
+        self.n_layers, self.n_sentences, self.d_sae = int(n_layers), int(n_sentences), int(d_sae)
+        size = self.n_layers * self.n_sentences
+        self.sums = {name: torch.zeros(size, dtype=self.dtype, device=device) for name in PER_SENTENCE_SUMS}
+        self.sum_x = torch.zeros(self.n_layers, d_model, dtype=self.dtype, device=device)
+        self.sum_dev = torch.zeros(size, d_model, dtype=self.dtype, device=device)
         self.shift: torch.Tensor | None = None
-        self.features_fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
+        self.features_fired = torch.zeros(self.n_layers * self.d_sae, dtype=torch.bool, device=device)
         self.truncated = np.zeros(n_sentences, dtype=bool) if truncated is None else np.asarray(truncated, dtype=bool)
 
     @torch.no_grad()
@@ -116,48 +120,67 @@ class LayerStats:
                positions: torch.Tensor | None = None, code: SparseCode | None = None) -> None:
         """Add one batch.
 
-        x: [n, d_model] residuals of the analysed tokens (BOS and padding already removed);
-        feature_acts: [n, d_sae] = sae.encode(x); x_hat: [n, d_model] = sae.decode(feature_acts);
+        x: [L * n, d_model] residuals of the analysed tokens (BOS and padding already removed), layer-major;
+        feature_acts: [L * n, d_sae] = sae.encode(x); x_hat: [L * n, d_model] = sae.decode(feature_acts);
         sentence_index: [n] long, the sentence (position in the language's text list) each token belongs to;
         positions: [n] the token's position in its row (0 = first token), None = not tracked (sums stay 0);
         code: `feature_acts`'s non-zero entries if already found: the activation sums then cost O(nnz), not
-        O(n x d_sae) (same numbers).
+        O(n x d_sae); without it they are dense passes with no host synchronisation (what an accelerator wants).
         """
-        if x.shape[0] == 0:
+        n = sentence_index.shape[0]
+        if n == 0:
             return
+        L = self.n_layers
         x = x.to(self.dtype)
         if self.shift is None:
             first = sentence_index == sentence_index[0]
-            self.shift = x[first].mean(dim=0)
-        if code is None:
-            code = SparseCode.from_dense(feature_acts)
-        dev = x - self.shift
+            self.shift = x.view(L, n, -1)[:, first].mean(dim=1)
+        dev = (x.view(L, n, -1) - self.shift.unsqueeze(1)).view(L * n, -1)
+        if code is not None:
+            activation = {"mean_act": code.per_token(dtype=self.dtype) / code.d_sae,
+                          "l1": code.per_token(code.values.abs(), dtype=self.dtype), "l0": code.active_per_token()}
+            layer_position = torch.div(code.rows, n, rounding_mode="floor")
+            self.features_fired[layer_position * self.d_sae + code.features] = True
+        else:  # sums accumulate in float32 without a float32 copy of a bf16 code (GBs on an accelerator)
+            fired = feature_acts != 0
+            activation = {"mean_act": feature_acts.sum(dim=-1, dtype=torch.float32) / feature_acts.shape[-1],
+                          "l1": feature_acts.abs().sum(dim=-1, dtype=torch.float32), "l0": fired.sum(dim=-1)}
+            self.features_fired |= fired.view(L, n, -1).any(dim=1).view(-1)
         per_token = {
-            "n_tokens": torch.ones(x.shape[0], dtype=self.dtype, device=x.device),
-            "mean_act": code.per_token(dtype=self.dtype) / code.d_sae,
-            "l1": code.per_token(code.values.abs(), dtype=self.dtype),
-            "l0": code.active_per_token(),
+            "n_tokens": torch.ones(L * n, dtype=self.dtype, device=x.device),
+            **activation,
             "resid_norm": torch.linalg.vector_norm(x, dim=-1),
             "sq_err": (x - x_hat.to(self.dtype)).pow(2).sum(dim=-1),
             "sq_dev": dev.pow(2).sum(dim=-1),
             "sq_norm": x.pow(2).sum(dim=-1),
         }
         if positions is not None:
-            per_token["position"] = positions
+            per_token["position"] = positions.repeat(L)
+        # Each layer position's sentences live in their own block of the flat accumulators.
+        index = sentence_index if L == 1 else (
+            sentence_index.unsqueeze(0) + self.n_sentences * torch.arange(L, device=sentence_index.device).unsqueeze(1)
+        ).view(-1)
         for name, values in per_token.items():
-            self.sums[name].index_add_(0, sentence_index, values.to(self.dtype))
-        self.sum_x += x.sum(dim=0)
-        self.sum_dev.index_add_(0, sentence_index, dev)
-        self.features_fired[code.features] = True
+            self.sums[name].index_add_(0, index, values.to(self.dtype))
+        self.sum_x += x.view(L, n, -1).sum(dim=1)
+        self.sum_dev.index_add_(0, index, dev)
+
+    def finalize_layers(self) -> list[SentenceSums]:
+        """Move everything to the CPU once; one `SentenceSums` per layer of the group, in its order."""
+        shift = self.shift if self.shift is not None else torch.zeros_like(self.sum_x)
+        sums = {name: values.double().cpu().numpy().reshape(self.n_layers, -1) for name, values in self.sums.items()}
+        sum_x, shift = self.sum_x.double().cpu().numpy(), shift.double().cpu().numpy()
+        fired = self.features_fired.cpu().numpy().reshape(self.n_layers, -1)
+        sum_dev = self.sum_dev.to(torch.float32).cpu().numpy().reshape(self.n_layers, self.n_sentences, -1)
+        return [
+            SentenceSums(**{name: values[i].copy() for name, values in sums.items()}, sum_x=sum_x[i].copy(),
+                         shift=shift[i].copy(), features_fired=fired[i].copy(), sum_dev=sum_dev[i].copy(),
+                         truncated=self.truncated.copy())
+            for i in range(self.n_layers)
+        ]
 
     def finalize(self) -> SentenceSums:
-        """Move everything to the CPU once and return it as numpy arrays."""
-        shift = self.shift if self.shift is not None else torch.zeros_like(self.sum_x)
-        return SentenceSums(
-            **{name: values.double().cpu().numpy() for name, values in self.sums.items()},
-            sum_x=self.sum_x.double().cpu().numpy(),
-            shift=shift.double().cpu().numpy(),
-            features_fired=self.features_fired.cpu().numpy(),
-            sum_dev=self.sum_dev.to(torch.float32).cpu().numpy(),
-            truncated=self.truncated.copy(),
-        )
+        """The `SentenceSums` of a one-layer accumulator."""
+        if self.n_layers != 1:
+            raise ValueError("finalize() is for one layer; use finalize_layers() for a group")
+        return self.finalize_layers()[0]

@@ -43,24 +43,38 @@ def run_trunk(bench: Bench) -> None:
                 capture.forward(**inputs, use_cache=False)
 
 
+def _stacked_encoder(bench: Bench):
+    """Every layer's W_enc, b_enc and threshold stacked once ([L, d, F], [L, 1, F], [L, 1, F]): the floor's encode is
+    one batched matmul and one comparison per batch, the least any analysis of all layers can do."""
+    cached = getattr(bench, "_floor_encoder", None)
+    if cached is None:
+        saes = [bench.saes[layer] for layer in sorted(bench.saes)]
+        cached = (torch.stack([sae.W_enc.detach() for sae in saes]),
+                  torch.stack([sae.b_enc.detach() for sae in saes]).unsqueeze(1),
+                  torch.stack([sae.threshold.detach() for sae in saes]).unsqueeze(1))
+        bench._floor_encoder = cached
+    return cached
+
+
 @torch.inference_mode()
 def run_floor(bench: Bench) -> None:
-    """What no SAE analysis can avoid: the decoder trunk (stopped after the last layer) plus, for every analysed layer,
-    the bare encode of its kept tokens (`x @ W_enc + b_enc` and the JumpReLU threshold), in the engine's batches."""
+    """What no SAE analysis can avoid: the decoder trunk (stopped after the last layer) plus the bare encode of every
+    analysed layer's kept tokens (`x @ W_enc + b_enc` and the JumpReLU threshold, all layers in one batched matmul),
+    in the engine's batches."""
     from mlalign.analysis.capture import ResidualCapture
     from mlalign.analysis.engine import analysed_positions
 
     layers = sorted(bench.saes)
+    w_enc, b_enc, threshold = _stacked_encoder(bench)
     with ResidualCapture(bench.model, layers, detach=True, stop_after_last=True) as capture:
         for lang in bench.texts:
             for inputs in sorted_batches(bench, lang):
                 keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], bench.tokenizer.bos_token_id)
                 flat = keep.flatten().nonzero().squeeze(1)
                 activations = capture.forward(**inputs, use_cache=False)
-                for layer in layers:
-                    sae = bench.saes[layer]
-                    pre = activations[layer].flatten(0, 1).index_select(0, flat) @ sae.W_enc + sae.b_enc
-                    pre * (pre > sae.threshold)
+                x = torch.stack([activations[layer].flatten(0, 1).index_select(0, flat) for layer in layers])
+                pre = torch.baddbmm(b_enc, x, w_enc)
+                pre * (pre > threshold)
 
 
 def run_analyze(bench: Bench, features: bool = True, decode: str = "auto"):
@@ -72,6 +86,11 @@ def run_analyze(bench: Bench, features: bool = True, decode: str = "auto"):
     return collect_stats(bench.model, bench.tokenizer, bench.saes, bench.texts, batch_size=s.batch_size,
                          max_length=s.max_length, progress=False, feature_stats={} if features else None,
                          decode=decode)
+
+
+def run_analyze_nofeatures(bench: Bench):
+    """The engine with per-feature statistics off (analysis.features.enabled=false): what the features cost."""
+    return run_analyze(bench, features=False)
 
 
 def run_analyze_dense(bench: Bench):

@@ -16,8 +16,8 @@ import torch
 
 from mlalign.bench import __doc__ as PACKAGE_DOC
 from mlalign.bench.contenders import (analysis_metrics, build_saelens_model, compare, naive_layers, run_analyze,
-                                      run_analyze_dense, run_floor, run_forward, run_naive, run_reference, run_saelens,
-                                      run_trunk)
+                                      run_analyze_dense, run_analyze_nofeatures, run_floor, run_forward, run_naive,
+                                      run_reference, run_saelens, run_trunk)
 from mlalign.bench.memory import PeakMemory, rss_probe, run_rss_probes, timed
 from mlalign.bench.report import _device_name, print_table
 from mlalign.bench.training import build_training, train_step, usable_objectives
@@ -55,6 +55,7 @@ def run_benchmark(args) -> dict:
     run_trunk(bench)
     run_floor(bench)
     run_analyze_dense(bench)
+    run_analyze_nofeatures(bench)
     stats = run_analyze(bench)
     equality = compare(analysis_metrics(stats), run_reference(bench).metrics())
     print(f"equality: max relative difference {equality['max_rel_diff']:.2e} ({equality['where']}) -> "
@@ -72,7 +73,7 @@ def run_benchmark(args) -> dict:
     measured_layers = naive_layers(s.shape.layers, s.naive_layers)
     scale = s.shape.layers / len(measured_layers)
     times: dict[str, list[float]] = {"forward_s": [], "trunk_s": [], "floor_s": [], "analyze_s": [],
-                                     "analyze_dense_s": [], "naive_s": [], "saelens_s": []}
+                                     "analyze_dense_s": [], "analyze_nofeatures_s": [], "naive_s": [], "saelens_s": []}
     peaks: dict[str, list[float]] = {"analyze_peak_mb": [], "saelens_peak_mb": [], "analyze_peak_abs_mb": [],
                                      "saelens_peak_abs_mb": []}
     for repeat in range(s.repeats):
@@ -84,12 +85,13 @@ def run_benchmark(args) -> dict:
         peaks["analyze_peak_mb"].append(mem.peak_mb)
         peaks["analyze_peak_abs_mb"].append(mem.peak_abs_mb)
         times["analyze_dense_s"].append(timed(s.device, run_analyze_dense, bench)[0])
+        times["analyze_nofeatures_s"].append(timed(s.device, run_analyze_nofeatures, bench)[0])
         if tl_model is not None:
             with PeakMemory(s.device) as mem:
                 times["saelens_s"].append(timed(s.device, run_saelens, bench, tl_model)[0])
             peaks["saelens_peak_mb"].append(mem.peak_mb)
             peaks["saelens_peak_abs_mb"].append(mem.peak_abs_mb)
-        if repeat < s.naive_repeats and not args.analysis_only:
+        if repeat < s.naive_repeats and not (args.analysis_only or args.no_naive):
             times["naive_s"].append(scale * timed(s.device, run_naive, bench, measured_layers)[0])
         print(f"repeat {repeat + 1}/{s.repeats}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in times.items() if v),
               flush=True)
@@ -98,8 +100,8 @@ def run_benchmark(args) -> dict:
 
     names = {"plain_step_s": "plain", "act_step_s": "act", "full_step_s": "full"}
     steps = {key: [] for key in names}
-    step_impl = {"all": "skipped (--analysis-only)"}
-    if not args.analysis_only:
+    step_impl = {"all": "skipped (--analysis-only / --no-train)"}
+    if not (args.analysis_only or args.no_train):
         training = build_training(bench)
         step_impl = usable_objectives(training)  # also the warm-up step of each
         for step in range(s.train_steps):
@@ -134,6 +136,8 @@ def run_benchmark(args) -> dict:
         "analyze_over_floor": ratio("analyze_s", "floor_s"),
         "floor_over_forward": ratio("floor_s", "forward_s"),
         "dense_decode_over_analyze": ratio("analyze_dense_s", "analyze_s"),
+        "features_cost_pct": None if ratio("analyze_s", "analyze_nofeatures_s") is None
+        else 100.0 * (ratio("analyze_s", "analyze_nofeatures_s") - 1.0),
         "naive_layers_timed": measured_layers,
         "naive_over_analyze": ratio("naive_s", "analyze_s"),
         "saelens_over_analyze": ratio("saelens_s", "analyze_s"),
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--no-rss", action="store_true", help="skip the 100 vs 1000 sentence RSS subprocesses")
     parser.add_argument("--analysis-only", action="store_true",
                         help="time only the floors and the analysis (no naive, sae-lens or training contenders)")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive per-layer baseline (the slowest)")
+    parser.add_argument("--no-train", action="store_true", help="skip the LoRA training-step contenders")
     parser.add_argument("--out", default="outputs/bench/latest.json")
     parser.add_argument("--rss-probe", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Sparse decode (only the decoder rows of active features) against sae-lens's dense decode."""
+"""The analysis's SAE arithmetic (fused encode, sparse code, sparse decode, stacked layer groups) against sae-lens."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
-from mlalign.analysis.decode import (decode_active, encode_sparse, reconstruct, supports_fused_encode,
-                                     supports_sparse_decode)
+from mlalign.analysis.sae_ops import (StackedSAEs, decode_active, elementwise_encoder, encode_sparse, reconstruct,
+                                      stack_groups, supports_sparse_decode)
 from mlalign.analysis.engine import collect_stats
 from mlalign.analysis.stats import PER_SENTENCE_SUMS
 from mlalign.errors import UserError
@@ -87,17 +87,61 @@ def test_fused_encode_equals_saelens_encode_and_its_code_lists_every_active_feat
 
 def test_an_saes_hooks_or_other_encoders_take_saelens_own_encode():
     sae = jumprelu_sae(8, 16, seed=1)
-    assert supports_fused_encode(sae)
+    assert elementwise_encoder(sae) == "jumprelu"
     handle = sae.hook_sae_acts_post.register_forward_hook(lambda module, inputs, output: output * 2)
     try:
-        assert not supports_fused_encode(sae)
+        assert elementwise_encoder(sae) is None and not supports_sparse_decode(sae)
         x = torch.randn(5, 8)
         torch.testing.assert_close(encode_sparse(sae, x)[0], sae.encode(x))
     finally:
         handle.remove()
-    assert not supports_fused_encode(identity_sae(4))
+    assert elementwise_encoder(identity_sae(4)) == "relu"
     acts, code = encode_sparse(identity_sae(4), torch.tensor([[1.0, -2.0, 0.0, 3.0]]))
     assert acts.tolist() == [[1.0, 0.0, 0.0, 3.0, 0.0, 2.0, 0.0, 0.0]] and code.features.tolist() == [0, 3, 5]
+    assert encode_sparse(identity_sae(4), torch.ones(2, 4), with_code=False)[1] is None
+
+
+@pytest.mark.parametrize("with_code", [True, False])
+def test_a_stacked_group_encodes_and_decodes_like_each_layers_own_sae(with_code):
+    saes = [jumprelu_sae(12, 40, seed=seed) for seed in range(3)]
+    with torch.no_grad():
+        saes[1].threshold.copy_(torch.linspace(-0.1, 0.2, 40))
+    saes[2].cfg.apply_b_dec_to_input = False
+    x = [torch.randn(9, 12) for _ in saes]
+    stack = StackedSAEs(saes)
+    acts, code = stack.encode(torch.cat(x), with_code=with_code)
+    x_hat = stack.decode(acts, code)
+    for i, sae in enumerate(saes):
+        rows = slice(9 * i, 9 * (i + 1))
+        torch.testing.assert_close(acts[rows], sae.encode(x[i]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x_hat[rows], sae.decode(sae.encode(x[i])), rtol=1e-5, atol=1e-5)
+    assert (code is None) != with_code
+    if with_code:
+        assert int(code.active_per_token().sum()) == int((acts != 0).sum()) > 0
+
+
+def test_stack_groups_keep_the_work_tensor_bounded_and_leave_unstackable_saes_alone():
+    saes = {layer: jumprelu_sae(8, 1024, seed=layer) for layer in range(6)}
+    assert stack_groups(list(range(6)), saes, max_tokens=100, device=torch.device("cpu")) == [list(range(6))]
+    # 4 bytes x 1024 features x 40000 tokens = 164 MB a layer: two exceed the CPU budget (256 MB)
+    assert stack_groups(list(range(6)), saes, max_tokens=40000, device=torch.device("cpu")) == [[i] for i in range(6)]
+    topk = TopKSAE(TopKSAEConfig(d_in=8, d_sae=1024, k=2))
+    assert not StackedSAEs.stackable([saes[0], topk])
+    assert stack_groups([0, 1], {0: saes[0], 1: topk}, 10, torch.device("cpu")) == [[0], [1]]
+    assert not StackedSAEs.stackable([saes[0], jumprelu_sae(8, 512, seed=9)])  # widths differ
+
+
+def test_engine_with_an_unstackable_sae_matches_its_own_encode_decode(model, tokenizer, saes, texts):
+    """A TopK SAE takes sae-lens's encode/decode inside the engine; its numbers equal a hand computation's."""
+    from mlalign.analysis.metrics import compute_metrics
+
+    topk = TopKSAE(TopKSAEConfig(d_in=saes[0].cfg.d_in, d_sae=48, k=3))
+    small = {"en": texts["en"][:6]}
+    mixed = collect_stats(model, tokenizer, {0: saes[0], 1: topk}, small, batch_size=3, max_length=48, progress=False)
+    alone = collect_stats(model, tokenizer, {0: saes[0]}, small, batch_size=3, max_length=48, progress=False)
+    for name in PER_SENTENCE_SUMS:
+        np.testing.assert_allclose(getattr(mixed["en"][0], name), getattr(alone["en"][0], name), rtol=1e-6, atol=1e-9)
+    assert compute_metrics(mixed)["en"][1]["l0"] == pytest.approx(3.0)  # TopK: exactly k active features per token
 
 
 def test_layer_stats_from_a_sparse_code_equal_the_dense_path(saes):
@@ -114,3 +158,21 @@ def test_layer_stats_from_a_sparse_code_equal_the_dense_path(saes):
     for name in PER_SENTENCE_SUMS:
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-9, err_msg=name)
     assert np.array_equal(a.features_fired, b.features_fired) and a.l0.sum() > 0
+
+
+def test_engine_feature_stats_do_not_depend_on_the_code_path(model, tokenizer, saes, texts):
+    """With decode=dense the engine sums activations and per-feature firing densely (no SparseCode); the numbers
+    equal the sparse path's."""
+    small = {lang: sentences[:8] for lang, sentences in texts.items()}
+    out = {}
+    for mode in ("sparse", "dense"):
+        features: dict = {}
+        collect_stats(model, tokenizer, saes, small, batch_size=3, max_length=48, progress=False, decode=mode,
+                      feature_stats=features)
+        out[mode] = features
+    for lang in small:
+        for layer in saes:
+            a, b = out["sparse"][lang][layer], out["dense"][lang][layer]
+            for name in ("act_sum", "fire_count", "sentences_fired", "n_sentences", "n_tokens"):
+                np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, err_msg=f"{lang} {layer} {name}")
+            assert a.fire_count.sum() > 0 and a.sentences_fired.max() <= a.n_sentences
