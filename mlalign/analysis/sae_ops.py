@@ -4,7 +4,7 @@ entries (`SparseCode`), a decode from the active features only, and all of a gro
 Why not `sae.encode` / `sae.decode` per layer: a JumpReLU SAE fires on a few percent of its features per token, yet
 sae-lens's encode makes ~4 extra full passes over [tokens, d_sae] (relu, float mask, product, dtype casts) and its
 decode multiplies the whole code by the whole decoder. Here the encode is one matmul + one comparison + an in-place
-mask; the decode gathers only the active rows of `W_dec` (`embedding_bag` in "sum" mode, a fused gather + weighted sum
+masked_fill; the decode gathers only the active rows of `W_dec` (`embedding_bag` in "sum" mode, a fused gather + weighted sum
 on CPU and GPU) or, on an accelerator, one dense batched matmul; and `StackedSAEs` runs every layer of a group as one
 `baddbmm`, so an accelerator launches a few kernels per batch instead of a few per layer.
 
@@ -118,7 +118,8 @@ def encode_sparse(sae, x: torch.Tensor, with_code: bool = True) -> tuple[torch.T
     if with_code:
         rows, features = active.nonzero(as_tuple=True)
         code = SparseCode(rows, features, pre[rows, features], pre.shape[0], pre.shape[1])
-    return pre.mul_(active), code
+    # masked_fill_ with the negated mask: ~4x cheaper on the CPU than mul_ by a bool mask (which promotes it to float)
+    return pre.masked_fill_(active.logical_not_(), 0), code
 
 
 def decode_active(sae, feature_acts: torch.Tensor, code: SparseCode | None = None) -> torch.Tensor:
@@ -199,7 +200,7 @@ class StackedSAEs:
             flat_pre, flat_active = pre.view(-1, self.d_sae), active.view(-1, self.d_sae)
             rows, features = flat_active.nonzero(as_tuple=True)
             code = SparseCode(rows, features, flat_pre[rows, features], flat_pre.shape[0], self.d_sae)
-        return pre.mul_(active).view(-1, self.d_sae), code
+        return pre.masked_fill_(active.logical_not_(), 0).view(-1, self.d_sae), code
 
     def decode(self, feature_acts: torch.Tensor, code: SparseCode | None) -> torch.Tensor:
         """x̂ [L * n, d_in]: from the active features when `code` is given, else one dense batched matmul."""

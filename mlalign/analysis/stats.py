@@ -131,6 +131,9 @@ class LayerStats:
         if n == 0:
             return
         L = self.n_layers
+        # Per-token squares of the reconstruction error in float32 (relative error ~1e-7 per token, summed in
+        # float64); the residual's own sums in float64, where the shifted-variance identity needs them.
+        sq_err = (x.to(torch.float32) - x_hat.to(torch.float32)).pow(2).sum(dim=-1)
         x = x.to(self.dtype)
         if self.shift is None:
             first = sentence_index == sentence_index[0]
@@ -146,13 +149,14 @@ class LayerStats:
             activation = {"mean_act": feature_acts.sum(dim=-1, dtype=torch.float32) / feature_acts.shape[-1],
                           "l1": feature_acts.abs().sum(dim=-1, dtype=torch.float32), "l0": fired.sum(dim=-1)}
             self.features_fired |= fired.view(L, n, -1).any(dim=1).view(-1)
+        sq_norm = x.pow(2).sum(dim=-1)
         per_token = {
             "n_tokens": torch.ones(L * n, dtype=self.dtype, device=x.device),
             **activation,
-            "resid_norm": torch.linalg.vector_norm(x, dim=-1),
-            "sq_err": (x - x_hat.to(self.dtype)).pow(2).sum(dim=-1),
+            "resid_norm": sq_norm.sqrt(),
+            "sq_err": sq_err,
             "sq_dev": dev.pow(2).sum(dim=-1),
-            "sq_norm": x.pow(2).sum(dim=-1),
+            "sq_norm": sq_norm,
         }
         if positions is not None:
             per_token["position"] = positions.repeat(L)

@@ -74,7 +74,7 @@ def run_floor(bench: Bench) -> None:
                 activations = capture.forward(**inputs, use_cache=False)
                 x = torch.stack([activations[layer].flatten(0, 1).index_select(0, flat) for layer in layers])
                 pre = torch.baddbmm(b_enc, x, w_enc)
-                pre * (pre > threshold)
+                pre.masked_fill_(pre <= threshold, 0)
 
 
 def run_analyze(bench: Bench, features: bool = True, decode: str = "auto"):
