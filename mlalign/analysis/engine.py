@@ -181,8 +181,8 @@ def collect_stats(
     texts_by_lang: sentences per language; per-sentence arrays follow this order.
 
     One forward pass per batch captures every layer of the current chunk (`stop_after_last`: no later layers, no
-    LM head). Each layer's kept positions (no BOS, no padding) are encoded in one `sae.encode` call over the whole
-    batch. With `sae_chunk=k`, at most k SAEs sit on the model's device at once and the corpus is run once per
+    LM head). The kept positions (no BOS, no padding) of every layer of a group are encoded in one batched SAE step
+    (`sae_ops.StackedSAEs`; SAEs that cannot be stacked use their own `encode`/`decode`). With `sae_chunk=k`, at most k SAEs sit on the model's device at once and the corpus is run once per
     chunk of k layers (k times fewer SAE bytes resident, ceil(L/k) times the forward passes); results are identical.
     SAEs are moved to the model's device for their chunk and returned to where they were afterwards.
     Batch size and padding side change no number beyond float rounding (positions are set from the mask).
@@ -194,7 +194,7 @@ def collect_stats(
     (O(d_sae) each; off when None). feature_ids: {lang: {layer: [features]}} whose per-sentence sums those also keep
     (`FeatureSums.sentence_sums`, O(sentences x k)); implies feature_stats.
     decode: how x̂ (for FVU) is computed: "sparse" reads only the decoder rows of features that fired
-    (`analysis.decode.decode_active`), "dense" calls `sae.decode`, "auto" is sparse on the CPU and dense on an
+    (`sae_ops.decode_active`), "dense" is a dense matmul, "auto" is sparse on the CPU and dense on an
     accelerator; the numbers agree to float rounding.
     """
     _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
