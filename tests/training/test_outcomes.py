@@ -6,7 +6,6 @@ import contextlib
 
 import numpy as np
 import pytest
-import torch
 
 from mlalign.training.outcomes import (PairedSums, alignment_score, language_outcome, measure_paired,
                                        outcome_report, resample_counts, retention_pct)
