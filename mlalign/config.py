@@ -156,7 +156,8 @@ class AnalysisConfig:
     """Analyse only tokens at positions < this: every language compared over the same position window; null = all."""
     decode: str = "auto"
     """How x̂ (for FVU) is computed: sparse = only the decoder rows of the features that fired (a few percent of the
-    dense work; faster on a CPU); dense = sae.decode (faster on a GPU); auto = sparse on the CPU, dense elsewhere. The numbers agree to float rounding (tests/analysis/test_decode.py)."""
+    dense work; faster on a CPU); dense = one dense matmul (faster on a GPU); auto = sparse on the CPU, dense elsewhere.
+    The numbers agree to float rounding (tests/analysis/test_sae_ops.py)."""
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     """Per-feature statistics, language-specific features and overlap (docs/method.md §8)."""
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
-from mlalign.analysis.sae_ops import (StackedSAEs, decode_active, elementwise_encoder, encode_sparse, reconstruct,
-                                      stack_groups, supports_sparse_decode)
+from mlalign.analysis.sae_ops import StackedSAEs, decode_active, elementwise_encoder, stack_groups, supports_sparse_decode
 from mlalign.analysis.engine import collect_stats
 from mlalign.analysis.stats import PER_SENTENCE_SUMS
 from mlalign.errors import UserError
@@ -48,12 +47,6 @@ def test_saes_whose_decode_is_not_linear_fall_back_to_their_own_decode():
     assert supports_sparse_decode(jumprelu_sae(8, 16, seed=0)) and supports_sparse_decode(identity_sae(4))
 
 
-def test_reconstruct_dense_mode_is_saes_decode():
-    sae = jumprelu_sae(8, 32, seed=5)
-    acts = _sparse_code(10, 32, 0.1, seed=2)
-    assert torch.equal(reconstruct(sae, acts, "dense"), sae.decode(acts))
-
-
 def test_engine_numbers_do_not_depend_on_the_decode_path(model, tokenizer, saes, texts):
     small = {lang: sentences[:10] for lang, sentences in texts.items()}
     sparse = collect_stats(model, tokenizer, saes, small, batch_size=4, max_length=48, progress=False, decode="sparse")
@@ -77,7 +70,7 @@ def test_fused_encode_equals_saelens_encode_and_its_code_lists_every_active_feat
     with torch.no_grad():  # some negative thresholds: relu and the jump must both apply
         sae.threshold.copy_(torch.linspace(-0.2, 0.3, 64))
     x = torch.randn(40, 16)
-    acts, code = encode_sparse(sae, x)
+    acts, code = StackedSAEs([sae]).encode(x, with_code=True)
     torch.testing.assert_close(acts, sae.encode(x), rtol=1e-6, atol=1e-6)
     dense_from_code = torch.zeros_like(acts)
     dense_from_code[code.rows, code.features] = code.values
@@ -85,20 +78,20 @@ def test_fused_encode_equals_saelens_encode_and_its_code_lists_every_active_feat
     assert int(code.active_per_token().sum()) == int((acts != 0).sum()) > 0
 
 
-def test_an_saes_hooks_or_other_encoders_take_saelens_own_encode():
+def test_an_saes_hooks_or_other_encoders_keep_it_out_of_the_fused_path():
     sae = jumprelu_sae(8, 16, seed=1)
     assert elementwise_encoder(sae) == "jumprelu"
     handle = sae.hook_sae_acts_post.register_forward_hook(lambda module, inputs, output: output * 2)
     try:
         assert elementwise_encoder(sae) is None and not supports_sparse_decode(sae)
-        x = torch.randn(5, 8)
-        torch.testing.assert_close(encode_sparse(sae, x)[0], sae.encode(x))
+        assert not StackedSAEs.stackable([sae])  # the engine then calls sae.encode / sae.decode
+        with pytest.raises(ValueError):
+            StackedSAEs([sae])
     finally:
         handle.remove()
     assert elementwise_encoder(identity_sae(4)) == "relu"
-    acts, code = encode_sparse(identity_sae(4), torch.tensor([[1.0, -2.0, 0.0, 3.0]]))
+    acts, code = StackedSAEs([identity_sae(4)]).encode(torch.tensor([[1.0, -2.0, 0.0, 3.0]]), with_code=True)
     assert acts.tolist() == [[1.0, 0.0, 0.0, 3.0, 0.0, 2.0, 0.0, 0.0]] and code.features.tolist() == [0, 3, 5]
-    assert encode_sparse(identity_sae(4), torch.ones(2, 4), with_code=False)[1] is None
 
 
 @pytest.mark.parametrize("with_code", [True, False])
@@ -149,7 +142,7 @@ def test_layer_stats_from_a_sparse_code_equal_the_dense_path(saes):
 
     sae = saes[0]
     x = torch.randn(30, sae.cfg.d_in)
-    acts, code = encode_sparse(sae, x)
+    acts, code = StackedSAEs([sae]).encode(x, with_code=True)
     sentence = torch.arange(30) // 7
     with_code, without = (LayerStats(5, sae.cfg.d_in, sae.cfg.d_sae) for _ in range(2))
     with_code.update(x, acts, decode_active(sae, acts, code), sentence, code=code)
