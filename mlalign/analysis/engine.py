@@ -8,6 +8,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mlalign.analysis.capture import ResidualCapture, decoder_layers
@@ -122,6 +123,25 @@ def analysed_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, bo
     return keep
 
 
+def token_order(keep: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flat, sentence, rank) of a batch's analysed tokens in row-major order: their flat [batch * seq] index, their
+    sentence and their place among that sentence's analysed tokens."""
+    flat = keep.flatten().nonzero().squeeze(1)
+    sentence = rows.repeat_interleave(keep.shape[1]).index_select(0, flat)
+    rank = (keep.long().cumsum(dim=1) - 1).flatten().index_select(0, flat)
+    return flat, sentence, rank
+
+
+def lm_loss_per_row(logits, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch] summed next-token cross-entropy and the number of predicted tokens of each row."""
+    # A label counts where it and the token predicting it are real: right padding (the paired pass) and left padding
+    # (the analysis engine may use either) give the same per-row sums.
+    mask = inputs["attention_mask"]
+    labels = inputs["input_ids"][:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return per_token.sum(dim=1).double(), (labels != -100).sum(dim=1).double()
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -172,6 +192,7 @@ def collect_stats(
     feature_stats: dict | None = None,
     feature_ids: dict | None = None,
     decode: str = "auto",
+    base_side_recorders: dict | None = None,
 ) -> dict[str, dict[int, SentenceSums]]:
     """Per-sentence SAE statistics for every (language, layer): `result[lang][layer]` is a `SentenceSums`.
 
@@ -196,8 +217,17 @@ def collect_stats(
     decode: how x̂ (for FVU) is computed: "sparse" reads only the decoder rows of features that fired
     (`sae_ops.decode_active`), "dense" is a dense matmul, "auto" is sparse on the CPU and dense on an
     accelerator; the numbers agree to float rounding.
+    base_side_recorders: {lang: `training.outcomes.BaseSideRecorder`} to hand, in the same pass, what the paired
+    outcome pass needs of the base model on these sentences (task=pipeline: its first step records the held-out
+    split's base side, so training does not run the base model over it again). Those languages' batches run the whole
+    model (the LM loss needs the LM head) in the first layer chunk. Only with the paired pass's positions: every token
+    but BOS (min_position=0, max_position=None).
     """
     _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
+    base_side_recorders = base_side_recorders or {}
+    if base_side_recorders and (min_position != 0 or max_position is not None):
+        raise ValueError("the paired pass's base side covers every token but BOS; record it only with "
+                         "min_position=0 and max_position=None")
     if decode not in DECODE_MODES:
         raise UserError(f"analysis.decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     empty = [lang for lang, texts in texts_by_lang.items() if not texts]
@@ -250,9 +280,11 @@ def collect_stats(
                                               n_layers=len(group)) for group in groups]
                     desc = f"{lang} layers {chunk_layers[0]}-{chunk_layers[-1]}"
                     batches = list(_batches(items, batch_size))
-                    for batch in _progress(batches, progress, desc=desc, leave=False):
+                    recorder = base_side_recorders.get(lang)
+                    for number, batch in enumerate(_progress(batches, progress, desc=desc, leave=False)):
                         _run_batch(model, saes, groups, stacks, accs, batch, pad_id, bos_id, padding_side, device,
-                                   sae_device, min_position, max_position, feature_accs=faccs, decode=decode)
+                                   sae_device, min_position, max_position, feature_accs=faccs, decode=decode,
+                                   recorder=recorder, batch_number=number, record_tokens=start == 0)
                     for index, group in enumerate(groups):
                         for layer, sums in zip(group, accs[index].finalize_layers()):
                             result[lang][layer] = sums
@@ -372,7 +404,7 @@ def _param_device(module: nn.Module) -> torch.device | None:
 def _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device, min_position: int = 0,
                   max_position: int | None = None):
     """One batch's model inputs, its analysed positions as flat row-major indices, each kept token's sentence (its
-    index in the language's text list) and the padded width."""
+    index in the language's text list) and the [batch, width] mask of analysed positions."""
     indices = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
     inputs = pad_batch([ids for _, ids in batch], pad_id, padding_side, device)
     keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], bos_id, min_position, max_position)
@@ -381,25 +413,40 @@ def _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device, min_p
     flat = keep.flatten().nonzero().squeeze(1)
     # Token order is row by row, so each kept token's sentence is its row's text index.
     sentence_index = indices.repeat_interleave(keep.shape[1]).index_select(0, flat).to(sae_device)
-    return inputs, flat, sentence_index, keep.shape[1]
+    return inputs, flat, sentence_index, keep
 
 
 def _run_batch(model, saes, groups: list[list[int]], stacks: list, accs: list[LayerStats], batch, pad_id, bos_id,
                padding_side, device, sae_device=None, min_position: int = 0, max_position: int | None = None,
-               feature_accs: list[FeatureStats] | None = None, decode: str = "auto") -> None:
+               feature_accs: list[FeatureStats] | None = None, decode: str = "auto", recorder=None,
+               batch_number: int = 0, record_tokens: bool = True) -> None:
     """One batch: one forward capturing every layer of the groups, then one SAE step per group (stacked where the
-    group's SAEs stack, else the layer's own `encode`/`decode`) and the group's streaming sums."""
+    group's SAEs stack, else the layer's own `encode`/`decode`) and the group's streaming sums.
+
+    recorder: a `training.outcomes.BaseSideRecorder` to hand this batch's tokens (with `record_tokens`: their LM loss,
+    from a full forward) and, for its layers, residuals, SAE codes and reconstructions, as batch `batch_number`."""
     sae_device = device if sae_device is None else sae_device
-    inputs, flat, sentence_index, width = _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device,
-                                                        min_position, max_position)
+    inputs, flat, sentence_index, keep = _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device,
+                                                       min_position, max_position)
+    width = keep.shape[1]
     positions = inputs["position_ids"].flatten().index_select(0, flat).to(sae_device)
     # Each kept token's row in the batch (a row is one whole sentence): per-sentence firing without host syncs.
     row_index = (flat // width).to(sae_device) if feature_accs is not None else None
     # The code's non-zero entries cost one host sync per group on an accelerator: only where the decode uses them.
     sparse = sparse_decode_wanted(decode, torch.device(sae_device))
     layers = [layer for group in groups for layer in group]
-    with ResidualCapture(model, layers, detach=True, stop_after_last=True) as capture:
-        activations = capture.forward(**inputs, use_cache=False)
+    if recorder is not None and record_tokens:  # the LM loss needs the whole model, LM head included
+        with ResidualCapture(model, layers, detach=True) as capture:
+            logits = model(**inputs, use_cache=False).logits
+            activations = dict(capture.activations)
+        rows = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
+        _, sentence, rank = token_order(keep, rows)
+        number = recorder.add_tokens(rows, *lm_loss_per_row(logits, inputs), sentence, rank)
+        if number != batch_number:
+            raise ValueError(f"the recorder numbered batch {batch_number} as {number}")
+    else:
+        with ResidualCapture(model, layers, detach=True, stop_after_last=True) as capture:
+            activations = capture.forward(**inputs, use_cache=False)
     for index, group in enumerate(groups):
         # Layer-major: layer position l's tokens are rows l*n ... (l+1)*n - 1.
         x = torch.cat([activations[layer].flatten(0, 1).index_select(0, flat) for layer in group]).to(sae_device)
@@ -411,6 +458,13 @@ def _run_batch(model, saes, groups: list[list[int]], stacks: list, accs: list[La
             sae = saes[group[0]]
             feature_acts = sae.encode(x)
             code, x_hat = None, sae.decode(feature_acts)
+        if recorder is not None:  # before the streaming sums, which may reuse x̂'s memory
+            n = len(flat)
+            for place, layer in enumerate(group):
+                if layer in recorder.layers:
+                    rows_of_layer = slice(place * n, (place + 1) * n)
+                    recorder.add_layer(layer, batch_number, x[rows_of_layer], feature_acts[rows_of_layer],
+                                       x_hat[rows_of_layer])
         accs[index].update(x, feature_acts, x_hat, sentence_index, positions, code=code)
         if feature_accs is not None:
             feature_accs[index].update(feature_acts, row_index, len(batch), sentence_index, code=code)

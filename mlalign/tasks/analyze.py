@@ -185,10 +185,13 @@ def analyze_features_step(cfg, ctx, summary: dict, stats, feature_stats, corpus,
     return images
 
 
-def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, tokenizer=None, label: str = ""):
+def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, tokenizer=None, label: str = "",
+                 recording=None):
     """Every (language, layer)'s `SentenceSums` and (features on) `FeatureSums` for the model (+ adapter): from the
     cache where it holds both, the rest computed in one engine run and cached. Returns (stats, feature_stats, cache,
-    engine); the engine loads the model only if something was missing."""
+    engine); the engine loads the model only if something was missing. recording: a
+    `training.base_cache.AnalysisPassRecording` that keeps, from the same engine run, the paired outcome pass's base
+    side of its languages (task=pipeline)."""
     from mlalign.console import note, stage
 
     layers = ctx.layers()
@@ -215,8 +218,14 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
         computed_features = {} if fcfg["enabled"] else None
         with stage(f"{label}analyzing {len(missing)} language(s) x {len(todo_layers)} layer(s)"
                    + (f" ({n_cached} (language, layer) results from the cache)" if n_cached else "")):
-            computed = engine.collect({lang: corpus[lang] for lang in missing}, todo_layers,
-                                      feature_stats=computed_features)
+            texts = {lang: corpus[lang] for lang in missing}
+            recorders = recording.recorders(texts, todo_layers) if recording is not None else None
+            computed = engine.collect(texts, todo_layers, feature_stats=computed_features,
+                                      base_side_recorders=recorders)
+            if recording is not None:
+                from mlalign.models import hidden_size
+
+                recording.finish(hidden_size(engine.model), layers, write=bool(ctx.is_main_process))
         for lang, by_layer in computed.items():
             for layer, sums in by_layer.items():
                 cache.save(lang, layer, sums)
@@ -270,11 +279,12 @@ def write_feature_changes(cfg, ctx, summary: dict, base: dict, adapted: dict, ou
 
 
 def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: Path | None = None,
-                  split: str | None = None, feature_stats_out: dict | None = None, base_features: dict | None = None) -> dict:
+                  split: str | None = None, feature_stats_out: dict | None = None, base_features: dict | None = None,
+                  recording=None) -> dict:
     """Statistics for every (language, layer), from the cache where possible; writes summary.json, metrics.csv and
     plots to `out_dir` (default `<run dir>/analysis`) and returns the summary dict. Reused by task=pipeline.
     With an adapter and `base_features` (the base model's per-feature totals on the same split), also the adapter
-    view: feature_changes.json/.md and `summary["feature_changes"]`."""
+    view: feature_changes.json/.md and `summary["feature_changes"]`. recording: see `cached_stats`."""
     out_dir = Path(out_dir or ctx.run_dir / "analysis")
     split = split or cfg.data.splits.analysis
     acfg = cfg.analysis
@@ -285,7 +295,8 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
 
     check_sae_config(cfg.sae, layers)
     fcfg = feature_settings(acfg)
-    stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, fcfg, model, tokenizer)
+    stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, fcfg, model, tokenizer,
+                                                       recording=recording)
 
     summary = summarize(stats, cfg.reference_lang, metric=acfg.metric, aggregate=acfg.aggregate,
                         ids_by_lang={lang: corpus.ids[lang] for lang in langs}, bootstrap=int(acfg.bootstrap),

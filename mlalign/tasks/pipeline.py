@@ -48,15 +48,21 @@ def run(cfg, ctx) -> dict[str, float]:
         raise UserError(f"task=pipeline trains an adapter, so it needs a language besides {cfg.reference_lang}; "
                         f"type e.g. langs=[hi] (task=analyze maps {cfg.reference_lang} alone)")
     # What is measured where (docs/training.md#what-is-measured-where): step 1 computes only (language, layer)
-    # statistics missing from the analysis cache; step 2 measures base vs adapter on the same dev/test tokens (the
-    # paired outcome measures); step 3 computes the adapted model only; step 4 evaluates the base model only when the
-    # evaluation cache lacks it.
+    # statistics missing from the analysis cache, and the held-out base side of step 2's paired pass in the same
+    # forward passes; step 2 measures the adapter against it (and base vs adapter on dev); step 3 computes the adapted
+    # model only; step 4 evaluates the base model only when the evaluation cache lacks it.
+    from mlalign.training.base_cache import AnalysisPassRecording
+
     adapter = ctx.run_dir / "adapter"
     base_features: dict = {}
+    # Step 1's pass over the held-out split also records the base side of step 2's paired outcome pass (where it is
+    # the same measurement), so training runs only the adapted model over those sentences.
+    recording = AnalysisPassRecording.for_pipeline(cfg, ctx, [*train.target_langs(cfg, ctx.langs), cfg.reference_lang])
     with stage("[1/4] analysing the base model"):
-        before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base", feature_stats_out=base_features)
+        before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base", feature_stats_out=base_features,
+                                       recording=recording)
     with stage("[2/4] training the adapter"):
-        train_result = train.run(cfg, ctx)
+        train_result = train.run(cfg, ctx, recorded=recording)
     with stage("[3/4] analysing base + adapter"):
         # With the base model's per-feature statistics, also which features the adapter changed (feature_changes.md),
         # the same code path as task=analyze adapter=...

@@ -93,7 +93,10 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     return None
 
 
-def run(cfg: DictConfig, ctx) -> dict[str, float]:
+def run(cfg: DictConfig, ctx, recorded=None) -> dict[str, float]:
+    """Train the adapter, then measure base vs adapter on dev and on the held-out split. recorded: what task=pipeline's
+    analysis pass recorded of the held-out base side (`training.base_cache.AnalysisPassRecording`), used instead of
+    running the base model over those sentences again."""
     from accelerate import Accelerator
     from hydra.utils import instantiate
     from peft import get_peft_model
@@ -194,7 +197,8 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
             cache = base_cache.open_cache(cfg, ctx.testbed_dir, splits[split], analysed, precision)
             with peft_model.disable_adapter():
                 base_side = base_cache.base_sides(cache, peft_model, tokenizer, analysed_saes, texts[split],
-                                                  write=accelerator.is_main_process, **passes)
+                                                  write=accelerator.is_main_process,
+                                                  recorded=recorded if split == "headline" else None, **passes)
             paired = measure_adapted(peft_model, base_side, tokenizer, analysed_saes, texts[split], metric, **passes)
         reports[split] = outcome_report(paired, reference, targets, aggregate, tolerance,
                                         n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),

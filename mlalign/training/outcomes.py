@@ -20,11 +20,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mlalign.analysis.capture import ResidualCapture
 from mlalign.analysis.sae_ops import decode_active
-from mlalign.analysis.engine import analysed_positions, pad_batch, tokenize_sorted
+from mlalign.analysis.engine import analysed_positions, lm_loss_per_row, pad_batch, token_order, tokenize_sorted
 from mlalign.analysis.metrics import percentile_interval
 from mlalign.training.losses import per_token_metric
 
@@ -119,15 +118,6 @@ class BaseSide:
         return np.cumsum(counts) - counts
 
 
-def _token_order(keep: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(flat, sentence, rank) of a batch's analysed tokens in row-major order: their flat [batch * seq] index, their
-    sentence and their place among that sentence's analysed tokens."""
-    flat = keep.flatten().nonzero().squeeze(1)
-    sentence = rows.repeat_interleave(keep.shape[1]).index_select(0, flat)
-    rank = (keep.long().cumsum(dim=1) - 1).flatten().index_select(0, flat)
-    return flat, sentence, rank
-
-
 def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int):
     items = tokenize_sorted(tokenizer, texts, max_length)
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
@@ -141,13 +131,6 @@ def _inputs(tokenizer, batch, device):
     return rows, inputs, keep
 
 
-def _ce_per_sentence(logits, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """[batch] summed next-token cross-entropy and the number of predicted tokens of each row."""
-    labels = inputs["input_ids"][:, 1:].masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
-    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return per_token.sum(dim=1).double(), (labels != -100).sum(dim=1).double()
-
-
 @contextlib.contextmanager
 def _eval_mode(model):
     was_training = model.training
@@ -156,6 +139,89 @@ def _eval_mode(model):
         yield
     finally:
         model.train(was_training)
+
+
+class BaseSideRecorder:
+    """Builds one language's `BaseSide` from batches as they are run: what `measure_base` does per batch, and what the
+    analysis engine does when task=pipeline's first step also records the paired pass's base side
+    (`engine.collect_stats(base_sides=...)`, docs/training.md#what-is-measured-where).
+
+    Per batch, `add_tokens` (once, whatever the number of layer chunks) takes the batch's analysed tokens and LM loss
+    and returns the batch's number; `add_layer` takes one layer's residuals, SAE code and reconstruction of those
+    tokens, in the same row order, for that batch number. Tokens end up in sentence order in `finalize`.
+    """
+
+    def __init__(self, n_sentences: int, layers: list[int], device):
+        self.layers = sorted(int(layer) for layer in layers)
+        self._j = {layer: j for j, layer in enumerate(self.layers)}
+        zeros = dict(dtype=torch.float64, device=device)
+        self.n_tokens, self.ce, self.ce_tokens = (torch.zeros(n_sentences, **zeros) for _ in range(3))
+        self.sq_err = torch.zeros(n_sentences, len(self.layers), **zeros)
+        self.sumsq = torch.zeros(len(self.layers), **zeros)
+        self.sum_x: list[torch.Tensor | None] = [None] * len(self.layers)
+        # Per batch, on the CPU: each token's (sentence, rank), and per layer its norm and non-zero code entries.
+        self._sentences: list[torch.Tensor] = []
+        self._ranks: list[torch.Tensor] = []
+        self._first_token: list[int] = []
+        self._norms: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self._entries: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in self.layers]
+        self._seen = 0
+
+    def add_tokens(self, rows: torch.Tensor, row_ce: torch.Tensor, row_tokens: torch.Tensor, sentence: torch.Tensor,
+                   rank: torch.Tensor) -> int:
+        """One batch: each row's sentence index `rows`, LM loss and predicted-token count, and each analysed token's
+        sentence and rank within it (row-major order, as `token_order` gives). Returns the batch's number."""
+        self.ce.index_add_(0, rows.to(self.ce.device), row_ce.to(self.ce.device))
+        self.ce_tokens.index_add_(0, rows.to(self.ce.device), row_tokens.to(self.ce.device))
+        sentence = sentence.to(self.n_tokens.device)
+        self.n_tokens.index_add_(0, sentence, torch.ones_like(sentence, dtype=torch.float64))
+        self._sentences.append(sentence.cpu())
+        self._ranks.append(rank.cpu())
+        self._first_token.append(self._seen)
+        self._seen += len(sentence)
+        return len(self._first_token) - 1
+
+    def add_layer(self, layer: int, batch: int, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:
+        """Batch `batch`'s tokens at `layer`: residuals x [tokens, d_model], SAE code f and reconstruction x̂."""
+        j = self._j[int(layer)]
+        sentence = self._sentences[batch].to(self.sq_err.device)
+        x = x.float()
+        self.sq_err[:, j].index_add_(0, sentence, (x - x_hat.float()).pow(2).sum(-1).double().to(self.sq_err.device))
+        self._norms[j].append(x.norm(dim=-1).cpu())
+        token, feature = f.nonzero(as_tuple=True)
+        self._entries[j].append(((token + self._first_token[batch]).cpu(), feature.to(torch.int32).cpu(),
+                                 f[token, feature].float().cpu()))
+        x = x.double().to(self.sumsq.device)
+        self.sumsq[j] += x.pow(2).sum()
+        self.sum_x[j] = x.sum(dim=0) if self.sum_x[j] is None else self.sum_x[j] + x.sum(dim=0)
+
+    def finalize(self, d_model: int) -> BaseSide:
+        seen = self._seen
+        side = BaseSide(n_tokens=self.n_tokens.cpu().numpy(), ce=self.ce.cpu().numpy(),
+                        ce_tokens=self.ce_tokens.cpu().numpy(), layers={})
+        # Batch order -> sentence order.
+        position = torch.from_numpy(side.offsets)[torch.cat(self._sentences)] + torch.cat(self._ranks) if seen else \
+            torch.zeros(0, dtype=torch.long)
+        for j, layer in enumerate(self.layers):
+            if len(self._norms[j]) != len(self._first_token):
+                raise ValueError(f"layer {layer} was recorded for {len(self._norms[j])} of "
+                                 f"{len(self._first_token)} batches")
+            token_norm = torch.zeros(seen, dtype=torch.float32)
+            if seen:
+                token_norm[position] = torch.cat(self._norms[j])
+            token = torch.cat([e[0] for e in self._entries[j]]) if seen else torch.zeros(0, dtype=torch.long)
+            feature = torch.cat([e[1] for e in self._entries[j]]) if seen else torch.zeros(0, dtype=torch.int32)
+            value = torch.cat([e[2] for e in self._entries[j]]) if seen else torch.zeros(0)
+            owner = position[token] if seen else token
+            order = torch.sort(owner, stable=True).indices  # each token's entries stay in feature order
+            ptr = torch.zeros(seen + 1, dtype=torch.long)
+            ptr[1:] = torch.bincount(owner, minlength=seen).cumsum(0)
+            total = self.sum_x[j] if self.sum_x[j] is not None else torch.zeros(d_model, dtype=torch.float64)
+            side.layers[layer] = BaseLayer(
+                token_norm=token_norm.numpy(), code_ptr=ptr.numpy(), code_features=feature[order].numpy(),
+                code_values=value[order].numpy(), sq_err=self.sq_err[:, j].cpu().numpy(),
+                sumsq=self.sumsq[j].cpu().numpy(), sum_x=total.cpu().numpy())
+        return side
 
 
 @torch.no_grad()
@@ -169,64 +235,20 @@ def measure_base(model, tokenizer, saes: dict, texts_by_lang: dict[str, list[str
     out = {}
     with _eval_mode(model):
         for lang, texts in texts_by_lang.items():
-            n = len(texts)
-            zeros = dict(dtype=torch.float64, device=device)
-            n_tokens, ce, ce_tokens = (torch.zeros(n, **zeros) for _ in range(3))
-            sq_err = torch.zeros(n, len(layers), **zeros)
-            sumsq = torch.zeros(len(layers), **zeros)
-            sum_x: list[torch.Tensor | None] = [None] * len(layers)
-            # Per batch, on the CPU: each token's (sentence, rank), and per layer its norm and non-zero code entries.
-            sentences, ranks = [], []
-            norms: list[list[torch.Tensor]] = [[] for _ in layers]
-            entries: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
-            seen = 0
+            recorder = BaseSideRecorder(len(texts), layers, device)
             for batch in tqdm(_batches(tokenizer, texts, batch_size, max_length), desc=f"held-out {lang}: base model",
                               unit="batch", leave=False, disable=not progress):
                 rows, inputs, keep = _inputs(tokenizer, batch, device)
                 with ResidualCapture(model, layers) as capture:
                     logits = model(**inputs, use_cache=False).logits
                     acts = dict(capture.activations)
-                row_ce, row_tokens = _ce_per_sentence(logits, inputs)
-                ce.index_add_(0, rows, row_ce)
-                ce_tokens.index_add_(0, rows, row_tokens)
-                flat, sentence, rank = _token_order(keep, rows)
-                n_tokens.index_add_(0, sentence, torch.ones_like(sentence, dtype=torch.float64))
-                sentences.append(sentence.cpu())
-                ranks.append(rank.cpu())
-                for j, layer in enumerate(layers):
+                flat, sentence, rank = token_order(keep, rows)
+                number = recorder.add_tokens(rows, *lm_loss_per_row(logits, inputs), sentence, rank)
+                for layer in layers:
                     x = acts[layer].flatten(0, 1).index_select(0, flat).float()
                     f = saes[layer].encode(x)
-                    sq_err[:, j].index_add_(0, sentence, (x - decode_active(saes[layer], f)).pow(2).sum(-1).double())
-                    norms[j].append(x.norm(dim=-1).cpu())
-                    token, feature = f.nonzero(as_tuple=True)
-                    entries[j].append(((token + seen).cpu(), feature.to(torch.int32).cpu(),
-                                       f[token, feature].float().cpu()))
-                    x = x.double()
-                    sumsq[j] += x.pow(2).sum()
-                    sum_x[j] = x.sum(dim=0) if sum_x[j] is None else sum_x[j] + x.sum(dim=0)
-                seen += len(flat)
-            side = BaseSide(n_tokens=n_tokens.cpu().numpy(), ce=ce.cpu().numpy(), ce_tokens=ce_tokens.cpu().numpy(),
-                            layers={})
-            # Batch order -> sentence order.
-            position = torch.from_numpy(side.offsets)[torch.cat(sentences)] + torch.cat(ranks) if seen else \
-                torch.zeros(0, dtype=torch.long)
-            for j, layer in enumerate(layers):
-                token_norm = torch.zeros(seen, dtype=torch.float32)
-                if seen:
-                    token_norm[position] = torch.cat(norms[j])
-                token = torch.cat([e[0] for e in entries[j]]) if seen else torch.zeros(0, dtype=torch.long)
-                feature = torch.cat([e[1] for e in entries[j]]) if seen else torch.zeros(0, dtype=torch.int32)
-                value = torch.cat([e[2] for e in entries[j]]) if seen else torch.zeros(0)
-                owner = position[token] if seen else token
-                order = torch.sort(owner, stable=True).indices  # each token's entries stay in feature order
-                ptr = torch.zeros(seen + 1, dtype=torch.long)
-                ptr[1:] = torch.bincount(owner, minlength=seen).cumsum(0)
-                total = sum_x[j] if sum_x[j] is not None else torch.zeros(int(model.config.hidden_size), **zeros)
-                side.layers[layer] = BaseLayer(
-                    token_norm=token_norm.numpy(), code_ptr=ptr.numpy(), code_features=feature[order].numpy(),
-                    code_values=value[order].numpy(), sq_err=sq_err[:, j].cpu().numpy(),
-                    sumsq=sumsq[j].cpu().numpy(), sum_x=total.cpu().numpy())
-            out[lang] = side
+                    recorder.add_layer(layer, number, x, f, decode_active(saes[layer], f))
+            out[lang] = recorder.finalize(int(model.config.hidden_size))
     return out
 
 
@@ -272,15 +294,51 @@ def measure_adapted(model, base: dict[str, BaseSide], tokenizer, saes: dict, tex
                 with ResidualCapture(model, layers) as capture:
                     logits = model(**inputs, use_cache=False).logits
                     acts = dict(capture.activations)
-                row_ce, _ = _ce_per_sentence(logits, inputs)
+                row_ce, _ = lm_loss_per_row(logits, inputs)
                 acc.s["ce_after"].index_add_(0, rows, row_ce)
-                flat, sentence, rank = _token_order(keep, rows)
+                flat, sentence, rank = token_order(keep, rows)
                 position = offsets.index_select(0, sentence) + rank
                 for j, layer in enumerate(layers):
                     x_after = acts[layer].flatten(0, 1).index_select(0, flat).float()
                     acc.add_layer(j, saes[layer], metric, on_device[layer], position, x_after, sentence)
             out[lang] = acc.finalize(side)
     return out
+
+
+class AdaptedSideRecorder:
+    """Builds one language's `PairedSums` from batches of the adapted model as they are run, against its `BaseSide`:
+    what `measure_adapted` does per batch, for the analysis engine's pass over the adapted model (task=pipeline's
+    step 2 measures the held-out split this way, so step 3 finds the adapted model's statistics computed). The same
+    interface as `BaseSideRecorder`; the tokens must be the base side's."""
+
+    def __init__(self, base: BaseSide, saes: dict, metric: str, device):
+        self.base, self.saes, self.metric = base, saes, metric
+        self.layers = sorted(int(layer) for layer in saes)
+        self._j = {layer: j for j, layer in enumerate(self.layers)}
+        self._on_device = {layer: _OnDevice(base.layers[layer], device) for layer in self.layers}
+        self._offsets = torch.from_numpy(base.offsets).to(device)
+        self._acc = _Accumulator(len(base.n_tokens), self.layers, device)
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.device = torch.device(device)
+
+    def add_tokens(self, rows: torch.Tensor, row_ce: torch.Tensor, row_tokens: torch.Tensor, sentence: torch.Tensor,
+                   rank: torch.Tensor) -> int:
+        self._acc.s["ce_after"].index_add_(0, rows.to(self.device), row_ce.to(self.device))
+        sentence = sentence.to(self.device)
+        self._batches.append((sentence, self._offsets.index_select(0, sentence) + rank.to(self.device)))
+        return len(self._batches) - 1
+
+    def add_layer(self, layer: int, batch: int, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:
+        sentence, position = self._batches[batch]
+        self._acc.add_layer(self._j[int(layer)], self.saes[layer], self.metric, self._on_device[layer], position,
+                            x.float().to(self.device), sentence, f_after=f.to(self.device),
+                            x_hat_after=x_hat.to(self.device))
+
+    def finalize(self, d_model: int | None = None) -> PairedSums:
+        seen = sum(len(sentence) for sentence, _ in self._batches)
+        if seen != int(self.base.n_tokens.sum()):
+            raise ValueError(f"the adapted pass saw {seen} tokens, the base side has {int(self.base.n_tokens.sum())}")
+        return self._acc.finalize(self.base)
 
 
 def measure_paired(model, adapter_off: Callable[[], contextlib.AbstractContextManager], tokenizer, saes: dict,
@@ -305,11 +363,15 @@ class _Accumulator:
         self.sumsq_after = torch.zeros(len(layers), **zeros)
         self.sum_x_after: torch.Tensor | None = None
 
-    def add_layer(self, j: int, sae, metric: str, base: _OnDevice, position, x_after, sentence) -> None:
+    def add_layer(self, j: int, sae, metric: str, base: _OnDevice, position, x_after, sentence,
+                  f_after: torch.Tensor | None = None, x_hat_after: torch.Tensor | None = None) -> None:
+        """One layer of one batch; `f_after` and `x_hat_after` where the caller has encoded and decoded x_after."""
         norm_before = base.token_norm.index_select(0, position)
         norm_after = x_after.norm(dim=-1)
         x_matched = x_after * (norm_before / norm_after.clamp_min(1e-12)).unsqueeze(-1)
-        f_after, f_matched = sae.encode(x_after), sae.encode(x_matched)
+        f_after = sae.encode(x_after) if f_after is None else f_after
+        f_matched = sae.encode(x_matched)
+        x_hat_after = decode_active(sae, f_after) if x_hat_after is None else x_hat_after
         f_before = base.code(position, f_after.shape[-1], f_after.dtype)
         dot = (f_before * f_after).sum(-1)
         nb, na = f_before.norm(dim=-1), f_after.norm(dim=-1)
@@ -323,7 +385,7 @@ class _Accumulator:
             "resid_norm_after": norm_after,
             "l0_before": (f_before != 0).sum(-1),
             "l0_after": (f_after != 0).sum(-1),
-            "sq_err_after": (x_after - decode_active(sae, f_after)).pow(2).sum(-1),
+            "sq_err_after": (x_after - x_hat_after.float()).pow(2).sum(-1),
             "code_cosine": cosine,
         }
         for name, values in per_token.items():

@@ -118,3 +118,20 @@ def test_report_says_which_features_the_adapter_changed(pipeline_run):
     summary = json.loads((run_dir / "analysis_adapter" / "summary.json").read_text())
     assert set(summary["feature_changes"]["by_band"]) == {"hi", "en"}
     assert str(run_dir / "analysis_adapter" / "feature_changes.md") in result.stdout
+
+
+@pytest.mark.slow
+def test_the_base_model_runs_over_the_test_split_once(pipeline_run):
+    """Step 1's analysis pass over the test split also records the base side of step 2's paired pass: step 2 measures
+    the base model on the dev split only (docs/training.md#what-is-measured-where)."""
+    result, run_dir = pipeline_run
+    out = result.stdout
+    assert "base model: recorded in step 1's analysis pass over the same sentences (2 language(s) x 2 layer(s))" in out
+    measuring = [line for line in out.splitlines() if line.strip().startswith("base model: measuring") and
+                 line.endswith(" ...")]
+    assert len(measuring) == 1, out  # dev
+    dev = out.index("measuring base vs adapter on the dev split")
+    test = out.index("measuring base vs adapter on the test split")
+    assert dev < out.index("base model: measuring") < test < out.index("base model: recorded in step 1")
+    # Cached for a later train or sweep job: (dev, test) x (hi, en) x 2 layers.
+    assert len(list((run_dir.parent / "cache" / "paired_base").rglob("*.npz"))) == 8

@@ -133,3 +133,36 @@ def test_the_key_follows_the_split_and_max_length_and_analysis_cache_false_recom
     assert {p: p.stat().st_mtime_ns for p in cache.directory.glob("*.npz")} == before  # nothing written
     direct = measure_base(model, tokenizer, saes, small, batch_size=8, max_length=48, progress=False)
     _same({"en": measured["en"].layers[4]}, {"en": direct["en"].layers[4]})
+
+
+def test_the_analysis_pass_records_the_same_base_side_as_measuring_it(bed):
+    """task=pipeline's step 1 records the paired pass's base side in its own forward passes (stacked SAE step, its own
+    batches, left padding, one layer chunk at a time): the same tokens, codes and sums as `measure_base`."""
+    from mlalign.analysis.engine import collect_stats
+    from mlalign.training.outcomes import BaseSideRecorder
+
+    model, tokenizer, saes, texts, _ = bed
+    measured = measure_base(model, tokenizer, saes, texts, batch_size=8, max_length=48, progress=False)
+    recorders = {"hi": BaseSideRecorder(len(texts["hi"]), LAYERS, "cpu")}  # en: analysed, not recorded
+    collect_stats(model, tokenizer, saes, texts, batch_size=5, max_length=48, sae_chunk=1, padding_side="left",
+                  progress=False, base_side_recorders=recorders)
+    side, expected = recorders["hi"].finalize(model.config.hidden_size), measured["hi"]
+    for name in ("n_tokens", "ce", "ce_tokens"):
+        np.testing.assert_allclose(getattr(side, name), getattr(expected, name), rtol=1e-5, err_msg=name)
+    assert side.layers.keys() == expected.layers.keys()
+    for layer in LAYERS:
+        for name, value in asdict(side.layers[layer]).items():
+            np.testing.assert_allclose(value, getattr(expected.layers[layer], name), rtol=1e-5, atol=1e-9,
+                                       err_msg=f"layer {layer} {name}")
+    assert side.ce.sum() > 0 and np.array_equal(side.ce_tokens, side.n_tokens)  # each analysed token is predicted once
+    assert all(len(side.layers[layer].code_features) > 0 for layer in LAYERS)
+
+
+def test_recording_refuses_a_narrower_position_window(bed):
+    from mlalign.analysis.engine import collect_stats
+    from mlalign.training.outcomes import BaseSideRecorder
+
+    model, tokenizer, saes, texts, _ = bed
+    with pytest.raises(ValueError, match="every token but BOS"):
+        collect_stats(model, tokenizer, saes, {"hi": texts["hi"]}, max_length=48, progress=False, min_position=2,
+                      base_side_recorders={"hi": BaseSideRecorder(len(texts["hi"]), LAYERS, "cpu")})
