@@ -192,7 +192,7 @@ def collect_stats(
     feature_stats: dict | None = None,
     feature_ids: dict | None = None,
     decode: str = "auto",
-    base_side_recorders: dict | None = None,
+    token_recorders: dict | None = None,
 ) -> dict[str, dict[int, SentenceSums]]:
     """Per-sentence SAE statistics for every (language, layer): `result[lang][layer]` is a `SentenceSums`.
 
@@ -217,16 +217,16 @@ def collect_stats(
     decode: how x̂ (for FVU) is computed: "sparse" reads only the decoder rows of features that fired
     (`sae_ops.decode_active`), "dense" is a dense matmul, "auto" is sparse on the CPU and dense on an
     accelerator; the numbers agree to float rounding.
-    base_side_recorders: {lang: `training.outcomes.BaseSideRecorder`} to hand, in the same pass, what the paired
-    outcome pass needs of the base model on these sentences (task=pipeline: its first step records the held-out
-    split's base side, so training does not run the base model over it again). Those languages' batches run the whole
-    model (the LM loss needs the LM head) in the first layer chunk. Only with the paired pass's positions: every token
-    but BOS (min_position=0, max_position=None).
+    token_recorders: {lang: recorder} fed in the same pass with what task=train's paired outcome pass needs of these
+    sentences, token by token (`training.outcomes.BaseSideRecorder`: the base side; `AdaptedSideRecorder`: the
+    adapted side against it; task=pipeline uses them so that each model runs over the held-out split once,
+    `training.shared_pass`). Those languages' batches run the whole model (the LM loss needs the LM head) in the
+    first layer chunk. Only with the paired pass's positions: every token but BOS (min_position=0, max_position=None).
     """
     _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
-    base_side_recorders = base_side_recorders or {}
-    if base_side_recorders and (min_position != 0 or max_position is not None):
-        raise ValueError("the paired pass's base side covers every token but BOS; record it only with "
+    token_recorders = token_recorders or {}
+    if token_recorders and (min_position != 0 or max_position is not None):
+        raise ValueError("the paired outcome pass covers every token but BOS; record it only with "
                          "min_position=0 and max_position=None")
     if decode not in DECODE_MODES:
         raise UserError(f"analysis.decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
@@ -280,7 +280,7 @@ def collect_stats(
                                               n_layers=len(group)) for group in groups]
                     desc = f"{lang} layers {chunk_layers[0]}-{chunk_layers[-1]}"
                     batches = list(_batches(items, batch_size))
-                    recorder = base_side_recorders.get(lang)
+                    recorder = token_recorders.get(lang)
                     for number, batch in enumerate(_progress(batches, progress, desc=desc, leave=False)):
                         _run_batch(model, saes, groups, stacks, accs, batch, pad_id, bos_id, padding_side, device,
                                    sae_device, min_position, max_position, feature_accs=faccs, decode=decode,
@@ -423,7 +423,7 @@ def _run_batch(model, saes, groups: list[list[int]], stacks: list, accs: list[La
     """One batch: one forward capturing every layer of the groups, then one SAE step per group (stacked where the
     group's SAEs stack, else the layer's own `encode`/`decode`) and the group's streaming sums.
 
-    recorder: a `training.outcomes.BaseSideRecorder` to hand this batch's tokens (with `record_tokens`: their LM loss,
+    recorder: one of `collect_stats`' token_recorders, handed this batch's tokens (with `record_tokens`: their LM loss,
     from a full forward) and, for its layers, residuals, SAE codes and reconstructions, as batch `batch_number`."""
     sae_device = device if sae_device is None else sae_device
     inputs, flat, sentence_index, keep = _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device,

@@ -186,12 +186,13 @@ def analyze_features_step(cfg, ctx, summary: dict, stats, feature_stats, corpus,
 
 
 def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, tokenizer=None, label: str = "",
-                 recording=None):
-    """Every (language, layer)'s `SentenceSums` and (features on) `FeatureSums` for the model (+ adapter): from the
-    cache where it holds both, the rest computed in one engine run and cached. Returns (stats, feature_stats, cache,
-    engine); the engine loads the model only if something was missing. recording: a
-    `training.base_cache.AnalysisPassRecording` that keeps, from the same engine run, the paired outcome pass's base
-    side of its languages (task=pipeline)."""
+                 recording=None, saes: dict | None = None, computed_before=None):
+    """Every (language, layer)'s `SentenceSums` and (features on) `FeatureSums` for the model (+ adapter): from
+    `computed_before` (an `AdaptedPassRecording` of this pipeline: the same model, split and settings) or the cache
+    where they hold both, the rest computed in one engine run and cached. Returns (stats, feature_stats, cache,
+    engine); the engine loads the model only if something was missing. recording: a `training.shared_pass`
+    recording whose recorders the same engine run feeds (task=pipeline: the paired outcome pass's base or adapted
+    side). saes: SAEs already loaded (layer -> SAE), used instead of loading them again."""
     from mlalign.console import note, stage
 
     layers = ctx.layers()
@@ -201,8 +202,16 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
     stats = {lang: {} for lang in langs}
     feature_stats = {lang: {} for lang in langs}
     missing: dict[str, list[int]] = {}
+    before_stats = getattr(computed_before, "stats", None) or {}
+    before_features = getattr(computed_before, "feature_stats", None) or {}
     for lang in langs:
         for layer in layers:
+            if layer in before_stats.get(lang, {}) and (not fcfg["enabled"] or layer in before_features.get(lang, {})):
+                hit, features_hit = before_stats[lang][layer], None
+                if fcfg["enabled"]:
+                    feature_stats[lang][layer] = before_features[lang][layer]
+                stats[lang][layer] = hit
+                continue
             hit = cache.load(lang, layer)
             features_hit = cache.load_arrays(lang, layer, "features", FEATURE_TOTALS) if fcfg["enabled"] else {}
             if hit is None or features_hit is None:
@@ -212,6 +221,7 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
                 if fcfg["enabled"]:
                     feature_stats[lang][layer] = FeatureSums(**features_hit)
     engine = _LazyEngine(cfg, ctx, adapter, model, tokenizer, cache, split, layers)
+    engine.saes.update(saes or {})
     if missing:
         todo_layers = sorted({layer for ls in missing.values() for layer in ls})
         n_cached = sum(len(v) for v in stats.values())
@@ -221,7 +231,7 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
             texts = {lang: corpus[lang] for lang in missing}
             recorders = recording.recorders(texts, todo_layers) if recording is not None else None
             computed = engine.collect(texts, todo_layers, feature_stats=computed_features,
-                                      base_side_recorders=recorders)
+                                      token_recorders=recorders)
             if recording is not None:
                 from mlalign.models import hidden_size
 
@@ -236,8 +246,13 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
                         feature_stats[lang][layer] = totals
                 if layer in layers:
                     stats[lang][layer] = sums
+    elif computed_before is not None and all(layer in before_stats.get(lang, {}) for lang in langs for layer in layers):
+        note(f"{label}all {len(langs)} x {len(layers)} (language, layer) results were computed in step 2's pass over "
+             "the same sentences")
     else:
         note(f"{label}all {len(langs)} x {len(layers)} (language, layer) results come from the cache")
+    if recording is not None and hasattr(recording, "stats"):
+        recording.stats, recording.feature_stats = stats, feature_stats
     return stats, feature_stats, cache, engine
 
 
@@ -280,11 +295,11 @@ def write_feature_changes(cfg, ctx, summary: dict, base: dict, adapted: dict, ou
 
 def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: Path | None = None,
                   split: str | None = None, feature_stats_out: dict | None = None, base_features: dict | None = None,
-                  recording=None) -> dict:
+                  recording=None, computed_before=None) -> dict:
     """Statistics for every (language, layer), from the cache where possible; writes summary.json, metrics.csv and
     plots to `out_dir` (default `<run dir>/analysis`) and returns the summary dict. Reused by task=pipeline.
     With an adapter and `base_features` (the base model's per-feature totals on the same split), also the adapter
-    view: feature_changes.json/.md and `summary["feature_changes"]`. recording: see `cached_stats`."""
+    view: feature_changes.json/.md and `summary["feature_changes"]`. recording, computed_before: see `cached_stats`."""
     out_dir = Path(out_dir or ctx.run_dir / "analysis")
     split = split or cfg.data.splits.analysis
     acfg = cfg.analysis
@@ -296,7 +311,7 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
     check_sae_config(cfg.sae, layers)
     fcfg = feature_settings(acfg)
     stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, fcfg, model, tokenizer,
-                                                       recording=recording)
+                                                       recording=recording, computed_before=computed_before)
 
     summary = summarize(stats, cfg.reference_lang, metric=acfg.metric, aggregate=acfg.aggregate,
                         ids_by_lang={lang: corpus.ids[lang] for lang in langs}, bootstrap=int(acfg.bootstrap),

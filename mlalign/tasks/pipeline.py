@@ -49,25 +49,28 @@ def run(cfg, ctx) -> dict[str, float]:
                         f"type e.g. langs=[hi] (task=analyze maps {cfg.reference_lang} alone)")
     # What is measured where (docs/training.md#what-is-measured-where): step 1 computes only (language, layer)
     # statistics missing from the analysis cache, and the held-out base side of step 2's paired pass in the same
-    # forward passes; step 2 measures the adapter against it (and base vs adapter on dev); step 3 computes the adapted
-    # model only; step 4 evaluates the base model only when the evaluation cache lacks it.
-    from mlalign.training.base_cache import AnalysisPassRecording
+    # forward passes; step 2 measures the adapter against it in the adapted model's analysis pass (and base vs adapter
+    # on dev); step 3 reuses that pass and runs only the listed features' second pass; step 4 evaluates the base model
+    # only when the evaluation cache lacks it.
+    from mlalign.training.shared_pass import BasePassRecording
 
     adapter = ctx.run_dir / "adapter"
     base_features: dict = {}
-    # Step 1's pass over the held-out split also records the base side of step 2's paired outcome pass (where it is
-    # the same measurement), so training runs only the adapted model over those sentences.
-    recording = AnalysisPassRecording.for_pipeline(cfg, ctx, [*train.target_langs(cfg, ctx.langs), cfg.reference_lang])
+    # Where it is the same measurement (training.shared_pass), step 1's pass over the held-out split also records the
+    # base side of step 2's paired outcome pass, and step 2's adapted side runs as the adapted model's analysis pass,
+    # which step 3 then reuses: each model runs over the held-out sentences once.
+    shared = BasePassRecording.for_pipeline(cfg, ctx, [*train.target_langs(cfg, ctx.langs), cfg.reference_lang])
     with stage("[1/4] analysing the base model"):
         before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base", feature_stats_out=base_features,
-                                       recording=recording)
+                                       recording=shared)
     with stage("[2/4] training the adapter"):
-        train_result = train.run(cfg, ctx, recorded=recording)
+        train_result = train.run(cfg, ctx, shared=shared)
     with stage("[3/4] analysing base + adapter"):
         # With the base model's per-feature statistics, also which features the adapter changed (feature_changes.md),
         # the same code path as task=analyze adapter=...
         after = analyze.analyze_model(cfg, ctx, adapter=adapter, out_dir=ctx.run_dir / "analysis_adapter",
-                                      base_features=base_features)
+                                      base_features=base_features,
+                                      computed_before=shared.adapted if shared is not None else None)
     with stage("[4/4] evaluating base vs adapter"):
         comparison = evaluate.evaluate_models(cfg, ctx, adapter=adapter)
 

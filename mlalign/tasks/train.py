@@ -93,10 +93,11 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     return None
 
 
-def run(cfg: DictConfig, ctx, recorded=None) -> dict[str, float]:
-    """Train the adapter, then measure base vs adapter on dev and on the held-out split. recorded: what task=pipeline's
-    analysis pass recorded of the held-out base side (`training.base_cache.AnalysisPassRecording`), used instead of
-    running the base model over those sentences again."""
+def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
+    """Train the adapter, then measure base vs adapter on dev and on the held-out split. shared: task=pipeline's
+    `training.shared_pass.BasePassRecording`: the held-out base side its analysis pass recorded is used instead of
+    running the base model over those sentences again, and the adapter's held-out measurement runs through the
+    analysis engine, leaving the adapted model's statistics for the pipeline's next step in `shared.adapted`."""
     from accelerate import Accelerator
     from hydra.utils import instantiate
     from peft import get_peft_model
@@ -198,8 +199,15 @@ def run(cfg: DictConfig, ctx, recorded=None) -> dict[str, float]:
             with peft_model.disable_adapter():
                 base_side = base_cache.base_sides(cache, peft_model, tokenizer, analysed_saes, texts[split],
                                                   write=accelerator.is_main_process,
-                                                  recorded=recorded if split == "headline" else None, **passes)
-            paired = measure_adapted(peft_model, base_side, tokenizer, analysed_saes, texts[split], metric, **passes)
+                                                  recorded=shared if split == "headline" else None, **passes)
+            paired = None
+            if split == "headline" and shared is not None:
+                shared.adapted = _adapted_by_analysis(cfg, ctx, accelerator, peft_model, tokenizer, saes, analysed_saes,
+                                                      base_side, texts[split], metric, splits[split])
+                paired = shared.adapted.paired if shared.adapted.complete() else None
+            if paired is None:
+                paired = measure_adapted(peft_model, base_side, tokenizer, analysed_saes, texts[split], metric,
+                                         **passes)
         reports[split] = outcome_report(paired, reference, targets, aggregate, tolerance,
                                         n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),
                                         seed=int(cfg.seed))
@@ -245,6 +253,27 @@ def run(cfg: DictConfig, ctx, recorded=None) -> dict[str, float]:
     output("adapter", ctx.run_dir / "adapter")
     output("train metrics", out / "metrics.json")
     return result
+
+
+def _adapted_by_analysis(cfg, ctx, accelerator, peft_model, tokenizer, saes: dict, analysed_saes: dict, base_side,
+                         texts: dict, metric: str, split: str):
+    """The adapter's held-out measurement as an analysis pass (task=pipeline, docs/training.md#what-is-measured-where):
+    one engine run over `split` computes the adapted model's analysis statistics (cached under the adapter's key, as
+    `task=analyze adapter=...` would) and the paired outcome sums against `base_side`. The adapter is saved first:
+    its weights' hash is part of that key."""
+    from mlalign.data.corpus import load_corpus
+    from mlalign.tasks import analyze
+    from mlalign.training.shared_pass import AdaptedPassRecording
+
+    adapter = ctx.run_dir / "adapter"
+    if accelerator.is_main_process:
+        peft_model.save_pretrained(str(adapter))
+    accelerator.wait_for_everyone()
+    recording = AdaptedPassRecording(base_side, texts, analysed_saes, metric, accelerator.device)
+    corpus = load_corpus(cfg.data, ctx.langs, split)
+    analyze.cached_stats(cfg, ctx, adapter, corpus, split, analyze.feature_settings(cfg.analysis), model=peft_model,
+                         tokenizer=tokenizer, label="base + adapter: ", recording=recording, saes=saes)
+    return recording
 
 
 OUTCOME_KEYS = ("gain_pct", "norm_matched_gain_pct", "fvu_before", "fvu_after", "fvu_ratio", "resid_norm_change_pct",

@@ -71,9 +71,9 @@ def save(cache: StatsCache, sides: dict[str, BaseSide]) -> None:
 
 def base_sides(cache: StatsCache, model, tokenizer, saes: dict, texts_by_lang: dict[str, list[str]], batch_size: int,
                max_length: int, progress: bool = True, write: bool = True,
-               recorded: "AnalysisPassRecording | None" = None) -> dict[str, BaseSide]:
-    """Every language's `BaseSide` over the layers of `saes`: what this pipeline's analysis pass `recorded` of these
-    very sentences, then what the cache holds (the console says `cache hit`), and the rest measured with `model` as it
+               recorded=None) -> dict[str, BaseSide]:
+    """Every language's `BaseSide` over the layers of `saes`: what this pipeline's analysis pass recorded of these very
+    sentences (`recorded`, a `training.shared_pass.BasePassRecording`), then what the cache holds (the console says `cache hit`), and the rest measured with `model` as it
     runs (the caller turns any adapter off) and cached (`write`: the main process only)."""
     from mlalign.console import note, stage
 
@@ -105,77 +105,3 @@ def base_sides(cache: StatsCache, model, tokenizer, saes: dict, texts_by_lang: d
             found[lang] = side
     return found
 
-
-class AnalysisPassRecording:
-    """task=pipeline's step 1 records, in its analysis pass over the held-out split, the paired pass's base side of
-    the languages training measures, so step 2 does not run the base model over those sentences again
-    (docs/training.md#what-is-measured-where). `for_pipeline` says when that is the same measurement.
-
-    The recorded sides are written to the base-side cache (under the key task=train computes) and kept in memory,
-    keyed by a hash of each language's sentences, for `base_sides(recorded=...)` (so `analysis.cache=false` works
-    too, and different sentences are never mixed up)."""
-
-    def __init__(self, cfg, testbed_dir, split: str, langs: list[str], precision: str):
-        self.cfg, self.testbed_dir, self.split, self.langs, self.precision = cfg, testbed_dir, split, langs, precision
-        self._recorders: dict = {}
-        self._text_hash: dict[str, str] = {}
-        self.sides: dict[str, BaseSide] = {}
-
-    @classmethod
-    def for_pipeline(cls, cfg, ctx, langs: list[str]) -> "AnalysisPassRecording | None":
-        """A recording when step 1's analysis pass sees the held-out tokens exactly as the paired pass does (same
-        split, every position but BOS, no mixed precision), else None and a log line saying why."""
-        import logging
-
-        from mlalign.training.loop import resolve_mixed_precision
-
-        precision = resolve_mixed_precision(cfg.train.mixed_precision, str(cfg.model.device) == "cpu")
-        acfg = cfg.analysis
-        reasons = []
-        if str(cfg.data.splits.analysis) != str(cfg.data.splits.heldout):
-            reasons.append(f"data.splits.analysis={cfg.data.splits.analysis} is not the held-out split "
-                           f"{cfg.data.splits.heldout}")
-        if int(acfg.get("min_position") or 0) != 0 or acfg.get("max_position") is not None:
-            reasons.append("analysis.min_position/max_position narrow the analysed positions")
-        if precision != "no":
-            reasons.append(f"training measures under mixed precision {precision}")
-        if reasons:
-            logging.getLogger(__name__).info("the held-out base side is measured in training, not in the analysis "
-                                             "pass: %s", "; ".join(reasons))
-            return None
-        return cls(cfg, ctx.testbed_dir, str(cfg.data.splits.heldout), list(langs), precision)
-
-    def recorders(self, texts_by_lang: dict[str, list[str]], layers: list[int]) -> dict:
-        """{lang: BaseSideRecorder} for the engine's pass over `texts_by_lang` at `layers` (the languages it records)."""
-        from mlalign.training.outcomes import BaseSideRecorder
-
-        self._recorders = {lang: BaseSideRecorder(len(texts), layers, "cpu")
-                           for lang, texts in texts_by_lang.items() if lang in self.langs}
-        self._text_hash.update({lang: _text_hash(texts_by_lang[lang]) for lang in self._recorders})
-        return self._recorders
-
-    def finish(self, d_model: int, layers: list[int], write: bool = True) -> None:
-        """Finalise what the pass recorded; cache it under task=train's key for `layers` (the analysed layers)."""
-        sides = {lang: recorder.finalize(d_model) for lang, recorder in self._recorders.items()}
-        self._recorders = {}
-        for lang, side in sides.items():
-            if lang in self.sides:
-                self.sides[lang].layers.update(side.layers)
-            else:
-                self.sides[lang] = side
-        if write and sides:
-            save(open_cache(self.cfg, self.testbed_dir, self.split, layers, self.precision), sides)
-
-    def sides_for(self, texts_by_lang: dict[str, list[str]]) -> dict[str, BaseSide]:
-        """The recorded sides of the languages whose sentences are exactly `texts_by_lang`'s."""
-        return {lang: self.sides[lang] for lang, texts in texts_by_lang.items()
-                if lang in self.sides and self._text_hash.get(lang) == _text_hash(texts)}
-
-
-def _text_hash(texts: list[str]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8") + b"\0")
-    return digest.hexdigest()

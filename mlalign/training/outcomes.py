@@ -319,6 +319,7 @@ class AdaptedSideRecorder:
         self._offsets = torch.from_numpy(base.offsets).to(device)
         self._acc = _Accumulator(len(base.n_tokens), self.layers, device)
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._layer_tokens = [0] * len(self.layers)
         self.device = torch.device(device)
 
     def add_tokens(self, rows: torch.Tensor, row_ce: torch.Tensor, row_tokens: torch.Tensor, sentence: torch.Tensor,
@@ -330,14 +331,16 @@ class AdaptedSideRecorder:
 
     def add_layer(self, layer: int, batch: int, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:
         sentence, position = self._batches[batch]
+        self._layer_tokens[self._j[int(layer)]] += len(sentence)
         self._acc.add_layer(self._j[int(layer)], self.saes[layer], self.metric, self._on_device[layer], position,
                             x.float().to(self.device), sentence, f_after=f.to(self.device),
                             x_hat_after=x_hat.to(self.device))
 
     def finalize(self, d_model: int | None = None) -> PairedSums:
         seen = sum(len(sentence) for sentence, _ in self._batches)
-        if seen != int(self.base.n_tokens.sum()):
-            raise ValueError(f"the adapted pass saw {seen} tokens, the base side has {int(self.base.n_tokens.sum())}")
+        if seen != int(self.base.n_tokens.sum()) or any(count != seen for count in self._layer_tokens):
+            raise ValueError(f"the adapted pass saw {seen} tokens ({self._layer_tokens} per layer), the base side has "
+                             f"{int(self.base.n_tokens.sum())}")
         return self._acc.finalize(self.base)
 
 

@@ -121,11 +121,17 @@ def test_report_says_which_features_the_adapter_changed(pipeline_run):
 
 
 @pytest.mark.slow
-def test_the_base_model_runs_over_the_test_split_once(pipeline_run):
+def test_each_model_runs_over_the_test_split_once(pipeline_run):
     """Step 1's analysis pass over the test split also records the base side of step 2's paired pass: step 2 measures
-    the base model on the dev split only (docs/training.md#what-is-measured-where)."""
+    the base model on the dev split only; step 2's adapted side on the test split is the adapted model's analysis pass,
+    which step 3 reuses (docs/training.md#what-is-measured-where)."""
     result, run_dir = pipeline_run
     out = result.stdout
+    analysing = [line.strip() for line in out.splitlines() if "analyzing " in line and line.endswith(" ...")]
+    assert analysing == ["analyzing 2 language(s) x 2 layer(s) ...",  # step 1: base
+                         "base + adapter: analyzing 2 language(s) x 2 layer(s) ..."], out  # step 2 (test split)
+    step3 = out[out.index("[3/4] analysing base + adapter ..."):out.index("[4/4] evaluating base vs adapter ...")]
+    assert "all 2 x 2 (language, layer) results were computed in step 2's pass over the same sentences" in step3
     assert "base model: recorded in step 1's analysis pass over the same sentences (2 language(s) x 2 layer(s))" in out
     measuring = [line for line in out.splitlines() if line.strip().startswith("base model: measuring") and
                  line.endswith(" ...")]

@@ -145,7 +145,7 @@ def test_the_analysis_pass_records_the_same_base_side_as_measuring_it(bed):
     measured = measure_base(model, tokenizer, saes, texts, batch_size=8, max_length=48, progress=False)
     recorders = {"hi": BaseSideRecorder(len(texts["hi"]), LAYERS, "cpu")}  # en: analysed, not recorded
     collect_stats(model, tokenizer, saes, texts, batch_size=5, max_length=48, sae_chunk=1, padding_side="left",
-                  progress=False, base_side_recorders=recorders)
+                  progress=False, token_recorders=recorders)
     side, expected = recorders["hi"].finalize(model.config.hidden_size), measured["hi"]
     for name in ("n_tokens", "ce", "ce_tokens"):
         np.testing.assert_allclose(getattr(side, name), getattr(expected, name), rtol=1e-5, err_msg=name)
@@ -165,4 +165,41 @@ def test_recording_refuses_a_narrower_position_window(bed):
     model, tokenizer, saes, texts, _ = bed
     with pytest.raises(ValueError, match="every token but BOS"):
         collect_stats(model, tokenizer, saes, {"hi": texts["hi"]}, max_length=48, progress=False, min_position=2,
-                      base_side_recorders={"hi": BaseSideRecorder(len(texts["hi"]), LAYERS, "cpu")})
+                      token_recorders={"hi": BaseSideRecorder(len(texts["hi"]), LAYERS, "cpu")})
+
+
+def test_the_adapted_models_analysis_pass_gives_the_paired_sums_of_measure_adapted(bed):
+    """task=pipeline's step 2 measures the adapter on the held-out split as the adapted model's analysis pass
+    (`AdaptedSideRecorder` in the engine: stacked SAE step, its own batches, left padding, layer chunks): the same
+    paired sums as `measure_adapted`, for an "adapter" that changes every number."""
+    from mlalign.analysis.engine import collect_stats
+    from mlalign.training.outcomes import AdaptedSideRecorder
+
+    model, tokenizer, saes, texts, _ = bed
+    state, adapter_off = scaled_layer(model, 3, 1.3)
+    try:
+        with adapter_off():
+            base = measure_base(model, tokenizer, saes, texts, batch_size=8, max_length=48, progress=False)
+        expected = measure_adapted(model, base, tokenizer, saes, texts, "l1", batch_size=8, max_length=48,
+                                   progress=False)
+        recorders = {lang: AdaptedSideRecorder(base[lang], saes, "l1", "cpu") for lang in texts}
+        collect_stats(model, tokenizer, saes, texts, batch_size=5, max_length=48, sae_chunk=1, padding_side="left",
+                      progress=False, token_recorders=recorders)
+        got = {lang: recorder.finalize() for lang, recorder in recorders.items()}
+    finally:
+        state["handle"].remove()
+    _same(expected, got, rtol=1e-5)
+    assert all(np.any(got[lang].ce_after != got[lang].ce_before) for lang in texts)  # the "adapter" acts
+
+
+def test_an_adapted_pass_over_other_layers_is_refused(bed):
+    from mlalign.analysis.engine import collect_stats
+    from mlalign.training.outcomes import AdaptedSideRecorder
+
+    model, tokenizer, saes, texts, _ = bed
+    base = measure_base(model, tokenizer, saes, {"hi": texts["hi"]}, batch_size=8, max_length=48, progress=False)
+    recorder = AdaptedSideRecorder(base["hi"], saes, "l1", "cpu")
+    collect_stats(model, tokenizer, {LAYERS[0]: saes[LAYERS[0]]}, {"hi": texts["hi"]}, max_length=48, progress=False,
+                  token_recorders={"hi": recorder})
+    with pytest.raises(ValueError, match="per layer"):
+        recorder.finalize()
