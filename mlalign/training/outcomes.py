@@ -159,7 +159,8 @@ class BaseSideRecorder:
         self.sq_err = torch.zeros(n_sentences, len(self.layers), **zeros)
         self.sumsq = torch.zeros(len(self.layers), **zeros)
         self.sum_x: list[torch.Tensor | None] = [None] * len(self.layers)
-        # Per batch, on the CPU: each token's (sentence, rank), and per layer its norm and non-zero code entries.
+        # Per batch, on the CPU: each token's (sentence, rank), and per layer its norm and non-zero code entries
+        # (12 bytes each until `finalize` packs them).
         self._sentences: list[torch.Tensor] = []
         self._ranks: list[torch.Tensor] = []
         self._first_token: list[int] = []
@@ -189,7 +190,7 @@ class BaseSideRecorder:
         self.sq_err[:, j].index_add_(0, sentence, (x - x_hat.float()).pow(2).sum(-1).double().to(self.sq_err.device))
         self._norms[j].append(x.norm(dim=-1).cpu())
         token, feature = f.nonzero(as_tuple=True)
-        self._entries[j].append(((token + self._first_token[batch]).cpu(), feature.to(torch.int32).cpu(),
+        self._entries[j].append(((token + self._first_token[batch]).to(torch.int32).cpu(), feature.to(torch.int32).cpu(),
                                  f[token, feature].float().cpu()))
         x = x.double().to(self.sumsq.device)
         self.sumsq[j] += x.pow(2).sum()
@@ -212,7 +213,7 @@ class BaseSideRecorder:
             token = torch.cat([e[0] for e in self._entries[j]]) if seen else torch.zeros(0, dtype=torch.long)
             feature = torch.cat([e[1] for e in self._entries[j]]) if seen else torch.zeros(0, dtype=torch.int32)
             value = torch.cat([e[2] for e in self._entries[j]]) if seen else torch.zeros(0)
-            owner = position[token] if seen else token
+            owner = position[token.long()] if seen else token
             order = torch.sort(owner, stable=True).indices  # each token's entries stay in feature order
             ptr = torch.zeros(seen + 1, dtype=torch.long)
             ptr[1:] = torch.bincount(owner, minlength=seen).cumsum(0)
