@@ -115,11 +115,11 @@ class FeatureStats:
         if code is not None:
             # Which (layer, row, feature) triples fired, as a [L * n_rows, d_sae] grid: its column sums count the
             # sentences a feature fires in (a batch's rows are whole sentences).
-            layer_position = torch.div(code.rows, n, rounding_mode="floor")
+            layer_position = code.layer_position(n)
             token = code.rows - layer_position * n
             fired_in_row = torch.zeros(L * n_rows * d_sae, dtype=torch.bool, device=feature_acts.device)
             fired_in_row[(layer_position * n_rows + row_index.index_select(0, token)) * d_sae + code.features] = True
-            column = layer_position * d_sae + code.features
+            column = code.layer_feature(n)
             self.act_sum.index_add_(0, column, code.values.to(self.dtype))
             self.fire_count += torch.bincount(column, minlength=L * d_sae).to(self.dtype)
         else:

@@ -169,3 +169,55 @@ def test_engine_feature_stats_do_not_depend_on_the_code_path(model, tokenizer, s
             for name in ("act_sum", "fire_count", "sentences_fired", "n_sentences", "n_tokens"):
                 np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, err_msg=f"{lang} {layer} {name}")
             assert a.fire_count.sum() > 0 and a.sentences_fired.max() <= a.n_sentences
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_stacked_code_lists_every_active_entry_in_row_major_order_on_any_thread_count(threads):
+    """On the CPU the active entries are found layer by layer, with numpy's flatnonzero on one thread and torch's
+    nonzero on more; either way the code is sae-lens's code, entry for entry, in row-major order."""
+    saes = [jumprelu_sae(16, 64, seed=seed) for seed in range(3)]
+    x = [torch.randn(23, 16) for _ in saes]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        acts, code = StackedSAEs(saes).encode(torch.cat(x), with_code=True)
+    finally:
+        torch.set_num_threads(previous)
+    expected = torch.cat([sae.encode(xi) for sae, xi in zip(saes, x)]).detach()
+    torch.testing.assert_close(acts, expected, rtol=1e-5, atol=1e-6)
+    rows, features = expected.nonzero(as_tuple=True)
+    assert torch.equal(code.rows, rows) and torch.equal(code.features, features) and len(rows) > 0
+    assert torch.equal(code.values, acts[rows, features])
+    assert torch.equal(code.layer_position(23), rows // 23)
+
+
+def test_layer_stats_take_a_group_layer_by_layer_or_at_once_with_the_same_sums(monkeypatch):
+    """LayerStats works a layer at a time on the CPU and a whole group at once on an accelerator: same sums."""
+    from mlalign.analysis import stats
+
+    saes = [jumprelu_sae(16, 64, seed=seed) for seed in range(3)]
+    stack = StackedSAEs(saes)
+    sentence = torch.arange(20) // 6
+    x = torch.cat([torch.randn(20, 16) * 2 + layer for layer in range(3)])
+    acts, code = stack.encode(x, with_code=True)
+    x_hat = stack.decode(acts, code)
+    results = []
+    for block in (1, 3):
+        monkeypatch.setattr(stats, "layers_per_block", lambda device, n_layers, block=block: block)
+        acc = stats.LayerStats(4, 16, 64, n_layers=3)
+        acc.update(x, acts, x_hat, sentence, torch.arange(20), code=code)
+        results.append(acc.finalize_layers())
+    for by_layer, at_once in zip(*results):
+        for name, value in by_layer.to_dict().items():
+            np.testing.assert_allclose(value, at_once.to_dict()[name], rtol=1e-12, err_msg=name)
+    layer = 2  # and equal to a float64 hand computation
+    x2, err = x[40:].double(), (x[40:] - x_hat[40:]).double()
+    np.testing.assert_allclose(results[0][layer].sq_err, np.bincount(sentence, err.pow(2).sum(-1).numpy()), rtol=1e-6)
+    np.testing.assert_allclose(results[0][layer].sq_norm, np.bincount(sentence, x2.pow(2).sum(-1).numpy()), rtol=1e-12)
+    np.testing.assert_allclose(results[0][layer].sum_x, x2.sum(0).numpy(), rtol=1e-12)
+    shift = results[0][layer].shift
+    np.testing.assert_allclose(shift, x2[sentence == 0].mean(0).numpy(), rtol=1e-12)
+    dev = x2 - torch.from_numpy(shift)
+    np.testing.assert_allclose(results[0][layer].sq_dev, np.bincount(sentence, dev.pow(2).sum(-1).numpy()), rtol=1e-10)
+    np.testing.assert_allclose(results[0][layer].sum_dev, torch.zeros(4, 16, dtype=torch.float64).index_add_(
+        0, sentence, dev).numpy(), rtol=1e-5, atol=1e-5)
