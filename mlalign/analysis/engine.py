@@ -266,6 +266,7 @@ def collect_stats(
                           else stack_groups(chunk_layers, saes, max_tokens, sae_device))
                 stacks = [StackedSAEs([saes[layer] for layer in group]) if StackedSAEs.stackable(
                     [saes[layer] for layer in group]) else None for group in groups]
+                work = _work_buffer(groups, stacks, max_tokens, torch.device(sae_device))
                 for lang, items in tokenized.items():
                     accs = [
                         LayerStats(len(items), saes[group[0]].cfg.d_in if hidden is None else hidden,
@@ -284,7 +285,7 @@ def collect_stats(
                     for number, batch in enumerate(_progress(batches, progress, desc=desc, leave=False)):
                         _run_batch(model, saes, groups, stacks, accs, batch, pad_id, bos_id, padding_side, device,
                                    sae_device, min_position, max_position, feature_accs=faccs, decode=decode,
-                                   recorder=recorder, batch_number=number, record_tokens=start == 0)
+                                   recorder=recorder, batch_number=number, record_tokens=start == 0, work=work)
                     for index, group in enumerate(groups):
                         for layer, sums in zip(group, accs[index].finalize_layers()):
                             result[lang][layer] = sums
@@ -401,6 +402,22 @@ def _param_device(module: nn.Module) -> torch.device | None:
     return None if param is None else param.device
 
 
+REUSE_WORK_BUFFER = True
+"""Write every stacked SAE step's codes into one buffer per layer chunk on the CPU (`_work_buffer`); a switch for the
+benchmark's A/B comparison, the numbers are the same either way."""
+
+
+def _work_buffer(groups: list[list[int]], stacks: list, max_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """One flat buffer for the largest stacked group's [L, tokens, d_sae] codes, on the CPU only: there a fresh tensor
+    per batch and group pays page faults (no caching allocator), on an accelerator the allocator reuses memory
+    anyway. At most `stack_groups`' CPU budget (~256 MB)."""
+    sized = [(len(group), stack) for group, stack in zip(groups, stacks) if stack is not None]
+    if not REUSE_WORK_BUFFER or device.type != "cpu" or not sized:
+        return None
+    n_layers, stack = max(sized, key=lambda item: item[0])
+    return torch.empty(n_layers * max_tokens * stack.d_sae, dtype=stack.dtype, device=device)
+
+
 def _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device, min_position: int = 0,
                   max_position: int | None = None):
     """One batch's model inputs, its analysed positions as flat row-major indices, each kept token's sentence (its
@@ -419,12 +436,14 @@ def _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device, min_p
 def _run_batch(model, saes, groups: list[list[int]], stacks: list, accs: list[LayerStats], batch, pad_id, bos_id,
                padding_side, device, sae_device=None, min_position: int = 0, max_position: int | None = None,
                feature_accs: list[FeatureStats] | None = None, decode: str = "auto", recorder=None,
-               batch_number: int = 0, record_tokens: bool = True) -> None:
+               batch_number: int = 0, record_tokens: bool = True, work: torch.Tensor | None = None) -> None:
     """One batch: one forward capturing every layer of the groups, then one SAE step per group (stacked where the
     group's SAEs stack, else the layer's own `encode`/`decode`) and the group's streaming sums.
 
     recorder: one of `collect_stats`' token_recorders, handed this batch's tokens (with `record_tokens`: their LM loss,
-    from a full forward) and, for its layers, residuals, SAE codes and reconstructions, as batch `batch_number`."""
+    from a full forward) and, for its layers, residuals, SAE codes and reconstructions, as batch `batch_number`.
+    work: `_work_buffer`'s buffer, which every stacked group's codes are written into: each group's consumers (the
+    streaming sums, the recorder) are done with them before the next group's encode."""
     sae_device = device if sae_device is None else sae_device
     inputs, flat, sentence_index, keep = _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device,
                                                        min_position, max_position)
@@ -452,7 +471,7 @@ def _run_batch(model, saes, groups: list[list[int]], stacks: list, accs: list[La
         x = torch.cat([activations[layer].flatten(0, 1).index_select(0, flat) for layer in group]).to(sae_device)
         stack = stacks[index]
         if stack is not None:
-            feature_acts, code = stack.encode(x, with_code=sparse)
+            feature_acts, code = stack.encode(x, with_code=sparse, out=work)
             x_hat = stack.decode(feature_acts, code)
         else:  # a single SAE that does not stack (TopK, hooks, normalisation): its own encode and decode
             sae = saes[group[0]]

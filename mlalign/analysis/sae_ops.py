@@ -197,11 +197,21 @@ class StackedSAEs:
         keys = {(sae.cfg.d_in, sae.cfg.d_sae, sae.dtype, sae.W_enc.device) for sae in saes}
         return len(keys) == 1
 
-    def encode(self, x: torch.Tensor, with_code: bool) -> tuple[torch.Tensor, SparseCode | None]:
-        """([L * n, d_sae] codes of every layer, their SparseCode or None) for x [L * n, d_in]."""
+    def encode(self, x: torch.Tensor, with_code: bool, out: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, SparseCode | None]:
+        """([L * n, d_sae] codes of every layer, their SparseCode or None) for x [L * n, d_in].
+
+        out: a flat work buffer of at least L * n * d_sae elements (this stack's dtype and device) to write the codes
+        into instead of a new tensor; the returned codes are then a view of it, valid until the buffer's next use. On
+        the CPU (no caching allocator) a fresh [L, n, d_sae] tensor per batch costs page faults of the order of the
+        matmul's bias copy."""
         n = x.shape[0] // self.n_layers
         sae_in = x.view(self.n_layers, n, -1).to(self.dtype) - self.b_in
-        pre = torch.baddbmm(self.b_enc, sae_in, self.W_enc)
+        if out is None:
+            pre = torch.baddbmm(self.b_enc, sae_in, self.W_enc)
+        else:
+            pre = torch.baddbmm(self.b_enc, sae_in, self.W_enc,
+                                out=out[: self.n_layers * n * self.d_sae].view(self.n_layers, n, self.d_sae))
         if not with_code:
             return pre.masked_fill_((pre > self.threshold).logical_not_(), 0).view(-1, self.d_sae), None
         flat = _active_entries(pre, self.threshold)

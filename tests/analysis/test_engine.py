@@ -162,6 +162,28 @@ def test_sae_chunk_gives_identical_results_and_restores_sae_devices(model, token
     assert all(sae.W_enc.device.type == "cpu" for sae in saes.values())
 
 
+def test_the_reused_work_buffer_changes_no_number_across_groups_and_batches(model, tokenizer, saes, texts,
+                                                                            monkeypatch):
+    """On the CPU every stacked group writes its codes into one buffer per layer chunk (`engine._work_buffer`): with
+    groups of one layer (so each group's encode overwrites the previous group's codes) and with per-feature
+    statistics, the numbers are exactly those of a fresh tensor per group."""
+    from mlalign.analysis import engine
+
+    monkeypatch.setattr(engine, "stack_groups", lambda layers, *_: [[layer] for layer in layers])
+    runs = {}
+    for reuse in (True, False):
+        monkeypatch.setattr(engine, "REUSE_WORK_BUFFER", reuse)
+        features: dict = {}
+        runs[reuse] = (collect_stats(model, tokenizer, saes, texts, batch_size=5, max_length=MAX_LENGTH,
+                                     progress=False, feature_stats=features), features)
+    _assert_same_stats(runs[True][0], runs[False][0], rtol=0.0)
+    for lang, by_layer in runs[True][1].items():
+        for layer, sums in by_layer.items():
+            other = runs[False][1][lang][layer]
+            assert np.array_equal(sums.act_sum, other.act_sum) and np.array_equal(sums.fire_count, other.fire_count)
+    assert engine._work_buffer([[0], [1, 2]], [None, object()], 7, torch.device("meta")) is None  # CPU only
+
+
 def test_streaming_equals_one_update_with_all_tokens(saes):
     """Chunked updates in any order equal one update holding every token (what a non-streaming pass would do)."""
     gen = torch.Generator().manual_seed(1)
