@@ -471,7 +471,10 @@ def _run_batch(model, saes, groups: list[list[int]], stacks: list, accs: list[La
         x = torch.cat([activations[layer].flatten(0, 1).index_select(0, flat) for layer in group]).to(sae_device)
         stack = stacks[index]
         if stack is not None:
-            feature_acts, code = stack.encode(x, with_code=sparse, out=work)
+            # With the sparse code, only the recorders and listed-feature sums read the dense one.
+            dense = not sparse or recorder is not None or (
+                feature_accs is not None and feature_accs[index].listed is not None)
+            feature_acts, code = stack.encode(x, with_code=sparse, out=work, dense=dense)
             x_hat = stack.decode(feature_acts, code)
         else:  # a single SAE that does not stack (TopK, hooks, normalisation): its own encode and decode
             sae = saes[group[0]]

@@ -104,8 +104,9 @@ class FeatureStats:
         """Add one batch. feature_acts: [L * n, d_sae] of the analysed tokens (layer-major); row_index: [n] long, each
         token's row in the batch (0..n_rows-1; a batch holds whole sentences, so a row is a sentence); sentence_index:
         [n] long, the sentence's position in the language's text list (needed only with `feature_ids`); code:
-        feature_acts's non-zero entries if already found (the totals then cost O(nnz)); without it, dense passes with
-        no host synchronisation (what an accelerator wants)."""
+        feature_acts's non-zero entries if already found (the totals then cost O(nnz), and feature_acts may be None
+        unless this accumulator keeps listed features); without it, dense passes with no host synchronisation (what an
+        accelerator wants)."""
         n = row_index.shape[0]
         if n == 0:
             return
@@ -117,7 +118,7 @@ class FeatureStats:
             # sentences a feature fires in (a batch's rows are whole sentences).
             layer_position = code.layer_position(n)
             token = code.rows - layer_position * n
-            fired_in_row = torch.zeros(L * n_rows * d_sae, dtype=torch.bool, device=feature_acts.device)
+            fired_in_row = torch.zeros(L * n_rows * d_sae, dtype=torch.bool, device=code.values.device)
             fired_in_row[(layer_position * n_rows + row_index.index_select(0, token)) * d_sae + code.features] = True
             column = code.layer_feature(n)
             self.act_sum.index_add_(0, column, code.values.to(self.dtype))

@@ -197,9 +197,12 @@ class StackedSAEs:
         keys = {(sae.cfg.d_in, sae.cfg.d_sae, sae.dtype, sae.W_enc.device) for sae in saes}
         return len(keys) == 1
 
-    def encode(self, x: torch.Tensor, with_code: bool, out: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, SparseCode | None]:
+    def encode(self, x: torch.Tensor, with_code: bool, out: torch.Tensor | None = None, dense: bool = True
+               ) -> tuple[torch.Tensor | None, SparseCode | None]:
         """([L * n, d_sae] codes of every layer, their SparseCode or None) for x [L * n, d_in].
+
+        dense=False (with_code only): no dense code (None), for callers that read only the SparseCode; it saves
+        rewriting the whole [L, n, d_sae] tensor.
 
         out: a flat work buffer of at least L * n * d_sae elements (this stack's dtype and device) to write the codes
         into instead of a new tensor; the returned codes are then a view of it, valid until the buffer's next use. On
@@ -218,12 +221,15 @@ class StackedSAEs:
         values = pre.view(-1).index_select(0, flat)
         rows = torch.div(flat, self.d_sae, rounding_mode="floor")
         code = SparseCode(rows, flat - rows * self.d_sae, values, self.n_layers * n, self.d_sae)
+        if not dense:
+            return None, code
         # Zeroing the whole code and writing back its few active entries is ~3x faster than masking the inactive ones.
         return pre.zero_().view(-1).index_copy_(0, flat, values).view(-1, self.d_sae), code
 
-    def decode(self, feature_acts: torch.Tensor, code: SparseCode | None) -> torch.Tensor:
-        """x̂ [L * n, d_in]: from the active features when `code` is given, else one dense batched matmul."""
-        n = feature_acts.shape[0] // self.n_layers
+    def decode(self, feature_acts: torch.Tensor | None, code: SparseCode | None) -> torch.Tensor:
+        """x̂ [L * n, d_in]: from the active features when `code` is given (`feature_acts` may then be None), else one
+        dense batched matmul."""
+        n = (code.n_tokens if code is not None else feature_acts.shape[0]) // self.n_layers
         if code is None:
             return torch.baddbmm(self.b_dec, feature_acts.view(self.n_layers, n, -1), self.W_dec).view(self.n_layers * n, -1)
         x_hat = _bag_decode(code, self.W_dec.view(self.n_layers * self.d_sae, -1), code.layer_feature(n))

@@ -133,7 +133,8 @@ class LayerStats:
         sentence_index: [n] long, the sentence (position in the language's text list) each token belongs to;
         positions: [n] the token's position in its row (0 = first token), None = not tracked (sums stay 0);
         code: `feature_acts`'s non-zero entries if already found: the activation sums then cost O(nnz), not
-        O(n x d_sae); without it they are dense passes with no host synchronisation (what an accelerator wants).
+        O(n x d_sae), and feature_acts is not read (it may be None); without it they are dense passes with no host
+        synchronisation (what an accelerator wants).
         """
         n = sentence_index.shape[0]
         if n == 0:

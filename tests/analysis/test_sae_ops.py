@@ -111,6 +111,12 @@ def test_a_stacked_group_encodes_and_decodes_like_each_layers_own_sae(with_code)
     assert (code is None) != with_code
     if with_code:
         assert int(code.active_per_token().sum()) == int((acts != 0).sum()) > 0
+        # Without the dense code (what the engine asks for on the CPU): the same entries and the same x̂.
+        none, sparse_only = stack.encode(torch.cat(x), with_code=True, dense=False)
+        assert none is None
+        for name in ("rows", "features", "values"):
+            assert torch.equal(getattr(sparse_only, name), getattr(code, name)), name
+        assert torch.equal(stack.decode(None, sparse_only), x_hat)
 
 
 def test_stack_groups_keep_the_work_tensor_bounded_and_leave_unstackable_saes_alone():
