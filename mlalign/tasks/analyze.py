@@ -207,10 +207,9 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
     for lang in langs:
         for layer in layers:
             if layer in before_stats.get(lang, {}) and (not fcfg["enabled"] or layer in before_features.get(lang, {})):
-                hit, features_hit = before_stats[lang][layer], None
+                stats[lang][layer] = before_stats[lang][layer]
                 if fcfg["enabled"]:
                     feature_stats[lang][layer] = before_features[lang][layer]
-                stats[lang][layer] = hit
                 continue
             hit = cache.load(lang, layer)
             features_hit = cache.load_arrays(lang, layer, "features", FEATURE_TOTALS) if fcfg["enabled"] else {}
