@@ -116,13 +116,13 @@ class FeatureStats:
         if code is not None:
             # Which (layer, row, feature) triples fired, as a [L * n_rows, d_sae] grid: its column sums count the
             # sentences a feature fires in (a batch's rows are whole sentences).
-            layer_position = code.layer_position(n)
-            token = code.rows - layer_position * n
+            # Each code row's (layer position, batch row) as one index into the grid, then the entries' cells.
+            grid_row = (torch.arange(L, device=row_index.device).unsqueeze(1) * n_rows + row_index).view(-1)
+            cell = grid_row.index_select(0, code.rows).mul_(d_sae).add_(code.features)
             fired_in_row = torch.zeros(L * n_rows * d_sae, dtype=torch.bool, device=code.values.device)
-            fired_in_row[(layer_position * n_rows + row_index.index_select(0, token)) * d_sae + code.features] = True
-            column = code.layer_feature(n)
-            self.act_sum.index_add_(0, column, code.values.to(self.dtype))
-            self.fire_count += torch.bincount(column, minlength=L * d_sae).to(self.dtype)
+            fired_in_row.index_fill_(0, cell, True)
+            self.act_sum.index_add_(0, code.layer_feature(n), code.values.to(self.dtype))
+            self.fire_count += code.column_counts(n).to(self.dtype)
         else:
             acts = feature_acts.view(L, n, d_sae)
             # Per-row firing counts as one batched matmul with the [n_rows, n] token-to-row one-hot matrix: no float32

@@ -42,6 +42,8 @@ class SparseCode:
     n_tokens: int
     """Rows of the code (L x n for a stacked group)."""
     d_sae: int
+    values_positive: bool = False
+    """Every value is > 0 (a ReLU/JumpReLU code): the L1 sum is then the plain sum, not computed twice."""
     _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     """Index tensors derived from rows/features, computed once and shared by the decode and the statistics."""
 
@@ -72,6 +74,14 @@ class SparseCode:
         if ("column", n) not in self._derived:
             self._derived[("column", n)] = self.layer_position(n) * self.d_sae + self.features
         return self._derived[("column", n)]
+
+    def column_counts(self, n: int) -> torch.Tensor:
+        """[L * d_sae] long: how many rows each (layer position, feature) fired on, for a stacked code of n tokens per
+        layer (shared by the firing flags of `LayerStats` and the firing counts of `FeatureStats`)."""
+        if ("counts", n) not in self._derived:
+            self._derived[("counts", n)] = torch.bincount(self.layer_feature(n),
+                                                          minlength=self.n_tokens // n * self.d_sae)
+        return self._derived[("counts", n)]
 
 
 def _hooks_free(sae) -> bool:
@@ -138,17 +148,42 @@ def sparse_decode_wanted(mode: str, device: torch.device) -> bool:
     return mode == "sparse" or (mode == "auto" and torch.device(device).type == "cpu")
 
 
-def _active_entries(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """The flat indices, ascending, of pre > threshold (pre [L, n, d_sae], threshold [L, 1, d_sae]).
+def _sparse_code(pre: torch.Tensor, threshold: torch.Tensor) -> SparseCode:
+    """The entries of pre [L, n, d_sae] with pre > threshold ([L, 1, d_sae]) as a layer-major `SparseCode` (its rows
+    l * n + token), with each entry's column (`layer_feature`) already derived.
 
-    On the CPU layer by layer: a layer's [n, d_sae] mask is small enough for the allocator to recycle, where a fresh
-    [L, n, d_sae] one costs more in page faults than the comparison itself. On an accelerator in one piece: each
-    `nonzero` waits for the device."""
+    On the CPU layer by layer (`_cpu_layer_entries`): a layer's [n, d_sae] mask is small enough for the allocator to
+    recycle, where a fresh [L, n, d_sae] one costs more in page faults than the comparison itself, and the indices
+    derived from a layer's few entries stay in cache. On an accelerator in one piece: each `nonzero` waits for the
+    device."""
+    n_layers, n, d_sae = pre.shape
     if pre.device.type != "cpu":
-        return (pre > threshold).view(-1).nonzero().squeeze(1)
-    per_layer = pre[0].numel()
-    return torch.cat([_cpu_nonzero(pre[layer] > threshold[layer]).add_(layer * per_layer)
-                      for layer in range(pre.shape[0])])
+        flat = (pre > threshold).view(-1).nonzero().squeeze(1)
+        rows = torch.div(flat, d_sae, rounding_mode="floor")
+        return SparseCode(rows, flat - rows * d_sae, pre.view(-1).index_select(0, flat), n_layers * n, d_sae,
+                          values_positive=True)
+    parts = [_cpu_layer_entries(pre[layer], threshold[layer], layer) for layer in range(n_layers)]
+    rows, features, columns = (torch.from_numpy(np.concatenate(arrays)) for arrays in zip(*(part[:3] for part in parts)))
+    code = SparseCode(rows, features, torch.cat([part[3] for part in parts]), n_layers * n, d_sae,
+                      values_positive=True)
+    code._derived[("column", n)] = columns
+    return code
+
+
+def _cpu_layer_entries(pre: torch.Tensor, threshold: torch.Tensor, layer: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+    """One layer position of a stacked CPU code: (rows, features, columns, values) of pre [n, d_sae] > threshold, rows
+    offset by layer * n and columns by layer * d_sae. The indices in numpy, on the layer's few entries: a handful of
+    cache-resident array operations instead of integer division over the whole group's entries."""
+    n, d_sae = pre.shape
+    local = _cpu_nonzero(pre > threshold)  # token * d_sae + feature
+    values = pre.reshape(-1).index_select(0, local)  # in torch: any dtype (numpy has no bfloat16)
+    local = local.numpy()
+    if d_sae & (d_sae - 1) == 0:  # a power of two (every sae-lens width in use): shift and mask, no division
+        rows, features = local >> (d_sae.bit_length() - 1), local & (d_sae - 1)
+    else:
+        rows, features = np.divmod(local, d_sae)
+    return rows + layer * n, features, features + layer * d_sae, values
 
 
 def _cpu_nonzero(mask: torch.Tensor) -> torch.Tensor:
@@ -184,8 +219,10 @@ class StackedSAEs:
             self.W_dec = stack([sae.W_dec for sae in saes])  # [L, d_sae, d_in]
             self.b_enc = stack([sae.b_enc for sae in saes]).unsqueeze(1)  # [L, 1, d_sae]
             self.b_dec = stack([sae.b_dec for sae in saes]).unsqueeze(1)  # [L, 1, d_in]
-            self.b_in = self.b_dec * torch.tensor([float(sae.cfg.apply_b_dec_to_input) for sae in saes],
-                                                  dtype=self.dtype, device=self.b_dec.device).view(-1, 1, 1)
+            applied = [bool(sae.cfg.apply_b_dec_to_input) for sae in saes]
+            # None where no SAE subtracts b_dec from its input (Gemma Scope): no [L, n, d_in] subtraction per batch.
+            self.b_in = None if not any(applied) else self.b_dec * torch.tensor(
+                applied, dtype=self.dtype, device=self.b_dec.device).view(-1, 1, 1)
             self.threshold = stack([_active_threshold(sae, kind) if kind == "jumprelu"
                                     else torch.zeros_like(sae.b_enc) for sae, kind in zip(saes, kinds)]).unsqueeze(1)
 
@@ -209,7 +246,9 @@ class StackedSAEs:
         the CPU (no caching allocator) a fresh [L, n, d_sae] tensor per batch costs page faults of the order of the
         matmul's bias copy."""
         n = x.shape[0] // self.n_layers
-        sae_in = x.view(self.n_layers, n, -1).to(self.dtype) - self.b_in
+        sae_in = x.view(self.n_layers, n, -1).to(self.dtype)
+        if self.b_in is not None:
+            sae_in = sae_in - self.b_in
         if out is None:
             pre = torch.baddbmm(self.b_enc, sae_in, self.W_enc)
         else:
@@ -217,14 +256,12 @@ class StackedSAEs:
                                 out=out[: self.n_layers * n * self.d_sae].view(self.n_layers, n, self.d_sae))
         if not with_code:
             return pre.masked_fill_((pre > self.threshold).logical_not_(), 0).view(-1, self.d_sae), None
-        flat = _active_entries(pre, self.threshold)
-        values = pre.view(-1).index_select(0, flat)
-        rows = torch.div(flat, self.d_sae, rounding_mode="floor")
-        code = SparseCode(rows, flat - rows * self.d_sae, values, self.n_layers * n, self.d_sae)
+        code = _sparse_code(pre, self.threshold)
         if not dense:
             return None, code
         # Zeroing the whole code and writing back its few active entries is ~3x faster than masking the inactive ones.
-        return pre.zero_().view(-1).index_copy_(0, flat, values).view(-1, self.d_sae), code
+        flat = code.rows * self.d_sae + code.features
+        return pre.zero_().view(-1).index_copy_(0, flat, code.values).view(-1, self.d_sae), code
 
     def decode(self, feature_acts: torch.Tensor | None, code: SparseCode | None) -> torch.Tensor:
         """x̂ [L * n, d_in]: from the active features when `code` is given (`feature_acts` may then be None), else one

@@ -166,9 +166,10 @@ class LayerStats:
             torch.linalg.vector_norm(dev, dim=-1, out=sq_dev[rows])
             self.sum_dev.index_add_(0, index[rows], dev)
         if code is not None:
-            activation = {"mean_act": code.per_token(dtype=self.dtype) / code.d_sae,
-                          "l1": code.per_token(code.values.abs(), dtype=self.dtype), "l0": code.active_per_token()}
-            self.features_fired[code.layer_feature(n)] = True
+            total = code.per_token(dtype=self.dtype)
+            activation = {"mean_act": total / code.d_sae, "l0": code.active_per_token(),
+                          "l1": total if code.values_positive else code.per_token(code.values.abs(), dtype=self.dtype)}
+            self.features_fired |= code.column_counts(n) > 0
         else:  # sums accumulate in float32 without a float32 copy of a bf16 code (GBs on an accelerator)
             fired = feature_acts != 0
             activation = {"mean_act": feature_acts.sum(dim=-1, dtype=torch.float32) / feature_acts.shape[-1],

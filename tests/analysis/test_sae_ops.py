@@ -195,6 +195,46 @@ def test_a_stacked_code_lists_every_active_entry_in_row_major_order_on_any_threa
     assert torch.equal(code.rows, rows) and torch.equal(code.features, features) and len(rows) > 0
     assert torch.equal(code.values, acts[rows, features])
     assert torch.equal(code.layer_position(23), rows // 23)
+    # The columns come precomputed from the layer-by-layer search: they must be what the rows and features say.
+    assert torch.equal(code.layer_feature(23), rows // 23 * 64 + features)
+    assert torch.equal(code.column_counts(23), torch.bincount(rows // 23 * 64 + features, minlength=3 * 64))
+
+
+@pytest.mark.parametrize("d_sae", [64, 48])
+def test_stacked_saes_without_an_input_bias_encode_like_saelens(d_sae):
+    """Gemma Scope SAEs do not subtract b_dec from their input: the stack then skips the subtraction (b_in is None),
+    and codes still equal sae-lens's, for a power-of-two width (shift and mask) and another (division)."""
+    saes = [jumprelu_sae(16, d_sae, seed=seed) for seed in range(2)]
+    for sae in saes:
+        sae.cfg.apply_b_dec_to_input = False
+    stack = StackedSAEs(saes)
+    assert stack.b_in is None
+    x = [torch.randn(11, 16) for _ in saes]
+    acts, code = stack.encode(torch.cat(x), with_code=True)
+    expected = torch.cat([sae.encode(xi) for sae, xi in zip(saes, x)]).detach()
+    torch.testing.assert_close(acts, expected, rtol=1e-5, atol=1e-6)
+    rows, features = expected.nonzero(as_tuple=True)
+    assert torch.equal(code.rows, rows) and torch.equal(code.features, features) and len(rows) > 0
+    assert code.values_positive and bool((code.values > 0).all())
+
+
+def test_layer_stats_take_l1_from_absolute_values_unless_the_code_says_they_are_positive():
+    """A code with negative values (any SAE's, via SparseCode.from_dense) sums |a| for L1 and a for mean_act; the
+    shortcut L1 = sum(a) is taken only for codes marked values_positive (ReLU/JumpReLU)."""
+    from mlalign.analysis.sae_ops import SparseCode
+    from mlalign.analysis.stats import LayerStats
+
+    acts = torch.tensor([[1.5, 0.0, -2.0, 0.0], [0.0, 0.0, 0.0, 3.0], [-1.0, 0.5, 0.0, 0.0]])
+    code = SparseCode.from_dense(acts)
+    assert not code.values_positive
+    x = torch.randn(3, 5)
+    acc = LayerStats(3, 5, 4)
+    acc.update(x, None, x, torch.arange(3), code=code)
+    sums = acc.finalize()
+    np.testing.assert_allclose(sums.l1, [3.5, 3.0, 1.5])
+    np.testing.assert_allclose(sums.mean_act, [-0.5 / 4, 3.0 / 4, -0.5 / 4])
+    np.testing.assert_array_equal(sums.l0, [2, 1, 2])
+    np.testing.assert_array_equal(sums.features_fired, [True, True, True, True])
 
 
 def test_layer_stats_take_a_group_layer_by_layer_or_at_once_with_the_same_sums(monkeypatch):
