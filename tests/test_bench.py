@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 RATIOS = ["analyze_over_forward", "analyze_over_trunk", "naive_over_analyze", "saelens_over_analyze",
+          "analyze_over_floor", "floor_over_forward", "saelens_over_floor",
           "act_over_plain_step", "full_over_plain_step", "rss_growth_pct"]
 TIMES = ["forward_s", "trunk_s", "analyze_s", "naive_s", "saelens_s", "plain_step_s", "act_step_s",
          "full_step_s"]
 CONTEXT = ["date", "device", "torch", "torch_threads", "analysed_tokens", "equality", "settings", "raw",
-           "analyze_peak_mb", "saelens_peak_mb", "rss", "train_step_impl", "saelens_error"]
+           "analyze_peak_mb", "saelens_peak_mb", "rss", "train_step_impl", "saelens_error", "minor_page_faults"]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,10 @@ def test_times_and_ratios_are_finite_and_positive(result):
     for key in TIMES + [r for r in RATIOS if r != "rss_growth_pct"]:
         value = result[key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+    # Page faults are counted per contender (0 is possible for a warm heap; a negative count is a bug).
+    faults = result["minor_page_faults"]
+    assert faults.keys() >= {"forward_s", "floor_s", "analyze_s", "saelens_s"}, faults
+    assert all(v is None or v >= 0 for v in faults.values()) and result["raw"]["minor_page_faults"]["analyze_s"]
     # Growth may be 0 or slightly negative (allocator noise); it must be a number.
     assert math.isfinite(result["rss_growth_pct"])
     assert result["rss"]["large"]["sentences"] > result["rss"]["small"]["sentences"]

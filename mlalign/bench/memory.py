@@ -75,6 +75,15 @@ def timed(device: str, fn, *args):
     return time.perf_counter() - start, out
 
 
+def minor_page_faults() -> int:
+    """This process's minor page faults so far (each a page of fresh memory from the kernel); 0 where unknown."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) so that it covers only what follows; False where that is unsupported."""
     try:

@@ -18,7 +18,7 @@ from mlalign.bench import __doc__ as PACKAGE_DOC
 from mlalign.bench.contenders import (analysis_metrics, build_saelens_model, compare, naive_layers, run_analyze,
                                       run_analyze_dense, run_analyze_nofeatures, run_floor, run_forward, run_naive,
                                       run_reference, run_saelens, run_trunk)
-from mlalign.bench.memory import PeakMemory, rss_probe, run_rss_probes, timed
+from mlalign.bench.memory import PeakMemory, minor_page_faults, rss_probe, run_rss_probes, timed
 from mlalign.bench.report import _device_name, print_table
 from mlalign.bench.training import build_training, train_step, usable_objectives
 from mlalign.bench.workload import SHAPES, build_bench, settings_from_args
@@ -76,23 +76,32 @@ def run_benchmark(args) -> dict:
                                      "analyze_dense_s": [], "analyze_nofeatures_s": [], "naive_s": [], "saelens_s": []}
     peaks: dict[str, list[float]] = {"analyze_peak_mb": [], "saelens_peak_mb": [], "analyze_peak_abs_mb": [],
                                      "saelens_peak_abs_mb": []}
+    faults: dict[str, list[int]] = {key: [] for key in times}
+
+    def run(key: str, fn, *fn_args, scale: float = 1.0) -> None:
+        """Time one contender; also count the minor page faults it took (fresh memory from the kernel): they cost
+        seconds on the CPU and depend on the allocator's state, not on the contender's arithmetic."""
+        before = minor_page_faults()
+        times[key].append(scale * timed(s.device, fn, *fn_args)[0])
+        faults[key].append(minor_page_faults() - before)
+
     for repeat in range(s.repeats):
-        times["forward_s"].append(timed(s.device, run_forward, bench)[0])
-        times["trunk_s"].append(timed(s.device, run_trunk, bench)[0])
-        times["floor_s"].append(timed(s.device, run_floor, bench)[0])
+        run("forward_s", run_forward, bench)
+        run("trunk_s", run_trunk, bench)
+        run("floor_s", run_floor, bench)
         with PeakMemory(s.device) as mem:
-            times["analyze_s"].append(timed(s.device, run_analyze, bench)[0])
+            run("analyze_s", run_analyze, bench)
         peaks["analyze_peak_mb"].append(mem.peak_mb)
         peaks["analyze_peak_abs_mb"].append(mem.peak_abs_mb)
-        times["analyze_dense_s"].append(timed(s.device, run_analyze_dense, bench)[0])
-        times["analyze_nofeatures_s"].append(timed(s.device, run_analyze_nofeatures, bench)[0])
+        run("analyze_dense_s", run_analyze_dense, bench)
+        run("analyze_nofeatures_s", run_analyze_nofeatures, bench)
         if tl_model is not None:
             with PeakMemory(s.device) as mem:
-                times["saelens_s"].append(timed(s.device, run_saelens, bench, tl_model)[0])
+                run("saelens_s", run_saelens, bench, tl_model)
             peaks["saelens_peak_mb"].append(mem.peak_mb)
             peaks["saelens_peak_abs_mb"].append(mem.peak_abs_mb)
         if repeat < s.naive_repeats and not (args.analysis_only or args.no_naive):
-            times["naive_s"].append(scale * timed(s.device, run_naive, bench, measured_layers)[0])
+            run("naive_s", run_naive, bench, measured_layers, scale=scale)
         print(f"repeat {repeat + 1}/{s.repeats}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in times.items() if v),
               flush=True)
     del tl_model
@@ -141,6 +150,7 @@ def run_benchmark(args) -> dict:
         "naive_layers_timed": measured_layers,
         "naive_over_analyze": ratio("naive_s", "analyze_s"),
         "saelens_over_analyze": ratio("saelens_s", "analyze_s"),
+        "saelens_over_floor": ratio("saelens_s", "floor_s"),
         "act_over_plain_step": ratio("act_step_s", "plain_step_s"),
         "full_over_plain_step": ratio("full_step_s", "plain_step_s"),
         **peak,
@@ -149,7 +159,8 @@ def run_benchmark(args) -> dict:
         "saelens_error": saelens_error,
         "train_step_impl": step_impl,
         "equality": equality,
-        "raw": {**times, **steps, **peaks},
+        "minor_page_faults": {key: statistics.median(v) if v else None for key, v in faults.items()},
+        "raw": {**times, **steps, **peaks, "minor_page_faults": faults},
         "total_s": time.perf_counter() - started,
     }
     if s.shape.name == "gemma2-2b":
