@@ -202,8 +202,8 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
     stats = {lang: {} for lang in langs}
     feature_stats = {lang: {} for lang in langs}
     missing: dict[str, list[int]] = {}
-    before_stats = getattr(computed_before, "stats", None) or {}
-    before_features = getattr(computed_before, "feature_stats", None) or {}
+    before_stats = computed_before.stats if computed_before is not None else {}
+    before_features = computed_before.feature_stats if computed_before is not None else {}
     for lang in langs:
         for layer in layers:
             if layer in before_stats.get(lang, {}) and (not fcfg["enabled"] or layer in before_features.get(lang, {})):
@@ -250,8 +250,8 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
              "the same sentences")
     else:
         note(f"{label}all {len(langs)} x {len(layers)} (language, layer) results come from the cache")
-    if recording is not None and hasattr(recording, "stats"):
-        recording.stats, recording.feature_stats = stats, feature_stats
+    if recording is not None:
+        recording.keep_analysis(stats, feature_stats)
     return stats, feature_stats, cache, engine
 
 

@@ -46,6 +46,10 @@ class BasePassRecording:
         self.adapted: AdaptedPassRecording | None = None
         """Set by task=train: its held-out measurement of the adapter, run as the adapted model's analysis pass."""
 
+    def keep_analysis(self, stats: dict, feature_stats: dict) -> None:
+        """Called by `tasks.analyze.cached_stats` after the pass it recorded: the base model's statistics are already
+        in the analysis cache and nothing later reads them from here, so nothing is kept."""
+
     @classmethod
     def for_pipeline(cls, cfg, ctx, langs: list[str]) -> "BasePassRecording | None":
         """A recording when step 1's analysis pass sees the held-out tokens exactly as the paired pass does (same
@@ -105,6 +109,11 @@ class AdaptedPassRecording:
         self.paired: dict[str, PairedSums] = {}
         self.stats: dict = {}
         self.feature_stats: dict = {}
+
+    def keep_analysis(self, stats: dict, feature_stats: dict) -> None:
+        """Called by `tasks.analyze.cached_stats` after the pass it recorded: the adapted model's statistics, which
+        step 3 reads (`cached_stats(computed_before=...)`) instead of running the pass again."""
+        self.stats, self.feature_stats = stats, feature_stats
 
     def recorders(self, texts_by_lang: dict[str, list[str]], layers: list[int]) -> dict[str, AdaptedSideRecorder]:
         missing = sorted(set(self.saes) - set(layers))
