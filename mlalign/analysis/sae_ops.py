@@ -148,16 +148,18 @@ def sparse_decode_wanted(mode: str, device: torch.device) -> bool:
     return mode == "sparse" or (mode == "auto" and torch.device(device).type == "cpu")
 
 
-def _sparse_code(pre: torch.Tensor, threshold: torch.Tensor) -> SparseCode:
+def _sparse_code(pre: torch.Tensor, threshold: torch.Tensor, layer_by_layer: bool | None = None) -> SparseCode:
     """The entries of pre [L, n, d_sae] with pre > threshold ([L, 1, d_sae]) as a layer-major `SparseCode` (its rows
     l * n + token), with each entry's column (`layer_feature`) already derived.
 
     On the CPU layer by layer (`_cpu_layer_entries`): a layer's [n, d_sae] mask is small enough for the allocator to
     recycle, where a fresh [L, n, d_sae] one costs more in page faults than the comparison itself, and the indices
     derived from a layer's few entries stay in cache. On an accelerator in one piece: each `nonzero` waits for the
-    device."""
+    device. `layer_by_layer` overrides the choice (both give the same code; the tests compare them)."""
     n_layers, n, d_sae = pre.shape
-    if pre.device.type != "cpu":
+    if layer_by_layer is None:
+        layer_by_layer = pre.device.type == "cpu"
+    if not layer_by_layer:
         flat = (pre > threshold).view(-1).nonzero().squeeze(1)
         rows = torch.div(flat, d_sae, rounding_mode="floor")
         return SparseCode(rows, flat - rows * d_sae, pre.view(-1).index_select(0, flat), n_layers * n, d_sae,

@@ -201,6 +201,24 @@ def test_a_stacked_code_lists_every_active_entry_in_row_major_order_on_any_threa
 
 
 @pytest.mark.parametrize("d_sae", [64, 48])
+def test_the_accelerators_one_piece_search_finds_the_same_code_as_the_cpus_layer_by_layer_one(d_sae):
+    """An accelerator finds a group's active entries in one `nonzero` (no host sync per layer), the CPU layer by layer
+    with indices derived in numpy: the same rows, features, values and columns, for either kind of width."""
+    from mlalign.analysis.sae_ops import _sparse_code
+
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(3, 17, d_sae, generator=g)
+    threshold = (0.5 + torch.rand(3, 1, d_sae, generator=g)).clamp_min(0)
+    by_layer, one_piece = _sparse_code(pre, threshold, layer_by_layer=True), _sparse_code(pre, threshold, False)
+    for name in ("rows", "features", "values"):
+        assert torch.equal(getattr(by_layer, name), getattr(one_piece, name)), name
+    assert torch.equal(by_layer.layer_feature(17), one_piece.layer_feature(17))
+    assert by_layer.values_positive and one_piece.values_positive and len(by_layer.values) > 0
+    rows, features = (pre > threshold).view(3 * 17, d_sae).nonzero(as_tuple=True)
+    assert torch.equal(by_layer.rows, rows) and torch.equal(by_layer.features, features)
+
+
+@pytest.mark.parametrize("d_sae", [64, 48])
 def test_stacked_saes_without_an_input_bias_encode_like_saelens(d_sae):
     """Gemma Scope SAEs do not subtract b_dec from their input: the stack then skips the subtraction (b_in is None),
     and codes still equal sae-lens's, for a power-of-two width (shift and mask) and another (division)."""
