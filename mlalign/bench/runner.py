@@ -78,7 +78,7 @@ def run_benchmark(args) -> dict:
                                      "saelens_peak_abs_mb": []}
     faults: dict[str, list[int]] = {key: [] for key in times}
 
-    def run(key: str, fn, *fn_args, scale: float = 1.0) -> None:
+    def measure(key: str, fn, *fn_args, scale: float = 1.0) -> None:
         """Time one contender; also count the minor page faults it took (fresh memory from the kernel): they cost
         seconds on the CPU and depend on the allocator's state, not on the contender's arithmetic."""
         before = minor_page_faults()
@@ -86,22 +86,22 @@ def run_benchmark(args) -> dict:
         faults[key].append(minor_page_faults() - before)
 
     for repeat in range(s.repeats):
-        run("forward_s", run_forward, bench)
-        run("trunk_s", run_trunk, bench)
-        run("floor_s", run_floor, bench)
+        measure("forward_s", run_forward, bench)
+        measure("trunk_s", run_trunk, bench)
+        measure("floor_s", run_floor, bench)
         with PeakMemory(s.device) as mem:
-            run("analyze_s", run_analyze, bench)
+            measure("analyze_s", run_analyze, bench)
         peaks["analyze_peak_mb"].append(mem.peak_mb)
         peaks["analyze_peak_abs_mb"].append(mem.peak_abs_mb)
-        run("analyze_dense_s", run_analyze_dense, bench)
-        run("analyze_nofeatures_s", run_analyze_nofeatures, bench)
+        measure("analyze_dense_s", run_analyze_dense, bench)
+        measure("analyze_nofeatures_s", run_analyze_nofeatures, bench)
         if tl_model is not None:
             with PeakMemory(s.device) as mem:
-                run("saelens_s", run_saelens, bench, tl_model)
+                measure("saelens_s", run_saelens, bench, tl_model)
             peaks["saelens_peak_mb"].append(mem.peak_mb)
             peaks["saelens_peak_abs_mb"].append(mem.peak_abs_mb)
         if repeat < s.naive_repeats and not (args.analysis_only or args.no_naive):
-            run("naive_s", run_naive, bench, measured_layers, scale=scale)
+            measure("naive_s", run_naive, bench, measured_layers, scale=scale)
         print(f"repeat {repeat + 1}/{s.repeats}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in times.items() if v),
               flush=True)
     del tl_model
