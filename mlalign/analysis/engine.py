@@ -403,8 +403,8 @@ def _param_device(module: nn.Module) -> torch.device | None:
 
 
 REUSE_WORK_BUFFER = True
-"""Write every stacked SAE step's codes into one buffer per layer chunk on the CPU (`_work_buffer`); a switch for the
-benchmark's A/B comparison, the numbers are the same either way."""
+"""Write every stacked SAE step's codes into one buffer per layer chunk on the CPU (`_work_buffer`). A switch for A/B
+timings and for tests/analysis/test_engine.py, which checks that the numbers are the same either way."""
 
 
 def _work_buffer(groups: list[list[int]], stacks: list, max_tokens: int, device: torch.device) -> torch.Tensor | None:
