@@ -353,6 +353,86 @@ class PathsConfig:
     """Set at run time for model=testbed: the built testbed's directory."""
 
 
+# --- values the schemas cannot type -----------------------------------------------------------------------------
+
+TRAINING_TASKS = ("train", "pipeline")
+MIN_BOOTSTRAP = 100
+"""Fewer bootstrap resamples than this give rough interval ends: such a run says so (console, WARNINGS file)."""
+
+
+def check_values(cfg) -> list[str]:
+    """Values inside groups that a schema cannot type (an instantiated optimizer's arguments, a scheduler name, the
+    number of resamples), checked right after composition, before anything loads: a bad one is a UserError; returns
+    warnings for values that work but weaken what the run reports."""
+    from mlalign.errors import UserError
+
+    warnings = []
+    bootstrap = cfg.analysis.bootstrap
+    if int(bootstrap) < 0:
+        raise UserError(f"analysis.bootstrap={bootstrap} must be 0 (no confidence intervals) or a number of bootstrap "
+                        f"resamples; type e.g. analysis.bootstrap=1000")
+    if 0 < int(bootstrap) < MIN_BOOTSTRAP:
+        warnings.append(f"analysis.bootstrap={bootstrap}: confidence intervals from fewer than {MIN_BOOTSTRAP} "
+                        "resamples have rough ends; use analysis.bootstrap=1000 for intervals you report")
+    ci = float(cfg.analysis.ci)
+    if not 0.0 < ci < 1.0:
+        raise UserError(f"analysis.ci={ci} must be a confidence level in (0, 1); type e.g. analysis.ci=0.95")
+    if str(cfg.get("task")) in TRAINING_TASKS:
+        check_optimizer_and_scheduler(cfg.train)
+    return warnings
+
+
+def check_optimizer_and_scheduler(train_cfg) -> None:
+    """Build `train.optimizer` and `train.scheduler` on one dummy parameter: what the training task will build."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from transformers import SchedulerType, get_scheduler
+
+    from mlalign.errors import UserError
+
+    optimizer_cfg = train_cfg.optimizer
+    try:
+        optimizer = instantiate(optimizer_cfg)([torch.nn.Parameter(torch.zeros(1))])
+    except Exception as err:  # the user's target and arguments: whatever they raise is theirs to fix
+        cause = err.__cause__ or err
+        values = OmegaConf.to_container(optimizer_cfg, resolve=True) if OmegaConf.is_config(optimizer_cfg) else {}
+        texts = [f"train.optimizer.{k}={v}" for k, v in values.items() if isinstance(v, str) and not k.startswith("_")]
+        hint = f" ({', '.join(texts)} is text, not a number?)" if texts else ""
+        raise UserError(f"train.optimizer ({values.get('_target_')}) cannot be built: "
+                        f"{str(cause).splitlines()[0]}{hint}; type numbers, e.g. train.optimizer.lr=2e-4") from None
+    name = str(train_cfg.scheduler)
+    names = [kind.value for kind in SchedulerType]
+    if name not in names:
+        raise UserError(f"unknown train.scheduler={name!r}; use one of: {', '.join(names)} (transformers' schedulers)")
+    try:
+        get_scheduler(name, optimizer, num_warmup_steps=int(train_cfg.warmup_steps),
+                      num_training_steps=int(train_cfg.max_steps))
+    except Exception as err:
+        raise UserError(f"train.scheduler={name} cannot be built with train.warmup_steps={train_cfg.warmup_steps} "
+                        f"and train.max_steps={train_cfg.max_steps}: {str(err).splitlines()[0]}; use e.g. "
+                        "train.scheduler=cosine") from None
+
+
+def honour_typed_eval(cfg, typed: list[str]) -> str | None:
+    """A model's eval settings (conf/eval/model/<model>.yaml, e.g. the testbed's offline suite) are merged after the
+    eval group, so they overrode a suite the user typed (`eval=harness`): put the typed one back and say so. `typed`:
+    the command line's overrides. Returns the line to print, or None."""
+    from omegaconf import open_dict
+
+    chosen = [o.split("=", 1)[1] for o in typed if o.startswith("eval=")]
+    if not chosen or any(o.startswith("eval.suite=") for o in typed):
+        return None
+    suite = chosen[-1]
+    if suite not in ("harness", "bundled") or str(cfg.eval.suite) == suite:
+        return None
+    model_suite = cfg.eval.suite
+    with open_dict(cfg):
+        cfg.eval.suite = suite
+    return (f"eval={suite}: running the {suite} suite you typed (model={cfg.model.name}'s eval settings chose "
+            f"{model_suite}; their benchmarks {list(cfg.eval.benchmarks)} and limit {cfg.eval.limit} still apply)")
+
+
 SCHEMAS = {
     "model": ModelConfig,
     "sae": SAEConfig,

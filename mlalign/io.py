@@ -1,7 +1,9 @@
-"""Atomic result files: write to a temp file in the same folder, then rename, so a crash never leaves a half file."""
+"""Result files written atomically (temp file in the same folder, then rename: a crash never leaves a half file), and
+users' files read with a one-line error naming the file and what is wrong with it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -49,3 +51,86 @@ def mark_complete(folder: str | Path, info: dict | None = None) -> Path:
 
 def is_complete(folder: str | Path) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """`fig.savefig` through `write_atomic`: a full disk or a kill leaves no truncated image under the final name."""
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, **savefig_kwargs))
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def disk_full_error(err: BaseException) -> OSError | str | None:
+    """The out-of-space error behind `err` (itself, its cause or context, or one whose message a library such as
+    torch or safetensors copied from it), or None: a full disk, a quota or a file-size limit."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return err
+        if any(words in str(err) for words in _DISK_FULL_WORDS):
+            return str(err).splitlines()[0]
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def read_json_file(path: str | Path, what: str, fix: str):
+    """The JSON in `path`, or a UserError naming the file and what is wrong with it (`what`: e.g. "SAE config";
+    `fix`: what to type or do instead)."""
+    from mlalign.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} is missing; {fix}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} {path} is not text (byte {err.start} is not UTF-8); {fix}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                        f"{fix}") from None
+
+
+def safetensors_shapes(path: str | Path, what: str, fix: str) -> dict[str, list[int]]:
+    """Tensor name -> shape of a safetensors file, read from its header and checked against the file's size (a copy
+    or save cut short by a crash or a full disk), or a UserError naming the file and what is wrong with it."""
+    from mlalign.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} is missing; {fix}")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_len <= 0 or 8 + header_len > size:
+                raise ValueError(f"the file has {size} bytes, too few for its header")
+            header = json.loads(handle.read(header_len))
+        entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        end = max((int(entry["data_offsets"][1]) for entry in entries.values()), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as err:  # JSONDecodeError is a ValueError
+        raise UserError(f"{what} {path} is not a readable safetensors file ({str(err).splitlines()[0]}); "
+                        f"{fix}") from None
+    if 8 + header_len + end != size:
+        raise UserError(f"{what} {path} is truncated or damaged: its header describes {8 + header_len + end} bytes, "
+                        f"the file has {size}; {fix}")
+    return {name: list(entry["shape"]) for name, entry in entries.items()}
+
+
+ADAPTER_FIX = "pass adapter=DIR written by task=train (its run directory's adapter/ folder), or train it again"
+
+
+def check_adapter_files(adapter: Path) -> dict:
+    """A peft adapter folder's config, with its safetensors weights checked complete (a copy or save cut short by a
+    crash or a full disk) before any model loads."""
+    from mlalign.errors import UserError
+
+    config = read_json_file(adapter / "adapter_config.json", "adapter config", ADAPTER_FIX)
+    weights = adapter / "adapter_model.safetensors"
+    if weights.is_file():
+        safetensors_shapes(weights, "adapter weights", ADAPTER_FIX)
+    elif not (adapter / "adapter_model.bin").is_file():
+        raise UserError(f"adapter {adapter} has no weights (adapter_model.safetensors); {ADAPTER_FIX}")
+    return config

@@ -133,7 +133,9 @@ def check_adapter(adapter: str | Path) -> dict:
     if not config_file.is_file():
         raise UserError(f"{adapter} is not a peft adapter (no adapter_config.json); pass adapter=DIR written by task=train "
                         "(its run directory's adapter/ folder)")
-    return json.loads(config_file.read_text())
+    from mlalign.io import check_adapter_files
+
+    return check_adapter_files(Path(adapter))
 
 
 def attach_adapter(model, adapter: str | Path, base_source: str | None = None):

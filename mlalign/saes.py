@@ -56,10 +56,36 @@ def check_sae_config(sae_cfg, layers: list[int]) -> None:
                         "sae=local sae.path_template=/dir (holding layer_0/, layer_1/, ...)")
     else:
         for layer in layers:
-            path = local_sae_path(sae_cfg.path_template, layer)
-            if not (path / "cfg.json").is_file():
-                raise UserError(f"no SAE at {path} (missing cfg.json); set sae.path_template=/dir holding layer_0/, "
-                                "layer_1/, ... written by sae-lens's save_model")
+            check_local_sae(local_sae_path(sae_cfg.path_template, layer))
+
+
+LOCAL_SAE_FIX = "re-save it with sae-lens's save_model (or task=train_saes), or point sae.path_template= at one that is"
+
+
+def check_local_sae(path: Path) -> dict:
+    """A local SAE folder's cfg.json, checked against its weights file's header (present, complete, W_enc/W_dec
+    shapes matching d_in and d_sae) before any weights load: each problem is a UserError naming the file."""
+    from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+
+    from mlalign.io import read_json_file, safetensors_shapes
+
+    if not (path / SAE_CFG_FILENAME).is_file():
+        raise UserError(f"no SAE at {path} (missing {SAE_CFG_FILENAME}); set sae.path_template=/dir holding layer_0/, "
+                        "layer_1/, ... written by sae-lens's save_model")
+    cfg_file = path / SAE_CFG_FILENAME
+    cfg = read_json_file(cfg_file, "SAE config", LOCAL_SAE_FIX)
+    try:
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"SAE config {cfg_file} has no integer d_in and d_sae; {LOCAL_SAE_FIX}") from None
+    weights = path / SAE_WEIGHTS_FILENAME
+    shapes = safetensors_shapes(weights, "SAE weights", LOCAL_SAE_FIX)
+    expected = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in]}
+    for name, shape in expected.items():
+        if name in shapes and shapes[name] != shape:
+            raise UserError(f"SAE {path}: {SAE_CFG_FILENAME} says d_in={d_in}, d_sae={d_sae}, but {weights.name} holds "
+                            f"{name} of shape {shapes[name]} (expected {shape}); {LOCAL_SAE_FIX}")
+    return cfg
 
 
 def load_sae(sae_cfg, layer: int, hidden_size: int, device: str = "cpu"):
@@ -80,9 +106,7 @@ def load_sae(sae_cfg, layer: int, hidden_size: int, device: str = "cpu"):
         where = f"{sae_cfg.release}/{sae_id}"
     else:
         path = local_sae_path(sae_cfg.path_template, layer)
-        if not (path / "cfg.json").is_file():
-            raise UserError(f"no SAE at {path} (missing cfg.json); set sae.path_template=/dir holding layer_0/, "
-                            "layer_1/, ... written by sae-lens's save_model")
+        check_local_sae(path)
         sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
         where = str(path)
     d_in = int(sae.cfg.d_in)

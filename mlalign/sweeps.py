@@ -13,7 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 from hydra.experimental.callback import Callback
 
-from mlalign.io import is_complete, write_text_atomic
+from mlalign.io import is_complete, save_figure, write_text_atomic
 from mlalign.tasks import ERROR_FILE
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def plot_sweep(rows: list[dict], out_dir: Path, metrics: list[str]) -> list[Path
             ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         path = out_dir / "summary.png"
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
         return [path]
     key = axes_keys[0]
@@ -116,7 +116,7 @@ def plot_sweep(rows: list[dict], out_dir: Path, metrics: list[str]) -> list[Path
     fig.suptitle(f"sweep over {key}")
     fig.tight_layout()
     path = out_dir / "summary.png"
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return [path]
 
@@ -214,7 +214,7 @@ def plot_parallel_coordinates(rows: list[dict], out_dir: Path) -> Path | None:
     fig.tight_layout()
     path = out_dir / PARALLEL_FILE
     # The axes, in order, in the PNG's metadata: what tests and scripts read back.
-    fig.savefig(path, dpi=130, metadata={"Description": "axes: " + " | ".join(axes_names)})
+    save_figure(fig, path, dpi=130, metadata={"Description": "axes: " + " | ".join(axes_names)})
     plt.close(fig)
     return path
 

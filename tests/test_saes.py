@@ -76,3 +76,45 @@ def test_gemma_scope_loads_from_a_staged_hub_cache(tmp_path, monkeypatch):
     assert torch.equal(sae.W_enc.detach(), torch.from_numpy(params["W_enc"]))
     with pytest.raises(UserError, match="expects d_in=2304 but the model's hidden size is 64"):
         load_sae(cfg.sae, 3, hidden_size=64)
+
+
+def _local_sae(folder: Path, d_in: int = 16) -> Path:
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=2 * d_in))
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    sae.save_model(folder / "layer_0")
+    return folder / "layer_0"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("cfg_not_json", r"SAE config .*layer_0/cfg.json is not valid JSON"),
+    ("d_in_disagrees", r"cfg.json says d_in=32, d_sae=32, but sae_weights.safetensors holds W_enc of shape \[16, 32\]"),
+    ("weights_missing", r"SAE weights .*layer_0/sae_weights.safetensors is missing"),
+    ("weights_truncated", r"SAE weights .*sae_weights.safetensors is truncated or damaged"),
+])
+def test_a_damaged_local_sae_is_one_user_error_naming_the_file(tmp_path, damage, message):
+    import json
+
+    folder = _local_sae(tmp_path)
+    weights = folder / "sae_weights.safetensors"
+    if damage == "cfg_not_json":
+        (folder / "cfg.json").write_text('{"d_in": 16,')
+    elif damage == "d_in_disagrees":
+        cfg = json.loads((folder / "cfg.json").read_text())
+        (folder / "cfg.json").write_text(json.dumps({**cfg, "d_in": 32}))
+    elif damage == "weights_missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:-100])
+    cfg = compose_cfg(["sae=local", f"sae.path_template={tmp_path}"])
+    with pytest.raises(UserError, match=message):
+        check_sae_config(cfg.sae, [0])
+    with pytest.raises(UserError, match=message):
+        load_sae(cfg.sae, 0, hidden_size=16)
+
+
+def test_an_intact_local_sae_still_loads(tmp_path):
+    _local_sae(tmp_path)
+    cfg = compose_cfg(["sae=local", f"sae.path_template={tmp_path}"])
+    assert load_sae(cfg.sae, 0, hidden_size=16).cfg.d_in == 16

@@ -18,6 +18,7 @@ import torch
 from mlalign.analysis.sae_ops import SparseCode
 
 from mlalign.errors import UserError
+from mlalign.io import save_figure
 
 NEURONPEDIA_URL = "https://www.neuronpedia.org/{np_id}/{feature}"
 LIST_KINDS = ("under", "over", "specific")
@@ -617,7 +618,7 @@ def plot_features(report: FeatureReport, bands: dict[str, list[int]], out_dir: s
     fig.colorbar(image, ax=list(axes[0]), label="activation-weighted Jaccard")
     fig.suptitle(f"Feature overlap between languages{' — ' + title if title else ''}", fontsize=10)
     overlap_path = out_dir / "feature_overlap.png"
-    fig.savefig(overlap_path, dpi=150)
+    save_figure(fig, overlap_path, dpi=150)
     plt.close(fig)
 
     layers = report.layers
@@ -637,7 +638,7 @@ def plot_features(report: FeatureReport, bands: dict[str, list[int]], out_dir: s
     ax.set_title(f"Language-specific SAE features per layer{' — ' + title if title else ''}", fontsize=10)
     fig.tight_layout()
     selective_path = out_dir / "selective_features.png"
-    fig.savefig(selective_path, dpi=150)
+    save_figure(fig, selective_path, dpi=150)
     plt.close(fig)
     return [overlap_path, selective_path]
 

@@ -13,6 +13,7 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 from mlalign.analysis.summary import METRIC_WORDS, order_by_tier, tier_of  # noqa: E402
 from mlalign.languages import LANGUAGES  # noqa: E402
+from mlalign.io import save_figure  # noqa: E402
 
 TIER_COLORS = {"reference": "black", "high": "tab:blue", "medium_low": "tab:orange", "unknown": "tab:gray"}
 TIER_LABELS = {"reference": "reference", "high": "high-resource", "medium_low": "medium-to-low resource"}
@@ -71,7 +72,7 @@ def plot_disparity_heatmap(summary: dict, path: str | Path) -> Path:
     fig.colorbar(image, ax=ax, label=f"disparity vs {ref} (%)")
     ax.set_title(_title(summary, f"{METRIC_WORDS[summary['metric']]}: % difference from {ref}"), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    save_figure(fig, path, dpi=150)
     plt.close(fig)
     return path
 
@@ -107,7 +108,7 @@ def plot_layer_curves(summary: dict, path: str | Path) -> Path:
     ax.legend(fontsize=7, ncol=2, frameon=False)
     ax.set_title(_title(summary, f"{METRIC_WORDS[metric]} per layer (shaded: {int(100 * summary['ci'])}% CI)"), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    save_figure(fig, path, dpi=150)
     plt.close(fig)
     return path
 

@@ -73,24 +73,13 @@ def target_langs(cfg: DictConfig, langs: list[str]) -> list[str]:
 
 
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
-    from mlalign.training.checkpoint import last_checkpoint
+    from mlalign.console import note
+    from mlalign.training.checkpoint import resume_point
 
-    resume_from = cfg.train.get("resume_from")
-    if resume_from:
-        found = last_checkpoint(resume_from)
-        if found is None:
-            raise UserError(f"train.resume_from={resume_from} holds no checkpoint; point it at a run directory, its "
-                            "checkpoints/ folder or one checkpoints/step-N folder written by task=train")
-        return found
-    if cfg.train.resume == "auto":  # a requeued job continues; a fresh one starts at step 0
-        return last_checkpoint(run_dir)
-    if cfg.train.resume:
-        found = last_checkpoint(run_dir)
-        if found is None:
-            raise UserError(f"train.resume=true but {run_dir} holds no checkpoint; resume in the interrupted run's "
-                            "directory with hydra.run.dir=<that directory>, or give train.resume_from=<its path>")
-        return found
-    return None
+    point = resume_point(cfg, run_dir)  # settings compared, a damaged checkpoint skipped (dispatch checked it first)
+    for line in point.notes:
+        note(line)
+    return point.checkpoint
 
 
 def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
@@ -110,6 +99,7 @@ def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
     from mlalign.training.data import load_parallel_stream
     from mlalign.training.loop import ObjectiveFn, resolve_mixed_precision, train_loop
     from mlalign.training import base_cache
+    from mlalign.training.checkpoint import run_settings
     from mlalign.training.outcomes import measure_adapted, outcome_report
     from mlalign.training.report import outcome_lines, plot_before_after, train_metrics
 
@@ -179,7 +169,7 @@ def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
         state = train_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                            objective=objective, stream=stream, train_cfg=cfg.train,
                            checkpoints=ctx.run_dir / "checkpoints", resume_from=resume_from, tracker=ctx.tracker,
-                           eval_fn=dev_losses)
+                           eval_fn=dev_losses, settings=run_settings(cfg))
     train_s = time.perf_counter() - train_started
 
     # Outcomes: base vs adapted on the same tokens of dev (for choices) and of the held-out split (reported once).

@@ -222,8 +222,10 @@ def _all_processes_agree(accelerator, flag: bool) -> bool:
 
 
 def train_loop(*, accelerator, model, optimizer, scheduler, objective: ObjectiveFn, stream: ParallelStream,
-               train_cfg, checkpoints: Path, resume_from: Path | None, tracker, eval_fn=None) -> TrainState:
-    """Run optimizer steps up to train.max_steps (from a checkpoint if `resume_from`); returns the final state."""
+               train_cfg, checkpoints: Path, resume_from: Path | None, tracker, eval_fn=None,
+               settings: dict | None = None) -> TrainState:
+    """Run optimizer steps up to train.max_steps (from a checkpoint if `resume_from`); returns the final state.
+    `settings`: the run's `checkpoint.run_settings`, recorded in every checkpoint for a later resume to compare."""
     max_steps = int(train_cfg.max_steps)
     grad_accum = int(train_cfg.grad_accum)
     batch_size = int(train_cfg.batch_size)
@@ -240,7 +242,8 @@ def train_loop(*, accelerator, model, optimizer, scheduler, objective: Objective
         log.info("resumed from step %d (%s)", step, resume_from)
 
     def checkpoint(at: int) -> Path:
-        return save_checkpoint(accelerator, model, optimizer, scheduler, at, checkpoints, {"history": history})
+        return save_checkpoint(accelerator, model, optimizer, scheduler, at, checkpoints, {"history": history},
+                               settings=settings)
 
     from tqdm.auto import tqdm
 
