@@ -208,7 +208,8 @@ def read_state(checkpoint: Path) -> dict:
         except FileNotFoundError:
             raise UserError(f"checkpoint file {file} is missing") from None
         except Exception as err:  # torch reports a cut zip or pickle in several types; each means the same here
-            raise UserError(f"checkpoint file {file} is truncated or damaged ({str(err).splitlines()[0]})") from None
+            raise UserError(f"checkpoint file {file} is truncated or damaged "
+                            f"({(str(err).splitlines() or [type(err).__name__])[0]})") from None
         if name == STATE_FILE:
             missing = [key for key in ("step", "trainable", "optimizer", "scheduler") if key not in state]
             if missing:
