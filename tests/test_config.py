@@ -72,3 +72,45 @@ def test_help_names_every_task_and_every_option_of_every_group():
             if group == "sae" and option not in ("local",):
                 continue  # the SAE set follows the model
             assert option in text, (group, option)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.optimizer.lr=abc"], r"train.optimizer \(torch.optim.AdamW\) cannot be built: .*train.optimizer.lr=abc is text"),
+    (["train.optimizer._target_=torch.optim.NoSuchOptimizer"], r"train.optimizer \(torch.optim.NoSuchOptimizer\) cannot be built"),
+    (["train.optimizer.weight_decay=-1"], r"cannot be built: Invalid weight_decay value: -1"),
+    (["train.scheduler=cosine_forever"], r"unknown train.scheduler='cosine_forever'; use one of: linear, cosine"),
+    (["analysis.bootstrap=-1"], r"analysis.bootstrap=-1 must be 0 \(no confidence intervals\)"),
+    (["analysis.ci=95"], r"analysis.ci=95.0 must be a confidence level in \(0, 1\)"),
+])
+def test_bad_values_inside_groups_fail_before_anything_loads(overrides, message):
+    from mlalign.config import check_values
+    from mlalign.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        check_values(compose_cfg(["task=train", *overrides]))
+
+
+def test_few_resamples_warn_and_the_defaults_pass_silently():
+    from mlalign.config import check_values
+
+    assert check_values(compose_cfg(["task=pipeline", "model=testbed"])) == []
+    assert check_values(compose_cfg(["task=analyze", "train.scheduler=nonsense"])) == []  # analysis trains nothing
+    (line,) = check_values(compose_cfg(["task=analyze", "analysis.bootstrap=20"]))
+    assert "analysis.bootstrap=20" in line and "fewer than 100 resamples" in line
+
+
+@pytest.mark.parametrize("overrides, suite, said", [
+    (["model=testbed", "eval=harness"], "harness", True),  # the testbed's eval file chose bundled; the user's wins
+    (["experiment=testbed_demo", "eval=harness"], "harness", True),
+    (["model=testbed"], "bundled", False),  # nothing typed: the testbed's offline suite
+    (["model=testbed", "eval=harness", "eval.suite=bundled"], "bundled", False),  # the suite typed by name wins
+    (["model=gemma2_2b", "eval=bundled"], "bundled", False),
+])
+def test_an_eval_suite_typed_on_the_command_line_is_honoured(overrides, suite, said):
+    from mlalign.config import honour_typed_eval
+
+    cfg = compose_cfg(overrides)
+    line = honour_typed_eval(cfg, overrides)
+    assert cfg.eval.suite == suite and bool(line) == said
+    if said:
+        assert line.startswith("eval=harness: running the harness suite you typed") and "chose bundled" in line

@@ -282,7 +282,7 @@ def test_sigterm_checkpoint_then_resume_matches_an_uninterrupted_run(testbed_dir
     with pytest.raises(TrainingStopped, match="SIGTERM after step 5"):
         run_train(cfg, tracker=SigtermAt(5))
     run_dir = Path(cfg.paths.output_dir)
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000005"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003", "step-00000005"]
     assert not (run_dir / "adapter").exists()
 
     with open_dict(cfg):
@@ -349,7 +349,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(testbed_dir, t
         run_train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     kept = [p.name for p in (run_dir / "checkpoints").iterdir()]
-    assert len(kept) == 1 and kept[0] in str(info.value)
+    assert 1 <= len(kept) <= 2 and max(kept) in str(info.value)  # the newest two are kept
     assert not (run_dir / "adapter").exists()
 
 
