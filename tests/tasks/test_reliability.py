@@ -45,7 +45,13 @@ def _bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
     two_lines = corpus("two_lines", en="Hello.\nGood morning.\n", hi="नमस्ते।\nसुप्रभात।\n")
     _write_local_sae(tmp / "saes32", d_in=32, layer=0)
     (tmp / "not_an_adapter").mkdir()
+    damaged = _damaged_user_files(tmp)
     return [
+        *damaged,
+        (["task=train", "langs=[hi]", "train.optimizer.lr=abc"], "train.optimizer.lr=abc is text"),
+        (["task=train", "langs=[hi]", "train.scheduler=cosine_forever"], "unknown train.scheduler='cosine_forever'"),
+        (["task=analyze", "langs=[hi]", "analysis.bootstrap=-1"], "analysis.bootstrap=-1 must be 0"),
+        (["task=analyze", "langs=[hi]", "data.max_sentences=1"], "holds 1 sentence(s) per language"),
         (["task=analyze", "langs=[xx]"], "unknown language 'xx'"),
         (["task=analyze", "langs=[]"], "langs is empty"),
         (["task=analyze", "langs=[hi]", "layers=[26]"], "layer 26 is out of range"),
@@ -73,6 +79,36 @@ def _bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["task=analyze", "langs=[hi]", f"adapter={tmp / 'not_an_adapter'}"], "is not a peft adapter"),
         (["task=eval", "eval=bundled", "langs=[hi]", "eval.benchmarks=[piqa]"], "piqa"),
     ]
+
+
+def _damaged_user_files(tmp: Path) -> list[tuple[list[str], str]]:
+    """Issue 30's class 3: a user's SAE or adapter files that are corrupt or do not match."""
+    import json as json_
+
+    from safetensors.torch import save_file
+
+    cases = []
+    for damage, needle in (("not_json", "cfg.json is not valid JSON"), ("d_in", "holds W_enc of shape [64, 128]"),
+                           ("no_weights", "sae_weights.safetensors is missing")):
+        folder = tmp / f"sae_{damage}"
+        _write_local_sae(folder, d_in=64, layer=0)
+        layer = folder / "layer_0"
+        if damage == "not_json":
+            (layer / "cfg.json").write_text('{"d_in": 64,')
+        elif damage == "d_in":
+            cfg = json_.loads((layer / "cfg.json").read_text())
+            (layer / "cfg.json").write_text(json_.dumps({**cfg, "d_in": 32}))
+        else:
+            (layer / "sae_weights.safetensors").unlink()
+        cases.append((["task=analyze", "langs=[hi]", "layers=[0]", "sae=local", f"sae.path_template={folder}"], needle))
+    adapter = tmp / "cut_adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json_.dumps({"peft_type": "LORA", "r": 8}))
+    save_file({"w": torch.zeros(64, 64)}, str(adapter / "adapter_model.safetensors"))
+    data = (adapter / "adapter_model.safetensors").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    cases.append((["task=analyze", "langs=[hi]", f"adapter={adapter}"], "adapter_model.safetensors is truncated"))
+    return cases
 
 
 @pytest.mark.slow
@@ -200,3 +236,99 @@ def test_hf_token_never_reaches_outputs_or_wandb(testbed_dir, testbed_cache_dir,
     leaks = [p for p in files if token.encode() in p.read_bytes()]
     assert not leaks
     assert token not in result.stdout + result.stderr
+
+
+# --- issue 30: resume, rerun, damaged files, full disk, SIGTERM -----------------------------------------------------
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not re.search(r"\d+%\|", line)]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_resume_with_changed_settings_is_one_error_and_leaves_config_yaml_alone(testbed_dir, testbed_cache_dir,
+                                                                                tmp_path):
+    """Before: a changed lr trained silently at the checkpoint's rate, a changed lora.r crashed, and config.yaml
+    was rewritten with the failed settings."""
+    from tests.helpers import compose_cfg
+    from tests.training.test_checkpoint import bed, write_checkpoints
+
+    run_dir = tmp_path / "killed"
+    args = ["task=train", "langs=[hi]", "layers=[4]", "train.max_steps=8", *_testbed_args(testbed_cache_dir, tmp_path)]
+    write_checkpoints(compose_cfg(args), run_dir, [4],
+                      model_cfg=compose_cfg([*args, *bed(testbed_dir)]).model)  # as a run killed after step 4
+    (run_dir / "config.yaml").write_text("# the interrupted run's settings\n")
+    result = run_cli([*args, f"hydra.run.dir={run_dir}", "train.resume=auto", "train.optimizer.lr=0.1", "lora.r=4"])
+    line = _one_error_line(result)
+    assert "cannot resume from" in line and "lora.r=8 (now 4)" in line and "train.optimizer.lr=0.003 (now 0.1)" in line
+    assert (run_dir / "config.yaml").read_text() == "# the interrupted run's settings\n"
+    assert not (run_dir / "COMPLETE").exists() and (run_dir / "ERROR").read_text().startswith("error: cannot resume")
+
+
+@pytest.mark.slow
+def test_a_rerun_into_a_finished_run_directory_is_refused_unless_asked_to_overwrite(testbed_cache_dir, tmp_path):
+    """The rule: a finished run's directory (COMPLETE) is not reused by accident. Before: a failing rerun left
+    COMPLETE and ERROR side by side."""
+    from mlalign.io import mark_complete
+
+    run_dir = tmp_path / "finished"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("# the finished run\n")
+    mark_complete(run_dir, {"task": "analyze"})
+    args = ["task=analyze", f"hydra.run.dir={run_dir}", *_testbed_args(testbed_cache_dir, tmp_path)]
+    for langs in ("langs=[hi]", "langs=[xx]"):  # a good rerun and a mistyped one are both refused
+        line = _one_error_line(run_cli([*args, langs]))
+        assert "holds a finished run (COMPLETE)" in line and "overwrite=true" in line
+        assert (run_dir / "COMPLETE").is_file() and not (run_dir / "ERROR").exists()
+        assert (run_dir / "config.yaml").read_text() == "# the finished run\n"
+    result = run_cli([*args, "langs=[xx]", "overwrite=true"])
+    assert "unknown language 'xx'" in _one_error_line(result)
+    assert not (run_dir / "COMPLETE").exists() and (run_dir / "ERROR").is_file()  # never both
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_error_an_error_file_and_no_complete(testbed_dir, testbed_cache_dir, tmp_path):
+    """A real failing write: the file-size limit (RLIMIT_FSIZE, EFBIG) stands in for a full disk (ENOSPC); both reach
+    the same handler. Before: a traceback, and a file cut at the limit under its final name."""
+    import resource
+
+    limit = 6000
+    run_dir = tmp_path / "run"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), "task=analyze", "langs=[hi]", "layers=[0]",
+                             "data.max_sentences=12", "analysis.cache=false", f"hydra.run.dir={run_dir}",
+                             *_testbed_args(testbed_cache_dir, tmp_path)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600, preexec_fn=small_files)
+    line = _one_error_line(result)
+    assert "no room to write" in line and "File too large" in line
+    assert (run_dir / "ERROR").read_text().startswith("error: no room to write") and not (run_dir / "COMPLETE").exists()
+    cut = [p for p in run_dir.rglob("*") if p.is_file() and p.stat().st_size == limit]
+    assert not cut  # nothing truncated at the limit under its final name
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluation_ends_with_a_message_and_an_error_file(testbed_dir, testbed_cache_dir, tmp_path):
+    """Before: rc 143, no message, no ERROR file (training alone said where it stopped)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, str(REPO / "run.py"), "task=eval", "eval=bundled", "langs=[hi]",
+                                    "eval.limit=20", "eval.cache=false", f"hydra.run.dir={run_dir}",
+                                    *_testbed_args(testbed_cache_dir, tmp_path)],
+                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        for line in process.stdout:
+            if line.startswith("evaluating"):  # the evaluation stage has started
+                process.send_signal(signal.SIGTERM)
+                break
+        process.stdout.read()
+        process.wait(timeout=300)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "error: stopped by SIGTERM during task=eval" in err
+    assert (run_dir / "ERROR").read_text().startswith("error: stopped by SIGTERM") and not (run_dir / "COMPLETE").exists()

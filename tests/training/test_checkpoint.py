@@ -21,8 +21,9 @@ def bed(testbed_dir) -> list[str]:
     return [f"model.hf_id={d / 'model'}", f"sae.path_template='{d}/saes/layer_{{layer}}'"]
 
 
-def write_checkpoints(cfg, run_dir: Path, steps, settings="from cfg") -> None:
-    """Real checkpoints of a LoRA on the testbed, written by save_checkpoint as the training loop writes them."""
+def write_checkpoints(cfg, run_dir: Path, steps, settings="from cfg", model_cfg=None) -> None:
+    """Real checkpoints of a LoRA on the testbed, written by save_checkpoint as the training loop writes them, with
+    `cfg`'s settings (the model from `model_cfg` if given: a config that points at the built testbed)."""
     from accelerate import Accelerator
     from hydra.utils import instantiate
     from peft import get_peft_model
@@ -30,7 +31,7 @@ def write_checkpoints(cfg, run_dir: Path, steps, settings="from cfg") -> None:
 
     from mlalign.models import load_model
 
-    model = get_peft_model(load_model(cfg.model), instantiate(cfg.lora, _convert_="all"))
+    model = get_peft_model(load_model(model_cfg or cfg.model), instantiate(cfg.lora, _convert_="all"))
     optimizer = instantiate(cfg.train.optimizer)([p for p in model.parameters() if p.requires_grad])
     scheduler = get_scheduler(str(cfg.train.scheduler), optimizer, num_warmup_steps=2, num_training_steps=8)
     accelerator = Accelerator(cpu=True)
