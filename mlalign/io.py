@@ -123,14 +123,10 @@ ADAPTER_FIX = "pass adapter=DIR written by task=train (its run directory's adapt
 
 
 def check_adapter_files(adapter: Path) -> dict:
-    """A peft adapter folder's config, with its safetensors weights checked complete (a copy or save cut short by a
-    crash or a full disk) before any model loads."""
-    from mlalign.errors import UserError
-
+    """A peft adapter folder's config, with its safetensors weights (where present; peft reports a folder without
+    any) checked complete, a copy or save cut short by a crash or a full disk, before any model loads."""
     config = read_json_file(adapter / "adapter_config.json", "adapter config", ADAPTER_FIX)
     weights = adapter / "adapter_model.safetensors"
     if weights.is_file():
         safetensors_shapes(weights, "adapter weights", ADAPTER_FIX)
-    elif not (adapter / "adapter_model.bin").is_file():
-        raise UserError(f"adapter {adapter} has no weights (adapter_model.safetensors); {ADAPTER_FIX}")
     return config
