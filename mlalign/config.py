@@ -371,7 +371,7 @@ def check_values(cfg) -> list[str]:
     if int(bootstrap) < 0:
         raise UserError(f"analysis.bootstrap={bootstrap} must be 0 (no confidence intervals) or a number of bootstrap "
                         f"resamples; type e.g. analysis.bootstrap=1000")
-    if 0 < int(bootstrap) < MIN_BOOTSTRAP:
+    if 0 < int(bootstrap) < MIN_BOOTSTRAP and str(cfg.get("task")) in ("analyze", *TRAINING_TASKS):
         warnings.append(f"analysis.bootstrap={bootstrap}: confidence intervals from fewer than {MIN_BOOTSTRAP} "
                         "resamples have rough ends; use analysis.bootstrap=1000 for intervals you report")
     ci = float(cfg.analysis.ci)
