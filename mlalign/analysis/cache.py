@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import logging
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -165,8 +164,9 @@ class StatsCache:
         self._write(*self._paths(lang, layer, kind), arrays)
 
     def load(self, lang: str, layer: int) -> SentenceSums | None:
-        arrays = self.load_arrays(lang, layer, "", {f.name for f in fields(SentenceSums)})
-        return None if arrays is None else SentenceSums(**arrays)
+        # An entry computed before a metric was registered lacks its sums: recomputed, not half-read.
+        arrays = self.load_arrays(lang, layer, "", SentenceSums.array_names())
+        return None if arrays is None else SentenceSums.from_arrays(arrays)
 
     def save(self, lang: str, layer: int, sums: SentenceSums) -> None:
         if not self.enabled:

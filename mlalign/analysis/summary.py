@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from mlalign.analysis.metrics import (LOWER_IS_BETTER, bootstrap_ci, check_aggregate, check_metric, compute_metrics,
-                                      corpus_stats, disparity, disparity_pct)
+from mlalign.analysis.metrics import bootstrap_ci, check_metric, compute_metrics, corpus_stats, disparity, disparity_pct
+from mlalign.analysis.registry import check_aggregate, get_metric
 from mlalign.analysis.stats import SentenceSums
 from mlalign.errors import UserError
 from mlalign.languages import LANGUAGES
@@ -21,15 +21,6 @@ log = logging.getLogger(__name__)
 
 TIER_ORDER = ("reference", "high", "medium_low")
 TIER_WORDS = {"high": "High-resource languages", "medium_low": "Medium-to-low resource languages"}
-METRIC_WORDS = {
-    "mean_act": "SAE activations",
-    "l1": "L1 SAE activation",
-    "l0": "active SAE features per token",
-    "feature_coverage": "SAE feature coverage",
-    "fvu": "fraction of variance unexplained",
-    "resid_norm": "residual-stream norm",
-    "fvu_raw": "fraction of residual energy unexplained",
-}
 FVU_ARTEFACT_RATIO = 1.25
 """A language's raw FVU (`fvu_raw`, same denominator form for every language) this many times the reference's marks
 the SAE as fitting it markedly worse."""
@@ -142,9 +133,9 @@ def unfit_layers(values, reference_lang: str, max_fvu: float | None = MAX_FVU) -
 def band_summary(values, disp, reference_lang: str, bands: dict[str, list[int]], unfit=(),
                  metric: str | None = None) -> dict[str, dict]:
     """Per band: mean disparity over the non-reference languages (overall and per tier) and the worst (lang, layer)
-    with its residual-norm disparity and FVUs (`most_negative`: the lowest disparity; for `LOWER_IS_BETTER` metrics
+    with its residual-norm disparity and FVUs (`most_negative`: the lowest disparity; for a `lower_is_better` metric
     the highest, i.e. the worst fit); layers in `unfit` are left out (listed as unfit_layers)."""
-    sign = -1 if metric in LOWER_IS_BETTER else 1
+    sign = -1 if metric is not None and get_metric(metric).lower_is_better else 1
     others = [lang for lang in disp if lang != reference_lang]
     out = {}
     for band, layers in bands.items():
@@ -182,14 +173,14 @@ def headline_statements(values, disp, reference_lang: str, metric: str, bands: d
     18-25). At hi, layer 3 the residual norm differs by -2.0% and the FVU is 0.31 vs 0.30 for English: <verdict>."
 
     The adverse direction follows the metric: for activations a gap is a lower value than the reference's; for FVU
-    (`LOWER_IS_BETTER`) it is a higher one, worded as a worse SAE fit. The worst cell's bootstrap CI
+    (`lower_is_better` in the registry) it is a higher one, worded as a worse SAE fit. The worst cell's bootstrap CI
     (`disparity_ci[lang][layer]`) is quoted where there is one, and flagged when it includes 0.
     Layers in `unfit` (the SAE does not reconstruct the reference there, see `unfit_layers`) give no finding: they are
     left out of every number and named in a last statement instead.
     """
     ref_name = LANGUAGES[reference_lang].name if reference_lang in LANGUAGES else reference_lang
-    what = METRIC_WORDS[metric]
-    lower_is_better = metric in LOWER_IS_BETTER
+    what = get_metric(metric).words
+    lower_is_better = get_metric(metric).lower_is_better
     # adverse < 0 is a gap: lower activation than the reference, or a higher FVU (a worse fit).
     sign = -1 if lower_is_better else 1
     worse_words = "higher" if lower_is_better else "lower"

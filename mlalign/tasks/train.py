@@ -47,11 +47,11 @@ def check_train_config(cfg: DictConfig) -> None:
     if not tolerance >= 1.0:
         raise UserError(f"train.fidelity_tolerance={tolerance} must be >= 1 (1.25 = FVU may rise by 25%)")
     if float(cfg.loss.get("act_align", 0.0)) > 0:
-        from mlalign.training.losses import ALIGNABLE_METRICS
+        from mlalign.training.losses import alignable_metrics
 
-        if str(cfg.analysis.metric) not in ALIGNABLE_METRICS:
+        if str(cfg.analysis.metric) not in alignable_metrics():
             raise UserError(f"the alignment term aims at analysis.metric={cfg.analysis.metric}, which has no per-token "
-                            f"SAE value to align; use analysis.metric= one of {', '.join(ALIGNABLE_METRICS)}")
+                            f"SAE value to align; use analysis.metric= one of {', '.join(alignable_metrics())}")
 
 
 check_config = check_train_config
@@ -103,7 +103,8 @@ def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
     from peft import get_peft_model
     from transformers import get_scheduler
 
-    from mlalign.analysis.metrics import check_aggregate, check_metric
+    from mlalign.analysis.metrics import check_metric
+    from mlalign.analysis.registry import check_aggregate
     from mlalign.data.corpus import load_corpus
     from mlalign.models import hidden_size, num_layers
     from mlalign.tasks.common import resolve_layers

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from mlalign.analysis.metrics import METRICS, disparity
+from mlalign.analysis.metrics import disparity
+from mlalign.analysis.registry import REGISTRY as METRICS
 from mlalign.analysis.summary import (
     METRICS_CSV_COLUMNS,
     headline_statements,
@@ -94,7 +95,7 @@ def test_summary_with_bootstrap_off_and_a_dead_reference_layer(reference_stats):
     stats = copy.deepcopy(reference_stats)
     dead = stats["en"][1]
     for name in ("mean_act", "l1", "l0"):
-        getattr(dead, name)[:] = 0.0
+        dead.sum_of(name)[:] = 0.0
     summary = summarize(stats, "en", bootstrap=0)
     assert summary["values_ci"] is None and summary["disparity_ci"] is None
     assert summary["disparity_pct"]["hi"]["1"] is None  # 0 reference: undefined, not infinite

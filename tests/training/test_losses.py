@@ -27,7 +27,7 @@ def loss_cfg(**overrides):
 
 
 @pytest.mark.parametrize("surrogate", [None, "pre_relu", "ste"])
-@pytest.mark.parametrize("metric", L.ALIGNABLE_METRICS)
+@pytest.mark.parametrize("metric", L.alignable_metrics())
 def test_level_value_is_the_analysis_metric_whatever_the_surrogate(surrogate, metric):
     sae, x = make_sae(threshold=0.2), torch.randn(20, 8)
     acts = sae.encode(x)
