@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,39 +94,86 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     return None
 
 
-def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
-    """Train the adapter, then measure base vs adapter on dev and on the held-out split. shared: task=pipeline's
-    `training.shared_pass.BasePassRecording`: the held-out base side its analysis pass recorded is used instead of
-    running the base model over those sentences again, and the adapter's held-out measurement runs through the
-    analysis engine, leaving the adapted model's statistics for the pipeline's next step in `shared.adapted`."""
-    from accelerate import Accelerator
-    from hydra.utils import instantiate
-    from peft import get_peft_model
-    from transformers import get_scheduler
+@dataclass
+class _Plan:
+    """What a run will do, decided from the config before anything loads."""
 
+    reference: str
+    targets: list[str]
+    metric: str
+    aggregate: str
+    tolerance: float
+    resume_from: Path | None
+    splits: dict[str, str]
+    """role -> split name: train (learned on), dev (choices, monitoring), headline (held out, reported once)."""
+
+
+@dataclass
+class _Setup:
+    """The loaded pieces: accelerator, tokenizer, the LoRA-wrapped model, SAEs, layers and the objective."""
+
+    accelerator: object
+    precision: str
+    tokenizer: object
+    model: torch.nn.Module
+    saes: dict
+    analysed: list[int]
+    aligned: list[int]
+    trainable: int
+    objective: object
+
+
+@dataclass
+class _Data:
+    stream: object
+    """Parallel (target, English) training batches."""
+    dev_pairs: object
+    """Parallel dev batches for the loss curves logged during training."""
+    texts: dict[str, dict[str, list[str]]]
+    """split role (dev, headline) -> lang -> sentences measured base vs adapter."""
+
+
+def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
+    """Train the adapter, then measure base vs adapter on dev and on the held-out split: build -> data -> fit ->
+    measure -> report. shared: task=pipeline's `training.shared_pass.BasePassRecording`: the held-out base side its
+    analysis pass recorded is used instead of running the base model over those sentences again, and the adapter's
+    held-out measurement runs through the analysis engine, leaving the adapted model's statistics for the pipeline's
+    next step in `shared.adapted`."""
+    started = time.perf_counter()
+    plan = _plan(cfg, ctx)
+    setup = _build(cfg, ctx, plan)
+    data = _data(cfg, plan, setup)
+    state, train_s = _fit(cfg, ctx, plan, setup, data)
+    reports = _measure(cfg, ctx, plan, setup, data, shared)
+    return _report(cfg, ctx, plan, setup, state, reports, train_s=train_s, total_s=time.perf_counter() - started)
+
+
+def _plan(cfg: DictConfig, ctx) -> _Plan:
     from mlalign.analysis.metrics import check_metric
     from mlalign.analysis.registry import check_aggregate
-    from mlalign.data.corpus import load_corpus
-    from mlalign.models import hidden_size, num_layers
-    from mlalign.tasks.common import resolve_layers
-    from mlalign.training.data import load_parallel_stream
-    from mlalign.training.loop import ObjectiveFn, resolve_mixed_precision, train_loop
-    from mlalign.training import base_cache
-    from mlalign.training.outcomes import measure_adapted, outcome_report
-    from mlalign.training.report import outcome_lines, plot_before_after, train_metrics
-
-    from mlalign.console import headline, output, stage
 
     check_train_config(cfg)
     reference = str(cfg.reference_lang)
     targets = target_langs(cfg, ctx.langs)
     if not targets:
         raise UserError(f"task=train needs at least one target language besides {reference}; type e.g. langs=[hi]")
-    metric = check_metric(str(cfg.analysis.metric))
-    aggregate = check_aggregate(str(cfg.analysis.aggregate))
-    tolerance = float(cfg.train.get("fidelity_tolerance", 1.25))
-    resume_from = _resume_checkpoint(cfg, ctx.run_dir)
-    started = time.perf_counter()
+    return _Plan(reference=reference, targets=targets, metric=check_metric(str(cfg.analysis.metric)),
+                 aggregate=check_aggregate(str(cfg.analysis.aggregate)),
+                 tolerance=float(cfg.train.get("fidelity_tolerance", 1.25)),
+                 resume_from=_resume_checkpoint(cfg, ctx.run_dir),
+                 splits={"train": str(cfg.data.splits.train), "dev": str(cfg.data.splits.valid),
+                         "headline": str(cfg.data.splits.heldout)})
+
+
+def _build(cfg: DictConfig, ctx, plan: _Plan) -> _Setup:
+    """Accelerator, tokenizer, base model wrapped in LoRA, the SAEs of the analysed and aligned layers, objective."""
+    from accelerate import Accelerator
+    from hydra.utils import instantiate
+    from peft import get_peft_model
+
+    from mlalign.models import hidden_size, num_layers
+    from mlalign.tasks.common import resolve_layers
+    from mlalign.training.loop import ObjectiveFn, resolve_mixed_precision
 
     cpu = str(cfg.model.device) == "cpu"
     precision = resolve_mixed_precision(cfg.train.mixed_precision, cpu)
@@ -143,80 +191,116 @@ def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
         raise UserError(f"the LoRA config does not fit model {cfg.model.name}: {str(err).splitlines()[0]}; "
                         "check lora.target_modules against the model's module names") from None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA: %d trainable parameters; aligning layers %s; targets %s", trainable, aligned, targets)
+    log.info("LoRA: %d trainable parameters; aligning layers %s; targets %s", trainable, aligned, plan.targets)
+    objective = ObjectiveFn(cfg.loss, saes, aligned, tokenizer.bos_token_id, accelerator, plan.metric, plan.aggregate)
+    return _Setup(accelerator=accelerator, precision=precision, tokenizer=tokenizer, model=model, saes=saes,
+                  analysed=analysed, aligned=aligned, trainable=trainable, objective=objective)
 
-    # Data: parallel (target, English) pairs for training; dev for choices and monitoring; held-out only for the
-    # numbers reported once.
-    splits = {"train": str(cfg.data.splits.train), "dev": str(cfg.data.splits.valid),
-              "headline": str(cfg.data.splits.heldout)}
-    stream = load_parallel_stream(cfg.data, targets, reference, splits["train"], tokenizer,
-                                  int(cfg.train.max_length), int(cfg.seed))
-    dev_pairs = load_parallel_stream(cfg.data, targets, reference, splits["dev"], tokenizer,
-                                     int(cfg.train.max_length), int(cfg.seed))
-    measured = [*targets, reference]
-    texts = {split: {lang: load_corpus(cfg.data, measured, splits[split])[lang] for lang in measured}
-             for split in ("dev", "headline")}
 
-    objective = ObjectiveFn(cfg.loss, saes, aligned, tokenizer.bos_token_id, accelerator, metric, aggregate)
+def _data(cfg: DictConfig, plan: _Plan, setup: _Setup) -> _Data:
+    """Parallel (target, English) pairs for training; dev for choices and monitoring; held-out only for the numbers
+    reported once."""
+    from mlalign.data.corpus import load_corpus
+    from mlalign.training.data import load_parallel_stream
+
+    def pairs(split: str):
+        return load_parallel_stream(cfg.data, plan.targets, plan.reference, split, setup.tokenizer,
+                                    int(cfg.train.max_length), int(cfg.seed))
+
+    measured = [*plan.targets, plan.reference]
+    texts = {role: {lang: load_corpus(cfg.data, measured, plan.splits[role])[lang] for lang in measured}
+             for role in ("dev", "headline")}
+    return _Data(stream=pairs(plan.splits["train"]), dev_pairs=pairs(plan.splits["dev"]), texts=texts)
+
+
+def _fit(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data):
+    """Optimizer, schedule and the training loop (checkpoints, resume, dev loss curves); returns (state, seconds)."""
+    from hydra.utils import instantiate
+    from transformers import get_scheduler
+
+    from mlalign.console import stage
+    from mlalign.training.loop import train_loop
+
+    accelerator, objective = setup.accelerator, setup.objective
 
     def dev_losses(m) -> dict[str, float]:
         m.eval()
         totals: dict[str, float] = {}
         with torch.no_grad():
-            for i in range(len(targets)):
-                values = objective(m, dev_pairs.batch(i, int(cfg.train.batch_size), accelerator.device)).values
+            for i in range(len(plan.targets)):
+                values = objective(m, data.dev_pairs.batch(i, int(cfg.train.batch_size), accelerator.device)).values
                 for key, value in values.items():
-                    totals[key] = totals.get(key, 0.0) + value / len(targets)
+                    totals[key] = totals.get(key, 0.0) + value / len(plan.targets)
         return totals
 
-    optimizer = instantiate(cfg.train.optimizer)([p for p in model.parameters() if p.requires_grad])
+    optimizer = instantiate(cfg.train.optimizer)([p for p in setup.model.parameters() if p.requires_grad])
     scheduler = get_scheduler(str(cfg.train.scheduler), optimizer, num_warmup_steps=int(cfg.train.warmup_steps),
                               num_training_steps=int(cfg.train.max_steps))
     # The scheduler stays unprepared: it steps once per optimizer step, whatever the number of processes.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    setup.model, optimizer = accelerator.prepare(setup.model, optimizer)
+    started = time.perf_counter()
+    with stage(f"training the adapter ({int(cfg.train.max_steps)} steps, LoRA r={cfg.lora.r}, "
+               f"{', '.join(plan.targets)})"):
+        state = train_loop(accelerator=accelerator, model=setup.model, optimizer=optimizer, scheduler=scheduler,
+                           objective=objective, stream=data.stream, train_cfg=cfg.train,
+                           checkpoints=ctx.run_dir / "checkpoints", resume_from=plan.resume_from,
+                           tracker=ctx.tracker, eval_fn=dev_losses)
+    return state, time.perf_counter() - started
 
-    train_started = time.perf_counter()
-    with stage(f"training the adapter ({int(cfg.train.max_steps)} steps, LoRA r={cfg.lora.r}, {', '.join(targets)})"):
-        state = train_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                           objective=objective, stream=stream, train_cfg=cfg.train,
-                           checkpoints=ctx.run_dir / "checkpoints", resume_from=resume_from, tracker=ctx.tracker,
-                           eval_fn=dev_losses)
-    train_s = time.perf_counter() - train_started
 
-    # Outcomes: base vs adapted on the same tokens of dev (for choices) and of the held-out split (reported once).
-    peft_model = accelerator.unwrap_model(model)
+def _measure(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data, shared) -> dict[str, dict]:
+    """Outcomes: base vs adapted on the same tokens of dev (for choices) and of the held-out split (reported once)."""
+    from mlalign.console import stage
+    from mlalign.training import base_cache
+    from mlalign.training.outcomes import measure_adapted, outcome_report
+
+    accelerator = setup.accelerator
+    peft_model = accelerator.unwrap_model(setup.model)
     peft_model.eval()
-    analysed_saes = {layer: saes[layer] for layer in analysed}
-    reports = {}
+    analysed_saes = {layer: setup.saes[layer] for layer in setup.analysed}
+    measured = [*plan.targets, plan.reference]
     passes = dict(batch_size=int(cfg.analysis.batch_size), max_length=int(cfg.data.max_length),
                   progress=accelerator.is_local_main_process)
-    for split in ("dev", "headline"):
+    reports = {}
+    for role in ("dev", "headline"):
+        split, texts = plan.splits[role], data.texts[role]
         # Base and adapter on the same tokens. The base side (per-token residual norms and SAE codes, per-sentence
         # sums) comes from its cache when an earlier run had the same base settings, so a sweep job measures only the
         # adapted side: docs/training.md#what-is-measured-where.
-        with stage(f"measuring base vs adapter on the {splits[split]} split ({len(texts[split][reference])} "
-                   f"sentences x {len(measured)} languages x {len(analysed)} layers)"):
-            cache = base_cache.open_cache(cfg, ctx.testbed_dir, splits[split], analysed, precision)
+        with stage(f"measuring base vs adapter on the {split} split ({len(texts[plan.reference])} "
+                   f"sentences x {len(measured)} languages x {len(setup.analysed)} layers)"):
+            cache = base_cache.open_cache(cfg, ctx.testbed_dir, split, setup.analysed, setup.precision)
             with peft_model.disable_adapter():
-                base_side = base_cache.base_sides(cache, peft_model, tokenizer, analysed_saes, texts[split],
+                base_side = base_cache.base_sides(cache, peft_model, setup.tokenizer, analysed_saes, texts,
                                                   write=accelerator.is_main_process,
-                                                  recorded=shared if split == "headline" else None, **passes)
+                                                  recorded=shared if role == "headline" else None, **passes)
             paired = None
-            if split == "headline" and shared is not None:
-                shared.adapted = _adapted_by_analysis(cfg, ctx, accelerator, peft_model, tokenizer, saes, analysed_saes,
-                                                      base_side, texts[split], metric, splits[split])
+            if role == "headline" and shared is not None:
+                shared.adapted = _adapted_by_analysis(cfg, ctx, accelerator, peft_model, setup.tokenizer, setup.saes,
+                                                      analysed_saes, base_side, texts, plan.metric, split)
                 paired = shared.adapted.paired if shared.adapted.complete() else None
             if paired is None:
-                paired = measure_adapted(peft_model, base_side, tokenizer, analysed_saes, texts[split], metric,
+                paired = measure_adapted(peft_model, base_side, setup.tokenizer, analysed_saes, texts, plan.metric,
                                          **passes)
-        reports[split] = outcome_report(paired, reference, targets, aggregate, tolerance,
-                                        n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),
-                                        seed=int(cfg.seed))
-    report = train_metrics(reports["headline"], reports["dev"], metric=metric, aggregate=aggregate,
-                           reference_lang=reference, targets=targets, layers=analysed, splits=splits,
-                           tolerance=tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)))
-    report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s,
-                  total_s=time.perf_counter() - started, trainable_params=trainable, aligned_layers=aligned)
+        reports[role] = outcome_report(paired, plan.reference, plan.targets, plan.aggregate, plan.tolerance,
+                                       n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),
+                                       seed=int(cfg.seed))
+    return reports
+
+
+def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: dict, *, train_s: float,
+            total_s: float) -> dict[str, float]:
+    """train/metrics.json, the adapter, the plot, the tracker's values and the closing lines; returns what sweeps see."""
+    from mlalign.console import headline, output
+    from mlalign.training.report import outcome_lines, plot_before_after, train_metrics
+
+    accelerator, splits = setup.accelerator, plan.splits
+    peft_model = accelerator.unwrap_model(setup.model)
+    report = train_metrics(reports["headline"], reports["dev"], metric=plan.metric, aggregate=plan.aggregate,
+                           reference_lang=plan.reference, targets=plan.targets, layers=setup.analysed, splits=splits,
+                           tolerance=plan.tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)))
+    report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s, total_s=total_s,
+                  trainable_params=setup.trainable, aligned_layers=setup.aligned)
 
     out = ctx.run_dir / "train"
     if accelerator.is_main_process:
@@ -228,10 +312,23 @@ def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
                 report, out / "activation_before_after.png")})
     accelerator.wait_for_everyone()
 
-    # What sweeps see: dev numbers only (the held-out ones live in train/metrics.json, reported once).
-    dev = reports["dev"]
+    result = _sweep_result(report, reports["dev"], state, train_s)
+    ctx.tracker.log({f"result/{k}": v for k, v in result.items()})
+    ctx.tracker.summary(_outcome_scalars(report))
+    ctx.tracker.log_table("train/outcomes", _outcome_rows(report))
+    # The closing block (mlalign.console) prints these once, at the end of the run (task=pipeline's too).
+    headline(f"{splits['headline']} split, reported once (dev numbers drive sweeps; alignment_score "
+             f"{report['alignment_score']:.2f} on {splits['dev']}):",
+             *(line.replace("**", "") for line in outcome_lines(report)[:-1]))
+    output("adapter", ctx.run_dir / "adapter")
+    output("train metrics", out / "metrics.json")
+    return result
+
+
+def _sweep_result(report: dict, dev: dict, state, train_s: float) -> dict[str, float]:
+    """What sweeps see: dev numbers only (the held-out ones live in train/metrics.json, reported once)."""
     final = state.history[-1] if state.history else {}
-    result = {
+    return {
         "alignment_score": report["alignment_score"],
         "dev_activation_gain_pct_mean": dev["activation_gain_pct_mean"],
         **{f"dev_activation_gain_pct_{lang}": v for lang, v in dev["activation_gain_pct"].items()},
@@ -244,16 +341,6 @@ def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
         "steps": float(state.step),
         "train_s": float(train_s),
     }
-    ctx.tracker.log({f"result/{k}": v for k, v in result.items()})
-    ctx.tracker.summary(_outcome_scalars(report))
-    ctx.tracker.log_table("train/outcomes", _outcome_rows(report))
-    # The closing block (mlalign.console) prints these once, at the end of the run (task=pipeline's too).
-    headline(f"{splits['headline']} split, reported once (dev numbers drive sweeps; alignment_score "
-             f"{report['alignment_score']:.2f} on {splits['dev']}):",
-             *(line.replace("**", "") for line in outcome_lines(report)[:-1]))
-    output("adapter", ctx.run_dir / "adapter")
-    output("train metrics", out / "metrics.json")
-    return result
 
 
 def _adapted_by_analysis(cfg, ctx, accelerator, peft_model, tokenizer, saes: dict, analysed_saes: dict, base_side,
