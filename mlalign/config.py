@@ -127,7 +127,8 @@ class FeaturesConfig:
 @dataclass
 class AnalysisConfig:
     metric: str = "mean_act"
-    """Primary metric: mean_act, l1, l0, feature_coverage, fvu or resid_norm (docs/method.md)."""
+    """Primary metric: a name registered in mlalign/analysis/registry.py (mean_act, l1, l0, dec_weighted_act,
+    feature_coverage, fvu, resid_norm, fvu_raw; docs/method.md)."""
     aggregate: str = "token"
     """token: mean over all tokens; sentence: mean per sentence first (fair across tokenizers)."""
     bootstrap: int = 1000

@@ -34,9 +34,11 @@ class CodeView(Protocol):
     storage (dense tensor, sparse entries, a surrogate)."""
 
     d_sae: int
+    decoder_norms: torch.Tensor | None
+    """[layers, d_sae] ||W_dec,f|| of the SAE(s) whose code this is (rows layer-major), None where not known."""
 
-    def row_sum(self) -> torch.Tensor:
-        """[tokens] sum_f a_tf."""
+    def row_sum(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """[tokens] sum_f a_tf, or sum_f w_f a_tf with per-feature `weights` [layers, d_sae]."""
 
     def row_abs_sum(self) -> torch.Tensor:
         """[tokens] sum_f |a_tf|."""
@@ -49,11 +51,18 @@ class DenseView:
     """A dense code [tokens, d_sae] as a `CodeView`; sums in `dtype` (default: the code's own). `fired` (acts != 0),
     when the caller has it already, saves a pass over a code that can be GBs on an accelerator."""
 
-    def __init__(self, acts: torch.Tensor, dtype: torch.dtype | None = None, fired: torch.Tensor | None = None):
+    def __init__(self, acts: torch.Tensor, dtype: torch.dtype | None = None, fired: torch.Tensor | None = None,
+                 decoder_norms: torch.Tensor | None = None):
         self.acts, self.dtype, self.d_sae, self.fired = acts, dtype, int(acts.shape[-1]), fired
+        self.decoder_norms = decoder_norms
 
-    def row_sum(self) -> torch.Tensor:
-        return self.acts.sum(dim=-1, dtype=self.dtype)
+    def row_sum(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if weights is None:
+            return self.acts.sum(dim=-1, dtype=self.dtype)
+        # One matrix-vector product per layer block (no [tokens, d_sae] temporary), in the code's dtype.
+        blocks = self.acts.view(weights.shape[0], -1, self.d_sae)
+        out = torch.bmm(blocks, weights.to(blocks.dtype).unsqueeze(-1)).view(-1)
+        return out.to(self.dtype or out.dtype)
 
     def row_abs_sum(self) -> torch.Tensor:
         return self.acts.abs().sum(dim=-1, dtype=self.dtype)
@@ -66,11 +75,15 @@ class DenseView:
 class SparseView:
     """`analysis.sae_ops.SparseCode` (the non-zero entries) as a `CodeView`: sums cost O(nnz), the row sum is shared."""
 
-    def __init__(self, code, dtype: torch.dtype = torch.float32):
-        self.code, self.dtype, self.d_sae = code, dtype, int(code.d_sae)
+    def __init__(self, code, dtype: torch.dtype = torch.float32, decoder_norms: torch.Tensor | None = None):
+        self.code, self.dtype, self.d_sae, self.decoder_norms = code, dtype, int(code.d_sae), decoder_norms
         self._row_sum: torch.Tensor | None = None
 
-    def row_sum(self) -> torch.Tensor:
+    def row_sum(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if weights is not None:
+            n = self.code.n_tokens // weights.shape[0]  # tokens per layer of a stacked code
+            return self.code.per_token(self.code.values * weights.reshape(-1)[self.code.layer_feature(n)],
+                                       dtype=self.dtype)
         if self._row_sum is None:
             self._row_sum = self.code.per_token(dtype=self.dtype)
         return self._row_sum
@@ -88,14 +101,17 @@ class SoftView:
     """A non-negative smooth stand-in for a code (e.g. softplus of the pre-activations above threshold) as a
     `CodeView`: counting becomes summing, so every metric of it has a gradient for every feature."""
 
-    def __init__(self, soft: torch.Tensor):
-        self.soft, self.d_sae = soft, int(soft.shape[-1])
+    def __init__(self, soft: torch.Tensor, decoder_norms: torch.Tensor | None = None):
+        self.soft, self.d_sae, self.decoder_norms = soft, int(soft.shape[-1]), decoder_norms
+        self._dense = DenseView(soft)
 
-    def row_sum(self) -> torch.Tensor:
-        return self.soft.sum(dim=-1)
+    def row_sum(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self._dense.row_sum(weights)
 
-    row_abs_sum = row_sum
-    row_count = row_sum
+    def row_abs_sum(self) -> torch.Tensor:
+        return self._dense.row_sum()
+
+    row_count = row_abs_sum
 
 
 PooledFn = Callable[[Mapping[str, np.ndarray], "object", "np.ndarray | None"], "np.ndarray | float"]
@@ -183,6 +199,17 @@ def _ratio(numerator, denominator):
 register_metric(Metric("mean_act", "SAE activations", per_token=lambda code: code.row_sum() / code.d_sae))
 register_metric(Metric("l1", "L1 SAE activation", per_token=lambda code: code.row_abs_sum()))
 register_metric(Metric("l0", "active SAE features per token", per_token=lambda code: code.row_count()))
+
+def _decoder_weighted(code: CodeView) -> torch.Tensor:
+    if code.decoder_norms is None:  # a code without its SAE (hand-built in a test): not computable, not a guess
+        count = code.row_count()
+        return torch.full(count.shape, float("nan"), device=count.device)
+    return code.row_sum(weights=code.decoder_norms)
+
+
+# sum_f a_tf ||W_dec,f||: each feature's activation in units of the residual it writes, so features whose decoder rows
+# are long or short (their scale is a free choice of the SAE's training) count by what they add to the residual.
+register_metric(Metric("dec_weighted_act", "decoder-norm-weighted SAE activation", per_token=_decoder_weighted))
 register_metric(Metric("feature_coverage", "SAE feature coverage", bootstrappable=False,
                        pooled=lambda totals, sums, counts: float(sums.features_fired.mean())))
 # FVU is centred on the language's (or the resample's own) mean residual: sum ||x - x̂||² / sum ||x - x̄||².

@@ -137,7 +137,7 @@ class LayerStats:
     """
 
     def __init__(self, n_sentences: int, d_model: int, d_sae: int, device: torch.device | str = "cpu",
-                 truncated=None, n_layers: int = 1):
+                 truncated=None, n_layers: int = 1, decoder_norms: torch.Tensor | None = None):
         device = torch.device(device)
         # float64 sums make results independent of batch composition to ~1e-12; MPS has no float64.
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
@@ -150,6 +150,8 @@ class LayerStats:
         self.shift: torch.Tensor | None = None
         self.features_fired = torch.zeros(self.n_layers * self.d_sae, dtype=torch.bool, device=device)
         self.truncated = np.zeros(n_sentences, dtype=bool) if truncated is None else np.asarray(truncated, dtype=bool)
+        self.decoder_norms = decoder_norms
+        """[n_layers, d_sae] ||W_dec,f|| of the group's SAEs, for metrics that weight features by what they write."""
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, feature_acts: torch.Tensor, x_hat: torch.Tensor, sentence_index: torch.Tensor,
@@ -194,11 +196,11 @@ class LayerStats:
             torch.linalg.vector_norm(dev, dim=-1, out=sq_dev[rows])
             self.sum_dev.index_add_(0, index[rows], dev)
         if code is not None:
-            view = SparseView(code, dtype=self.dtype)
+            view = SparseView(code, dtype=self.dtype, decoder_norms=self.decoder_norms)
             self.features_fired |= code.column_counts(n) > 0
         else:  # sums accumulate in float32 without a float32 copy of a bf16 code (GBs on an accelerator)
             fired = feature_acts != 0
-            view = DenseView(feature_acts, dtype=torch.float32, fired=fired)
+            view = DenseView(feature_acts, dtype=torch.float32, fired=fired, decoder_norms=self.decoder_norms)
             self.features_fired |= fired.view(L, n, -1).any(dim=1).view(-1)
         activation = {metric.name: metric.per_token(view) for metric in code_metrics()}
         per_token = {

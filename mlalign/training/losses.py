@@ -97,17 +97,26 @@ def alignable_metric(metric: str):
     return spec
 
 
-def per_token_metric(acts: torch.Tensor, metric: str) -> torch.Tensor:
-    """[tokens] the analysis metric's per-token value from feature activations [tokens, d_sae] (docs/method.md)."""
-    return alignable_metric(metric).per_token(DenseView(acts))
+def decoder_norms_of(sae) -> torch.Tensor:
+    """[1, d_sae] ||W_dec,f|| of one SAE, as the code views take them."""
+    return sae.W_dec.detach().norm(dim=-1).unsqueeze(0)
+
+
+def per_token_metric(acts: torch.Tensor, metric: str, sae=None) -> torch.Tensor:
+    """[tokens] the analysis metric's per-token value from feature activations [tokens, d_sae] (docs/method.md);
+    `sae`: the SAE that made them, for metrics that weight features by their decoder rows."""
+    norms = None if sae is None else decoder_norms_of(sae)
+    return alignable_metric(metric).per_token(DenseView(acts, decoder_norms=norms))
 
 
 class SteView:
     """JumpReLU's straight-through code (sae-lens's pseudo-derivative) as a `CodeView`: the exact code's values, and
     a gradient near each threshold; counting uses the step function's own estimator."""
 
-    def __init__(self, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float):
+    def __init__(self, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float,
+                 decoder_norms: torch.Tensor | None = None):
         self.pre, self.threshold, self.bandwidth, self.d_sae = pre, threshold, float(bandwidth), int(pre.shape[-1])
+        self.decoder_norms = decoder_norms
 
     def _gated(self) -> torch.Tensor:
         from sae_lens.saes.jumprelu_sae import JumpReLU
@@ -116,8 +125,8 @@ class SteView:
         # weights), not just the threshold, which is frozen here anyway.
         return JumpReLU.apply(F.relu(self.pre), self.threshold, self.bandwidth, True)
 
-    def row_sum(self) -> torch.Tensor:
-        return self._gated().sum(dim=-1)
+    def row_sum(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return DenseView(self._gated()).row_sum(weights)
 
     def row_abs_sum(self) -> torch.Tensor:
         return self._gated().abs().sum(dim=-1)
@@ -129,13 +138,13 @@ class SteView:
 
 
 def _surrogate_per_token(pre: torch.Tensor, threshold: torch.Tensor, metric: str, surrogate: str,
-                         bandwidth: float) -> torch.Tensor:
+                         bandwidth: float, decoder_norms: torch.Tensor | None = None) -> torch.Tensor:
     """[tokens] a differentiable stand-in for `per_token_metric` (only its gradient is used): the same registered
     formula, read from a smooth view of the code."""
     if surrogate == "pre_relu":
-        view = SoftView(F.softplus(pre - threshold))
+        view = SoftView(F.softplus(pre - threshold), decoder_norms=decoder_norms)
     elif surrogate == "ste":
-        view = SteView(pre, threshold, bandwidth)
+        view = SteView(pre, threshold, bandwidth, decoder_norms=decoder_norms)
     else:
         raise UserError(f"unknown loss.surrogate={surrogate!r}; use one of: {', '.join(SURROGATES)}")
     return alignable_metric(metric).per_token(view)
@@ -163,11 +172,11 @@ def metric_level(sae, x: torch.Tensor, metric: str = "mean_act", aggregate: str 
     """
     pre = sae_pre_activations(sae, x)
     threshold = threshold_of(sae).to(pre.dtype)
-    exact = aggregate_tokens(per_token_metric(jumprelu(pre, threshold), metric), sentence_of_token, aggregate)
+    exact = aggregate_tokens(per_token_metric(jumprelu(pre, threshold), metric, sae), sentence_of_token, aggregate)
     if surrogate is None:
         return exact
-    smooth = aggregate_tokens(_surrogate_per_token(pre, threshold, metric, surrogate, bandwidth), sentence_of_token,
-                              aggregate)
+    smooth = aggregate_tokens(_surrogate_per_token(pre, threshold, metric, surrogate, bandwidth, decoder_norms_of(sae)),
+                              sentence_of_token, aggregate)
     return exact.detach() + (smooth - smooth.detach())
 
 

@@ -3,14 +3,14 @@
 import numpy as np
 
 from mlalign.analysis.cache import StatsCache
-from mlalign.analysis.stats import SentenceSums
+from mlalign.analysis.stats import SentenceSums, code_sum_names
 
 
 def _sums(seed: int) -> SentenceSums:
     rng = np.random.default_rng(seed)
     n = 5
     return SentenceSums(n_tokens=rng.integers(1, 9, n),
-                        code_sums={name: rng.random(n) for name in ("mean_act", "l1", "l0")},
+                        code_sums={name: rng.random(n) for name in code_sum_names()},
                         resid_norm=rng.random(n), sq_err=rng.random(n), sq_dev=rng.random(n), sq_norm=rng.random(n),
                         position=rng.random(n), sum_x=rng.random(4), shift=rng.random(4),
                         features_fired=rng.random(8) > 0.5, sum_dev=rng.random((n, 4)).astype(np.float32),

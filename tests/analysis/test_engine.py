@@ -44,10 +44,11 @@ def numpy_jumprelu(sae, x):
     return feats, feats @ w_dec + b_dec
 
 
-def numpy_metrics(feats_per_sentence, x_per_sentence, x_hat_per_sentence, aggregate):
+def numpy_metrics(feats_per_sentence, x_per_sentence, x_hat_per_sentence, aggregate, decoder_norms=None):
     feats, x, x_hat = (np.concatenate(a) for a in (feats_per_sentence, x_per_sentence, x_hat_per_sentence))
     per_token = {
         "mean_act": feats.mean(axis=1),
+        "dec_weighted_act": feats @ (np.full(feats.shape[1], np.nan) if decoder_norms is None else decoder_norms),
         "l1": np.abs(feats).sum(axis=1),
         "l0": (feats != 0).sum(axis=1),
         "resid_norm": np.linalg.norm(x, axis=1),
@@ -90,7 +91,8 @@ def test_every_metric_matches_numpy_for_a_jumprelu_sae(model, tokenizer, saes, t
         for layer in range(N_LAYERS):
             x = [r[layer][1:] for r in residuals]  # position 0 is BOS
             encoded = [numpy_jumprelu(saes[layer], xs) for xs in x]
-            expected = numpy_metrics([f for f, _ in encoded], x, [h for _, h in encoded], aggregate)
+            norms = np.linalg.norm(saes[layer].W_dec.detach().double().numpy(), axis=1)
+            expected = numpy_metrics([f for f, _ in encoded], x, [h for _, h in encoded], aggregate, norms)
             for metric in METRICS:
                 assert values[lang][layer][metric] == pytest.approx(expected[metric], rel=1e-5), (lang, layer, metric)
 
