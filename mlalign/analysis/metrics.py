@@ -141,7 +141,9 @@ def bootstrap_ci(
     """Percentile bootstrap over sentences.
 
     Returns {"values_ci": [lang][layer][metric] -> [low, high] (None for a metric the registry marks not
-    bootstrappable: feature_coverage needs per-sentence feature sets), "disparity_ci": [lang][layer] -> [low, high] for `metric`}. Both are None when n_resamples == 0.
+    bootstrappable: feature_coverage needs per-sentence feature sets), "disparity_ci": [lang][layer] -> [low, high] for
+    `metric`, "disparity_samples": [lang][layer] -> [n_resamples] resampled disparities of the non-reference languages
+    (for simultaneous intervals and p-values; not JSON)}. All None when n_resamples == 0.
 
     Each resample draws a language's sentence indices with replacement. Where `ids_by_lang` shows a language holds
     exactly the reference's sentence ids (a parallel corpus), it reuses the reference's draw by id (paired
@@ -151,7 +153,7 @@ def bootstrap_ci(
     check_metric(metric)
     check_aggregate(aggregate)
     if n_resamples <= 0:
-        return {"values_ci": None, "disparity_ci": None}
+        return {"values_ci": None, "disparity_ci": None, "disparity_samples": None}
     if not 0 < ci < 1:
         raise UserError(f"analysis.ci must lie strictly between 0 and 1, got {ci}")
     ids_by_lang = ids_by_lang or {}
@@ -180,9 +182,9 @@ def bootstrap_ci(
         }
         for lang, by_layer in samples.items()
     }
-    disparity_ci = {}
+    disparity_ci, disparity_samples = {}, {}
     for lang, by_layer in samples.items():
-        disparity_ci[lang] = {}
+        disparity_ci[lang], disparity_samples[lang] = {}, {}
         for layer, s in by_layer.items():
             if lang == reference_lang:
                 disparity_ci[lang][layer] = [0.0, 0.0]
@@ -191,8 +193,10 @@ def bootstrap_ci(
             else:
                 ref = samples[reference_lang][layer][metric]
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    disparity_ci[lang][layer] = percentile_interval(100.0 * (s[metric] - ref) / ref, ci)
-    return {"values_ci": values_ci, "disparity_ci": disparity_ci}
+                    resampled = 100.0 * (s[metric] - ref) / ref
+                disparity_samples[lang][layer] = resampled
+                disparity_ci[lang][layer] = percentile_interval(resampled, ci)
+    return {"values_ci": values_ci, "disparity_ci": disparity_ci, "disparity_samples": disparity_samples}
 
 
 def corpus_stats(stats: dict[str, dict[int, SentenceSums]]) -> dict[str, dict[str, float]]:

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from mlalign.analysis.bootstrap import bootstrap_p_value, holm, simultaneous_intervals
 from mlalign.analysis.metrics import bootstrap_ci, check_metric, compute_metrics, corpus_stats, disparity, disparity_pct
 from mlalign.analysis.registry import check_aggregate, get_metric
 from mlalign.analysis.stats import SentenceSums
@@ -165,8 +166,26 @@ def _ci_words(disparity_ci, lang: str, layer, adverse_sign: int, ci: float) -> s
 
 
 def headline_statements(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]], unfit=(),
-                        disparity_ci=None, ci: float = 0.95) -> list[str]:
-    """The study's sentences, per resource tier, reproduced from the numbers, e.g.
+                        disparity_ci=None, ci: float = 0.95, disparity_samples=None) -> list[str]:
+    """The texts of `headlines`, then the statement naming unfit layers if any."""
+    texts = [h["text"] for h in headlines(values, disp, reference_lang, metric, bands, unfit, disparity_ci, ci,
+                                          disparity_samples)]
+    if unfit:
+        texts.append(unfit_statement(values, reference_lang, sorted(unfit)))
+    return texts
+
+
+def _simultaneous_words(interval, n_cells: int, adverse_sign: int, ci: float) -> str:
+    if not interval:
+        return ""
+    low, high = sorted(-adverse_sign * v for v in interval)
+    return f"; {100 * ci:.0f}% simultaneous CI over the {n_cells} cells searched {low:.1f} to {high:.1f}%"
+
+
+def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]], unfit=(),
+              disparity_ci=None, ci: float = 0.95, disparity_samples=None) -> list[dict]:
+    """The study's sentences, one per resource tier, reproduced from the numbers, as records {text, lang, layer,
+    value (the cell's disparity_pct), ci (its own bootstrap CI), simultaneous_ci, n_cells_searched}, e.g.
 
     "Medium-to-low resource languages (id, ca, mr, ml, hi) receive up to 27.1% (95% CI 20.3 to 33.0%) lower SAE
     activations than English in early layers (hi, layer 3); a gap of 12.3% persists in deep layers (mean over layers
@@ -175,8 +194,11 @@ def headline_statements(values, disp, reference_lang: str, metric: str, bands: d
     The adverse direction follows the metric: for activations a gap is a lower value than the reference's; for FVU
     (`lower_is_better` in the registry) it is a higher one, worded as a worse SAE fit. The worst cell's bootstrap CI
     (`disparity_ci[lang][layer]`) is quoted where there is one, and flagged when it includes 0.
+    "Up to X%" is the most extreme of `n_cells_searched` cells (the tier's languages x layers), so beside the cell's
+    own CI it carries a simultaneous one (max-t over those cells' bootstrap resamples, `disparity_samples`): the
+    interval that would hold whichever cell had come out most extreme.
     Layers in `unfit` (the SAE does not reconstruct the reference there, see `unfit_layers`) give no finding: they are
-    left out of every number and named in a last statement instead.
+    left out of every number and named by `headline_statements` instead.
     """
     ref_name = LANGUAGES[reference_lang].name if reference_lang in LANGUAGES else reference_lang
     what = get_metric(metric).words
@@ -185,7 +207,7 @@ def headline_statements(values, disp, reference_lang: str, metric: str, bands: d
     sign = -1 if lower_is_better else 1
     worse_words = "higher" if lower_is_better else "lower"
     fit_words = " (a worse SAE fit)" if lower_is_better else ""
-    statements = []
+    records = []
     band_of = {layer: band for band, layers in bands.items() for layer in layers}
     band_names = list(bands)
     for tier in TIER_ORDER[1:]:
@@ -197,12 +219,21 @@ def headline_statements(values, disp, reference_lang: str, metric: str, bands: d
         gap, lang, layer = min(cells)
         where = band_of[layer]
         head = f"{TIER_WORDS[tier]} ({', '.join(langs)})"
+        searched = {(c[1], c[2]): ((disparity_samples or {}).get(c[1]) or {}).get(c[2]) for c in cells}
+        simultaneous, _ = simultaneous_intervals({k: v for k, v in searched.items() if v is not None},
+                                                 {k: disp[k[0]][k[1]] for k in searched}, ci)
+        record = {"lang": lang, "layer": int(layer), "value": disp[lang][layer],
+                  "ci": ((disparity_ci or {}).get(lang) or {}).get(layer),
+                  "simultaneous_ci": simultaneous.get((lang, layer)), "n_cells_searched": len(cells)}
         if gap >= 0:
-            statements.append(f"{head} show no {worse_words} {what} than {ref_name} in any analysed layer "
-                              f"(smallest difference {sign * gap:+.1f}%, {lang}, layer {layer}).")
+            records.append({"text": f"{head} show no {worse_words} {what} than {ref_name} in any analysed layer "
+                                    f"(smallest difference {sign * gap:+.1f}%, {lang}, layer {layer}).", **record})
             continue
         verb = "have" if lower_is_better else "receive"
-        parts = [f"{head} {verb} up to {-gap:.1f}%{_ci_words(disparity_ci, lang, layer, sign, ci)} {worse_words} "
+        own = _ci_words(disparity_ci, lang, layer, sign, ci)
+        if own and record["simultaneous_ci"]:
+            own = own[:-1] + _simultaneous_words(record["simultaneous_ci"], len(cells), sign, ci) + ")"
+        parts = [f"{head} {verb} up to {-gap:.1f}%{own} {worse_words} "
                  f"{what}{fit_words} than {ref_name} in {where} layers ({lang}, layer {layer})"]
         for band in band_names:
             if band == where:
@@ -226,10 +257,20 @@ def headline_statements(values, disp, reference_lang: str, metric: str, bands: d
             f"FVU is {context['fvu']:.2f} vs {context['fvu_reference']:.2f} for {ref_name}{_raw_fvu_words(context)}: "
             f"{verdict}."
         )
-        statements.append("; ".join(parts) + ". " + check)
-    if unfit:
-        statements.append(unfit_statement(values, reference_lang, sorted(unfit)))
-    return statements
+        records.append({"text": "; ".join(parts) + ". " + check, **record})
+    return records
+
+
+def _holm_by_cell(disparity_samples, reference_lang: str, langs: list[str], layers: list[int], unfit) -> dict | None:
+    """disparity_p_holm[lang][layer]: each cell's bootstrap p-value of "no disparity", Holm-adjusted over every
+    non-reference cell of the fit layers (the family a reader scans in the heatmap); None without a bootstrap."""
+    if not disparity_samples:
+        return None
+    cells = {(lang, layer): bootstrap_p_value(disparity_samples[lang][layer]) for lang in langs
+             if lang != reference_lang for layer in layers
+             if layer not in unfit and layer in (disparity_samples.get(lang) or {})}
+    adjusted = holm(cells)
+    return {lang: {layer: adjusted.get((lang, layer)) for layer in layers} for lang in langs if lang != reference_lang}
 
 
 def _raw_fvu_words(context: dict) -> str:
@@ -292,7 +333,10 @@ def summarize(
     thirds of these when given), langs (tier order),
     values[lang][layer][metric], values_ci[lang][layer][metric] = [low, high] | null, disparity_pct[lang][layer]
     (of `metric`), disparity_ci[lang][layer] = [low, high] | null, bands {band: [layers]}, band_summary,
-    statements, n_tokens[lang], n_sentences[lang], corpus_stats[lang] {tokens_per_sentence, truncated_pct,
+    statements, headlines (one record per headline statement: text, lang, layer, value, ci, simultaneous_ci,
+    n_cells_searched; see `headlines`), disparity_pct_sentence[lang][layer] (the sentence aggregate's disparity),
+    disparity_p_holm[lang][layer] (bootstrap p of "no disparity", Holm over the non-reference cells of fit layers;
+    null without a bootstrap), n_tokens[lang], n_sentences[lang], corpus_stats[lang] {tokens_per_sentence, truncated_pct,
     mean_position}, max_fvu, unfit_layers (reference FVU >= max_fvu; left out of band_summary and statements),
     sae_fits[layer] (bool), warnings (also logged).
     """
@@ -323,6 +367,10 @@ def summarize(
                             f"or compare position-matched with analysis.max_position")
     for warning in warnings:
         log.warning(warning)
+    heads = headlines(values, disp, reference_lang, metric, band_layers, unfit, boot["disparity_ci"], ci,
+                      boot["disparity_samples"])
+    disp_sentence = disparity(compute_metrics(stats, "sentence"), reference_lang, metric)
+    p_holm = _holm_by_cell(boot["disparity_samples"], reference_lang, langs, layers, unfit)
     return _clean(
         {
             "model": model,
@@ -341,8 +389,13 @@ def summarize(
             "disparity_ci": {lang: boot["disparity_ci"][lang] for lang in langs} if boot["disparity_ci"] else None,
             "bands": band_layers,
             "band_summary": band_summary(values, disp, reference_lang, band_layers, unfit, metric),
-            "statements": headline_statements(values, disp, reference_lang, metric, band_layers, unfit,
-                                              boot["disparity_ci"], ci),
+            "statements": [h["text"] for h in heads] + (
+                [unfit_statement(values, reference_lang, sorted(unfit))] if unfit else []),
+            "headlines": heads,
+            # The same disparity with every sentence weighing the same (a language cut into more tokens per sentence
+            # counts no more), beside the token aggregate: a headline that holds in one and not the other says so.
+            "disparity_pct_sentence": {lang: disp_sentence[lang] for lang in langs},
+            "disparity_p_holm": p_holm,
             "n_tokens": {lang: first[lang].total_tokens for lang in langs},
             "n_sentences": {lang: first[lang].n_sentences for lang in langs},
             "corpus_stats": {lang: corpus[lang] for lang in langs},

@@ -13,6 +13,7 @@ from mlalign.analysis.summary import (
     layer_bands,
     metrics_rows,
     summarize,
+    tier_of,
 )
 from mlalign.errors import UserError
 
@@ -193,3 +194,25 @@ def test_statements_quote_the_ci_and_word_fvu_as_a_worse_fit():
     (statement,) = headline_statements(values, fvu_disp, "en", "fvu", bands)
     assert "up to 40.0% higher fraction of variance unexplained (a worse SAE fit)" in statement
     assert "(hi, layer 1)" in statement and "lower" not in statement.split(".")[0]
+
+
+def test_headline_records_carry_a_simultaneous_interval_over_the_cells_searched(reference_stats, ids):
+    summary = summarize(reference_stats, "en", bootstrap=300, ids_by_lang=ids, max_fvu=None)  # random SAEs: all "unfit"
+    layers = summary["layers"]
+    assert summary["headlines"] and summary["statements"][: len(summary["headlines"])] == [
+        h["text"] for h in summary["headlines"]]
+    for head in summary["headlines"]:
+        assert set(head) == {"text", "lang", "layer", "value", "ci", "simultaneous_ci", "n_cells_searched"}
+        tier_langs = [lang for lang in summary["langs"] if lang != "en" and tier_of(lang) == tier_of(head["lang"])]
+        assert head["n_cells_searched"] == len(tier_langs) * len(layers)
+        assert head["value"] == summary["disparity_pct"][head["lang"]][str(head["layer"])]
+        if head["n_cells_searched"] > 1:  # the search's interval is wider than the one cell's
+            assert head["simultaneous_ci"][0] < head["ci"][0] and head["simultaneous_ci"][1] > head["ci"][1]
+            assert "simultaneous CI over the" in head["text"]
+    p = summary["disparity_p_holm"]
+    assert set(p) == {lang for lang in summary["langs"] if lang != "en"}
+    assert all(0 < v <= 1 for by_layer in p.values() for v in by_layer.values())
+    # The sentence aggregate's disparity is reported beside the token one and differs from it.
+    sentence = summary["disparity_pct_sentence"]
+    assert sentence["en"][str(layers[0])] == 0.0
+    assert sentence["hi"][str(layers[0])] != pytest.approx(summary["disparity_pct"]["hi"][str(layers[0])], rel=1e-9)
