@@ -131,6 +131,9 @@ class AnalysisConfig:
     feature_coverage, fvu, resid_norm, fvu_raw; docs/method.md)."""
     aggregate: str = "token"
     """token: mean over all tokens; sentence: mean per sentence first (fair across tokenizers)."""
+    dense_threshold: float = 0.5
+    """Features firing on more than this share of all analysed languages' tokens (per layer) are dense: summary.json
+    reports their share of mean_act (dense_share) and the disparity without them (decomposition)."""
     bootstrap: int = 1000
     """Bootstrap resamples over sentences for the confidence intervals; 0 disables."""
     ci: float = 0.95

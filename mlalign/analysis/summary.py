@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from mlalign.analysis.bootstrap import bootstrap_p_value, holm, simultaneous_intervals
+from mlalign.analysis.decomposition import DENSE_THRESHOLD, decompose
 from mlalign.analysis.metrics import bootstrap_ci, check_metric, compute_metrics, corpus_stats, disparity, disparity_pct
 from mlalign.analysis.registry import check_aggregate, get_metric
 from mlalign.analysis.stats import SentenceSums
@@ -31,7 +32,7 @@ reconstructs worse than predicting the mean residual), and none of its numbers i
 MAX_TRUNCATED_PCT = 5.0
 """Default `analysis.max_truncated_pct`: a language with more of its sentences cut at max_length gets a warning."""
 MODEL_LEVEL_FRACTION = 0.5
-"""A residual-norm gap at least this fraction of the metric's gap (same sign) marks the gap as model-level."""
+"""A residual-norm gap at least this fraction of the metric's gap (same sign) flags the gap as possibly a scale effect."""
 
 
 # ---------------------------------------------------------------------------------------------------- layer bands
@@ -95,7 +96,7 @@ def _finite(x) -> bool:
 
 
 def _gap_context(values, disp, reference_lang, lang, layer) -> dict:
-    """What the residual stream and the SAE's fit do at a gap: to tell a model-level gap from an SAE artefact."""
+    """What the residual stream and the SAE's fit do at a gap: to flag a scale effect or an SAE artefact."""
     ref, own = values[reference_lang][layer], values[lang][layer]
     return {
         "lang": lang,
@@ -119,7 +120,8 @@ def _verdict(context: dict) -> str:
     if _finite(fvu) and _finite(fvu_ref) and fvu_ref > 0 and fvu > FVU_ARTEFACT_RATIO * fvu_ref:
         return "the SAE reconstructs this language markedly worse, so part of the gap may be an SAE artefact"
     if _finite(resid) and _finite(gap) and gap != 0 and resid * gap > 0 and abs(resid) >= MODEL_LEVEL_FRACTION * abs(gap):
-        return "the raw residual stream differs in the same direction, so the gap is (at least partly) model-level"
+        return ("the residual norm differs in the same direction by at least half as much, so part of the gap may be "
+                "the residual's scale rather than what its features represent (see the norm-matched numbers)")
     return "the SAE fits both languages comparably and the residual norm does not explain the gap"
 
 
@@ -183,7 +185,7 @@ def _simultaneous_words(interval, n_cells: int, adverse_sign: int, ci: float) ->
 
 
 def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]], unfit=(),
-              disparity_ci=None, ci: float = 0.95, disparity_samples=None) -> list[dict]:
+              disparity_ci=None, ci: float = 0.95, disparity_samples=None, decomposition=None) -> list[dict]:
     """The study's sentences, one per resource tier, reproduced from the numbers, as records {text, lang, layer,
     value (the cell's disparity_pct), ci (its own bootstrap CI), simultaneous_ci, n_cells_searched}, e.g.
 
@@ -257,7 +259,8 @@ def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, l
             f"FVU is {context['fvu']:.2f} vs {context['fvu_reference']:.2f} for {ref_name}{_raw_fvu_words(context)}: "
             f"{verdict}."
         )
-        records.append({"text": "; ".join(parts) + ". " + check, **record})
+        records.append({"text": "; ".join(parts) + ". " + check + _reshuffling_words(decomposition, lang, layer),
+                        **record})
     return records
 
 
@@ -271,6 +274,22 @@ def _holm_by_cell(disparity_samples, reference_lang: str, langs: list[str], laye
              if layer not in unfit and layer in (disparity_samples.get(lang) or {})}
     adjusted = holm(cells)
     return {lang: {layer: adjusted.get((lang, layer)) for layer in layers} for lang in langs if lang != reference_lang}
+
+
+def _reshuffling_words(decomposition, lang: str, layer) -> str:
+    """" Feature by feature (mean_act): net -12.3%, gross 190% ..." for the headline cell; "" without feature totals."""
+    if not decomposition:
+        return ""
+    net = decomposition["net_change_pct"][lang][layer]
+    gross = decomposition["gross_change_pct"][lang][layer]
+    dense = decomposition["dense_share"][lang][layer]
+    if not (_finite(net) and _finite(gross)):
+        return ""
+    share = f"; {100 * dense:.0f}% of its activation is in dense features" if _finite(dense) else ""
+    return (f" Feature by feature (mean_act): net change {net:+.1f}% of the reference's activation, gross "
+            f"{gross:.1f}% moved between features{share}"
+            + (" — mostly a reshuffling of which features fire, not uniformly weaker ones." if gross > 2 * abs(net)
+               else "."))
 
 
 def _raw_fvu_words(context: dict) -> str:
@@ -326,6 +345,8 @@ def summarize(
     max_fvu: float | None = MAX_FVU,
     max_truncated_pct: float | None = MAX_TRUNCATED_PCT,
     n_model_layers: int | None = None,
+    feature_stats: dict | None = None,
+    dense_threshold: float = DENSE_THRESHOLD,
 ) -> dict:
     """The content of `analysis/summary.json` (strict JSON: NaN becomes null, layer keys are strings).
 
@@ -339,6 +360,10 @@ def summarize(
     null without a bootstrap), n_tokens[lang], n_sentences[lang], corpus_stats[lang] {tokens_per_sentence, truncated_pct,
     mean_position}, max_fvu, unfit_layers (reference FVU >= max_fvu; left out of band_summary and statements),
     sae_fits[layer] (bool), warnings (also logged).
+    With `feature_stats` (the per-feature totals of the same pass): dense_share[lang][layer] and
+    gross_change_pct[lang][layer] beside the net disparity, and `decomposition` (analysis.decomposition.decompose:
+    dense features at `dense_threshold`, the disparity without them); headline statements then say how much of the
+    gap is reshuffling between features.
     """
     check_metric(metric)
     check_aggregate(aggregate)
@@ -367,8 +392,9 @@ def summarize(
                             f"or compare position-matched with analysis.max_position")
     for warning in warnings:
         log.warning(warning)
+    parts = decompose(feature_stats, reference_lang, dense_threshold) if feature_stats else None
     heads = headlines(values, disp, reference_lang, metric, band_layers, unfit, boot["disparity_ci"], ci,
-                      boot["disparity_samples"])
+                      boot["disparity_samples"], parts)
     disp_sentence = disparity(compute_metrics(stats, "sentence"), reference_lang, metric)
     p_holm = _holm_by_cell(boot["disparity_samples"], reference_lang, langs, layers, unfit)
     return _clean(
@@ -396,6 +422,9 @@ def summarize(
             # counts no more), beside the token aggregate: a headline that holds in one and not the other says so.
             "disparity_pct_sentence": {lang: disp_sentence[lang] for lang in langs},
             "disparity_p_holm": p_holm,
+            "dense_share": parts["dense_share"] if parts else None,
+            "gross_change_pct": parts["gross_change_pct"] if parts else None,
+            "decomposition": parts,
             "n_tokens": {lang: first[lang].total_tokens for lang in langs},
             "n_sentences": {lang: first[lang].n_sentences for lang in langs},
             "corpus_stats": {lang: corpus[lang] for lang in langs},

@@ -317,7 +317,9 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
                         ci=float(acfg.ci), seed=int(cfg.seed), bands=acfg.bands, model=cfg.model.name,
                         sae=cfg.sae.name, max_fvu=acfg.get("max_fvu", 1.0),
                         max_truncated_pct=acfg.get("max_truncated_pct", 5.0),
-                        n_model_layers=cfg.model.get("num_layers"))
+                        n_model_layers=cfg.model.get("num_layers"),
+                        feature_stats=feature_stats if fcfg["enabled"] else None,
+                        dense_threshold=float(acfg.dense_threshold))
     summary["adapter"] = str(adapter) if adapter else None
     report = ctx.run_dir / "corpus.json"
     summary["corpus"] = {"source": cfg.data.source, "split": split, "n_sentences": len(corpus.ids[cfg.reference_lang]),
