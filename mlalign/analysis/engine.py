@@ -175,12 +175,12 @@ def _check_inputs(model: nn.Module, saes: dict, batch_size: int, max_length: int
         raise UserError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
 
-@torch.inference_mode()
 def decoder_norms(saes: dict, group: list[int]) -> torch.Tensor:
     """[layers, d_sae] ||W_dec,f|| of a group's SAEs (for metrics that weight a feature by what it writes)."""
     return torch.stack([saes[layer].W_dec.detach().norm(dim=-1) for layer in group])
 
 
+@torch.inference_mode()
 def collect_stats(
     model: nn.Module,
     tokenizer,
