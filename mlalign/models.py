@@ -61,6 +61,31 @@ def prepare_model(model_cfg, cache_dir: str | Path) -> None:
             model_cfg.converted_dir = str(directory)
 
 
+def resolve_model_shape(model_cfg, testbed_dir: str | Path | None = None) -> None:
+    """model.num_layers / model.hidden_size left null (model=hf): read them from the model's config.json, which is all
+    that is fetched here (kilobytes), so a layer typo still fails before any weights download."""
+    from omegaconf import open_dict
+
+    if model_cfg.get("num_layers") is not None and model_cfg.get("hidden_size") is not None:
+        return
+    from transformers import AutoConfig
+
+    source = model_source(model_cfg, testbed_dir)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=model_cfg.get("revision"),
+                                            trust_remote_code=bool(model_cfg.trust_remote_code))
+    except (OSError, ValueError) as err:
+        raise _load_error(source, err) from None
+    text = getattr(config, "text_config", None) or config  # multimodal wrappers keep the LM's shape in text_config
+    with open_dict(model_cfg):
+        if model_cfg.get("num_layers") is None:
+            model_cfg.num_layers = int(text.num_hidden_layers)
+        if model_cfg.get("hidden_size") is None:
+            model_cfg.hidden_size = int(text.hidden_size)
+    log.info("model %s: %d layers, hidden size %d (from its config)", source, model_cfg.num_layers,
+             model_cfg.hidden_size)
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
@@ -165,11 +190,11 @@ def _same_base(a: str, b: str) -> bool:
 
 def num_layers(model) -> int:
     config = model.config
-    config = getattr(config, "text_config", config)
-    return int(config.num_hidden_layers)
+    config = getattr(config, "text_config", None) or config
+    return int(config.num_hidden_layers)  # GPT-2's n_layer and NeoX's names map onto this in transformers' configs
 
 
 def hidden_size(model) -> int:
     config = model.config
-    config = getattr(config, "text_config", config)
+    config = getattr(config, "text_config", None) or config
     return int(config.hidden_size)

@@ -120,6 +120,9 @@ class RunContext:
         seed_everything(int(cfg.seed))
         # Cheap checks first: a typo must cost seconds, not a testbed build or a model download.
         self.langs = resolve_langs(cfg.langs, cfg.reference_lang)
+        from mlalign.models import resolve_model_shape
+
+        resolve_model_shape(cfg.model, OmegaConf.select(cfg, "paths.testbed_dir", default=None))  # model=hf: config.json
         resolve_layers(cfg.layers, int(cfg.model.num_layers))
         if cfg.get("adapter"):
             from mlalign.models import check_adapter
