@@ -9,6 +9,7 @@ from pathlib import Path
 from mlalign.errors import UserError
 from mlalign.evaluation import compare_results, flat_metrics, write_eval_outputs
 from mlalign.evaluation.harness import plan_benchmarks, run_plan
+from mlalign.evaluation.report import headline_lines, summary_metrics  # noqa: F401  (task=pipeline's too)
 from mlalign.models import attach_adapter, model_source
 
 log = logging.getLogger(__name__)
@@ -115,45 +116,6 @@ def evaluate_models(cfg, ctx, adapter=None, out_dir: Path | None = None) -> dict
     for item in comparison.get("skipped", []):
         print(f"skipped {item['benchmark']} in {item['lang']}: {item['reason']}")
     return comparison
-
-
-def summary_metrics(comparison: dict) -> dict[str, float]:
-    """`<benchmark>/<lang>/<side>_<metric>` and p-values (flat_metrics), plus, where there is an adapter, the mean
-    accuracy difference (`mean_diff_acc`, `<benchmark>/mean_diff_acc`) and the number of differences significant after
-    Holm's adjustment (`n_significant`, of `n_tests`): the W&B summary values of task=eval and pipeline."""
-    flat = flat_metrics(comparison)
-    diffs = [v for k, v in flat.items() if k.endswith("/diff_acc")]
-    if diffs:
-        flat["mean_diff_acc"] = sum(diffs) / len(diffs)
-    for benchmark, by_lang in comparison["results"].items():
-        values = [cell["diff"]["acc"] for cell in by_lang.values() if (cell.get("diff") or {}).get("acc") is not None]
-        if values:
-            flat[f"{benchmark}/mean_diff_acc"] = sum(values) / len(values)
-    if comparison.get("has_adapter"):
-        cells = [cell for by_lang in comparison["results"].values() for cell in by_lang.values()]
-        flat["n_significant"] = float(sum(1 for cell in cells if cell.get("significant")))
-        flat["n_tests"] = float(comparison.get("n_tests", 0))
-    return flat
-
-
-def headline_lines(comparison: dict) -> list[str]:
-    """One line per benchmark for the closing block: mean accuracy (base, and the adapter's difference), and which
-    differences are significant after Holm's adjustment."""
-    lines = []
-    alpha = comparison.get("alpha", 0.05)
-    for benchmark, by_lang in comparison["results"].items():
-        cells = {lang: cell for lang, cell in by_lang.items() if (cell.get("base") or {}).get("acc") is not None}
-        if not cells:
-            continue
-        base = sum(cell["base"]["acc"] for cell in cells.values()) / len(cells)
-        line = f"{benchmark}: base acc {base:.3f} (mean of {len(cells)} language(s))"
-        diffs = {lang: cell["diff"]["acc"] for lang, cell in cells.items() if (cell.get("diff") or {}).get("acc") is not None}
-        if diffs:
-            significant = [f"{lang} {diffs[lang]:+.3f}" for lang, cell in cells.items() if cell.get("significant")]
-            line += (f", adapter {sum(diffs.values()) / len(diffs):+.3f}; significant (Holm, p < {alpha:g}): "
-                     + (", ".join(significant) if significant else f"none of {len(diffs)}"))
-        lines.append(line)
-    return lines
 
 
 def run(cfg, ctx) -> dict[str, float]:
