@@ -27,7 +27,7 @@ def registry_ids(release: str) -> dict[str, str]:
     return dict(directory[release].saes_map)
 
 
-NO_SAE_OFFLINE = ("go online once (`hf auth login` if gated), or train SAEs for this model with "
+NO_SAE_OFFLINE = ("go online once (`.venv/bin/hf auth login` if gated), or train SAEs for this model with "
                   "`python run.py task=train_saes model=<this model>` and use sae=local sae.path_template=<run dir>/saes")
 
 
