@@ -127,6 +127,10 @@ def publish(spec: dict) -> list[str]:
     """Save the workspace and a report of the same panels to W&B; their URLs. Needs `wandb login`."""
     import wandb_workspaces.reports.v2 as wr
 
+    if not spec["target"]["entity"]:  # logger.entity=null: the account's default entity, as wandb.init uses
+        import wandb
+
+        spec = {**spec, "target": {**spec["target"], "entity": wandb.Api().default_entity}}
     target = spec["target"]
     saved = workspace(spec).save()
     runset = wr.Runset(entity=target["entity"], project=target["project"], name=target["group"],

@@ -105,3 +105,43 @@ def test_bring_your_own_model_from_no_saes_to_an_analysis(testbed_dir, tmp_path)
     assert summary["layers"] == [1] and summary["sae"] == "local"
     config = (analysis / "config.yaml").read_text()
     assert "num_layers: 3" in config and "hidden_size: 48" in config  # read from config.json, written down
+
+
+def test_swapped_adapters_give_the_outputs_of_freshly_attached_ones(tmp_path):
+    """adapters=[A,B,...] keeps one base model and swaps adapters through peft: each adapter's logits equal those of
+    the same adapter attached to a fresh copy of the base, and only the active adapter stays loaded."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from mlalign.models import swap_adapter
+
+    config = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+
+    def base():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        model.config._name_or_path = str(tmp_path / "base")
+        return model
+
+    folders = []
+    for k, targets in enumerate((["q_proj", "v_proj"], ["o_proj"], ["q_proj", "v_proj"])):
+        torch.manual_seed(10 + k)
+        wrapped = get_peft_model(base(), LoraConfig(r=2 + k, target_modules=targets, init_lora_weights=False))
+        wrapped.save_pretrained(tmp_path / f"a{k}")
+        folders.append(tmp_path / f"a{k}")
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(3))
+    shared = base()
+    with torch.no_grad():
+        plain = shared(input_ids=ids).logits
+    outputs = []
+    for k, folder in enumerate(folders):
+        shared = swap_adapter(shared, folder, f"adapter_{k}")
+        assert list(shared.peft_config) == [f"adapter_{k}"]
+        with torch.no_grad():
+            outputs.append(shared(input_ids=ids).logits)
+    for k, folder in enumerate(folders):
+        fresh = attach_adapter(base(), folder)
+        with torch.no_grad():
+            torch.testing.assert_close(outputs[k], fresh(input_ids=ids).logits, rtol=0, atol=0)
+        assert not torch.allclose(outputs[k], plain)  # random B: the adapter changes the logits
