@@ -3,20 +3,25 @@ transformers' own `hidden_states[L + 1]` (the last layer's entry excepted: trans
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OlmoConfig, PhiConfig
 
 from mlalign.analysis.capture import ResidualCapture, decoder_layers
 from mlalign.errors import UserError
 
 N_LAYERS = 3
-TINY = {  # random weights from a config: no download; three layouts (model.layers, gpt_neox.layers, transformer.h)
+TINY = {  # random weights from a config, no download: the layouts model.layers, gpt_neox.layers, transformer.h
     "llama": lambda: LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
     "gpt_neox": lambda: GPTNeoXConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
                                       num_attention_heads=4, max_position_embeddings=64),
     "gpt2": lambda: GPT2Config(vocab_size=97, n_embd=32, n_layer=N_LAYERS, n_head=4, n_positions=64),
+    "phi": lambda: PhiConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                             num_attention_heads=4, max_position_embeddings=64),
+    "olmo": lambda: OlmoConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                               num_attention_heads=4, max_position_embeddings=64, pad_token_id=0),
 }
-LAYOUT = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "gpt2": "transformer.h"}
+LAYOUT = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "gpt2": "transformer.h", "phi": "model.layers",
+          "olmo": "model.layers"}
 
 
 def tiny_model(arch: str):
