@@ -18,10 +18,11 @@ class ModelConfig:
     """Short name used in outputs and W&B (`gemma2_2b`, `testbed`)."""
     hf_id: Optional[str] = None
     """Hugging Face model id or local directory; null for the testbed (resolved to its built copy)."""
-    num_layers: int = "???"  # type: ignore[assignment]
-    """Decoder layers; `layers=null` means all of them. Checked against the loaded weights."""
-    hidden_size: int = "???"  # type: ignore[assignment]
-    """Residual stream width; every SAE's d_in must equal it."""
+    num_layers: Optional[int] = None
+    """Decoder layers; `layers=null` means all of them. Checked against the loaded weights. null: read from the
+    model's config.json when the run starts (model=hf)."""
+    hidden_size: Optional[int] = None
+    """Residual stream width; every SAE's d_in must equal it. null: read from the model's config.json (model=hf)."""
     dtype: str = "bfloat16"
     """Weights dtype: float32, bfloat16 or float16 (float32 on CPU)."""
     device: str = "auto"

@@ -27,7 +27,7 @@ def registry_ids(release: str) -> dict[str, str]:
     return dict(directory[release].saes_map)
 
 
-NO_SAE_OFFLINE = ("go online once (`hf auth login` if gated), or train SAEs for this model with "
+NO_SAE_OFFLINE = ("go online once (`.venv/bin/hf auth login` if gated), or train SAEs for this model with "
                   "`python run.py task=train_saes model=<this model>` and use sae=local sae.path_template=<run dir>/saes")
 
 
@@ -52,8 +52,9 @@ def check_sae_config(sae_cfg, layers: list[int]) -> None:
             raise UserError(f"SAE release {sae_cfg.release} has no id {sae_id_for(sae_cfg, missing[0])!r} "
                             f"(layers {missing} have none); choose layers=[...] it covers or another sae=")
     elif not sae_cfg.path_template:
-        raise UserError("the SAE config names neither a release nor a path; use e.g. sae=gemma2_2b or "
-                        "sae=local sae.path_template=/dir (holding layer_0/, layer_1/, ...)")
+        raise UserError(f"sae={sae_cfg.name}: no SAEs for this model (neither sae.release nor sae.path_template); "
+                        "train them with `python run.py task=train_saes` and the same model= settings, then add "
+                        "sae=local sae.path_template=<that run dir>/saes")
     else:
         for layer in layers:
             path = local_sae_path(sae_cfg.path_template, layer)

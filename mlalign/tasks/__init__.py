@@ -23,6 +23,7 @@ TASKS = {
     "train_saes": "train_saes",
     "build_testbed": "build_testbed",
     "summarize": "summarize",
+    "eval_compare": "eval_compare", "dashboard": "dashboard",
 }
 
 # Tasks that read the parallel corpus -> the data.splits entries they use: the corpus is checked (those splits hold
