@@ -84,16 +84,18 @@ def hierarchical_difference(a: Outcome, b: Outcome, n_resamples: int = 1000, ci:
             "n_seeds": [a.n_seeds, b.n_seeds], "n_sentences": n}
 
 
-def verdict(contrast: str, lang: str, outcome: str, diff: dict, unit: str = "") -> str:
-    """One line: which way the difference came out, or 'no detectable difference (MDE x)'."""
+def verdict(contrast: str, lang: str, outcome: str, diff: dict, unit: str = "", lower_is_better: bool = False) -> str:
+    """One line: which way the difference came out (and whether that is better, for outcomes where lower is better),
+    or 'no detectable difference (MDE x)'."""
     low, high = diff["ci"]
     first, second = contrast.split("-", 1)
     shown = f"{diff['estimate']:+.4g}{unit} [{low:+.4g}, {high:+.4g}]"
     if not (np.isfinite(low) and np.isfinite(high)):
         return f"{contrast} {lang} {outcome}: undefined (no finite resample)"
+    worse, better = (" (worse)", " (better)") if lower_is_better else ("", "")
     if low > 0:
-        return f"{contrast} {lang} {outcome}: {first} higher than {second} by {shown}"
+        return f"{contrast} {lang} {outcome}: {first} higher{worse} than {second} by {shown}"
     if high < 0:
-        return f"{contrast} {lang} {outcome}: {first} lower than {second} by {shown}"
+        return f"{contrast} {lang} {outcome}: {first} lower{better} than {second} by {shown}"
     return (f"{contrast} {lang} {outcome}: no detectable difference (MDE {diff['mde']:.3g}{unit}); "
             f"estimate {shown}")

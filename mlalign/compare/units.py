@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from mlalign.analysis.retrieval import retrieval_ranks, retrieval_scores
+from mlalign.analysis.spliced import spliced_dlm_loss, token_batches
 from mlalign.analysis.probes import probe_correct
 from mlalign.compare.passes import pooled_residuals, steering
 from mlalign.io import write_json_atomic
@@ -199,17 +200,20 @@ def _ratio_sums(values: np.ndarray, n_tokens: np.ndarray, aggregate: str) -> np.
 
 def measure_test(bench: Bench, for_lang, seed: int) -> tuple[dict, dict]:
     """(per_lang outcomes, per-sentence sums) of one unit on the held-out split: the outcome report, LM loss,
-    retrieval, topic transfer (and benchmarks when asked)."""
+    spliced-in LM loss at each aligned layer, retrieval, topic transfer (and benchmarks when asked)."""
     cfg = bench.cfg
     paired = paired_sums(bench, "test", for_lang)
     report = outcome_report(paired, bench.reference, bench.targets, bench.aggregate, bench.tolerance,
                             n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci), seed=seed)
     per_lang: dict[str, dict] = {}
     sums: dict[str, dict] = {}
-    pooled, pooled_train = {}, {}
+    pooled, pooled_train, spliced = {}, {}, {}
     last = bench.pool_layers[-1]
+    device = next(bench.model.parameters()).device
     for lang in bench.measured:
         with for_lang(lang):
+            batches = token_batches(bench.tokenizer, bench.texts["test"][lang], **bench.passes())
+            spliced[lang] = spliced_dlm_loss(bench.model, bench.saes, batches, bench.aligned, device=device)
             pooled[lang] = pooled_residuals(bench.model, bench.tokenizer, bench.texts["test"][lang], bench.pool_layers,
                                             **bench.passes())
             if bench.topics is not None:
@@ -228,6 +232,14 @@ def measure_test(bench: Bench, for_lang, seed: int) -> tuple[dict, dict]:
                                        _ratio_sums(p.metric_before, p.n_tokens, bench.aggregate), 100.0, -100.0),
              "lm_loss": (p.ce_after, p.ce_tokens, 1.0, 0.0)}
         ones = np.ones(p.n_sentences)
+        # Spliced-in LM loss (nats/token, per sentence; the mean over sentences), per aligned layer and averaged.
+        by_layer = {layer: np.asarray(values, dtype=float) for layer, values in spliced[lang].items()}
+        for layer, values in by_layer.items():
+            s[f"spliced_dlm_loss_L{layer}"] = (np.nan_to_num(values), np.isfinite(values).astype(float), 1.0, 0.0)
+        mean_layers = np.mean(np.stack(list(by_layer.values())), axis=0)
+        s["spliced_dlm_loss"] = (np.nan_to_num(mean_layers), np.isfinite(mean_layers).astype(float), 1.0, 0.0)
+        per_lang[lang]["spliced_dlm_loss"] = float(np.nanmean(mean_layers))
+        per_lang[lang]["spliced_dlm_loss_per_layer"] = {str(layer): float(np.nanmean(v)) for layer, v in by_layer.items()}
         if lang != bench.reference:
             retrieval = {}
             for layer in bench.pool_layers:

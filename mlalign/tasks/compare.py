@@ -267,7 +267,7 @@ def _measure_all(bench, settings, choices: dict, units: dict, root: Path, ctx) -
             "n_test_sentences": len(bench.texts["test"][bench.reference])}
 
 
-UNITS = {"gain_pct": "%", "norm_matched_gain_pct": "%", "lm_loss": " nats"}
+UNITS = {"gain_pct": "%", "norm_matched_gain_pct": "%", "lm_loss": " nats", "spliced_dlm_loss": " nats"}
 
 
 def _differences(settings, sums: dict, bench) -> tuple[dict, list[str]]:
@@ -290,7 +290,8 @@ def _differences(settings, sums: dict, bench) -> tuple[dict, list[str]]:
 
                 diff = hierarchical_difference(outcome(a_runs), outcome(b_runs), settings.bootstrap,
                                                seed=1000 * c + 100 * bench.measured.index(lang) + k)
-                diff["verdict"] = verdict(contrast, lang, name, diff, UNITS.get(name, ""))
+                diff["verdict"] = verdict(contrast, lang, name, diff, UNITS.get(name.split("_L")[0], ""),
+                                          lower_is_better=name.startswith(("lm_loss", "spliced_dlm_loss")))
                 differences[contrast][lang][name] = diff
                 if "_L" not in name and not name.startswith("topic_shuffled"):
                     lines.append(diff["verdict"])
@@ -348,7 +349,7 @@ def _forest_plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    outcomes = [o for o in ("gain_pct", "lm_loss", "retrieval_at1", "topic_transfer_acc")
+    outcomes = [o for o in ("gain_pct", "lm_loss", "spliced_dlm_loss", "retrieval_at1", "topic_transfer_acc")
                 if any(o in by_lang for by_c in results["differences"].values() for by_lang in by_c.values())]
     rows = [(c, lang) for c, by_lang in results["differences"].items() for lang in by_lang]
     fig, axes = plt.subplots(1, max(1, len(outcomes)), figsize=(3.6 * max(1, len(outcomes)), 0.35 * len(rows) + 1.5),
@@ -385,7 +386,7 @@ def _summary(results: dict) -> dict[str, float]:
     out = {}
     for contrast, by_lang in results["differences"].items():
         for lang, by_outcome in by_lang.items():
-            for outcome in ("gain_pct", "lm_loss", "retrieval_at1", "topic_transfer_acc"):
+            for outcome in ("gain_pct", "lm_loss", "spliced_dlm_loss", "retrieval_at1", "topic_transfer_acc"):
                 if outcome in by_outcome:
                     out[f"{contrast}/{lang}/{outcome}"] = float(by_outcome[outcome]["estimate"])
     out["total_s"] = float(results["timing"]["total_s"])

@@ -26,6 +26,7 @@ def test_a_planted_difference_is_found_and_its_ci_covers_it():
     assert abs(d["estimate"] - 0.5) < 1e-12
     assert d["ci"][0] > 0.49 and d["ci"][1] < 0.51  # paired by sentence and seed: the noise cancels
     assert "higher than" in verdict("a-b", "hi", "x", d)
+    assert "higher (worse) than" in verdict("a-b", "hi", "lm_loss", d, lower_is_better=True)
 
 
 def test_the_ci_widens_when_seeds_disagree():

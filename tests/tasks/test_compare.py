@@ -55,7 +55,7 @@ def test_results_follow_the_output_contract(full_run):
     assert set(arms["act_align"]["seeds"]) == {"0", "1"} and set(arms["base"]["seeds"]) == {"na"}
     for lang in ("hi", "en"):
         outcome = arms["ce"]["seeds"]["1"]["per_lang"][lang]
-        for key in ("gain_pct", "lm_loss", "topic_transfer_acc", "topic_inlang_acc", "topic_shuffled_acc", "fvu_after"):
+        for key in ("gain_pct", "lm_loss", "spliced_dlm_loss", "topic_transfer_acc", "topic_inlang_acc", "topic_shuffled_acc", "fvu_after"):
             assert isinstance(outcome[key], float), key
     assert 0.0 <= arms["ce"]["seeds"]["1"]["per_lang"]["hi"]["retrieval_at1"] <= 1.0
     assert set(arms["ce"]["seeds"]["1"]["per_lang"]["hi"]["retrieval"]) == {"15", "25"}  # aligned + last layer
@@ -65,6 +65,7 @@ def test_results_follow_the_output_contract(full_run):
     assert set(d) >= {"estimate", "ci", "n_seeds", "n_sentences", "mde", "verdict"}
     assert d["n_seeds"] == [2, 2] and d["n_sentences"] == 24 and d["ci"][0] <= d["estimate"] <= d["ci"][1]
     assert results["differences"]["ce_kl-base"]["hi"]["gain_pct"]["n_seeds"] == [2, 1]
+    assert set(arms["ce"]["seeds"]["0"]["per_lang"]["hi"]["spliced_dlm_loss_per_layer"]) == {"15"}
     # The base arm is the base model: no gain, no LM-loss change, against itself.
     base = arms["base"]["seeds"]["na"]["per_lang"]["hi"]
     assert base["gain_pct"] == 0.0 and base["lm_loss_change"] == 0.0
@@ -88,7 +89,7 @@ def test_a_rerun_in_the_same_directory_trains_and_measures_nothing_again(full_ru
     trained = sorted(run_dir.glob("compare/units/*/*/seed_*/TRAINED"))
     measured = sorted(run_dir.glob("compare/units/*/*/seed_*/test.json"))
     stamps = {p: p.stat().st_mtime_ns for p in [*trained, *measured]}
-    assert len(trained) == 8 and len(measured) == 10  # 4 trained arms x 2 seeds; + base + steer
+    assert len(trained) == 10 and len(measured) == 12  # 5 trained arms x 2 seeds; + base + steer
     again, _ = run_compare(cfg)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["differences"] == results["differences"]
