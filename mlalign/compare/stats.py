@@ -92,6 +92,10 @@ def verdict(contrast: str, lang: str, outcome: str, diff: dict, unit: str = "", 
     shown = f"{diff['estimate']:+.4g}{unit} [{low:+.4g}, {high:+.4g}]"
     if not (np.isfinite(low) and np.isfinite(high)):
         return f"{contrast} {lang} {outcome}: undefined (no finite resample)"
+    if diff["se"] == 0.0 and low == high == diff["estimate"] == 0.0:
+        # No resample moves the difference: the arms agree on every sentence, and no MDE can be read off this sample.
+        return (f"{contrast} {lang} {outcome}: no difference on any of the {diff['n_sentences']} sentences/items "
+                f"(identical outcomes; MDE not estimable from this sample)")
     worse, better = (" (worse)", " (better)") if lower_is_better else ("", "")
     if low > 0:
         return f"{contrast} {lang} {outcome}: {first} higher{worse} than {second} by {shown}"

@@ -17,6 +17,7 @@ def test_identical_arms_differ_by_exactly_zero():
     a = _arm([0.3, 0.5, 0.4])
     d = hierarchical_difference(a, a, 500)
     assert d["estimate"] == 0.0 and d["ci"] == [0.0, 0.0]
+    assert "identical outcomes; MDE not estimable" in verdict("a-a", "hi", "x", d)  # never "MDE 0"
 
 
 def test_a_planted_difference_is_found_and_its_ci_covers_it():

@@ -119,3 +119,17 @@ def test_user_mistakes_are_one_clear_error(override, message, tmp_path):
                                                                      if "definitions.bad" in override else [])], tmp_path)
     with pytest.raises(UserError, match=message):
         check_config(cfg)
+
+
+@pytest.mark.slow
+def test_benchmarks_are_compared_item_by_item(testbed_dir, tmp_path):
+    cfg = compose_cfg([*FAST, *bed(testbed_dir), "compare.arms=[base,ce_kl]", "compare.seeds=1",
+                       "compare.contrasts=[ce_kl-base]", "compare.benchmarks=true", "eval.limit=6",
+                       "eval.benchmarks=[arc_challenge]"], tmp_path)
+    results, _ = run_compare(cfg)
+    for arm in ("base", "ce_kl"):
+        outcome = next(iter(results["arms"][arm]["seeds"].values()))["per_lang"]["hi"]
+        assert outcome["bench_arc_challenge_n_items"] == 6 and 0.0 <= outcome["bench_arc_challenge_acc"] <= 1.0
+    d = results["differences"]["ce_kl-base"]["hi"]["bench_arc_challenge_acc"]
+    assert d["n_sentences"] == 6 and d["n_seeds"] == [1, 1]
+    assert "MDE" in d["verdict"] or "than" in d["verdict"]
