@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mlalign.analysis.retrieval import retrieval_ranks, retrieval_scores
 from mlalign.analysis.spliced import spliced_dlm_loss, token_batches

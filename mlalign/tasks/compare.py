@@ -57,6 +57,7 @@ def run(cfg: DictConfig, ctx) -> dict[str, float]:
 def _setup(cfg, ctx, settings):
     """Load the model once (peft-wrapped, one LoRA slot), the SAEs, every split's texts, the base sides (cached), the
     steering vectors and the placebo SAEs."""
+    import torch
     from accelerate import Accelerator
     from hydra.utils import instantiate
     from peft import get_peft_model
@@ -112,7 +113,7 @@ def _setup(cfg, ctx, settings):
     if any(arm.sae == "placebo" for arm in settings.arms):
         rng = np.random.default_rng(settings.placebo_seed)
         for layer in aligned:
-            pool = torch_cat([tokens[lang][layer] for lang in measured])
+            pool = torch.cat([tokens[lang][layer] for lang in measured])
             take = rng.permutation(len(pool))[:settings.calibration_tokens]
             placebo[layer] = placebo_sae(saes[layer], pool[np.sort(take)], seed=settings.placebo_seed + layer)
     del tokens
@@ -130,12 +131,6 @@ def _setup(cfg, ctx, settings):
                  texts=texts, ids=ids, base_sides=base_sides, steer_vectors=vectors, topics=topics,
                  metric=check_metric(str(cfg.analysis.metric)), aggregate=check_aggregate(str(cfg.analysis.aggregate)),
                  tolerance=float(cfg.train.get("fidelity_tolerance", 1.25)))
-
-
-def torch_cat(parts):
-    import torch
-
-    return torch.cat(parts)
 
 
 def _tracker(ctx, cfg, directory: Path, arm: str, setting: str, seed):
