@@ -266,16 +266,29 @@ def measure_test(bench: Bench, for_lang, seed: int) -> tuple[dict, dict]:
     return per_lang, sums
 
 
+def benchmark_plan(cfg, langs: list[str], work_dir: Path):
+    """`eval`'s benchmark plan in `langs` (task=eval's settings), every task name checked against lm-eval (UserError)."""
+    from omegaconf import OmegaConf
+
+    from mlalign.evaluation.harness import plan_benchmarks
+
+    def plain(value):
+        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+    e = cfg.eval
+    return plan_benchmarks(langs, plain(e.benchmarks), e.suite, num_fewshot=plain(e.num_fewshot), limit=e.limit,
+                           batch_size=e.batch_size, seed=int(cfg.seed), work_dir=work_dir, tasks=plain(e.get("tasks")))
+
+
 def _benchmarks(bench: Bench, for_lang, per_lang: dict, sums: dict) -> None:
     """The `eval` benchmarks in every measured language under this unit's model, item by item (ids sorted)."""
     import tempfile
 
     from mlalign.evaluation.harness import run_plan
-    from mlalign.tasks.evaluate import make_plan
 
     for lang in bench.measured:
         with tempfile.TemporaryDirectory(prefix="mlalign-compare-eval-") as work, for_lang(lang):
-            plan = make_plan(bench.cfg, [lang], Path(work))
+            plan = benchmark_plan(bench.cfg, [lang], Path(work))
             result = run_plan(bench.model, bench.tokenizer, plan, output_dir=None, log_samples=False)
         for benchmark, by_lang in result["results"].items():
             row = by_lang.get(lang) or {}

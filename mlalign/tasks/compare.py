@@ -25,7 +25,15 @@ def check_config(cfg: DictConfig) -> None:
     from mlalign.tasks.train import check_train_config
 
     check_train_config(cfg)
-    compare_settings(cfg)
+    settings = compare_settings(cfg)
+    if settings.benchmarks:  # benchmark and task names fail here, not after hours of training
+        import tempfile
+
+        from mlalign.compare.units import benchmark_plan
+        from mlalign.languages import resolve_langs
+
+        with tempfile.TemporaryDirectory(prefix="mlalign-compare-check-") as work:
+            benchmark_plan(cfg, resolve_langs(cfg.langs, cfg.reference_lang), Path(work))
 
 
 def run(cfg: DictConfig, ctx) -> dict[str, float]:

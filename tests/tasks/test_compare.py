@@ -110,6 +110,7 @@ def test_steer_at_alpha_zero_equals_the_base_arm_exactly(testbed_dir, tmp_path):
     ("compare.contrasts=[ce-nope]", "write ARM-ARM"),
     ("compare.lrs=[]", "non-empty list of positive learning rates"),
     ("compare.seeds=0", "must be at least 1"),
+    ("eval.benchmarks=[arc_chalenge]", "unknown benchmark"),
     ("+compare.definitions.bad={kind:lora,loss:{act_allign:1}}", "not a loss setting"),
 ])
 def test_user_mistakes_are_one_clear_error(override, message, tmp_path):
