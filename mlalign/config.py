@@ -358,6 +358,32 @@ class PathsConfig:
     """Set at run time for model=testbed: the built testbed's directory."""
 
 
+@dataclass
+class CompareConfig:
+    """task=compare: arms trained and measured on the same data, budget, seeds and held-out sentences (docs/compare.md)."""
+
+    arms: Any = field(default_factory=lambda: ["base", "ce", "ce_kl", "act_align", "placebo", "steer"])
+    """Which arms of `definitions` run."""
+    seeds: int = 3
+    """Runs per trained arm (seeds `seed`, `seed`+1, ...); base and steer are deterministic and run once."""
+    lrs: Any = field(default_factory=lambda: [1.0e-4, 3.0e-4, 1.0e-3])
+    """Learning-rate grid every trained arm chooses from on dev, by one rule (docs/compare.md#choices)."""
+    steer_alphas: Any = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
+    """Steering strengths the steer arm chooses from on dev, by the same rule."""
+    contrasts: Any = field(default_factory=list)
+    """More contrasts "ARM-ARM" besides act_align-ce_kl, act_align-placebo, act_align-steer and ce_kl-base."""
+    placebo_seed: int = 0
+    """Seed of the placebo SAE's random rotation."""
+    calibration_tokens: int = 20000
+    """Base-model train-split tokens per aligned layer that calibrate the placebo SAE."""
+    benchmarks: bool = True
+    """Also run `eval`'s benchmarks per arm and seed (eval.limit caps the items)."""
+    bootstrap: int = 2000
+    """Hierarchical bootstrap resamples (seeds, then sentences) per difference."""
+    definitions: Any = None
+    """{arm: {kind: base|lora|steer, loss: {deltas over the loss group}, sae: real|placebo}}."""
+
+
 SCHEMAS = {
     "model": ModelConfig,
     "sae": SAEConfig,
@@ -368,6 +394,7 @@ SCHEMAS = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "sae_train": SAETrainConfig,
+    "compare": CompareConfig,
     "logger": LoggerConfig,
     "paths": PathsConfig,
 }

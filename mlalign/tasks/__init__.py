@@ -20,6 +20,7 @@ TASKS = {
     "train": "train",
     "eval": "evaluate",
     "pipeline": "pipeline",
+    "compare": "compare",
     "train_saes": "train_saes",
     "build_testbed": "build_testbed",
     "summarize": "summarize",
@@ -29,7 +30,7 @@ TASKS = {
 # Tasks that read the parallel corpus -> the data.splits entries they use: the corpus is checked (those splits hold
 # sentences) and reported (corpus.json) before any model is loaded.
 CORPUS_TASKS = {"analyze": ("analysis",), "train": ("train", "heldout", "valid"),
-                "pipeline": ("analysis", "train", "heldout", "valid")}
+                "pipeline": ("analysis", "train", "heldout", "valid"), "compare": ("train", "heldout", "valid")}
 
 
 ERROR_FILE = "ERROR"
