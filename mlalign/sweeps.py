@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from hydra.experimental.callback import Callback
 
 from mlalign.io import is_complete, write_text_atomic
-from mlalign.tasks import ERROR_FILE
+from mlalign.io import ERROR_FILE
 
 log = logging.getLogger(__name__)
 

@@ -88,9 +88,9 @@ def reset_adapter(model, seed: int) -> None:
     """Re-initialise the LoRA slot with peft's own initialiser from `seed` (the base weights are never touched)."""
     from peft.tuners.lora import LoraLayer
 
-    from mlalign.tasks.common import seed_everything
+    from transformers import set_seed  # what the task wrapper's seed_everything does, without reaching up to tasks/
 
-    seed_everything(seed)
+    set_seed(seed)
     for module in model.modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
             module.reset_lora_parameters("default", True)

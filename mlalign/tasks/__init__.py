@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mlalign.errors import UserError
+from mlalign.io import ERROR_FILE
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,6 @@ TASKS = {
 # sentences) and reported (corpus.json) before any model is loaded.
 CORPUS_TASKS = {"analyze": ("analysis",), "train": ("train", "heldout", "valid"),
                 "pipeline": ("analysis", "train", "heldout", "valid"), "compare": ("train", "heldout", "valid")}
-
-
-ERROR_FILE = "ERROR"
-"""Written in a run directory whose task failed: one line, the error (what `summary.csv`'s `error` column shows)."""
 
 
 def in_multirun() -> bool:

@@ -11,7 +11,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from mlalign.errors import UserError
-from mlalign.io import write_json_atomic
+from mlalign.io import json_safe, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ OBJECTIVE = None
 def check_config(cfg: DictConfig) -> None:
     """Fail on settings that cannot compare before any model loads."""
     from mlalign.compare.arms import compare_settings
-    from mlalign.tasks.train import check_train_config
+    from mlalign.training.checks import check_train_config
 
     check_train_config(cfg)
     settings = compare_settings(cfg)
@@ -78,7 +78,7 @@ def _setup(cfg, ctx, settings):
     from mlalign.models import hidden_size, num_layers
     from mlalign.saes import placebo_sae
     from mlalign.tasks.common import resolve_layers
-    from mlalign.tasks.train import target_langs
+    from mlalign.languages import target_langs
     from mlalign.training import base_cache
     from mlalign.training.loop import resolve_mixed_precision
 
@@ -256,7 +256,7 @@ def _measure_all(bench, settings, choices: dict, units: dict, root: Path, ctx) -
                     finally:
                         tracker.finish()
                     save_sums(directory / "test.npz", per_sentence)
-                    write_json_atomic(done, {"per_lang": _json_safe(per_lang),
+                    write_json_atomic(done, {"per_lang": json_safe(per_lang),
                                              "training": units.get(arm.name, {}).get(seed)})
             stored = read_json(done)
             arms_out[arm.name]["seeds"][key] = stored
@@ -380,7 +380,7 @@ def _forest_plot(results: dict, path: Path) -> None:
 def _write_outputs(root: Path, results: dict, settings) -> None:
     from mlalign.io import write_text_atomic
 
-    write_json_atomic(root / "results.json", _json_safe(results))
+    write_json_atomic(root / "results.json", json_safe(results))
     write_text_atomic(root / "results.md", _markdown(results))
     _forest_plot(results, root / "differences.png")
 
@@ -394,17 +394,3 @@ def _summary(results: dict) -> dict[str, float]:
                     out[f"{contrast}/{lang}/{outcome}"] = float(by_outcome[outcome]["estimate"])
     out["total_s"] = float(results["timing"]["total_s"])
     return out
-
-
-def _json_safe(obj):
-    from mlalign.tasks.train import _json_safe as safe
-
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    return safe(obj)

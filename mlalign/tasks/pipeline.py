@@ -6,7 +6,8 @@ import shlex
 
 from mlalign.io import write_text_atomic
 from mlalign.report import gap_accuracy_correlation, render_report
-from mlalign.tasks.train import check_train_config
+from mlalign.languages import target_langs
+from mlalign.training.checks import check_train_config
 
 OBJECTIVE = "alignment_score"
 """The training objective on the dev split (mlalign.training.outcomes.alignment_score), as task=train returns it."""
@@ -29,11 +30,11 @@ def rerun_command() -> str:
 
 def disparity_line(cfg, ctx, before: dict, after: dict) -> str:
     """`disparity vs en (mean over layers), base -> adapter: hi -20.1% -> -12.3%, ...` for the target languages."""
-    from mlalign.tasks import analyze, train
+    from mlalign.tasks import analyze
 
     base, adapted = analyze.scalar_results(before), analyze.scalar_results(after)
     cells = [f"{lang} {base[f'disparity_pct_{lang}']:+.1f}% -> {adapted[f'disparity_pct_{lang}']:+.1f}%"
-             for lang in train.target_langs(cfg, ctx.langs)
+             for lang in target_langs(cfg, ctx.langs)
              if f"disparity_pct_{lang}" in base and f"disparity_pct_{lang}" in adapted]
     return (f"disparity vs {cfg.reference_lang} (mean over layers), base -> base + adapter: "
             + (", ".join(cells) if cells else "n/a"))
@@ -44,7 +45,7 @@ def run(cfg, ctx) -> dict[str, float]:
     from mlalign.errors import UserError
     from mlalign.tasks import analyze, evaluate, train
 
-    if not train.target_langs(cfg, ctx.langs):  # fail before the first analysis, not after it
+    if not target_langs(cfg, ctx.langs):  # fail before the first analysis, not after it
         raise UserError(f"task=pipeline trains an adapter, so it needs a language besides {cfg.reference_lang}; "
                         f"type e.g. langs=[hi] (task=analyze maps {cfg.reference_lang} alone)")
     # What is measured where (docs/training.md#what-is-measured-where): step 1 computes only (language, layer)
@@ -59,7 +60,7 @@ def run(cfg, ctx) -> dict[str, float]:
     # Where it is the same measurement (training.shared_pass), step 1's pass over the held-out split also records the
     # base side of step 2's paired outcome pass, and step 2's adapted side runs as the adapted model's analysis pass,
     # which step 3 then reuses: each model runs over the held-out sentences once.
-    shared = BasePassRecording.for_pipeline(cfg, ctx, [*train.target_langs(cfg, ctx.langs), cfg.reference_lang])
+    shared = BasePassRecording.for_pipeline(cfg, ctx, [*target_langs(cfg, ctx.langs), cfg.reference_lang])
     with stage("[1/4] analysing the base model"):
         before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base", feature_stats_out=base_features,
                                        recording=shared)

@@ -11,7 +11,9 @@ import torch
 from omegaconf import DictConfig
 
 from mlalign.errors import UserError
-from mlalign.io import write_json_atomic
+from mlalign.io import json_safe, write_json_atomic
+from mlalign.languages import target_langs
+from mlalign.training.checks import check_train_config
 
 log = logging.getLogger(__name__)
 
@@ -20,57 +22,8 @@ OBJECTIVE = "alignment_score"
 gain, minus penalties for English change in either direction and for any rise of the SAE's FVU."""
 
 
-def check_train_config(cfg: DictConfig) -> None:
-    """Fail on settings that cannot train before any model loads."""
-    from mlalign.training.losses import check_loss_config
-
-    check_loss_config(cfg.loss)
-    r = cfg.lora.get("r")
-    if r is None or int(r) <= 0:
-        raise UserError(f"lora.r={r} must be a positive integer (the LoRA rank); type e.g. lora.r=8")
-    t = cfg.train
-    for key in ("max_steps", "batch_size", "grad_accum"):
-        if int(t[key]) < 1:
-            raise UserError(f"train.{key}={t[key]} must be at least 1")
-    if t.resume not in (True, False, "auto"):
-        raise UserError(f"train.resume={t.resume} must be true, false or auto (resume if this run directory holds a "
-                        "checkpoint, start fresh otherwise)")
-    if int(t.warmup_steps) < 0 or int(t.save_every or 0) < 0:
-        raise UserError("train.warmup_steps and train.save_every must be >= 0 (save_every=0 disables checkpoints)")
-    splits = cfg.data.splits
-    if str(splits.train) == str(splits.heldout):
-        raise UserError(f"data.splits.train and data.splits.heldout are both {splits.train!r}; held-out "
-                        f"numbers need text never trained on, e.g. data.splits.heldout=test")
-    if str(splits.valid) in (str(splits.heldout), str(splits.train)):
-        raise UserError(f"data.splits.valid={splits.valid!r} is also the {'heldout' if str(splits.valid) == str(splits.heldout) else 'train'} "
-                        f"split; choices (sweeps, alignment_score) need a dev split of their own, e.g. data.splits.valid=dev")
-    tolerance = float(t.get("fidelity_tolerance", 1.25))
-    if not tolerance >= 1.0:
-        raise UserError(f"train.fidelity_tolerance={tolerance} must be >= 1 (1.25 = FVU may rise by 25%)")
-    if float(cfg.loss.get("act_align", 0.0)) > 0:
-        from mlalign.training.losses import alignable_metrics
-
-        if str(cfg.analysis.metric) not in alignable_metrics():
-            raise UserError(f"the alignment term aims at analysis.metric={cfg.analysis.metric}, which has no per-token "
-                            f"SAE value to align; use analysis.metric= one of {', '.join(alignable_metrics())}")
-
-
 check_config = check_train_config
 """Run by `dispatch` before the run context loads anything."""
-
-
-def target_langs(cfg: DictConfig, langs: list[str]) -> list[str]:
-    """The languages the adapter is trained to lift: `train.target_langs`, or every analysed language but the reference."""
-    reference = str(cfg.reference_lang)
-    chosen = cfg.train.get("target_langs")
-    if chosen is None:
-        return [lang for lang in langs if lang != reference]
-    chosen = [str(lang) for lang in chosen]
-    outside = [lang for lang in chosen if lang not in langs or lang == reference]
-    if outside:
-        raise UserError(f"train.target_langs has {outside[0]!r}, which is not among the non-reference langs "
-                        f"{[lang for lang in langs if lang != reference]}; add it to langs or drop it")
-    return chosen
 
 
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -306,7 +259,7 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
     if accelerator.is_main_process:
         peft_model.save_pretrained(str(ctx.run_dir / "adapter"))
         write_json_atomic(out / "history.json", state.history)
-        write_json_atomic(out / "metrics.json", _json_safe(report))
+        write_json_atomic(out / "metrics.json", json_safe(report))
         if cfg.analysis.get("plots", True):
             ctx.tracker.log_images({"train/activation_before_after": plot_before_after(
                 report, out / "activation_before_after.png")})
@@ -349,8 +302,8 @@ def _adapted_by_analysis(cfg, ctx, accelerator, peft_model, tokenizer, saes: dic
     one engine run over `split` computes the adapted model's analysis statistics (cached under the adapter's key, as
     `task=analyze adapter=...` would) and the paired outcome sums against `base_side`. The adapter is saved first:
     its weights' hash is part of that key."""
+    from mlalign.analysis.sources import cached_stats, feature_settings
     from mlalign.data.corpus import load_corpus
-    from mlalign.tasks import analyze
     from mlalign.training.shared_pass import AdaptedPassRecording
 
     adapter = ctx.run_dir / "adapter"
@@ -359,8 +312,8 @@ def _adapted_by_analysis(cfg, ctx, accelerator, peft_model, tokenizer, saes: dic
     accelerator.wait_for_everyone()
     recording = AdaptedPassRecording(base_side, texts, analysed_saes, metric, accelerator.device)
     corpus = load_corpus(cfg.data, ctx.langs, split)
-    analyze.cached_stats(cfg, ctx, adapter, corpus, split, analyze.feature_settings(cfg.analysis), model=peft_model,
-                         tokenizer=tokenizer, label="base + adapter: ", recording=recording, saes=saes)
+    cached_stats(cfg, ctx, adapter, corpus, split, feature_settings(cfg.analysis), model=peft_model,
+                 tokenizer=tokenizer, label="base + adapter: ", recording=recording, saes=saes)
     return recording
 
 
@@ -383,16 +336,3 @@ def _outcome_rows(report: dict) -> list[dict]:
     return [{"split": split, "lang": lang, **{key: o.get(key) for key in OUTCOME_KEYS}}
             for split, block in (("dev", report["dev"]), (report["splits"]["headline"], report))
             for lang, o in block["per_lang"].items()]
-
-
-def _json_safe(obj):
-    """NaN/inf -> None so metrics.json is strict JSON."""
-    import math
-
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

@@ -47,7 +47,7 @@ class BasePassRecording:
         """Set by task=train: its held-out measurement of the adapter, run as the adapted model's analysis pass."""
 
     def keep_analysis(self, stats: dict, feature_stats: dict) -> None:
-        """Called by `tasks.analyze.cached_stats` after the pass it recorded: the base model's statistics are already
+        """Called by `analysis.sources.cached_stats` after the pass it recorded: the base model's statistics are already
         in the analysis cache and nothing later reads them from here, so nothing is kept."""
 
     @classmethod
@@ -111,7 +111,7 @@ class AdaptedPassRecording:
         self.feature_stats: dict = {}
 
     def keep_analysis(self, stats: dict, feature_stats: dict) -> None:
-        """Called by `tasks.analyze.cached_stats` after the pass it recorded: the adapted model's statistics, which
+        """Called by `analysis.sources.cached_stats` after the pass it recorded: the adapted model's statistics, which
         step 3 reads (`cached_stats(computed_before=...)`) instead of running the pass again."""
         self.stats, self.feature_stats = stats, feature_stats
 

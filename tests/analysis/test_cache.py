@@ -60,7 +60,7 @@ def test_identity_covers_attention_files_positions_and_each_layers_sae(tmp_path)
     """attn_implementation, the model folder's tokenizer, analysis positions and one layer's SAE files each change
     the key; a layer whose SAE did not change keeps its key."""
     from mlalign.analysis.cache import entry_key
-    from mlalign.tasks.analyze import cache_identity
+    from mlalign.analysis.cache import cache_identity
     from tests.helpers import compose_cfg
 
     model_dir, sae_dir = tmp_path / "model", tmp_path / "saes"
