@@ -45,7 +45,11 @@ def check_train_config(cfg: DictConfig) -> None:
                         f"split; choices (sweeps, alignment_score) need a dev split of their own, e.g. data.splits.valid=dev")
     tolerance = float(t.get("fidelity_tolerance", 1.25))
     if not tolerance >= 1.0:
-        raise UserError(f"train.fidelity_tolerance={tolerance} must be >= 1 (1.25 = FVU may rise by 25%)")
+        raise UserError(f"train.fidelity_tolerance={tolerance} must be >= 1 (1.25 = the SAE's reconstruction error "
+                        f"may rise by 25%)")
+    if not float(t.spliced_tolerance_nats) >= 0.0:
+        raise UserError(f"train.spliced_tolerance_nats={t.spliced_tolerance_nats} must be >= 0 (nats/token the "
+                        f"spliced-in LM loss may rise), e.g. train.spliced_tolerance_nats=0.05")
     if float(cfg.loss.get("act_align", 0.0)) > 0:
         from mlalign.training.losses import ALIGNABLE_METRICS
 
@@ -110,7 +114,7 @@ def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
     from mlalign.training.data import load_parallel_stream
     from mlalign.training.loop import ObjectiveFn, resolve_mixed_precision, train_loop
     from mlalign.training import base_cache
-    from mlalign.training.outcomes import measure_adapted, outcome_report
+    from mlalign.training.outcomes import add_spliced, measure_adapted, outcome_report
     from mlalign.training.report import outcome_lines, plot_before_after, train_metrics
 
     from mlalign.console import headline, output, stage
@@ -208,12 +212,16 @@ def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
             if paired is None:
                 paired = measure_adapted(peft_model, base_side, tokenizer, analysed_saes, texts[split], metric,
                                          **passes)
+            add_spliced(paired, peft_model, peft_model.disable_adapter, tokenizer,
+                        {layer: saes[layer] for layer in aligned}, texts[split], **passes)
         reports[split] = outcome_report(paired, reference, targets, aggregate, tolerance,
                                         n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),
-                                        seed=int(cfg.seed))
+                                        seed=int(cfg.seed), spliced_tolerance=float(cfg.train.spliced_tolerance_nats),
+                                        judged_layers=aligned)
     report = train_metrics(reports["headline"], reports["dev"], metric=metric, aggregate=aggregate,
                            reference_lang=reference, targets=targets, layers=analysed, splits=splits,
-                           tolerance=tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)))
+                           tolerance=tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)),
+                           spliced_tolerance=float(cfg.train.spliced_tolerance_nats))
     report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s,
                   total_s=time.perf_counter() - started, trainable_params=trainable, aligned_layers=aligned)
 
