@@ -244,7 +244,10 @@ class TrainConfig:
     retention_floor_pct: float = 90.0
     """alignment_score (the sweep objective) loses 10 more points per point of English retention below this."""
     fidelity_tolerance: float = 1.25
-    """A gain counts (`valid`) only where the SAE's FVU after training <= this x FVU before, target and English."""
+    """A gain counts (`valid`) only where, at every aligned layer, the SAE's reconstruction error of the same tokens
+    after training <= this x before, target and English (`recon_error_ratio`; calibrated in docs/training.md)."""
+    spliced_tolerance_nats: float = 0.05
+    """... and where, at every aligned layer, the spliced-in LM loss rose by at most this (nats/token)."""
 
 
 @dataclass

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def resample_counts(n: int, n_resamples: int, rng) -> np.ndarray:
+def resample_counts(n: int, n_resamples: int, seed) -> np.ndarray:
     """[n_resamples, n] how often each of n sentences is drawn in each resample (n draws with replacement).
 
-    `rng`: a `np.random.Generator` or anything `np.random.default_rng` takes as a seed; the same seed gives the same
-    counts. Weighting per-sentence sums by a row gives that resample's totals exactly.
+    `seed`: a `np.random.Generator` or anything `np.random.default_rng` takes; the same seed gives the same counts.
+    Weighting per-sentence sums by a row gives that resample's totals exactly.
     """
-    rng = np.random.default_rng(rng)
+    rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(n_resamples, n))
     counts = np.zeros((n_resamples, n))
     np.add.at(counts, (np.repeat(np.arange(n_resamples), n), draws.ravel()), 1.0)

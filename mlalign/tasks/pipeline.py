@@ -14,11 +14,33 @@ OBJECTIVE = "alignment_score"
 
 
 def check_config(cfg) -> None:
-    """Run by dispatch before anything loads: the training settings, then the evaluation's (task names included)."""
+    """Run by dispatch before anything loads: the training settings, then the evaluation's (task names included), then
+    the analysis split: the pipeline analyses held-out sentences only (`held_out_analysis`)."""
     from mlalign.tasks import evaluate
 
     check_train_config(cfg)
     evaluate.check_config(cfg)
+    held_out_analysis(cfg)
+
+
+def held_out_analysis(cfg) -> None:
+    """The adapter must be analysed on sentences it was not trained on. Where `data.splits.analysis` holds training
+    sentences (data=text_dir and data=hf default to `all`), both models are analysed on `data.splits.heldout`
+    instead, so that before and after stay the same sentences; the saved config and corpus.json
+    (`analysis_held_out`) say so."""
+    from omegaconf import open_dict
+
+    from mlalign.console import note
+    from mlalign.data.corpus import analysis_overlap
+
+    splits = cfg.data.splits
+    overlap = analysis_overlap(splits)
+    if not overlap:
+        return
+    note(f"data.splits.analysis={splits.analysis} holds the adapter's training sentences ({', '.join(overlap)}): "
+         f"the pipeline analyses both models on data.splits.heldout={splits.heldout} instead")
+    with open_dict(cfg):
+        cfg.data.splits.analysis = str(splits.heldout)
 
 
 def rerun_command() -> str:

@@ -205,7 +205,7 @@ def _measure(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data, shar
     """Outcomes: base vs adapted on the same tokens of dev (for choices) and of the held-out split (reported once)."""
     from mlalign.console import stage
     from mlalign.training import base_cache
-    from mlalign.training.outcomes import measure_adapted, outcome_report
+    from mlalign.training.outcomes import add_spliced, measure_adapted, outcome_report
 
     accelerator = setup.accelerator
     peft_model = accelerator.unwrap_model(setup.model)
@@ -235,9 +235,12 @@ def _measure(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data, shar
             if paired is None:
                 paired = measure_adapted(peft_model, base_side, setup.tokenizer, analysed_saes, texts, plan.metric,
                                          **passes)
+            add_spliced(paired, peft_model, peft_model.disable_adapter, setup.tokenizer,
+                        {layer: setup.saes[layer] for layer in setup.aligned}, texts, **passes)
         reports[role] = outcome_report(paired, plan.reference, plan.targets, plan.aggregate, plan.tolerance,
                                        n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),
-                                       seed=int(cfg.seed))
+                                       seed=int(cfg.seed), spliced_tolerance=float(cfg.train.spliced_tolerance_nats),
+                                       judged_layers=setup.aligned)
     return reports
 
 
@@ -251,7 +254,8 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
     peft_model = accelerator.unwrap_model(setup.model)
     report = train_metrics(reports["headline"], reports["dev"], metric=plan.metric, aggregate=plan.aggregate,
                            reference_lang=plan.reference, targets=plan.targets, layers=setup.analysed, splits=splits,
-                           tolerance=plan.tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)))
+                           tolerance=plan.tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)),
+                           spliced_tolerance=float(cfg.train.spliced_tolerance_nats))
     report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s, total_s=total_s,
                   trainable_params=setup.trainable, aligned_layers=setup.aligned)
 

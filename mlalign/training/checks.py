@@ -33,7 +33,11 @@ def check_train_config(cfg: DictConfig) -> None:
                         f"split; choices (sweeps, alignment_score) need a dev split of their own, e.g. data.splits.valid=dev")
     tolerance = float(t.get("fidelity_tolerance", 1.25))
     if not tolerance >= 1.0:
-        raise UserError(f"train.fidelity_tolerance={tolerance} must be >= 1 (1.25 = FVU may rise by 25%)")
+        raise UserError(f"train.fidelity_tolerance={tolerance} must be >= 1 (1.25 = the SAE's reconstruction error "
+                        f"may rise by 25%)")
+    if not float(t.spliced_tolerance_nats) >= 0.0:
+        raise UserError(f"train.spliced_tolerance_nats={t.spliced_tolerance_nats} must be >= 0 (nats/token the "
+                        f"spliced-in LM loss may rise), e.g. train.spliced_tolerance_nats=0.05")
     if float(cfg.loss.get("act_align", 0.0)) > 0:
         from mlalign.training.losses import alignable_metrics
 

@@ -183,7 +183,14 @@ def test_run_writes_adapter_metrics_plot_and_the_outcome_contract(aligned_run):
         low, high = o["gain_ci"]
         assert low <= o["gain_pct"] <= high
         assert isinstance(o["valid"], bool)
-        assert o["valid"] == (o["fvu_after"] <= r["fidelity_tolerance"] * o["fvu_before"])
+        # valid: every aligned layer within tolerance, on the reconstruction error and on the spliced-in LM loss.
+        assert o["spliced_layers"] == r["aligned_layers"] == [1, 4, 15, 19, 24]
+        assert len(o["recon_error_ratio"]) == len(r["layers"])
+        assert len(o["spliced_dlm_loss_before"]) == len(o["spliced_dlm_loss_after"]) == len(o["spliced_layers"])
+        recon_ok = all(ratio <= r["fidelity_tolerance"] for ratio in o["recon_error_ratio"])
+        spliced_ok = all(a - b <= r["spliced_tolerance_nats"]
+                         for b, a in zip(o["spliced_dlm_loss_before"], o["spliced_dlm_loss_after"]))
+        assert o["valid"] == (recon_ok and spliced_ok)
         assert set(o["per_layer"]) == {"1", "4", "15", "19", "24"}
     assert r["activation_gain_pct"]["hi"] == r["per_lang"]["hi"]["gain_pct"]
     assert 0 < r["english_retention_pct"] <= 100
