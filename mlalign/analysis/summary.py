@@ -286,10 +286,10 @@ def _reshuffling_words(decomposition, lang: str, layer) -> str:
     if not (_finite(net) and _finite(gross)):
         return ""
     share = f"; {100 * dense:.0f}% of its activation is in dense features" if _finite(dense) else ""
+    # No verdict: the gross sum over thousands of per-feature means also collects their sampling noise, and no
+    # no-change floor for it is computed yet (docs/method.md §8b), so it is reported, not interpreted.
     return (f" Feature by feature (mean_act): net change {net:+.1f}% of the reference's activation, gross "
-            f"{gross:.1f}% moved between features{share}"
-            + (" — mostly a reshuffling of which features fire, not uniformly weaker ones." if gross > 2 * abs(net)
-               else "."))
+            f"{gross:.1f}% moved between features (gross includes per-feature sampling noise){share}.")
 
 
 def _raw_fvu_words(context: dict) -> str:
@@ -363,7 +363,7 @@ def summarize(
     With `feature_stats` (the per-feature totals of the same pass): dense_share[lang][layer] and
     gross_change_pct[lang][layer] beside the net disparity, and `decomposition` (analysis.decomposition.decompose:
     dense features at `dense_threshold`, the disparity without them); headline statements then say how much of the
-    gap is reshuffling between features.
+    activation moved between features (net vs gross).
     """
     check_metric(metric)
     check_aggregate(aggregate)
