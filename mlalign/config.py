@@ -18,10 +18,11 @@ class ModelConfig:
     """Short name used in outputs and W&B (`gemma2_2b`, `testbed`)."""
     hf_id: Optional[str] = None
     """Hugging Face model id or local directory; null for the testbed (resolved to its built copy)."""
-    num_layers: int = "???"  # type: ignore[assignment]
-    """Decoder layers; `layers=null` means all of them. Checked against the loaded weights."""
-    hidden_size: int = "???"  # type: ignore[assignment]
-    """Residual stream width; every SAE's d_in must equal it."""
+    num_layers: Optional[int] = None
+    """Decoder layers; `layers=null` means all of them. Checked against the loaded weights. null: read from the
+    model's config.json when the run starts (model=hf)."""
+    hidden_size: Optional[int] = None
+    """Residual stream width; every SAE's d_in must equal it. null: read from the model's config.json (model=hf)."""
     dtype: str = "bfloat16"
     """Weights dtype: float32, bfloat16 or float16 (float32 on CPU)."""
     device: str = "auto"
@@ -127,9 +128,13 @@ class FeaturesConfig:
 @dataclass
 class AnalysisConfig:
     metric: str = "mean_act"
-    """Primary metric: mean_act, l1, l0, feature_coverage, fvu or resid_norm (docs/method.md)."""
+    """Primary metric: a name registered in mlalign/analysis/registry.py (mean_act, l1, l0, dec_weighted_act,
+    feature_coverage, fvu, resid_norm, fvu_raw; docs/method.md)."""
     aggregate: str = "token"
     """token: mean over all tokens; sentence: mean per sentence first (fair across tokenizers)."""
+    dense_threshold: float = 0.5
+    """Features firing on more than this share of all analysed languages' tokens (per layer) are dense: summary.json
+    reports their share of mean_act (dense_share) and the disparity without them (decomposition)."""
     bootstrap: int = 1000
     """Bootstrap resamples over sentences for the confidence intervals; 0 disables."""
     ci: float = 0.95
@@ -239,7 +244,10 @@ class TrainConfig:
     retention_floor_pct: float = 90.0
     """alignment_score (the sweep objective) loses 10 more points per point of English retention below this."""
     fidelity_tolerance: float = 1.25
-    """A gain counts (`valid`) only where the SAE's FVU after training <= this x FVU before, target and English."""
+    """A gain counts (`valid`) only where, at every aligned layer, the SAE's reconstruction error of the same tokens
+    after training <= this x before, target and English (`recon_error_ratio`; calibrated in docs/training.md)."""
+    spliced_tolerance_nats: float = 0.05
+    """... and where, at every aligned layer, the spliced-in LM loss rose by at most this (nats/token)."""
 
 
 @dataclass
@@ -432,6 +440,31 @@ def honour_typed_eval(cfg, typed: list[str]) -> str | None:
     return (f"eval={suite}: running the {suite} suite you typed (model={cfg.model.name}'s eval settings chose "
             f"{model_suite}; their benchmarks {list(cfg.eval.benchmarks)} and limit {cfg.eval.limit} still apply)")
 
+@dataclass
+class CompareConfig:
+    """task=compare: arms trained and measured on the same data, budget, seeds and held-out sentences (docs/compare.md)."""
+
+    arms: Any = field(default_factory=lambda: ["base", "ce", "ce_kl", "act_align", "placebo", "steer"])
+    """Which arms of `definitions` run."""
+    seeds: int = 3
+    """Runs per trained arm (seeds `seed`, `seed`+1, ...); base and steer are deterministic and run once."""
+    lrs: Any = field(default_factory=lambda: [1.0e-4, 3.0e-4, 1.0e-3])
+    """Learning-rate grid every trained arm chooses from on dev, by one rule (docs/compare.md#choices)."""
+    steer_alphas: Any = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
+    """Steering strengths the steer arm chooses from on dev, by the same rule."""
+    contrasts: Any = field(default_factory=list)
+    """More contrasts "ARM-ARM" besides act_align-ce_kl, act_align-placebo, act_align-steer and ce_kl-base."""
+    placebo_seed: int = 0
+    """Seed of the placebo SAE's random rotation."""
+    calibration_tokens: int = 20000
+    """Base-model train-split tokens per aligned layer that calibrate the placebo SAE."""
+    benchmarks: bool = True
+    """Also run `eval`'s benchmarks per arm and seed (eval.limit caps the items)."""
+    bootstrap: int = 2000
+    """Hierarchical bootstrap resamples (seeds, then sentences) per difference."""
+    definitions: Any = None
+    """{arm: {kind: base|lora|steer, loss: {deltas over the loss group}, sae: real|placebo}}."""
+
 
 SCHEMAS = {
     "model": ModelConfig,
@@ -443,6 +476,7 @@ SCHEMAS = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "sae_train": SAETrainConfig,
+    "compare": CompareConfig,
     "logger": LoggerConfig,
     "paths": PathsConfig,
 }

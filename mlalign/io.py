@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 COMPLETE_MARKER = "COMPLETE"
+ERROR_FILE = "ERROR"
+"""Written in a run directory whose task failed: one line, the error (what `summary.csv`'s `error` column shows)."""
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -130,3 +132,18 @@ def check_adapter_files(adapter: Path) -> dict:
     if weights.is_file():
         safetensors_shapes(weights, "adapter weights", ADAPTER_FIX)
     return config
+
+def json_safe(obj):
+    """NaN/inf -> None (recursively, keys as strings, numpy scalars and arrays as Python values) so a result file is
+    strict JSON."""
+    import math
+
+    if hasattr(obj, "tolist"):  # numpy scalar or array
+        return json_safe(obj.tolist())
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

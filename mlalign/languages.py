@@ -157,3 +157,18 @@ def resolve_langs(langs, reference_lang: str = "en") -> list[str]:
         get_language(code)
     ordered = [reference_lang] + [code for code in langs if code != reference_lang]
     return list(dict.fromkeys(ordered))
+
+
+def target_langs(cfg, langs: list[str]) -> list[str]:
+    """The languages an adapter is trained to lift: `train.target_langs`, or every analysed language but the reference
+    (`cfg.reference_lang`)."""
+    reference = str(cfg.reference_lang)
+    chosen = cfg.train.get("target_langs")
+    if chosen is None:
+        return [lang for lang in langs if lang != reference]
+    chosen = [str(lang) for lang in chosen]
+    outside = [lang for lang in chosen if lang not in langs or lang == reference]
+    if outside:
+        raise UserError(f"train.target_langs has {outside[0]!r}, which is not among the non-reference langs "
+                        f"{[lang for lang in langs if lang != reference]}; add it to langs or drop it")
+    return chosen

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -61,6 +60,31 @@ def prepare_model(model_cfg, cache_dir: str | Path) -> None:
             model_cfg.converted_dir = str(directory)
 
 
+def resolve_model_shape(model_cfg, testbed_dir: str | Path | None = None) -> None:
+    """model.num_layers / model.hidden_size left null (model=hf): read them from the model's config.json, which is all
+    that is fetched here (kilobytes), so a layer typo still fails before any weights download."""
+    from omegaconf import open_dict
+
+    if model_cfg.get("num_layers") is not None and model_cfg.get("hidden_size") is not None:
+        return
+    from transformers import AutoConfig
+
+    source = model_source(model_cfg, testbed_dir)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=model_cfg.get("revision"),
+                                            trust_remote_code=bool(model_cfg.trust_remote_code))
+    except (OSError, ValueError) as err:
+        raise _load_error(source, err) from None
+    text = getattr(config, "text_config", None) or config  # multimodal wrappers keep the LM's shape in text_config
+    with open_dict(model_cfg):
+        if model_cfg.get("num_layers") is None:
+            model_cfg.num_layers = int(text.num_hidden_layers)
+        if model_cfg.get("hidden_size") is None:
+            model_cfg.hidden_size = int(text.hidden_size)
+    log.info("model %s: %d layers, hidden size %d (from its config)", source, model_cfg.num_layers,
+             model_cfg.hidden_size)
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
@@ -72,10 +96,10 @@ def _load_error(source: str, err: Exception) -> UserError:
                          "point model.hf_id at a directory saved with save_pretrained")
     if "gated" in text.lower() or "401" in text or "403" in text or "access" in text.lower():
         return UserError(f"no access to {source} (gated model): accept its license on huggingface.co, run "
-                         "`hf auth login` (or set HF_TOKEN), or use model=testbed to run offline")
+                         "`.venv/bin/hf auth login` (or set HF_TOKEN), or use model=testbed to run offline")
     if _offline() or "offline" in text.lower() or "cannot find" in text.lower() or "couldn't connect" in text.lower():
         return UserError(f"{source} is not in the local Hugging Face cache and the hub is unreachable "
-                         "(HF_HUB_OFFLINE or no network): run `hf auth login` and download it once online, "
+                         "(HF_HUB_OFFLINE or no network): run `.venv/bin/hf auth login` and download it once online, "
                          "or use model=testbed to run offline")
     return UserError(f"cannot load {source}: {text.splitlines()[0] if text else type(err).__name__}; "
                      "check model.hf_id, or use model=testbed to run offline")
@@ -138,22 +162,50 @@ def check_adapter(adapter: str | Path) -> dict:
     return check_adapter_files(Path(adapter))
 
 
-def attach_adapter(model, adapter: str | Path, base_source: str | None = None):
-    """Wrap `model` with the peft LoRA adapter saved at `adapter`, checking that it was trained on this base model."""
-    from peft import PeftModel
-
-    adapter = Path(adapter)
-    adapter_cfg = check_adapter(adapter)
+def _check_trained_on(adapter: Path, adapter_cfg: dict, model, base_source: str | None) -> None:
     trained_on = adapter_cfg.get("base_model_name_or_path")
     expected = base_source or getattr(model.config, "_name_or_path", None)
     if trained_on and expected and not _same_base(trained_on, expected):
         raise UserError(f"adapter {adapter} was trained on {trained_on}, not on {expected}; "
                         f"pick the matching model= or an adapter trained on this model")
+
+
+def attach_adapter(model, adapter: str | Path, base_source: str | None = None, adapter_name: str = "default"):
+    """Wrap `model` with the peft LoRA adapter saved at `adapter`, checking that it was trained on this base model."""
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    _check_trained_on(adapter, check_adapter(adapter), model, base_source)
     try:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        return PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
         raise UserError(f"adapter {adapter} does not fit this model ({str(err).splitlines()[0]}); "
                         "use an adapter trained on this model") from None
+
+
+def swap_adapter(model, adapter: str | Path, adapter_name: str, base_source: str | None = None):
+    """`model` with the adapter at `adapter` active (as `adapter_name`) and no other: the first call wraps the base
+    model with peft, later ones load the next adapter beside the active one, switch to it and delete the old one, so
+    one base model in memory serves any number of adapters (lm-eval's several-adapters-one-base request)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        model = attach_adapter(model, adapter, base_source, adapter_name=adapter_name)
+        model.eval()
+        return model
+    adapter = Path(adapter)
+    _check_trained_on(adapter, check_adapter(adapter), model.get_base_model(), base_source)
+    previous = model.active_adapter
+    try:
+        model.load_adapter(str(adapter), adapter_name=adapter_name, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UserError(f"adapter {adapter} does not fit this model ({str(err).splitlines()[0]}); "
+                        "use an adapter trained on this model") from None
+    model.set_adapter(adapter_name)
+    if previous != adapter_name:
+        model.delete_adapter(previous)
+    model.eval()
+    return model
 
 
 def _same_base(a: str, b: str) -> bool:
@@ -167,11 +219,11 @@ def _same_base(a: str, b: str) -> bool:
 
 def num_layers(model) -> int:
     config = model.config
-    config = getattr(config, "text_config", config)
-    return int(config.num_hidden_layers)
+    config = getattr(config, "text_config", None) or config
+    return int(config.num_hidden_layers)  # GPT-2's n_layer and NeoX's names map onto this in transformers' configs
 
 
 def hidden_size(model) -> int:
     config = model.config
-    config = getattr(config, "text_config", config)
+    config = getattr(config, "text_config", None) or config
     return int(config.hidden_size)

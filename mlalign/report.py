@@ -137,8 +137,10 @@ def render_report(run_dir: Path, before: dict, after: dict, train: dict, compari
     from mlalign.training.report import outcome_lines
 
     lines += ["", f"## Activation-aware LoRA: outcomes on the {train['splits']['headline']} split, base -> adapter", "",
-              f"Metric `{train['metric']}` ({train['aggregate']} aggregate); a gain counts only where the SAE's FVU "
-              f"stays within x{train['fidelity_tolerance']:g} of the base model's (target and English); 95% paired "
+              f"Metric `{train['metric']}` ({train['aggregate']} aggregate); a gain counts only where, at every "
+              f"aligned layer, the SAE's reconstruction error of the same tokens stays within "
+              f"x{train['fidelity_tolerance']:g} of the base model's and the spliced-in LM loss rises at most "
+              f"{train.get('spliced_tolerance_nats') or 0:g} nats/token (target and English); 95% paired "
               f"bootstrap CIs over sentences. Definitions: docs/training.md. Choices (sweeps) used the "
               f"`{train['splits']['dev']}` split; these numbers are reported once.", "",
               *outcome_lines(train), "",

@@ -13,8 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 from hydra.experimental.callback import Callback
 
-from mlalign.io import is_complete, save_figure, write_text_atomic
-from mlalign.tasks import ERROR_FILE
+from mlalign.io import ERROR_FILE, is_complete, save_figure, write_text_atomic
 
 log = logging.getLogger(__name__)
 

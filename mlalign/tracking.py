@@ -73,7 +73,8 @@ class Tracker:
 class WandbTracker(Tracker):
     backend = "wandb"
 
-    def __init__(self, cfg, run_dir: Path, task: str, name: str, group: str, config: dict | None = None):
+    def __init__(self, cfg, run_dir: Path, task: str, name: str, group: str, config: dict | None = None,
+                 reinit: str = "finish_previous"):
         import wandb
 
         logger_cfg = cfg.logger
@@ -87,7 +88,7 @@ class WandbTracker(Tracker):
             config=scrub_secrets(config if config is not None else OmegaConf.to_container(cfg, resolve=True)),
             tags=list(logger_cfg.get("tags") or []),
             mode=logger_cfg.get("mode") or os.environ.get("WANDB_MODE") or "online",
-            reinit="finish_previous",
+            reinit=reinit,
             id=self._run_id(run_dir),
             resume="allow",
             # W&B's own banner and end-of-run history/summary tables (~40 lines) stay off the console unless
@@ -151,10 +152,12 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=exit_code)
 
 
-def make_tracker(cfg, run_dir: Path, task: str, name: str, group: str, config: dict | None = None) -> Tracker:
+def make_tracker(cfg, run_dir: Path, task: str, name: str, group: str, config: dict | None = None,
+                 reinit: str = "finish_previous") -> Tracker:
     """`name`: the job's overrides (so runs of one sweep tell themselves apart); `group`: the sweep or experiment;
-    `config`: what to record as the run's config (default: the whole resolved job config)."""
+    `config`: what to record as the run's config (default: the whole resolved job config); `reinit="create_new"`
+    keeps runs already open (task=compare's one run per arm x seed beside the task's own)."""
     backend = cfg.logger.get("backend", "none")
     if backend == "wandb":
-        return WandbTracker(cfg, run_dir, task, name, group, config)
+        return WandbTracker(cfg, run_dir, task, name, group, config, reinit)
     return Tracker()

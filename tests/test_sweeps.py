@@ -229,3 +229,50 @@ def test_summarize_takes_a_list_or_glob_of_run_directories(tmp_path):
     missing = run_cli(["task=summarize", f"runs=[{tmp_path}/nowhere]", f"hydra.run.dir={tmp_path / 'x'}"])
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "matches no directory" not in missing.stderr
     assert "is not a directory" in missing.stderr
+
+
+_TRIAL_APP = '''
+import hydra
+
+import mlalign.config  # noqa: F401
+
+
+@hydra.main(config_path={conf!r}, config_name="config", version_base="1.3")
+def main(cfg):  # the project's config and sweeper; a trial's value is a known function of its parameters
+    return float(cfg.lora.r) + float(cfg.train.optimizer.lr)
+
+
+main()
+'''
+
+
+def test_optuna_study_resumes_from_its_sqlite_storage(tmp_path):
+    """The storage lora_optuna.yaml suggests works with the pinned optuna / SQLAlchemy (SQLAlchemy 2.x made optuna
+    2.10 raise AssertionError): a second launch with the same storage and study name continues the first one's study."""
+    import os
+    import subprocess
+    import sys
+
+    import optuna
+
+    from tests.helpers import REPO
+
+    app = tmp_path / "trial_app.py"
+    app.write_text(_TRIAL_APP.format(conf=str(CONF_DIR)))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    outputs = []
+    for launch in range(2):
+        result = subprocess.run(
+            [sys.executable, str(app), "-m", "hparams_search=lora_optuna", "hydra.sweeper.n_trials=2",
+             f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / f'launch{launch}'}",
+             f"paths.root_dir={tmp_path}", "~hydra.callbacks.sweep_summary"],  # not mlalign jobs: no metrics.json
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout + result.stderr)
+    assert "Using an existing study" not in outputs[0] and "Using an existing study" in outputs[1]
+    study = optuna.load_study(study_name="lora_activation_alignment", storage=storage)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3] and all(t.state.name == "COMPLETE" for t in trials)
+    for trial in trials:  # each stored value is the one its own parameters give
+        assert trial.value == pytest.approx(trial.params["lora.r"] + trial.params["train.optimizer.lr"])

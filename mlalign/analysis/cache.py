@@ -10,12 +10,12 @@ import hashlib
 import io
 import json
 import logging
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from mlalign.analysis.stats import SentenceSums
+from mlalign.data.corpus import corpus_fingerprint
 from mlalign.io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,9 @@ class StatsCache:
         self._write(*self._paths(lang, layer, kind), arrays)
 
     def load(self, lang: str, layer: int) -> SentenceSums | None:
-        arrays = self.load_arrays(lang, layer, "", {f.name for f in fields(SentenceSums)})
-        return None if arrays is None else SentenceSums(**arrays)
+        # An entry computed before a metric was registered lacks its sums: recomputed, not half-read.
+        arrays = self.load_arrays(lang, layer, "", SentenceSums.array_names())
+        return None if arrays is None else SentenceSums.from_arrays(arrays)
 
     def save(self, lang: str, layer: int, sums: SentenceSums) -> None:
         if not self.enabled:
@@ -181,3 +182,30 @@ class StatsCache:
         tmp.write_bytes(buffer.getvalue())
         tmp.replace(data_path)
         write_text_atomic(sum_path, file_digest(data_path))
+
+
+def cache_identity(cfg, testbed_dir, adapter, split: str, layers=None) -> dict:
+    """Everything that changes a (language, layer) statistic; batch size, sae_chunk, sae.device and padding do not.
+
+    The model's files (hub snapshot commit or local folder fingerprint, tokenizer included) and each layer's SAE
+    source (release repo + snapshot + path, or local files) are part of it, so a new snapshot is a new entry.
+    """
+    from mlalign.models import model_source
+
+    data = cfg.data
+    source = model_source(cfg.model, testbed_dir)
+    acfg = cfg.analysis
+    return {
+        "model": source,
+        "revision": cfg.model.get("revision"),
+        "model_files": model_fingerprint(source, cfg.model.get("revision")),
+        "attn_implementation": cfg.model.get("attn_implementation"),
+        "dtype": cfg.model.dtype,
+        "positions": [int(acfg.get("min_position") or 0), acfg.get("max_position")],
+        "adapter": adapter_fingerprint(adapter),
+        "sae": {k: cfg.sae.get(k) for k in ("release", "id_template", "path_template", "dtype")},
+        "corpus": {"source": data.source, "path": data.path, "split": split,
+                   "max_sentences": data.get("max_sentences"), "max_length": data.max_length,
+                   "fingerprint": corpus_fingerprint(data)},
+        "per_layer": sae_fingerprints(cfg.sae, layers) if layers is not None else {},
+    }

@@ -11,18 +11,49 @@ import torch
 from torch import nn
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of a causal LM, a bare decoder, or either wrapped by peft."""
-    module = model
-    for _ in range(5):
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-        inner = getattr(module, "model", None) or getattr(module, "base_model", None)
-        if inner is None or inner is module:
+LAYER_PATHS = (
+    "model.layers",                 # Llama, Qwen, Mistral, Gemma, Phi, OLMo (and their bare decoders' `.layers`)
+    "model.language_model.layers",  # Gemma-3 and other multimodal wrappers around a text decoder
+    "gpt_neox.layers",              # GPT-NeoX, Pythia
+    "transformer.h",                # GPT-2, GPT-J, Falcon, BLOOM
+    "model.decoder.layers",         # OPT
+    "transformer.blocks",           # MPT
+    "layers", "h", "decoder.layers", "language_model.layers",  # the same, given the bare decoder
+)
+"""Where common Hugging Face causal LMs keep their decoder blocks, tried in order (the first that exists wins)."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under peft's wrappers (PeftModel -> LoraModel -> the model)."""
+    for _ in range(3):
+        if hasattr(model, "get_base_model"):  # PeftModel
+            inner = model.get_base_model()
+        elif hasattr(model, "peft_config") and isinstance(getattr(model, "model", None), nn.Module):  # LoraModel
+            inner = model.model
+        else:
+            inner = None
+        if inner is None or inner is model:
             break
-        module = inner
-    raise TypeError(f"cannot find decoder layers in {type(model).__name__}; expected `.model.layers`")
+        model = inner
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer list of a causal LM (any layout in LAYER_PATHS), a bare decoder, or either wrapped by peft."""
+    from mlalign.errors import UserError
+
+    base = _unwrap(model)
+    for path in LAYER_PATHS:
+        module = base
+        for name in path.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise UserError(f"cannot find the decoder layers of {type(base).__name__}: mlalign knows the layouts "
+                    f"{', '.join(LAYER_PATHS[:6])}; use a model with one of them (or add its path to "
+                    "mlalign.analysis.capture.LAYER_PATHS)")
 
 
 class _StopForward(Exception):

@@ -175,6 +175,11 @@ def _check_inputs(model: nn.Module, saes: dict, batch_size: int, max_length: int
         raise UserError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
 
+def decoder_norms(saes: dict, group: list[int]) -> torch.Tensor:
+    """[layers, d_sae] ||W_dec,f|| of a group's SAEs (for metrics that weight a feature by what it writes)."""
+    return torch.stack([saes[layer].W_dec.detach().norm(dim=-1) for layer in group])
+
+
 @torch.inference_mode()
 def collect_stats(
     model: nn.Module,
@@ -270,7 +275,8 @@ def collect_stats(
                 for lang, items in tokenized.items():
                     accs = [
                         LayerStats(len(items), saes[group[0]].cfg.d_in if hidden is None else hidden,
-                                   saes[group[0]].cfg.d_sae, sae_device, truncated=truncated[lang], n_layers=len(group))
+                                   saes[group[0]].cfg.d_sae, sae_device, truncated=truncated[lang], n_layers=len(group),
+                                   decoder_norms=decoder_norms(saes, group))
                         for group in groups
                     ]
                     faccs = None

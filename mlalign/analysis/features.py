@@ -233,10 +233,11 @@ def weighted_jaccard(mean_acts: np.ndarray) -> np.ndarray:
 
 
 def _paired_counts(ids_by_lang, langs, reference_lang, sizes, n_resamples, seed):
-    from mlalign.analysis.metrics import _paired_columns, _resample_counts
+    from mlalign.analysis.bootstrap import resample_counts
+    from mlalign.analysis.metrics import _paired_columns
 
     ids_by_lang = ids_by_lang or {}
-    ref_counts = _resample_counts(sizes[reference_lang], n_resamples, np.random.default_rng([seed, 14, 0]))
+    ref_counts = resample_counts(sizes[reference_lang], n_resamples, np.random.default_rng([seed, 14, 0]))
     out = {}
     for k, lang in enumerate(langs):
         if lang == reference_lang:
@@ -244,7 +245,7 @@ def _paired_counts(ids_by_lang, langs, reference_lang, sizes, n_resamples, seed)
             continue
         columns = _paired_columns(ids_by_lang.get(lang), ids_by_lang.get(reference_lang))
         out[lang] = (ref_counts[:, columns] if columns is not None
-                     else _resample_counts(sizes[lang], n_resamples, np.random.default_rng([seed, 14, k + 1])))
+                     else resample_counts(sizes[lang], n_resamples, np.random.default_rng([seed, 14, k + 1])))
     return out
 
 
@@ -370,7 +371,7 @@ def add_intervals(report: FeatureReport, sentence_sums: dict[str, dict[int, Feat
     `report.intervals`. sentence_sums[lang][layer] holds per-sentence sums of (at least) the needed features;
     n_tokens[lang][layer] the per-sentence token counts. A language holding the reference's sentence ids reuses its
     draw by id (the same sentences on both sides), like the disparity CIs."""
-    from mlalign.analysis.metrics import percentile_interval
+    from mlalign.analysis.bootstrap import percentile_interval
 
     if n_resamples <= 0:
         return

@@ -11,40 +11,23 @@ import math
 
 import numpy as np
 
+from mlalign.analysis.bootstrap import percentile_interval, resample_counts
+from mlalign.analysis.registry import REGISTRY, check_aggregate, get_metric
 from mlalign.analysis.stats import SentenceSums
 from mlalign.errors import UserError
 
-METRICS = ("mean_act", "l1", "l0", "feature_coverage", "fvu", "resid_norm", "fvu_raw")
-PER_TOKEN_METRICS = ("mean_act", "l1", "l0", "resid_norm")
-"""Metrics that are means over tokens and so follow `aggregate`; fvu and feature_coverage are always pooled over
-all of a language's tokens (a per-sentence FVU of a 5-token sentence is not meaningful)."""
-AGGREGATES = ("token", "sentence")
-LOWER_IS_BETTER = ("fvu", "fvu_raw")
-"""Metrics where a larger value means a worse SAE fit, not "more activation"."""
 
 def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise UserError(f"unknown metric {metric!r}; use analysis.metric=one of {', '.join(METRICS)}")
-    return metric
-
-
-def check_aggregate(aggregate: str) -> str:
-    if aggregate not in AGGREGATES:
-        raise UserError(f"unknown aggregate {aggregate!r}; use analysis.aggregate=token or analysis.aggregate=sentence")
-    return aggregate
+    return get_metric(metric).name
 
 
 def metric_value(sums: SentenceSums, metric: str, aggregate: str = "token") -> float:
-    """One metric of one (language, layer) from its sums."""
-    check_metric(metric)
+    """One metric of one (language, layer) from its sums (the registered record says how)."""
+    spec = get_metric(metric)
     check_aggregate(aggregate)
-    if metric == "feature_coverage":
-        return float(sums.features_fired.mean())
-    if metric == "fvu":
-        return _ratio(sums.sq_err.sum(), sums.total_sq_dev_from_mean())
-    if metric == "fvu_raw":
-        return _ratio(sums.sq_err.sum(), sums.sq_norm.sum())
-    per_sentence = getattr(sums, metric)
+    if spec.pooled is not None:
+        return float(spec.pooled({name: sums.sum_of(name).sum() for name in spec.needs}, sums, None))
+    per_sentence = sums.sum_of(spec.sum_name)
     if aggregate == "token":
         return _ratio(per_sentence.sum(), sums.n_tokens.sum())
     valid = sums.n_tokens > 0
@@ -58,9 +41,9 @@ def _ratio(numerator, denominator) -> float:
 
 
 def compute_metrics(stats: dict[str, dict[int, SentenceSums]], aggregate: str = "token") -> dict[str, dict[int, dict[str, float]]]:
-    """values[lang][layer][metric] for every metric in `METRICS`."""
+    """values[lang][layer][metric] for every registered metric."""
     return {
-        lang: {layer: {m: metric_value(sums, m, aggregate) for m in METRICS} for layer, sums in by_layer.items()}
+        lang: {layer: {m: metric_value(sums, m, aggregate) for m in REGISTRY} for layer, sums in by_layer.items()}
         for lang, by_layer in stats.items()
     }
 
@@ -90,14 +73,6 @@ def disparity(values: dict, reference_lang: str, metric: str) -> dict[str, dict[
 # ---------------------------------------------------------------------------------------------------- bootstrap
 
 
-def _resample_counts(n: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """[n_resamples, n] how often each sentence is drawn in each resample (n draws with replacement)."""
-    draws = rng.integers(0, n, size=(n_resamples, n))
-    counts = np.zeros((n_resamples, n))
-    np.add.at(counts, (np.repeat(np.arange(n_resamples), n), draws.ravel()), 1.0)
-    return counts
-
-
 def _paired_columns(ids_lang, ids_ref) -> np.ndarray | None:
     """For each sentence of lang, its position in the reference, if the two hold exactly the same unique ids."""
     if ids_lang is None or ids_ref is None:
@@ -110,10 +85,14 @@ def _paired_columns(ids_lang, ids_ref) -> np.ndarray | None:
 
 
 def _resampled_metrics(by_layer: dict[int, SentenceSums], counts: np.ndarray, aggregate: str) -> dict[int, dict[str, np.ndarray]]:
-    """layer -> metric -> [n_resamples] values of every bootstrappable metric under the resample weights `counts`.
+    """layer -> metric -> [n_resamples] values of every bootstrappable registered metric under the resample weights
+    `counts`.
 
     All layers' per-sentence columns go through one matrix product (counts [B, S] @ columns [S, layers * k]).
     """
+    metrics = [m for m in REGISTRY.values() if m.bootstrappable]
+    per_token = [m for m in metrics if m.is_per_token]
+    pooled_needs = sorted({name for m in metrics for name in m.needs})
     layers = list(by_layer)
     columns = []
     for layer in layers:
@@ -122,38 +101,31 @@ def _resampled_metrics(by_layer: dict[int, SentenceSums], counts: np.ndarray, ag
         valid = n > 0
         columns.append(n)
         columns.append(valid.astype(float))
-        for metric in PER_TOKEN_METRICS:
-            columns.append(getattr(sums, metric))
-        for metric in PER_TOKEN_METRICS:
-            columns.append(np.where(valid, getattr(sums, metric) / np.where(valid, n, 1), 0.0))
-        columns.append(sums.sq_err)
-        columns.append(sums.sq_norm)
-    k = 2 + 2 * len(PER_TOKEN_METRICS) + 2
+        for metric in per_token:
+            columns.append(sums.sum_of(metric.sum_name))
+        for metric in per_token:
+            columns.append(np.where(valid, sums.sum_of(metric.sum_name) / np.where(valid, n, 1), 0.0))
+        for name in pooled_needs:
+            columns.append(sums.sum_of(name))
+    k = 2 + 2 * len(per_token) + len(pooled_needs)
     weighted = (counts @ np.stack(columns, axis=1)).reshape(counts.shape[0], len(layers), k)
     out = {}
     with np.errstate(invalid="ignore", divide="ignore"):
         for j, layer in enumerate(layers):
-            sums = by_layer[layer]
             w = weighted[:, j, :]
             w_tokens, w_valid = w[:, 0], w[:, 1]
-            token_sums = w[:, 2 : 2 + len(PER_TOKEN_METRICS)]
-            mean_sums = w[:, 2 + len(PER_TOKEN_METRICS) : 2 + 2 * len(PER_TOKEN_METRICS)]
+            token_sums = w[:, 2 : 2 + len(per_token)]
+            mean_sums = w[:, 2 + len(per_token) : 2 + 2 * len(per_token)]
+            totals = {name: w[:, 2 + 2 * len(per_token) + i] for i, name in enumerate(pooled_needs)}
             values = {}
-            for i, metric in enumerate(PER_TOKEN_METRICS):
-                values[metric] = token_sums[:, i] / w_tokens if aggregate == "token" else mean_sums[:, i] / w_valid
-            # Each resample's FVU is centred on that resample's own mean, exactly (per-sentence residual sums).
-            values["fvu"] = w[:, -2] / sums.sq_dev_from_mean(counts)
-            values["fvu_raw"] = w[:, -2] / w[:, -1]
+            for i, metric in enumerate(per_token):
+                values[metric.name] = token_sums[:, i] / w_tokens if aggregate == "token" else mean_sums[:, i] / w_valid
+            for metric in metrics:
+                if metric.pooled is not None:
+                    # Each resample's FVU is centred on that resample's own mean, exactly (per-sentence residual sums).
+                    values[metric.name] = metric.pooled(totals, by_layer[layer], counts)
             out[layer] = values
     return out
-
-
-def percentile_interval(samples: np.ndarray, ci: float) -> list[float] | None:
-    samples = samples[np.isfinite(samples)]
-    if samples.size == 0:
-        return None
-    low, high = np.percentile(samples, [50 * (1 - ci), 50 * (1 + ci)])
-    return [float(low), float(high)]
 
 
 def bootstrap_ci(
@@ -168,8 +140,10 @@ def bootstrap_ci(
 ) -> dict[str, dict]:
     """Percentile bootstrap over sentences.
 
-    Returns {"values_ci": [lang][layer][metric] -> [low, high] (None for feature_coverage, which needs per-sentence
-    feature sets), "disparity_ci": [lang][layer] -> [low, high] for `metric`}. Both are None when n_resamples == 0.
+    Returns {"values_ci": [lang][layer][metric] -> [low, high] (None for a metric the registry marks not
+    bootstrappable: feature_coverage needs per-sentence feature sets), "disparity_ci": [lang][layer] -> [low, high] for
+    `metric`, "disparity_samples": [lang][layer] -> [n_resamples] resampled disparities of the non-reference languages
+    (for simultaneous intervals and p-values; not JSON)}. All None when n_resamples == 0.
 
     Each resample draws a language's sentence indices with replacement. Where `ids_by_lang` shows a language holds
     exactly the reference's sentence ids (a parallel corpus), it reuses the reference's draw by id (paired
@@ -179,7 +153,7 @@ def bootstrap_ci(
     check_metric(metric)
     check_aggregate(aggregate)
     if n_resamples <= 0:
-        return {"values_ci": None, "disparity_ci": None}
+        return {"values_ci": None, "disparity_ci": None, "disparity_samples": None}
     if not 0 < ci < 1:
         raise UserError(f"analysis.ci must lie strictly between 0 and 1, got {ci}")
     ids_by_lang = ids_by_lang or {}
@@ -187,7 +161,7 @@ def bootstrap_ci(
         if lang in stats and len(lang_ids) != next(iter(stats[lang].values())).n_sentences:
             raise ValueError(f"ids_by_lang[{lang!r}] has {len(lang_ids)} ids for {next(iter(stats[lang].values())).n_sentences} sentences")
     ref_n = next(iter(stats[reference_lang].values())).n_sentences
-    ref_counts = _resample_counts(ref_n, n_resamples, np.random.default_rng([seed, 0]))
+    ref_counts = resample_counts(ref_n, n_resamples, np.random.default_rng([seed, 0]))
 
     samples: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for k, (lang, by_layer) in enumerate(stats.items()):
@@ -198,29 +172,31 @@ def bootstrap_ci(
         elif columns is not None:
             counts = ref_counts[:, columns]
         else:
-            counts = _resample_counts(n_sent, n_resamples, np.random.default_rng([seed, k + 1]))
+            counts = resample_counts(n_sent, n_resamples, np.random.default_rng([seed, k + 1]))
         samples[lang] = _resampled_metrics(by_layer, counts, aggregate)
 
     values_ci = {
         lang: {
-            layer: {m: (None if m == "feature_coverage" else percentile_interval(s[m], ci)) for m in METRICS}
+            layer: {m: (percentile_interval(s[m], ci) if m in s else None) for m in REGISTRY}
             for layer, s in by_layer.items()
         }
         for lang, by_layer in samples.items()
     }
-    disparity_ci = {}
+    disparity_ci, disparity_samples = {}, {}
     for lang, by_layer in samples.items():
-        disparity_ci[lang] = {}
+        disparity_ci[lang], disparity_samples[lang] = {}, {}
         for layer, s in by_layer.items():
             if lang == reference_lang:
                 disparity_ci[lang][layer] = [0.0, 0.0]
-            elif metric == "feature_coverage":
+            elif metric not in s:  # not bootstrappable
                 disparity_ci[lang][layer] = None
             else:
                 ref = samples[reference_lang][layer][metric]
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    disparity_ci[lang][layer] = percentile_interval(100.0 * (s[metric] - ref) / ref, ci)
-    return {"values_ci": values_ci, "disparity_ci": disparity_ci}
+                    resampled = 100.0 * (s[metric] - ref) / ref
+                disparity_samples[lang][layer] = resampled
+                disparity_ci[lang][layer] = percentile_interval(resampled, ci)
+    return {"values_ci": values_ci, "disparity_ci": disparity_ci, "disparity_samples": disparity_samples}
 
 
 def corpus_stats(stats: dict[str, dict[int, SentenceSums]]) -> dict[str, dict[str, float]]:

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
-from mlalign.analysis.summary import METRIC_WORDS, order_by_tier, tier_of  # noqa: E402
+from mlalign.analysis.registry import get_metric  # noqa: E402
+from mlalign.analysis.summary import order_by_tier, tier_of  # noqa: E402
 from mlalign.languages import LANGUAGES  # noqa: E402
 from mlalign.io import save_figure  # noqa: E402
 
@@ -70,7 +71,7 @@ def plot_disparity_heatmap(summary: dict, path: str | Path) -> Path:
     ax.set_xlabel("layer")
     ref = summary["reference_lang"]
     fig.colorbar(image, ax=ax, label=f"disparity vs {ref} (%)")
-    ax.set_title(_title(summary, f"{METRIC_WORDS[summary['metric']]}: % difference from {ref}"), fontsize=10)
+    ax.set_title(_title(summary, f"{get_metric(summary['metric']).words}: % difference from {ref}"), fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=150)
     plt.close(fig)
@@ -106,7 +107,7 @@ def plot_layer_curves(summary: dict, path: str | Path) -> Path:
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, frameon=False)
-    ax.set_title(_title(summary, f"{METRIC_WORDS[metric]} per layer (shaded: {int(100 * summary['ci'])}% CI)"), fontsize=10)
+    ax.set_title(_title(summary, f"{get_metric(metric).words} per layer (shaded: {int(100 * summary['ci'])}% CI)"), fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=150)
     plt.close(fig)

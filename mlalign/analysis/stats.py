@@ -7,39 +7,49 @@ device while a corpus streams through and move to the CPU once, in `finalize()`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
+from mlalign.analysis.registry import DenseView, SparseView, code_metrics
 from mlalign.analysis.sae_ops import SparseCode
 
-PER_SENTENCE_SUMS = ("n_tokens", "mean_act", "l1", "l0", "resid_norm", "sq_err", "sq_dev", "sq_norm", "position")
-"""Per-sentence sums over the sentence's analysed tokens (BOS and padding excluded):
+RESIDUAL_SUMS = ("n_tokens", "resid_norm", "sq_err", "sq_dev", "sq_norm", "position")
+"""Per-sentence sums of the residual kept for every analysis, over the sentence's analysed tokens (BOS and padding
+excluded):
 
 n_tokens    number of tokens
-mean_act    sum_t mean_f a_tf           (mean feature activation of a token)
-l1          sum_t sum_f |a_tf|
-l0          sum_t #{f : a_tf != 0}
 resid_norm  sum_t ||x_t||_2
 sq_err      sum_t ||x_t - x̂_t||²       (x̂ = sae.decode(sae.encode(x)))
 sq_dev      sum_t ||x_t - c||²          (c = `shift`, see `SentenceSums.shift`)
 sq_norm     sum_t ||x_t||²              (denominator of the uncentred `fvu_raw`)
 position    sum_t pos_t                 (pos_t = the token's position in its row, 0 = the first token, BOS if any)
+
+Beside them, one per-sentence sum of every registered SAE-code metric (`analysis.registry.code_metrics()`: mean_act,
+l1, l0, ...), the sum over the sentence's tokens of the metric's per-token value.
 """
+
+
+def code_sum_names() -> tuple[str, ...]:
+    """The per-sentence sums of the registered SAE-code metrics."""
+    return tuple(m.name for m in code_metrics())
+
+
+def per_sentence_sums() -> tuple[str, ...]:
+    """Every per-sentence sum a `SentenceSums` holds."""
+    return ("n_tokens", *code_sum_names(), *RESIDUAL_SUMS[1:])
 
 
 @dataclass
 class SentenceSums:
     """Finalized statistics of one (language, layer), as numpy arrays on the CPU.
 
-    Each `PER_SENTENCE_SUMS` field is an array [n_sentences] in the order of the texts given to the engine.
+    Each per-sentence sum (`RESIDUAL_SUMS` fields, and `code_sums` by metric name) is an array [n_sentences] in the
+    order of the texts given to the engine.
     """
 
     n_tokens: np.ndarray
-    mean_act: np.ndarray
-    l1: np.ndarray
-    l0: np.ndarray
     resid_norm: np.ndarray
     sq_err: np.ndarray
     sq_dev: np.ndarray
@@ -60,6 +70,12 @@ class SentenceSums:
     (9 MB for 997 sentences at d_model 2304)."""
     truncated: np.ndarray
     """[n_sentences] bool: the sentence was cut at `max_length` tokens."""
+    code_sums: dict[str, np.ndarray] = field(default_factory=dict)
+    """metric name -> [n_sentences] per-sentence sum of that registered SAE-code metric's per-token values."""
+
+    def sum_of(self, name: str) -> np.ndarray:
+        """The per-sentence sum `name`: a `RESIDUAL_SUMS` field or a registered SAE-code metric."""
+        return self.code_sums[name] if name in self.code_sums else getattr(self, name)
 
     @property
     def n_sentences(self) -> int:
@@ -87,8 +103,20 @@ class SentenceSums:
             return np.where(n > 0, weights @ self.sq_dev - np.einsum("...d,...d->...", dev, dev) / np.where(n > 0, n, 1), np.nan)
 
     def to_dict(self) -> dict[str, np.ndarray]:
-        """Arrays by field name, e.g. for `np.savez` caching; `SentenceSums(**d)` restores it."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Arrays by name (the code metrics' sums by metric name), e.g. for `np.savez` caching; `from_arrays` restores it."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "code_sums"}, **self.code_sums}
+
+    @classmethod
+    def array_names(cls) -> set[str]:
+        """The names `to_dict` writes under the registered metrics."""
+        return {f.name for f in fields(cls) if f.name != "code_sums"} | set(code_sum_names())
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "SentenceSums":
+        """The inverse of `to_dict`."""
+        arrays = dict(arrays)
+        code = {name: arrays.pop(name) for name in code_sum_names()}
+        return cls(**arrays, code_sums=code)
 
 
 def layers_per_block(device: torch.device, n_layers: int) -> int:
@@ -109,19 +137,21 @@ class LayerStats:
     """
 
     def __init__(self, n_sentences: int, d_model: int, d_sae: int, device: torch.device | str = "cpu",
-                 truncated=None, n_layers: int = 1):
+                 truncated=None, n_layers: int = 1, decoder_norms: torch.Tensor | None = None):
         device = torch.device(device)
         # float64 sums make results independent of batch composition to ~1e-12; MPS has no float64.
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.device = device
         self.n_layers, self.n_sentences, self.d_sae = int(n_layers), int(n_sentences), int(d_sae)
         size = self.n_layers * self.n_sentences
-        self.sums = {name: torch.zeros(size, dtype=self.dtype, device=device) for name in PER_SENTENCE_SUMS}
+        self.sums = {name: torch.zeros(size, dtype=self.dtype, device=device) for name in per_sentence_sums()}
         self.sum_x = torch.zeros(self.n_layers, d_model, dtype=self.dtype, device=device)
         self.sum_dev = torch.zeros(size, d_model, dtype=self.dtype, device=device)
         self.shift: torch.Tensor | None = None
         self.features_fired = torch.zeros(self.n_layers * self.d_sae, dtype=torch.bool, device=device)
         self.truncated = np.zeros(n_sentences, dtype=bool) if truncated is None else np.asarray(truncated, dtype=bool)
+        self.decoder_norms = decoder_norms
+        """[n_layers, d_sae] ||W_dec,f|| of the group's SAEs, for metrics that weight features by what they write."""
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, feature_acts: torch.Tensor, x_hat: torch.Tensor, sentence_index: torch.Tensor,
@@ -166,15 +196,13 @@ class LayerStats:
             torch.linalg.vector_norm(dev, dim=-1, out=sq_dev[rows])
             self.sum_dev.index_add_(0, index[rows], dev)
         if code is not None:
-            total = code.per_token(dtype=self.dtype)
-            activation = {"mean_act": total / code.d_sae, "l0": code.active_per_token(),
-                          "l1": total if code.values_positive else code.per_token(code.values.abs(), dtype=self.dtype)}
+            view = SparseView(code, dtype=self.dtype, decoder_norms=self.decoder_norms)
             self.features_fired |= code.column_counts(n) > 0
         else:  # sums accumulate in float32 without a float32 copy of a bf16 code (GBs on an accelerator)
             fired = feature_acts != 0
-            activation = {"mean_act": feature_acts.sum(dim=-1, dtype=torch.float32) / feature_acts.shape[-1],
-                          "l1": feature_acts.abs().sum(dim=-1, dtype=torch.float32), "l0": fired.sum(dim=-1)}
+            view = DenseView(feature_acts, dtype=torch.float32, fired=fired, decoder_norms=self.decoder_norms)
             self.features_fired |= fired.view(L, n, -1).any(dim=1).view(-1)
+        activation = {metric.name: metric.per_token(view) for metric in code_metrics()}
         per_token = {
             "n_tokens": torch.ones(L * n, dtype=self.dtype, device=x.device),
             **activation,
@@ -196,9 +224,10 @@ class LayerStats:
         fired = self.features_fired.cpu().numpy().reshape(self.n_layers, -1)
         sum_dev = self.sum_dev.to(torch.float32).cpu().numpy().reshape(self.n_layers, self.n_sentences, -1)
         return [
-            SentenceSums(**{name: values[i].copy() for name, values in sums.items()}, sum_x=sum_x[i].copy(),
-                         shift=shift[i].copy(), features_fired=fired[i].copy(), sum_dev=sum_dev[i].copy(),
-                         truncated=self.truncated.copy())
+            SentenceSums.from_arrays({**{name: values[i].copy() for name, values in sums.items()},
+                                      "sum_x": sum_x[i].copy(), "shift": shift[i].copy(),
+                                      "features_fired": fired[i].copy(), "sum_dev": sum_dev[i].copy(),
+                                      "truncated": self.truncated.copy()})
             for i in range(self.n_layers)
         ]
 

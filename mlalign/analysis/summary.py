@@ -11,8 +11,10 @@ import math
 
 import numpy as np
 
-from mlalign.analysis.metrics import (LOWER_IS_BETTER, bootstrap_ci, check_aggregate, check_metric, compute_metrics,
-                                      corpus_stats, disparity, disparity_pct)
+from mlalign.analysis.bootstrap import bootstrap_p_value, holm, simultaneous_intervals
+from mlalign.analysis.decomposition import DENSE_THRESHOLD, decompose
+from mlalign.analysis.metrics import bootstrap_ci, check_metric, compute_metrics, corpus_stats, disparity, disparity_pct
+from mlalign.analysis.registry import check_aggregate, get_metric
 from mlalign.analysis.stats import SentenceSums
 from mlalign.errors import UserError
 from mlalign.languages import LANGUAGES
@@ -21,15 +23,6 @@ log = logging.getLogger(__name__)
 
 TIER_ORDER = ("reference", "high", "medium_low")
 TIER_WORDS = {"high": "High-resource languages", "medium_low": "Medium-to-low resource languages"}
-METRIC_WORDS = {
-    "mean_act": "SAE activations",
-    "l1": "L1 SAE activation",
-    "l0": "active SAE features per token",
-    "feature_coverage": "SAE feature coverage",
-    "fvu": "fraction of variance unexplained",
-    "resid_norm": "residual-stream norm",
-    "fvu_raw": "fraction of residual energy unexplained",
-}
 FVU_ARTEFACT_RATIO = 1.25
 """A language's raw FVU (`fvu_raw`, same denominator form for every language) this many times the reference's marks
 the SAE as fitting it markedly worse."""
@@ -39,7 +32,7 @@ reconstructs worse than predicting the mean residual), and none of its numbers i
 MAX_TRUNCATED_PCT = 5.0
 """Default `analysis.max_truncated_pct`: a language with more of its sentences cut at max_length gets a warning."""
 MODEL_LEVEL_FRACTION = 0.5
-"""A residual-norm gap at least this fraction of the metric's gap (same sign) marks the gap as model-level."""
+"""A residual-norm gap at least this fraction of the metric's gap (same sign) flags the gap as possibly a scale effect."""
 
 
 # ---------------------------------------------------------------------------------------------------- layer bands
@@ -103,7 +96,7 @@ def _finite(x) -> bool:
 
 
 def _gap_context(values, disp, reference_lang, lang, layer) -> dict:
-    """What the residual stream and the SAE's fit do at a gap: to tell a model-level gap from an SAE artefact."""
+    """What the residual stream and the SAE's fit do at a gap: to flag a scale effect or an SAE artefact."""
     ref, own = values[reference_lang][layer], values[lang][layer]
     return {
         "lang": lang,
@@ -127,7 +120,8 @@ def _verdict(context: dict) -> str:
     if _finite(fvu) and _finite(fvu_ref) and fvu_ref > 0 and fvu > FVU_ARTEFACT_RATIO * fvu_ref:
         return "the SAE reconstructs this language markedly worse, so part of the gap may be an SAE artefact"
     if _finite(resid) and _finite(gap) and gap != 0 and resid * gap > 0 and abs(resid) >= MODEL_LEVEL_FRACTION * abs(gap):
-        return "the raw residual stream differs in the same direction, so the gap is (at least partly) model-level"
+        return ("the residual norm differs in the same direction by at least half as much, so part of the gap may be "
+                "the residual's scale rather than what its features represent (see the norm-matched numbers)")
     return "the SAE fits both languages comparably and the residual norm does not explain the gap"
 
 
@@ -142,9 +136,9 @@ def unfit_layers(values, reference_lang: str, max_fvu: float | None = MAX_FVU) -
 def band_summary(values, disp, reference_lang: str, bands: dict[str, list[int]], unfit=(),
                  metric: str | None = None) -> dict[str, dict]:
     """Per band: mean disparity over the non-reference languages (overall and per tier) and the worst (lang, layer)
-    with its residual-norm disparity and FVUs (`most_negative`: the lowest disparity; for `LOWER_IS_BETTER` metrics
+    with its residual-norm disparity and FVUs (`most_negative`: the lowest disparity; for a `lower_is_better` metric
     the highest, i.e. the worst fit); layers in `unfit` are left out (listed as unfit_layers)."""
-    sign = -1 if metric in LOWER_IS_BETTER else 1
+    sign = -1 if metric is not None and get_metric(metric).lower_is_better else 1
     others = [lang for lang in disp if lang != reference_lang]
     out = {}
     for band, layers in bands.items():
@@ -174,27 +168,48 @@ def _ci_words(disparity_ci, lang: str, layer, adverse_sign: int, ci: float) -> s
 
 
 def headline_statements(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]], unfit=(),
-                        disparity_ci=None, ci: float = 0.95) -> list[str]:
-    """The study's sentences, per resource tier, reproduced from the numbers, e.g.
+                        disparity_ci=None, ci: float = 0.95, disparity_samples=None) -> list[str]:
+    """The texts of `headlines`, then the statement naming unfit layers if any."""
+    texts = [h["text"] for h in headlines(values, disp, reference_lang, metric, bands, unfit, disparity_ci, ci,
+                                          disparity_samples)]
+    if unfit:
+        texts.append(unfit_statement(values, reference_lang, sorted(unfit)))
+    return texts
+
+
+def _simultaneous_words(interval, n_cells: int, adverse_sign: int, ci: float) -> str:
+    if not interval:
+        return ""
+    low, high = sorted(-adverse_sign * v for v in interval)
+    return f"; {100 * ci:.0f}% simultaneous CI over the {n_cells} cells searched {low:.1f} to {high:.1f}%"
+
+
+def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]], unfit=(),
+              disparity_ci=None, ci: float = 0.95, disparity_samples=None, decomposition=None) -> list[dict]:
+    """The study's sentences, one per resource tier, reproduced from the numbers, as records {text, lang, layer,
+    value (the cell's disparity_pct), ci (its own bootstrap CI), simultaneous_ci, n_cells_searched}, e.g.
 
     "Medium-to-low resource languages (id, ca, mr, ml, hi) receive up to 27.1% (95% CI 20.3 to 33.0%) lower SAE
     activations than English in early layers (hi, layer 3); a gap of 12.3% persists in deep layers (mean over layers
     18-25). At hi, layer 3 the residual norm differs by -2.0% and the FVU is 0.31 vs 0.30 for English: <verdict>."
 
     The adverse direction follows the metric: for activations a gap is a lower value than the reference's; for FVU
-    (`LOWER_IS_BETTER`) it is a higher one, worded as a worse SAE fit. The worst cell's bootstrap CI
+    (`lower_is_better` in the registry) it is a higher one, worded as a worse SAE fit. The worst cell's bootstrap CI
     (`disparity_ci[lang][layer]`) is quoted where there is one, and flagged when it includes 0.
+    "Up to X%" is the most extreme of `n_cells_searched` cells (the tier's languages x layers), so beside the cell's
+    own CI it carries a simultaneous one (max-t over those cells' bootstrap resamples, `disparity_samples`): the
+    interval that would hold whichever cell had come out most extreme.
     Layers in `unfit` (the SAE does not reconstruct the reference there, see `unfit_layers`) give no finding: they are
-    left out of every number and named in a last statement instead.
+    left out of every number and named by `headline_statements` instead.
     """
     ref_name = LANGUAGES[reference_lang].name if reference_lang in LANGUAGES else reference_lang
-    what = METRIC_WORDS[metric]
-    lower_is_better = metric in LOWER_IS_BETTER
+    what = get_metric(metric).words
+    lower_is_better = get_metric(metric).lower_is_better
     # adverse < 0 is a gap: lower activation than the reference, or a higher FVU (a worse fit).
     sign = -1 if lower_is_better else 1
     worse_words = "higher" if lower_is_better else "lower"
     fit_words = " (a worse SAE fit)" if lower_is_better else ""
-    statements = []
+    records = []
     band_of = {layer: band for band, layers in bands.items() for layer in layers}
     band_names = list(bands)
     for tier in TIER_ORDER[1:]:
@@ -206,12 +221,21 @@ def headline_statements(values, disp, reference_lang: str, metric: str, bands: d
         gap, lang, layer = min(cells)
         where = band_of[layer]
         head = f"{TIER_WORDS[tier]} ({', '.join(langs)})"
+        searched = {(c[1], c[2]): ((disparity_samples or {}).get(c[1]) or {}).get(c[2]) for c in cells}
+        simultaneous, _ = simultaneous_intervals({k: v for k, v in searched.items() if v is not None},
+                                                 {k: disp[k[0]][k[1]] for k in searched}, ci)
+        record = {"lang": lang, "layer": int(layer), "value": disp[lang][layer],
+                  "ci": ((disparity_ci or {}).get(lang) or {}).get(layer),
+                  "simultaneous_ci": simultaneous.get((lang, layer)), "n_cells_searched": len(cells)}
         if gap >= 0:
-            statements.append(f"{head} show no {worse_words} {what} than {ref_name} in any analysed layer "
-                              f"(smallest difference {sign * gap:+.1f}%, {lang}, layer {layer}).")
+            records.append({"text": f"{head} show no {worse_words} {what} than {ref_name} in any analysed layer "
+                                    f"(smallest difference {sign * gap:+.1f}%, {lang}, layer {layer}).", **record})
             continue
         verb = "have" if lower_is_better else "receive"
-        parts = [f"{head} {verb} up to {-gap:.1f}%{_ci_words(disparity_ci, lang, layer, sign, ci)} {worse_words} "
+        own = _ci_words(disparity_ci, lang, layer, sign, ci)
+        if own and record["simultaneous_ci"]:
+            own = own[:-1] + _simultaneous_words(record["simultaneous_ci"], len(cells), sign, ci) + ")"
+        parts = [f"{head} {verb} up to {-gap:.1f}%{own} {worse_words} "
                  f"{what}{fit_words} than {ref_name} in {where} layers ({lang}, layer {layer})"]
         for band in band_names:
             if band == where:
@@ -235,10 +259,37 @@ def headline_statements(values, disp, reference_lang: str, metric: str, bands: d
             f"FVU is {context['fvu']:.2f} vs {context['fvu_reference']:.2f} for {ref_name}{_raw_fvu_words(context)}: "
             f"{verdict}."
         )
-        statements.append("; ".join(parts) + ". " + check)
-    if unfit:
-        statements.append(unfit_statement(values, reference_lang, sorted(unfit)))
-    return statements
+        records.append({"text": "; ".join(parts) + ". " + check + _reshuffling_words(decomposition, lang, layer),
+                        **record})
+    return records
+
+
+def _holm_by_cell(disparity_samples, reference_lang: str, langs: list[str], layers: list[int], unfit) -> dict | None:
+    """disparity_p_holm[lang][layer]: each cell's bootstrap p-value of "no disparity", Holm-adjusted over every
+    non-reference cell of the fit layers (the family a reader scans in the heatmap); None without a bootstrap."""
+    if not disparity_samples:
+        return None
+    cells = {(lang, layer): bootstrap_p_value(disparity_samples[lang][layer]) for lang in langs
+             if lang != reference_lang for layer in layers
+             if layer not in unfit and layer in (disparity_samples.get(lang) or {})}
+    adjusted = holm(cells)
+    return {lang: {layer: adjusted.get((lang, layer)) for layer in layers} for lang in langs if lang != reference_lang}
+
+
+def _reshuffling_words(decomposition, lang: str, layer) -> str:
+    """" Feature by feature (mean_act): net -12.3%, gross 190% ..." for the headline cell; "" without feature totals."""
+    if not decomposition:
+        return ""
+    net = decomposition["net_change_pct"][lang][layer]
+    gross = decomposition["gross_change_pct"][lang][layer]
+    dense = decomposition["dense_share"][lang][layer]
+    if not (_finite(net) and _finite(gross)):
+        return ""
+    share = f"; {100 * dense:.0f}% of its activation is in dense features" if _finite(dense) else ""
+    # No verdict: the gross sum over thousands of per-feature means also collects their sampling noise, and no
+    # no-change floor for it is computed yet (docs/method.md §8b), so it is reported, not interpreted.
+    return (f" Feature by feature (mean_act): net change {net:+.1f}% of the reference's activation, gross "
+            f"{gross:.1f}% moved between features (gross includes per-feature sampling noise){share}.")
 
 
 def _raw_fvu_words(context: dict) -> str:
@@ -294,6 +345,8 @@ def summarize(
     max_fvu: float | None = MAX_FVU,
     max_truncated_pct: float | None = MAX_TRUNCATED_PCT,
     n_model_layers: int | None = None,
+    feature_stats: dict | None = None,
+    dense_threshold: float = DENSE_THRESHOLD,
 ) -> dict:
     """The content of `analysis/summary.json` (strict JSON: NaN becomes null, layer keys are strings).
 
@@ -301,9 +354,16 @@ def summarize(
     thirds of these when given), langs (tier order),
     values[lang][layer][metric], values_ci[lang][layer][metric] = [low, high] | null, disparity_pct[lang][layer]
     (of `metric`), disparity_ci[lang][layer] = [low, high] | null, bands {band: [layers]}, band_summary,
-    statements, n_tokens[lang], n_sentences[lang], corpus_stats[lang] {tokens_per_sentence, truncated_pct,
+    statements, headlines (one record per headline statement: text, lang, layer, value, ci, simultaneous_ci,
+    n_cells_searched; see `headlines`), disparity_pct_sentence[lang][layer] (the sentence aggregate's disparity),
+    disparity_p_holm[lang][layer] (bootstrap p of "no disparity", Holm over the non-reference cells of fit layers;
+    null without a bootstrap), n_tokens[lang], n_sentences[lang], corpus_stats[lang] {tokens_per_sentence, truncated_pct,
     mean_position}, max_fvu, unfit_layers (reference FVU >= max_fvu; left out of band_summary and statements),
     sae_fits[layer] (bool), warnings (also logged).
+    With `feature_stats` (the per-feature totals of the same pass): dense_share[lang][layer] and
+    gross_change_pct[lang][layer] beside the net disparity, and `decomposition` (analysis.decomposition.decompose:
+    dense features at `dense_threshold`, the disparity without them); headline statements then say how much of the
+    activation moved between features (net vs gross).
     """
     check_metric(metric)
     check_aggregate(aggregate)
@@ -332,6 +392,11 @@ def summarize(
                             f"or compare position-matched with analysis.max_position")
     for warning in warnings:
         log.warning(warning)
+    parts = decompose(feature_stats, reference_lang, dense_threshold) if feature_stats else None
+    heads = headlines(values, disp, reference_lang, metric, band_layers, unfit, boot["disparity_ci"], ci,
+                      boot["disparity_samples"], parts)
+    disp_sentence = disparity(compute_metrics(stats, "sentence"), reference_lang, metric)
+    p_holm = _holm_by_cell(boot["disparity_samples"], reference_lang, langs, layers, unfit)
     return _clean(
         {
             "model": model,
@@ -350,8 +415,16 @@ def summarize(
             "disparity_ci": {lang: boot["disparity_ci"][lang] for lang in langs} if boot["disparity_ci"] else None,
             "bands": band_layers,
             "band_summary": band_summary(values, disp, reference_lang, band_layers, unfit, metric),
-            "statements": headline_statements(values, disp, reference_lang, metric, band_layers, unfit,
-                                              boot["disparity_ci"], ci),
+            "statements": [h["text"] for h in heads] + (
+                [unfit_statement(values, reference_lang, sorted(unfit))] if unfit else []),
+            "headlines": heads,
+            # The same disparity with every sentence weighing the same (a language cut into more tokens per sentence
+            # counts no more), beside the token aggregate: a headline that holds in one and not the other says so.
+            "disparity_pct_sentence": {lang: disp_sentence[lang] for lang in langs},
+            "disparity_p_holm": p_holm,
+            "dense_share": parts["dense_share"] if parts else None,
+            "gross_change_pct": parts["gross_change_pct"] if parts else None,
+            "decomposition": parts,
             "n_tokens": {lang: first[lang].total_tokens for lang in langs},
             "n_sentences": {lang: first[lang].n_sentences for lang in langs},
             "corpus_stats": {lang: corpus[lang] for lang in langs},

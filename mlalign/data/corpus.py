@@ -83,6 +83,19 @@ def check_split(split: str) -> list[str]:
     return parts
 
 
+def split_parts(split: str) -> set[str]:
+    """The disjoint pieces of text (train, dev, test) a split names, whatever the source: every source (flores,
+    text_dir, hf) cuts its sentences into the same three splits, `all` is all of them and `+` joins them. Two splits
+    share sentences exactly when their parts intersect."""
+    return set(check_split(str(split)))
+
+
+def analysis_overlap(splits) -> list[str]:
+    """The parts of `data.splits.train` (the adapter's and the SAEs' training text) that `data.splits.analysis`
+    also holds; empty when the analysis reads held-out sentences only."""
+    return sorted(split_parts(splits["analysis"]) & split_parts(splits["train"]))
+
+
 def check_normalize(normalize: str | None) -> str | None:
     if normalize in (None, "none", "None", ""):
         return None
@@ -497,10 +510,19 @@ def corpus_report(info: CorpusInfo, langs: list[str], tokenizer=None, max_length
                     "blank_in": {lang: ids[:first] for lang, ids in info.blank_in.items() if ids}},
         "max_length": max_length,
         "splits_used": dict(splits_used or {}),
+        **_held_out_analysis(splits_used or {}),
         "split_sizes_read": dict(info.sizes),
         "splits": {split: {"n": len(ids), "ids": list(ids)} for split, ids in info.split_ids.items()},
         "langs": per_lang,
     }
+
+
+def _held_out_analysis(splits_used: dict) -> dict:
+    """Whether the analysis reads held-out sentences only (both `analysis` and `train` in use: task=pipeline)."""
+    if "analysis" not in splits_used or "train" not in splits_used:
+        return {}
+    overlap = analysis_overlap(splits_used)
+    return {"analysis_held_out": not overlap, "analysis_train_overlap": overlap}
 
 
 def report_lines(report: dict) -> list[str]:

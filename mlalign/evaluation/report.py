@@ -30,8 +30,9 @@ def compare_results(base: dict, adapter: dict | None = None, alpha: float = 0.05
 
     Both runs must have scored the same items. Where both sides kept per-item scores, each cell gets a paired test
     of acc on those items (mlalign.evaluation.significance.paired_test): `p_value` (McNemar exact), `diff_ci`
-    (paired bootstrap, level `ci`), and `p_holm`, the p-value Holm-adjusted over every tested cell of this run;
-    `significant` is p_holm < alpha. Cells without a test hold None there.
+    (paired bootstrap, level `ci`), `mde` (the smallest |diff| this test detects at `alpha` with power 0.8:
+    significance.minimum_detectable_effect), and `p_holm`, the p-value Holm-adjusted over every tested cell of this
+    run; `significant` is p_holm < alpha. Cells without a test hold None there.
     """
     from mlalign.evaluation.significance import holm, paired_test
 
@@ -55,16 +56,18 @@ def compare_results(base: dict, adapter: dict | None = None, alpha: float = 0.05
                 "adapter": _scores(adapter_row),
                 "diff": None if adapter_row is None
                 else {metric: _diff(adapter_row.get(metric), base_row.get(metric)) for metric in METRICS},
-                "p_value": None, "diff_ci": None, "p_holm": None, "significant": None, "significance": None,
+                "p_value": None, "diff_ci": None, "mde": None, "p_holm": None, "significant": None,
+                "significance": None,
             }
             base_items = base_row.get("items") or {}
             adapter_items = (adapter_row or {}).get("items") or {}
             if base_items.get("acc") is not None and adapter_items.get("acc") is not None:
                 try:
-                    test = paired_test(base_items, adapter_items, "acc", resamples=resamples, ci=ci, seed=seed)
+                    test = paired_test(base_items, adapter_items, "acc", resamples=resamples, ci=ci, seed=seed,
+                                       mde_alpha=alpha)
                 except ValueError as err:
                     raise ValueError(f"{benchmark}/{lang}: {err}") from None
-                cell.update(p_value=test["p_value"], diff_ci=test["diff_ci"], significance=test)
+                cell.update(p_value=test["p_value"], diff_ci=test["diff_ci"], mde=test["mde"], significance=test)
                 tested.append(cell)
             results[benchmark][lang] = cell
     for cell, adjusted in zip(tested, holm([cell["p_value"] for cell in tested])):
@@ -95,6 +98,46 @@ def flat_metrics(comparison: dict) -> dict[str, float]:
     return flat
 
 
+def summary_metrics(comparison: dict) -> dict[str, float]:
+    """`<benchmark>/<lang>/<side>_<metric>` and p-values (flat_metrics), plus, where there is an adapter, the mean
+    accuracy difference (`mean_diff_acc`, `<benchmark>/mean_diff_acc`) and the number of differences significant after
+    Holm's adjustment (`n_significant`, of `n_tests`): the W&B summary values of task=eval and pipeline."""
+    flat = flat_metrics(comparison)
+    diffs = [v for k, v in flat.items() if k.endswith("/diff_acc")]
+    if diffs:
+        flat["mean_diff_acc"] = sum(diffs) / len(diffs)
+    for benchmark, by_lang in comparison["results"].items():
+        values = [cell["diff"]["acc"] for cell in by_lang.values() if (cell.get("diff") or {}).get("acc") is not None]
+        if values:
+            flat[f"{benchmark}/mean_diff_acc"] = sum(values) / len(values)
+    if comparison.get("has_adapter"):
+        cells = [cell for by_lang in comparison["results"].values() for cell in by_lang.values()]
+        flat["n_significant"] = float(sum(1 for cell in cells if cell.get("significant")))
+        flat["n_tests"] = float(comparison.get("n_tests", 0))
+    return flat
+
+
+def headline_lines(comparison: dict) -> list[str]:
+    """One line per benchmark for the closing block: mean accuracy (base, and the adapter's difference), and which
+    differences are significant after Holm's adjustment."""
+    lines = []
+    alpha = comparison.get("alpha", 0.05)
+    a, b = comparison.get("labels") or ("base", "adapter")
+    for benchmark, by_lang in comparison["results"].items():
+        cells = {lang: cell for lang, cell in by_lang.items() if (cell.get("base") or {}).get("acc") is not None}
+        if not cells:
+            continue
+        base = sum(cell["base"]["acc"] for cell in cells.values()) / len(cells)
+        line = f"{benchmark}: {a} acc {base:.3f} (mean of {len(cells)} language(s))"
+        diffs = {lang: cell["diff"]["acc"] for lang, cell in cells.items() if (cell.get("diff") or {}).get("acc") is not None}
+        if diffs:
+            significant = [f"{lang} {diffs[lang]:+.3f}" for lang, cell in cells.items() if cell.get("significant")]
+            line += (f", {b} {sum(diffs.values()) / len(diffs):+.3f}; significant (Holm, p < {alpha:g}): "
+                     + (", ".join(significant) if significant else f"none of {len(diffs)}"))
+        lines.append(line)
+    return lines
+
+
 # --- files ------------------------------------------------------------------------------------------------------
 
 def _fmt(value: float | None, stderr: float | None = None) -> str:
@@ -107,29 +150,31 @@ def _fmt_diff(value: float | None) -> str:
     return "–" if value is None else f"{value:+.4f}"
 
 
-def _fmt_test(cell: dict) -> tuple[str, str, str]:
-    """(p, CI, verdict) columns: `n.s.` where the paired test cannot tell the adapter from the base model."""
+def _fmt_test(cell: dict) -> tuple[str, str, str, str]:
+    """(p, CI, MDE, verdict) columns: `n.s.` where the paired test cannot tell the adapter from the base model."""
     if cell.get("p_value") is None:
-        return "–", "–", "–"
+        return "–", "–", "–", "–"
     low, high = cell["diff_ci"]
     verdict = "significant" if cell["significant"] else "n.s."
-    return f"{cell['p_value']:.3g} (Holm {cell['p_holm']:.3g})", f"[{low:+.4f}, {high:+.4f}]", verdict
+    mde = "–" if cell.get("mde") is None else f"{cell['mde']:.4f}"
+    return f"{cell['p_value']:.3g} (Holm {cell['p_holm']:.3g})", f"[{low:+.4f}, {high:+.4f}]", mde, verdict
 
 
 def results_markdown(comparison: dict) -> str:
     """One table row per benchmark x language (acc ± stderr, base vs adapter, paired test), then the skipped ones."""
-    lines = ["| benchmark | lang | task | n | shots | base acc | adapter acc | Δ acc | p (McNemar) | CI Δ acc | verdict "
-             "| base acc_norm | adapter acc_norm | Δ acc_norm |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    a, b = comparison.get("labels") or ("base", "adapter")  # task=eval_compare: the two folders' names
+    lines = [f"| benchmark | lang | task | n | shots | {a} acc | {b} acc | Δ acc | p (McNemar) | CI Δ acc | MDE "
+             f"| verdict | {a} acc_norm | {b} acc_norm | Δ acc_norm |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for benchmark, by_lang in comparison["results"].items():
         for lang, cell in by_lang.items():
             base, adapter, diff = cell["base"], cell["adapter"] or {}, cell["diff"] or {}
-            p_value, interval, verdict = _fmt_test(cell)
+            p_value, interval, mde, verdict = _fmt_test(cell)
             shots = cell.get("num_fewshot")
             lines.append(
                 f"| {benchmark} | {lang} | {cell['task']} | {cell['n_samples']} | {'–' if shots is None else shots} "
                 f"| {_fmt(base['acc'], base['acc_stderr'])} | {_fmt(adapter.get('acc'), adapter.get('acc_stderr'))} "
-                f"| {_fmt_diff(diff.get('acc'))} | {p_value} | {interval} | {verdict} "
+                f"| {_fmt_diff(diff.get('acc'))} | {p_value} | {interval} | {mde} | {verdict} "
                 f"| {_fmt(base['acc_norm'], base['acc_norm_stderr'])} "
                 f"| {_fmt(adapter.get('acc_norm'), adapter.get('acc_norm_stderr'))} | {_fmt_diff(diff.get('acc_norm'))} |"
             )
@@ -146,11 +191,13 @@ def results_markdown(comparison: dict) -> str:
                   if cell.get("p_value") is not None]
         n_significant = sum(1 for cell in tested if cell["significant"])
         ci = tested[0]["significance"]["ci"]
-        header += (f"Base and adapter answered the same items, so each Δ acc is tested paired: McNemar's exact test on "
-                   f"the items only one of them got right, Holm-adjusted over the {len(tested)} cells; CI Δ acc is a "
-                   f"{ci:.0%} paired bootstrap over items. **{n_significant} of {len(tested)} differences are "
+        header += (f"{a.capitalize()} and {b} answered the same items, so each Δ acc is tested paired: McNemar's "
+                   f"exact test on the items only one of them got right, Holm-adjusted over the {len(tested)} cells; CI Δ acc is a "
+                   f"{ci:.0%} paired bootstrap over items; MDE is the smallest |Δ acc| the test detects at "
+                   f"{comparison.get('alpha', 0.05)} with 80% power on these items (a smaller true change is missed "
+                   f"more often than not). **{n_significant} of {len(tested)} differences are "
                    f"significant** (adjusted p < {comparison.get('alpha', 0.05)}); a cell marked n.s. is not an "
-                   f"effect of the adapter: on these items it cannot be told from no change.\n\n")
+                   f"effect of {b}: on these items it cannot be told from no change.\n\n")
     text = header + "\n".join(lines) + "\n"
     if comparison.get("skipped"):
         text += "\nSkipped:\n\n" + "".join(

@@ -54,8 +54,9 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def paired_test(base_items: dict, adapter_items: dict, metric: str = "acc", resamples: int = 10000,
-                ci: float = 0.95, seed: int = 0) -> dict:
-    """Base vs adapter on the same items: {"p_value", "diff_ci", "discordant": [b, c], "n_paired", "test"}.
+                ci: float = 0.95, seed: int = 0, mde_alpha: float = 0.05) -> dict:
+    """Base vs adapter on the same items: {"p_value", "diff_ci", "discordant": [b, c], "n_paired", "test", "mde"}
+    (`mde`: minimum_detectable_effect at level `mde_alpha`, power 0.8; 0/1 scores only).
 
     `*_items` are {"ids": [...], metric: [per-item score, ...]} as `run_benchmarks` records them; the two sides must
     hold the same item ids (compare runs with the same limit and few-shot settings). McNemar applies to 0/1 scores;
@@ -73,10 +74,27 @@ def paired_test(base_items: dict, adapter_items: dict, metric: str = "acc", resa
     if np.isin(base, (0.0, 1.0)).all() and np.isin(adapter, (0.0, 1.0)).all():
         p, b, c = mcnemar_exact(base, adapter)
         return {"test": "mcnemar_exact", "p_value": p, "diff_ci": [low, high], "ci": ci, "discordant": [b, c],
-                "n_paired": len(ids)}
+                "n_paired": len(ids), "mde": minimum_detectable_effect(len(ids), b + c, alpha=mde_alpha)}
     diffs = adapter - base
     values, counts = np.unique(diffs, return_counts=True)
     means = np.random.default_rng(seed).multinomial(diffs.size, counts / diffs.size, size=int(resamples)) @ values / diffs.size
     p = float(min(1.0, 2.0 * min(np.mean(means <= 0.0), np.mean(means >= 0.0))))
     return {"test": "paired_bootstrap", "p_value": p, "diff_ci": [low, high], "ci": ci, "discordant": None,
-            "n_paired": len(ids)}
+            "n_paired": len(ids), "mde": None}
+
+
+def minimum_detectable_effect(n_paired: int, n_discordant: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest |mean difference| a two-sided paired test at level `alpha` detects with probability `power`, on these
+    `n_paired` items (normal approximation for the mean of per-item differences d in {-1, 0, +1}).
+
+    Var(d) under no effect is the discordant share q = (b + c) / n, so MDE = z * sqrt(q / n), z = z_(1-alpha/2) +
+    z_power. A difference of delta needs at least delta * n discordant items (q >= delta), so however few items two
+    models disagree on, nothing below z^2 / n is detectable: that floor is what two identical runs report, not zero.
+    """
+    from scipy.stats import norm
+
+    if n_paired <= 0:
+        return float("nan")
+    z = float(norm.ppf(1.0 - alpha / 2.0) + norm.ppf(power))
+    share = n_discordant / n_paired
+    return float(max(z * np.sqrt(share / n_paired), z * z / n_paired))

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mlalign.errors import UserError
+from mlalign.io import ERROR_FILE
 
 log = logging.getLogger(__name__)
 
@@ -22,19 +23,17 @@ TASKS = {
     "train": "train",
     "eval": "evaluate",
     "pipeline": "pipeline",
+    "compare": "compare",
     "train_saes": "train_saes",
     "build_testbed": "build_testbed",
     "summarize": "summarize",
+    "eval_compare": "eval_compare", "dashboard": "dashboard",
 }
 
 # Tasks that read the parallel corpus -> the data.splits entries they use: the corpus is checked (those splits hold
 # sentences) and reported (corpus.json) before any model is loaded.
 CORPUS_TASKS = {"analyze": ("analysis",), "train": ("train", "heldout", "valid"),
-                "pipeline": ("analysis", "train", "heldout", "valid")}
-
-
-ERROR_FILE = "ERROR"
-"""Written in a run directory whose task failed: one line, the error (what `summary.csv`'s `error` column shows)."""
+                "pipeline": ("analysis", "train", "heldout", "valid"), "compare": ("train", "heldout", "valid")}
 
 WARNINGS_FILE = "WARNINGS"
 """Written in a run directory whose results carry a caveat (too few held-out sentences or resamples): one per line."""

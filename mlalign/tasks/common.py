@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from pathlib import Path
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mlalign.errors import UserError
@@ -20,12 +17,11 @@ log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
-    """One seed for python, numpy, torch (and CUDA); accelerate and lm-eval take the same number where they run."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+    """One seed for python, numpy, torch (and every accelerator: CUDA, MPS, XPU, NPU), through transformers' set_seed;
+    accelerate and lm-eval take the same number where they run."""
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
 def is_main_process() -> bool:
@@ -120,6 +116,9 @@ class RunContext:
         seed_everything(int(cfg.seed))
         # Cheap checks first: a typo must cost seconds, not a testbed build or a model download.
         self.langs = resolve_langs(cfg.langs, cfg.reference_lang)
+        from mlalign.models import resolve_model_shape
+
+        resolve_model_shape(cfg.model, OmegaConf.select(cfg, "paths.testbed_dir", default=None))  # model=hf: config.json
         resolve_layers(cfg.layers, int(cfg.model.num_layers))
         if cfg.get("adapter"):
             from mlalign.models import check_adapter

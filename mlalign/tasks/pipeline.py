@@ -6,18 +6,41 @@ import shlex
 
 from mlalign.io import write_text_atomic
 from mlalign.report import gap_accuracy_correlation, render_report
-from mlalign.tasks.train import check_train_config
+from mlalign.languages import target_langs
+from mlalign.training.checks import check_train_config
 
 OBJECTIVE = "alignment_score"
 """The training objective on the dev split (mlalign.training.outcomes.alignment_score), as task=train returns it."""
 
 
 def check_config(cfg) -> None:
-    """Run by dispatch before anything loads: the training settings, then the evaluation's (task names included)."""
+    """Run by dispatch before anything loads: the training settings, then the evaluation's (task names included), then
+    the analysis split: the pipeline analyses held-out sentences only (`held_out_analysis`)."""
     from mlalign.tasks import evaluate
 
     check_train_config(cfg)
     evaluate.check_config(cfg)
+    held_out_analysis(cfg)
+
+
+def held_out_analysis(cfg) -> None:
+    """The adapter must be analysed on sentences it was not trained on. Where `data.splits.analysis` holds training
+    sentences (data=text_dir and data=hf default to `all`), both models are analysed on `data.splits.heldout`
+    instead, so that before and after stay the same sentences; the saved config and corpus.json
+    (`analysis_held_out`) say so."""
+    from omegaconf import open_dict
+
+    from mlalign.console import note
+    from mlalign.data.corpus import analysis_overlap
+
+    splits = cfg.data.splits
+    overlap = analysis_overlap(splits)
+    if not overlap:
+        return
+    note(f"data.splits.analysis={splits.analysis} holds the adapter's training sentences ({', '.join(overlap)}): "
+         f"the pipeline analyses both models on data.splits.heldout={splits.heldout} instead")
+    with open_dict(cfg):
+        cfg.data.splits.analysis = str(splits.heldout)
 
 
 def rerun_command() -> str:
@@ -29,11 +52,11 @@ def rerun_command() -> str:
 
 def disparity_line(cfg, ctx, before: dict, after: dict) -> str:
     """`disparity vs en (mean over layers), base -> adapter: hi -20.1% -> -12.3%, ...` for the target languages."""
-    from mlalign.tasks import analyze, train
+    from mlalign.tasks import analyze
 
     base, adapted = analyze.scalar_results(before), analyze.scalar_results(after)
     cells = [f"{lang} {base[f'disparity_pct_{lang}']:+.1f}% -> {adapted[f'disparity_pct_{lang}']:+.1f}%"
-             for lang in train.target_langs(cfg, ctx.langs)
+             for lang in target_langs(cfg, ctx.langs)
              if f"disparity_pct_{lang}" in base and f"disparity_pct_{lang}" in adapted]
     return (f"disparity vs {cfg.reference_lang} (mean over layers), base -> base + adapter: "
             + (", ".join(cells) if cells else "n/a"))
@@ -44,7 +67,7 @@ def run(cfg, ctx) -> dict[str, float]:
     from mlalign.errors import UserError
     from mlalign.tasks import analyze, evaluate, train
 
-    if not train.target_langs(cfg, ctx.langs):  # fail before the first analysis, not after it
+    if not target_langs(cfg, ctx.langs):  # fail before the first analysis, not after it
         raise UserError(f"task=pipeline trains an adapter, so it needs a language besides {cfg.reference_lang}; "
                         f"type e.g. langs=[hi] (task=analyze maps {cfg.reference_lang} alone)")
     # What is measured where (docs/training.md#what-is-measured-where): step 1 computes only (language, layer)
@@ -59,7 +82,7 @@ def run(cfg, ctx) -> dict[str, float]:
     # Where it is the same measurement (training.shared_pass), step 1's pass over the held-out split also records the
     # base side of step 2's paired outcome pass, and step 2's adapted side runs as the adapted model's analysis pass,
     # which step 3 then reuses: each model runs over the held-out sentences once.
-    shared = BasePassRecording.for_pipeline(cfg, ctx, [*train.target_langs(cfg, ctx.langs), cfg.reference_lang])
+    shared = BasePassRecording.for_pipeline(cfg, ctx, [*target_langs(cfg, ctx.langs), cfg.reference_lang])
     with stage("[1/4] analysing the base model"):
         before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base", feature_stats_out=base_features,
                                        recording=shared)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from mlalign.errors import UserError
-from mlalign.io import write_json_atomic
+from mlalign.io import json_safe, write_json_atomic
+from mlalign.languages import target_langs
+from mlalign.training.checks import check_train_config
 
 log = logging.getLogger(__name__)
 
@@ -19,57 +22,8 @@ OBJECTIVE = "alignment_score"
 gain, minus penalties for English change in either direction and for any rise of the SAE's FVU."""
 
 
-def check_train_config(cfg: DictConfig) -> None:
-    """Fail on settings that cannot train before any model loads."""
-    from mlalign.training.losses import check_loss_config
-
-    check_loss_config(cfg.loss)
-    r = cfg.lora.get("r")
-    if r is None or int(r) <= 0:
-        raise UserError(f"lora.r={r} must be a positive integer (the LoRA rank); type e.g. lora.r=8")
-    t = cfg.train
-    for key in ("max_steps", "batch_size", "grad_accum"):
-        if int(t[key]) < 1:
-            raise UserError(f"train.{key}={t[key]} must be at least 1")
-    if t.resume not in (True, False, "auto"):
-        raise UserError(f"train.resume={t.resume} must be true, false or auto (resume if this run directory holds a "
-                        "checkpoint, start fresh otherwise)")
-    if int(t.warmup_steps) < 0 or int(t.save_every or 0) < 0:
-        raise UserError("train.warmup_steps and train.save_every must be >= 0 (save_every=0 disables checkpoints)")
-    splits = cfg.data.splits
-    if str(splits.train) == str(splits.heldout):
-        raise UserError(f"data.splits.train and data.splits.heldout are both {splits.train!r}; held-out "
-                        f"numbers need text never trained on, e.g. data.splits.heldout=test")
-    if str(splits.valid) in (str(splits.heldout), str(splits.train)):
-        raise UserError(f"data.splits.valid={splits.valid!r} is also the {'heldout' if str(splits.valid) == str(splits.heldout) else 'train'} "
-                        f"split; choices (sweeps, alignment_score) need a dev split of their own, e.g. data.splits.valid=dev")
-    tolerance = float(t.get("fidelity_tolerance", 1.25))
-    if not tolerance >= 1.0:
-        raise UserError(f"train.fidelity_tolerance={tolerance} must be >= 1 (1.25 = FVU may rise by 25%)")
-    if float(cfg.loss.get("act_align", 0.0)) > 0:
-        from mlalign.training.losses import ALIGNABLE_METRICS
-
-        if str(cfg.analysis.metric) not in ALIGNABLE_METRICS:
-            raise UserError(f"the alignment term aims at analysis.metric={cfg.analysis.metric}, which has no per-token "
-                            f"SAE value to align; use analysis.metric= one of {', '.join(ALIGNABLE_METRICS)}")
-
-
 check_config = check_train_config
 """Run by `dispatch` before the run context loads anything."""
-
-
-def target_langs(cfg: DictConfig, langs: list[str]) -> list[str]:
-    """The languages the adapter is trained to lift: `train.target_langs`, or every analysed language but the reference."""
-    reference = str(cfg.reference_lang)
-    chosen = cfg.train.get("target_langs")
-    if chosen is None:
-        return [lang for lang in langs if lang != reference]
-    chosen = [str(lang) for lang in chosen]
-    outside = [lang for lang in chosen if lang not in langs or lang == reference]
-    if outside:
-        raise UserError(f"train.target_langs has {outside[0]!r}, which is not among the non-reference langs "
-                        f"{[lang for lang in langs if lang != reference]}; add it to langs or drop it")
-    return chosen
 
 
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -82,39 +36,86 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     return point.checkpoint
 
 
+@dataclass
+class _Plan:
+    """What a run will do, decided from the config before anything loads."""
+
+    reference: str
+    targets: list[str]
+    metric: str
+    aggregate: str
+    tolerance: float
+    resume_from: Path | None
+    splits: dict[str, str]
+    """role -> split name: train (learned on), dev (choices, monitoring), headline (held out, reported once)."""
+
+
+@dataclass
+class _Setup:
+    """The loaded pieces: accelerator, tokenizer, the LoRA-wrapped model, SAEs, layers and the objective."""
+
+    accelerator: object
+    precision: str
+    tokenizer: object
+    model: torch.nn.Module
+    saes: dict
+    analysed: list[int]
+    aligned: list[int]
+    trainable: int
+    objective: object
+
+
+@dataclass
+class _Data:
+    stream: object
+    """Parallel (target, English) training batches."""
+    dev_pairs: object
+    """Parallel dev batches for the loss curves logged during training."""
+    texts: dict[str, dict[str, list[str]]]
+    """split role (dev, headline) -> lang -> sentences measured base vs adapter."""
+
+
 def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
-    """Train the adapter, then measure base vs adapter on dev and on the held-out split. shared: task=pipeline's
-    `training.shared_pass.BasePassRecording`: the held-out base side its analysis pass recorded is used instead of
-    running the base model over those sentences again, and the adapter's held-out measurement runs through the
-    analysis engine, leaving the adapted model's statistics for the pipeline's next step in `shared.adapted`."""
-    from accelerate import Accelerator
-    from hydra.utils import instantiate
-    from peft import get_peft_model
-    from transformers import get_scheduler
+    """Train the adapter, then measure base vs adapter on dev and on the held-out split: build -> data -> fit ->
+    measure -> report. shared: task=pipeline's `training.shared_pass.BasePassRecording`: the held-out base side its
+    analysis pass recorded is used instead of running the base model over those sentences again, and the adapter's
+    held-out measurement runs through the analysis engine, leaving the adapted model's statistics for the pipeline's
+    next step in `shared.adapted`."""
+    started = time.perf_counter()
+    plan = _plan(cfg, ctx)
+    setup = _build(cfg, ctx, plan)
+    data = _data(cfg, plan, setup)
+    state, train_s = _fit(cfg, ctx, plan, setup, data)
+    reports = _measure(cfg, ctx, plan, setup, data, shared)
+    return _report(cfg, ctx, plan, setup, state, reports, train_s=train_s, total_s=time.perf_counter() - started)
 
-    from mlalign.analysis.metrics import check_aggregate, check_metric
-    from mlalign.data.corpus import load_corpus
-    from mlalign.models import hidden_size, num_layers
-    from mlalign.tasks.common import resolve_layers
-    from mlalign.training.data import load_parallel_stream
-    from mlalign.training.loop import ObjectiveFn, resolve_mixed_precision, train_loop
-    from mlalign.training import base_cache
-    from mlalign.training.checkpoint import run_settings
-    from mlalign.training.outcomes import measure_adapted, outcome_report
-    from mlalign.training.report import outcome_lines, plot_before_after, train_metrics
 
-    from mlalign.console import headline, output, stage
+def _plan(cfg: DictConfig, ctx) -> _Plan:
+    from mlalign.analysis.metrics import check_metric
+    from mlalign.analysis.registry import check_aggregate
 
     check_train_config(cfg)
     reference = str(cfg.reference_lang)
     targets = target_langs(cfg, ctx.langs)
     if not targets:
         raise UserError(f"task=train needs at least one target language besides {reference}; type e.g. langs=[hi]")
-    metric = check_metric(str(cfg.analysis.metric))
-    aggregate = check_aggregate(str(cfg.analysis.aggregate))
-    tolerance = float(cfg.train.get("fidelity_tolerance", 1.25))
-    resume_from = _resume_checkpoint(cfg, ctx.run_dir)
-    started = time.perf_counter()
+    return _Plan(reference=reference, targets=targets, metric=check_metric(str(cfg.analysis.metric)),
+                 aggregate=check_aggregate(str(cfg.analysis.aggregate)),
+                 tolerance=float(cfg.train.get("fidelity_tolerance", 1.25)),
+                 resume_from=_resume_checkpoint(cfg, ctx.run_dir),
+                 splits={"train": str(cfg.data.splits.train), "dev": str(cfg.data.splits.valid),
+                         "headline": str(cfg.data.splits.heldout)})
+
+
+def _build(cfg: DictConfig, ctx, plan: _Plan) -> _Setup:
+    """Accelerator, tokenizer, base model wrapped in LoRA, the SAEs of the analysed and aligned layers, objective."""
+    from accelerate import Accelerator
+    from hydra.utils import instantiate
+    from peft import get_peft_model
+
+    from mlalign.models import hidden_size, num_layers
+    from mlalign.tasks.common import resolve_layers
+    from mlalign.training.loop import ObjectiveFn, resolve_mixed_precision
 
     cpu = str(cfg.model.device) == "cpu"
     precision = resolve_mixed_precision(cfg.train.mixed_precision, cpu)
@@ -132,107 +133,133 @@ def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
         raise UserError(f"the LoRA config does not fit model {cfg.model.name}: {str(err).splitlines()[0]}; "
                         "check lora.target_modules against the model's module names") from None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA: %d trainable parameters; aligning layers %s; targets %s", trainable, aligned, targets)
+    log.info("LoRA: %d trainable parameters; aligning layers %s; targets %s", trainable, aligned, plan.targets)
+    objective = ObjectiveFn(cfg.loss, saes, aligned, tokenizer.bos_token_id, accelerator, plan.metric, plan.aggregate)
+    return _Setup(accelerator=accelerator, precision=precision, tokenizer=tokenizer, model=model, saes=saes,
+                  analysed=analysed, aligned=aligned, trainable=trainable, objective=objective)
 
-    # Data: parallel (target, English) pairs for training; dev for choices and monitoring; held-out only for the
-    # numbers reported once.
-    splits = {"train": str(cfg.data.splits.train), "dev": str(cfg.data.splits.valid),
-              "headline": str(cfg.data.splits.heldout)}
-    stream = load_parallel_stream(cfg.data, targets, reference, splits["train"], tokenizer,
-                                  int(cfg.train.max_length), int(cfg.seed))
-    dev_pairs = load_parallel_stream(cfg.data, targets, reference, splits["dev"], tokenizer,
-                                     int(cfg.train.max_length), int(cfg.seed))
-    measured = [*targets, reference]
-    texts = {split: {lang: load_corpus(cfg.data, measured, splits[split])[lang] for lang in measured}
-             for split in ("dev", "headline")}
 
-    objective = ObjectiveFn(cfg.loss, saes, aligned, tokenizer.bos_token_id, accelerator, metric, aggregate)
+def _data(cfg: DictConfig, plan: _Plan, setup: _Setup) -> _Data:
+    """Parallel (target, English) pairs for training; dev for choices and monitoring; held-out only for the numbers
+    reported once."""
+    from mlalign.data.corpus import load_corpus
+    from mlalign.training.data import load_parallel_stream
+
+    def pairs(split: str):
+        return load_parallel_stream(cfg.data, plan.targets, plan.reference, split, setup.tokenizer,
+                                    int(cfg.train.max_length), int(cfg.seed))
+
+    measured = [*plan.targets, plan.reference]
+    texts = {role: {lang: load_corpus(cfg.data, measured, plan.splits[role])[lang] for lang in measured}
+             for role in ("dev", "headline")}
+    return _Data(stream=pairs(plan.splits["train"]), dev_pairs=pairs(plan.splits["dev"]), texts=texts)
+
+
+def _fit(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data):
+    """Optimizer, schedule and the training loop (checkpoints, resume, dev loss curves); returns (state, seconds)."""
+    from hydra.utils import instantiate
+    from transformers import get_scheduler
+
+    from mlalign.console import stage
+    from mlalign.training.checkpoint import run_settings
+    from mlalign.training.loop import train_loop
+
+    accelerator, objective = setup.accelerator, setup.objective
 
     def dev_losses(m) -> dict[str, float]:
         m.eval()
         totals: dict[str, float] = {}
         with torch.no_grad():
-            for i in range(len(targets)):
-                values = objective(m, dev_pairs.batch(i, int(cfg.train.batch_size), accelerator.device)).values
+            for i in range(len(plan.targets)):
+                values = objective(m, data.dev_pairs.batch(i, int(cfg.train.batch_size), accelerator.device)).values
                 for key, value in values.items():
-                    totals[key] = totals.get(key, 0.0) + value / len(targets)
+                    totals[key] = totals.get(key, 0.0) + value / len(plan.targets)
         return totals
 
-    optimizer = instantiate(cfg.train.optimizer)([p for p in model.parameters() if p.requires_grad])
+    optimizer = instantiate(cfg.train.optimizer)([p for p in setup.model.parameters() if p.requires_grad])
     scheduler = get_scheduler(str(cfg.train.scheduler), optimizer, num_warmup_steps=int(cfg.train.warmup_steps),
                               num_training_steps=int(cfg.train.max_steps))
     # The scheduler stays unprepared: it steps once per optimizer step, whatever the number of processes.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    setup.model, optimizer = accelerator.prepare(setup.model, optimizer)
+    started = time.perf_counter()
+    with stage(f"training the adapter ({int(cfg.train.max_steps)} steps, LoRA r={cfg.lora.r}, "
+               f"{', '.join(plan.targets)})"):
+        state = train_loop(accelerator=accelerator, model=setup.model, optimizer=optimizer, scheduler=scheduler,
+                           objective=objective, stream=data.stream, train_cfg=cfg.train,
+                           checkpoints=ctx.run_dir / "checkpoints", resume_from=plan.resume_from,
+                           tracker=ctx.tracker, eval_fn=dev_losses, settings=run_settings(cfg))
+    return state, time.perf_counter() - started
 
-    train_started = time.perf_counter()
-    with stage(f"training the adapter ({int(cfg.train.max_steps)} steps, LoRA r={cfg.lora.r}, {', '.join(targets)})"):
-        state = train_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                           objective=objective, stream=stream, train_cfg=cfg.train,
-                           checkpoints=ctx.run_dir / "checkpoints", resume_from=resume_from, tracker=ctx.tracker,
-                           eval_fn=dev_losses, settings=run_settings(cfg))
-    train_s = time.perf_counter() - train_started
 
-    # Outcomes: base vs adapted on the same tokens of dev (for choices) and of the held-out split (reported once).
-    peft_model = accelerator.unwrap_model(model)
+def _measure(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data, shared) -> dict[str, dict]:
+    """Outcomes: base vs adapted on the same tokens of dev (for choices) and of the held-out split (reported once)."""
+    from mlalign.console import stage
+    from mlalign.training import base_cache
+    from mlalign.training.outcomes import add_spliced, measure_adapted, outcome_report
+
+    accelerator = setup.accelerator
+    peft_model = accelerator.unwrap_model(setup.model)
     peft_model.eval()
-    analysed_saes = {layer: saes[layer] for layer in analysed}
-    reports = {}
+    analysed_saes = {layer: setup.saes[layer] for layer in setup.analysed}
+    measured = [*plan.targets, plan.reference]
     passes = dict(batch_size=int(cfg.analysis.batch_size), max_length=int(cfg.data.max_length),
                   progress=accelerator.is_local_main_process)
-    for split in ("dev", "headline"):
+    reports = {}
+    for role in ("dev", "headline"):
+        split, texts = plan.splits[role], data.texts[role]
         # Base and adapter on the same tokens. The base side (per-token residual norms and SAE codes, per-sentence
         # sums) comes from its cache when an earlier run had the same base settings, so a sweep job measures only the
         # adapted side: docs/training.md#what-is-measured-where.
-        with stage(f"measuring base vs adapter on the {splits[split]} split ({len(texts[split][reference])} "
-                   f"sentences x {len(measured)} languages x {len(analysed)} layers)"):
-            cache = base_cache.open_cache(cfg, ctx.testbed_dir, splits[split], analysed, precision)
+        with stage(f"measuring base vs adapter on the {split} split ({len(texts[plan.reference])} "
+                   f"sentences x {len(measured)} languages x {len(setup.analysed)} layers)"):
+            cache = base_cache.open_cache(cfg, ctx.testbed_dir, split, setup.analysed, setup.precision)
             with peft_model.disable_adapter():
-                base_side = base_cache.base_sides(cache, peft_model, tokenizer, analysed_saes, texts[split],
+                base_side = base_cache.base_sides(cache, peft_model, setup.tokenizer, analysed_saes, texts,
                                                   write=accelerator.is_main_process,
-                                                  recorded=shared if split == "headline" else None, **passes)
+                                                  recorded=shared if role == "headline" else None, **passes)
             paired = None
-            if split == "headline" and shared is not None:
-                shared.adapted = _adapted_by_analysis(cfg, ctx, accelerator, peft_model, tokenizer, saes, analysed_saes,
-                                                      base_side, texts[split], metric, splits[split])
+            if role == "headline" and shared is not None:
+                shared.adapted = _adapted_by_analysis(cfg, ctx, accelerator, peft_model, setup.tokenizer, setup.saes,
+                                                      analysed_saes, base_side, texts, plan.metric, split)
                 paired = shared.adapted.paired if shared.adapted.complete() else None
             if paired is None:
-                paired = measure_adapted(peft_model, base_side, tokenizer, analysed_saes, texts[split], metric,
+                paired = measure_adapted(peft_model, base_side, setup.tokenizer, analysed_saes, texts, plan.metric,
                                          **passes)
-        reports[split] = outcome_report(paired, reference, targets, aggregate, tolerance,
-                                        n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),
-                                        seed=int(cfg.seed))
-    report = train_metrics(reports["headline"], reports["dev"], metric=metric, aggregate=aggregate,
-                           reference_lang=reference, targets=targets, layers=analysed, splits=splits,
-                           tolerance=tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)))
-    report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s,
-                  total_s=time.perf_counter() - started, trainable_params=trainable, aligned_layers=aligned)
+            add_spliced(paired, peft_model, peft_model.disable_adapter, setup.tokenizer,
+                        {layer: setup.saes[layer] for layer in setup.aligned}, texts, **passes)
+        reports[role] = outcome_report(paired, plan.reference, plan.targets, plan.aggregate, plan.tolerance,
+                                       n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),
+                                       seed=int(cfg.seed), spliced_tolerance=float(cfg.train.spliced_tolerance_nats),
+                                       judged_layers=setup.aligned)
+    return reports
+
+
+def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: dict, *, train_s: float,
+            total_s: float) -> dict[str, float]:
+    """train/metrics.json, the adapter, the plot, the tracker's values and the closing lines; returns what sweeps see."""
+    from mlalign.console import headline, output
+    from mlalign.training.report import outcome_lines, plot_before_after, train_metrics
+
+    accelerator, splits = setup.accelerator, plan.splits
+    peft_model = accelerator.unwrap_model(setup.model)
+    report = train_metrics(reports["headline"], reports["dev"], metric=plan.metric, aggregate=plan.aggregate,
+                           reference_lang=plan.reference, targets=plan.targets, layers=setup.analysed, splits=splits,
+                           tolerance=plan.tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)),
+                           spliced_tolerance=float(cfg.train.spliced_tolerance_nats))
+    report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s, total_s=total_s,
+                  trainable_params=setup.trainable, aligned_layers=setup.aligned)
 
     out = ctx.run_dir / "train"
     if accelerator.is_main_process:
         peft_model.save_pretrained(str(ctx.run_dir / "adapter"))
         write_json_atomic(out / "history.json", state.history)
-        write_json_atomic(out / "metrics.json", _json_safe(report))
+        write_json_atomic(out / "metrics.json", json_safe(report))
         if cfg.analysis.get("plots", True):
             ctx.tracker.log_images({"train/activation_before_after": plot_before_after(
                 report, out / "activation_before_after.png")})
     accelerator.wait_for_everyone()
 
-    # What sweeps see: dev numbers only (the held-out ones live in train/metrics.json, reported once).
-    dev = reports["dev"]
-    final = state.history[-1] if state.history else {}
-    result = {
-        "alignment_score": report["alignment_score"],
-        "dev_activation_gain_pct_mean": dev["activation_gain_pct_mean"],
-        **{f"dev_activation_gain_pct_{lang}": v for lang, v in dev["activation_gain_pct"].items()},
-        **{f"dev_norm_matched_gain_pct_{lang}": v for lang, v in dev["norm_matched_gain_pct"].items()},
-        **{f"dev_fvu_ratio_{lang}": o["fvu_ratio"] for lang, o in dev["per_lang"].items()},
-        "dev_english_retention_pct": dev["english_retention_pct"],
-        "dev_all_valid": float(dev["all_valid"]),
-        **{f"final_{k}": float(v) for k, v in final.items()
-           if k in ("ce", "act_align", "sae_fidelity", "en_retain", "total", "act_ratio", "fvu_ratio")},
-        "steps": float(state.step),
-        "train_s": float(train_s),
-    }
+    result = _sweep_result(report, reports["dev"], state, train_s)
     ctx.tracker.log({f"result/{k}": v for k, v in result.items()})
     ctx.tracker.summary(_outcome_scalars(report))
     ctx.tracker.log_table("train/outcomes", _outcome_rows(report))
@@ -245,14 +272,32 @@ def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
     return result
 
 
+def _sweep_result(report: dict, dev: dict, state, train_s: float) -> dict[str, float]:
+    """What sweeps see: dev numbers only (the held-out ones live in train/metrics.json, reported once)."""
+    final = state.history[-1] if state.history else {}
+    return {
+        "alignment_score": report["alignment_score"],
+        "dev_activation_gain_pct_mean": dev["activation_gain_pct_mean"],
+        **{f"dev_activation_gain_pct_{lang}": v for lang, v in dev["activation_gain_pct"].items()},
+        **{f"dev_norm_matched_gain_pct_{lang}": v for lang, v in dev["norm_matched_gain_pct"].items()},
+        **{f"dev_fvu_ratio_{lang}": o["fvu_ratio"] for lang, o in dev["per_lang"].items()},
+        "dev_english_retention_pct": dev["english_retention_pct"],
+        "dev_all_valid": float(dev["all_valid"]),
+        **{f"final_{k}": float(v) for k, v in final.items()
+           if k in ("ce", "act_align", "sae_fidelity", "en_retain", "total", "act_ratio", "fvu_ratio")},
+        "steps": float(state.step),
+        "train_s": float(train_s),
+    }
+
+
 def _adapted_by_analysis(cfg, ctx, accelerator, peft_model, tokenizer, saes: dict, analysed_saes: dict, base_side,
                          texts: dict, metric: str, split: str):
     """The adapter's held-out measurement as an analysis pass (task=pipeline, docs/training.md#what-is-measured-where):
     one engine run over `split` computes the adapted model's analysis statistics (cached under the adapter's key, as
     `task=analyze adapter=...` would) and the paired outcome sums against `base_side`. The adapter is saved first:
     its weights' hash is part of that key."""
+    from mlalign.analysis.sources import cached_stats, feature_settings
     from mlalign.data.corpus import load_corpus
-    from mlalign.tasks import analyze
     from mlalign.training.shared_pass import AdaptedPassRecording
 
     adapter = ctx.run_dir / "adapter"
@@ -261,8 +306,8 @@ def _adapted_by_analysis(cfg, ctx, accelerator, peft_model, tokenizer, saes: dic
     accelerator.wait_for_everyone()
     recording = AdaptedPassRecording(base_side, texts, analysed_saes, metric, accelerator.device)
     corpus = load_corpus(cfg.data, ctx.langs, split)
-    analyze.cached_stats(cfg, ctx, adapter, corpus, split, analyze.feature_settings(cfg.analysis), model=peft_model,
-                         tokenizer=tokenizer, label="base + adapter: ", recording=recording, saes=saes)
+    cached_stats(cfg, ctx, adapter, corpus, split, feature_settings(cfg.analysis), model=peft_model,
+                 tokenizer=tokenizer, label="base + adapter: ", recording=recording, saes=saes)
     return recording
 
 
@@ -285,16 +330,3 @@ def _outcome_rows(report: dict) -> list[dict]:
     return [{"split": split, "lang": lang, **{key: o.get(key) for key in OUTCOME_KEYS}}
             for split, block in (("dev", report["dev"]), (report["splits"]["headline"], report))
             for lang, o in block["per_lang"].items()]
-
-
-def _json_safe(obj):
-    """NaN/inf -> None so metrics.json is strict JSON."""
-    import math
-
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

@@ -30,12 +30,10 @@ TASK_MAX_LR = 3e-2
 
 
 def split_parts(source: str, split: str) -> set[str]:
-    """The disjoint pieces of text a split names: FLORES joins splits with `+`; text_dir's dev and test are one
-    held-out part and `all` is everything."""
-    if source == "text_dir":
-        return {"train": {"train"}, "dev": {"heldout"}, "test": {"heldout"}, "all": {"train", "heldout"}}.get(
-            split, {split})
-    return set(str(split).split("+"))
+    """The disjoint pieces of text a split names (`mlalign.data.corpus.split_parts`; the same for every source)."""
+    from mlalign.data.corpus import split_parts as parts
+
+    return parts(split)
 
 
 def check_settings(cfg) -> None:

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlalign.data.corpus import ParallelCorpus
-from mlalign.testbed.build import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, TestbedSpec
+from mlalign.testbed.spec import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, TestbedSpec
 
 
 def build_tokenizer(spec: TestbedSpec, sentences: list[str]):

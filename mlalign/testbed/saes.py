@@ -8,7 +8,7 @@ import torch
 from mlalign.analysis.capture import ResidualCapture
 from mlalign.data.corpus import ParallelCorpus
 from mlalign.sae_training import fidelity, train_sae
-from mlalign.testbed.build import BOS_ID, TestbedSpec
+from mlalign.testbed.spec import BOS_ID, TestbedSpec
 from mlalign.testbed.lm import encode, sample_sentences
 
 CAPTURE_BATCH_SENTENCES = 32

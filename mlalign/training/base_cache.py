@@ -20,8 +20,8 @@ from mlalign.analysis.cache import StatsCache
 from mlalign.training.outcomes import BaseLayer, BaseSide, measure_base
 
 KIND = "paired_base"
-VERSION = 1
-"""Bump when what `measure_base` computes changes meaning."""
+VERSION = 2
+"""Bump when what `measure_base` computes changes meaning (2: `token_centred_norm`, the centred norm-matched control)."""
 LAYER_FIELDS = tuple(f.name for f in fields(BaseLayer))
 LANG_FIELDS = ("n_tokens", "ce", "ce_tokens")
 """Stored with every layer's entry (a few numbers per sentence), so each entry stands alone."""
@@ -29,7 +29,7 @@ LANG_FIELDS = ("n_tokens", "ce", "ce_tokens")
 
 def base_identity(cfg, testbed_dir, split: str, layers: list[int], mixed_precision: str) -> dict:
     """What changes the base side of the paired pass on `split`; batch size and devices do not (float rounding)."""
-    from mlalign.tasks.analyze import cache_identity
+    from mlalign.analysis.cache import cache_identity
 
     identity = cache_identity(cfg, testbed_dir, None, split, layers)
     identity.update(positions="all but BOS", mixed_precision=str(mixed_precision), paired_base_version=VERSION)

@@ -81,6 +81,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, step: int, checkpo
             **({"settings": settings} if settings is not None else {}),
             **(extra or {}),
         }
+        if getattr(accelerator, "scaler", None) is not None:  # fp16: the loss scale it reached (accelerate's save_state)
+            state["grad_scaler"] = accelerator.scaler.state_dict()
         torch.save(state, staging / STATE_FILE)  # written last inside the folder
         if final.exists():  # a previous attempt at the same step: replace it whole
             shutil.rmtree(final)
@@ -130,6 +132,8 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) 
             params[name].copy_(value.to(params[name].device, params[name].dtype))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if "grad_scaler" in state and getattr(accelerator, "scaler", None) is not None:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])  # else fp16 restarts at 2**16 and skips steps again
     rng_file = Path(checkpoint) / f"rng_{accelerator.process_index}.pt"
     if not rng_file.is_file():
         rng_file = Path(checkpoint) / "rng_0.pt"

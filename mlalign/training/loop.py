@@ -8,6 +8,7 @@ import math
 import signal
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -48,12 +49,76 @@ class LossTerms:
     values: dict[str, float] = field(default_factory=dict)
 
 
-class ObjectiveFn:
-    """total = ce·L_ce + act_align·L_act + sae_fidelity·L_fid + en_retain·L_retain on one parallel batch (docs/training.md).
+class _BatchForwards:
+    """The forward passes one micro-batch's loss terms share, each run once, when a term first asks for it.
 
-    The alignment term compares the analysis metric itself (`metric`, `aggregate`: the numbers task=analyze and the
+    Terms ask in `LOSS_TERMS` order, so the passes run as: adapted model on the target text, frozen base model on the
+    English translations, base model on the target text (fidelity), adapted model on English (fidelity, retention);
+    the two adapted passes, which draw LoRA dropout, keep that order whatever the weights.
+    """
+
+    def __init__(self, objective: "ObjectiveFn", model, batch: ParallelBatch):
+        self.objective, self.model, self.batch = objective, model, batch
+        self.peft_model = objective.accelerator.unwrap_model(model)
+        bos = objective.bos_id
+        self.keep_target = analysed_positions(batch.target["input_ids"], batch.target["attention_mask"], bos)
+        self.keep_reference = analysed_positions(batch.reference["input_ids"], batch.reference["attention_mask"], bos)
+        w = objective.weights
+        self.need_base_logits = w["en_retain"] > 0 and objective.retain_kind == "kl"
+
+    @cached_property
+    def adapted_target(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(logits, residuals) of the adapted model on the target language, with the graph kept for trained SAE terms."""
+        w = self.objective.weights
+        keep_graph = w["act_align"] > 0 or w["sae_fidelity"] > 0
+        with ResidualCapture(self.peft_model, self.objective.layers, detach=not keep_graph) as capture:
+            logits = self.model(**self.batch.target, use_cache=False).logits
+            return logits, dict(capture.activations)
+
+    @cached_property
+    def base_reference(self) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """(logits if the KL retention needs them, residuals) of the frozen base model on the English translations."""
+        with torch.no_grad(), self.peft_model.disable_adapter(), self.objective.accelerator.autocast():
+            with ResidualCapture(self.peft_model, self.objective.layers, detach=True,
+                                 stop_after_last=not self.need_base_logits) as capture:
+                if self.need_base_logits:
+                    logits = self.peft_model(**self.batch.reference, use_cache=False).logits
+                    return logits, dict(capture.activations)
+                # no LM head needed: stop after the deepest aligned layer
+                return None, capture.forward(**self.batch.reference, use_cache=False)
+
+    @cached_property
+    def base_target(self) -> dict[int, torch.Tensor]:
+        """Residuals of the frozen base model on the target text (the fidelity term's yardstick, same tokens)."""
+        with torch.no_grad(), self.peft_model.disable_adapter(), self.objective.accelerator.autocast():
+            with ResidualCapture(self.peft_model, self.objective.layers, detach=True, stop_after_last=True) as capture:
+                return capture.forward(**self.batch.target, use_cache=False)
+
+    @cached_property
+    def adapted_reference(self) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """(logits if the KL retention needs them, residuals) of the adapted model on English, with the graph."""
+        # Through the unwrapped model: one forward per backward through a DDP wrapper.
+        with ResidualCapture(self.peft_model, self.objective.layers, detach=False,
+                             stop_after_last=not self.need_base_logits) as capture, \
+                self.objective.accelerator.autocast():
+            if self.need_base_logits:
+                logits = self.peft_model(**self.batch.reference, use_cache=False).logits
+                return logits, dict(capture.activations)
+            return None, capture.forward(**self.batch.reference, use_cache=False)
+
+
+class ObjectiveFn:
+    """total = Σ_term weight·term over `LOSS_TERMS` (ce, act_align, sae_fidelity, en_retain) on one parallel batch
+    (docs/training.md).
+
+    Each term is one method of the same name, `term(forwards) -> (value, logged values)`; an objective (a comparison
+    arm) is its weights, so a new arm composes terms rather than adding branches. A term with weight 0 is not
+    computed, except `ce` and `act_align`, which are always logged (the alignment term then without a graph). The
+    alignment term compares the analysis metric itself (`metric`, `aggregate`: the numbers task=analyze and the
     held-out outcome report), with the surrogate supplying only its gradient.
     """
+
+    ALWAYS_LOGGED = ("ce", "act_align")
 
     def __init__(self, loss_cfg, saes: dict, layers: list[int], bos_id: int | None, accelerator,
                  metric: str = "mean_act", aggregate: str = "token"):
@@ -70,6 +135,77 @@ class ObjectiveFn:
         self.bos_id = bos_id
         self.accelerator = accelerator
 
+    def __call__(self, model, batch: ParallelBatch) -> LossTerms:
+        forwards = _BatchForwards(self, model, batch)
+        total, values = None, {}
+        for term in L.LOSS_TERMS:
+            weight = self.weights[term]
+            if weight == 0 and term not in self.ALWAYS_LOGGED:
+                continue
+            value, logged = getattr(self, term)(forwards)
+            values.update(logged)
+            if weight > 0:
+                total = weight * value if total is None else total + weight * value
+        values["total"] = float(total.detach())
+        return LossTerms(total, values)
+
+    # ------------------------------------------------------------------------------------------------ the terms
+
+    def ce(self, fw: _BatchForwards) -> tuple[torch.Tensor, dict[str, float]]:
+        """Next-token cross-entropy of the adapted model on the target language."""
+        logits, _ = fw.adapted_target
+        target = fw.batch.target
+        ce = L.lm_cross_entropy(logits, target["input_ids"], target["attention_mask"])
+        return ce, {"ce": float(ce.detach())}
+
+    def act_align(self, fw: _BatchForwards) -> tuple[torch.Tensor, dict[str, float]]:
+        """The target language's per-layer metric level under the adapter against English's under the base model."""
+        trained = self.weights["act_align"] > 0
+        _, target_acts = fw.adapted_target
+        _, base_acts = fw.base_reference
+        with self._fp32():
+            with torch.no_grad():
+                reference_level = self._levels(base_acts, fw.keep_reference, None)
+            with contextlib.nullcontext() if trained else torch.no_grad():
+                target_level = self._levels(target_acts, fw.keep_target, self.surrogate if trained else None)
+                act = L.act_align_loss(target_level, reference_level, self.kind, self.margin)
+        # The exact metric's ratio (what the outcome report measures), not the surrogate's.
+        ratio = float((target_level / reference_level.clamp_min(L.EPS)).mean().detach())
+        return act, {"act_align": float(act.detach()), "act_ratio": ratio}
+
+    def sae_fidelity(self, fw: _BatchForwards) -> tuple[torch.Tensor, dict[str, float]]:
+        """How much worse the SAE reconstructs the adapted residual than the base's, on the same tokens, both languages."""
+        _, target_acts = fw.adapted_target
+        _, base_acts = fw.base_reference
+        base_target_acts = fw.base_target
+        _, adapted_acts = fw.adapted_reference
+        with self._fp32():
+            with torch.no_grad():
+                base_fvu_t = self._fvus(base_target_acts, fw.keep_target)
+                base_fvu_r = self._fvus(base_acts, fw.keep_reference)
+            adapted_fvu_t = self._fvus(target_acts, fw.keep_target)
+            adapted_fvu_r = self._fvus(adapted_acts, fw.keep_reference)
+            fid = 0.5 * (L.fidelity_loss(adapted_fvu_t, base_fvu_t) + L.fidelity_loss(adapted_fvu_r, base_fvu_r))
+        ratio = float((adapted_fvu_t / base_fvu_t.clamp_min(L.EPS)).mean().detach())
+        return fid, {"sae_fidelity": float(fid.detach()), "fvu_ratio": ratio}
+
+    def en_retain(self, fw: _BatchForwards) -> tuple[torch.Tensor, dict[str, float]]:
+        """English kept: KL(base || adapted) of next-token distributions, or the SAE codes' relative change."""
+        base_logits, base_acts = fw.base_reference
+        adapted_logits, adapted_acts = fw.adapted_reference
+        if self.retain_kind == "kl":
+            retain = L.kl_base_to_adapted(base_logits, adapted_logits, fw.batch.reference["attention_mask"])
+        else:
+            keep = fw.keep_reference
+            with self._fp32():
+                retain = torch.stack([
+                    L.relative_act_mse(L.feature_activations(self.saes[layer], adapted_acts[layer][keep].float()),
+                                       L.feature_activations(self.saes[layer], base_acts[layer][keep].float()))
+                    for layer in self.layers]).mean()
+        return retain, {"en_retain": float(retain.detach())}
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
     def _fp32(self):
         # SAE losses in float32 even under mixed precision: ratios of small means lose too much in bf16.
         return torch.autocast(device_type=self.accelerator.device.type, enabled=False)
@@ -82,87 +218,6 @@ class ObjectiveFn:
 
     def _fvus(self, acts: dict[int, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         return torch.stack([L.batch_fvu(self.saes[layer], acts[layer][keep].float()) for layer in self.layers])
-
-    def __call__(self, model, batch: ParallelBatch) -> LossTerms:
-        accelerator, w = self.accelerator, self.weights
-        peft_model = accelerator.unwrap_model(model)
-        target, reference = batch.target, batch.reference
-        keep_t = analysed_positions(target["input_ids"], target["attention_mask"], self.bos_id)
-        keep_r = analysed_positions(reference["input_ids"], reference["attention_mask"], self.bos_id)
-        need_base_logits = w["en_retain"] > 0 and self.retain_kind == "kl"
-        fidelity = w["sae_fidelity"] > 0
-        need_adapted_english = w["en_retain"] > 0 or fidelity
-
-        # Adapted model on the target language: LM loss and (with the graph kept) the residuals to align.
-        keep_graph = w["act_align"] > 0 or fidelity
-        with ResidualCapture(peft_model, self.layers, detach=not keep_graph) as capture:
-            logits = model(**target, use_cache=False).logits
-            target_acts = dict(capture.activations)
-        ce = L.lm_cross_entropy(logits, target["input_ids"], target["attention_mask"])
-        total = w["ce"] * ce
-        values = {"ce": float(ce.detach())}
-
-        # Frozen base model on the English translations: the reference level (and the retention targets); on the
-        # target sentences too when the fidelity term needs the base model's FVU on the same tokens.
-        with torch.no_grad(), peft_model.disable_adapter(), accelerator.autocast():
-            base_logits = None
-            with ResidualCapture(peft_model, self.layers, detach=True, stop_after_last=not need_base_logits) as capture:
-                if need_base_logits:
-                    base_logits = peft_model(**reference, use_cache=False).logits
-                    base_acts = dict(capture.activations)
-                else:  # no LM head needed: stop after the deepest aligned layer
-                    base_acts = capture.forward(**reference, use_cache=False)
-            if fidelity:
-                with ResidualCapture(peft_model, self.layers, detach=True, stop_after_last=True) as capture:
-                    base_target_acts = capture.forward(**target, use_cache=False)
-
-        with self._fp32():
-            with torch.no_grad():
-                reference_level = self._levels(base_acts, keep_r, None)
-            context = contextlib.nullcontext() if w["act_align"] > 0 else torch.no_grad()
-            with context:
-                target_level = self._levels(target_acts, keep_t, self.surrogate if w["act_align"] > 0 else None)
-                act = L.act_align_loss(target_level, reference_level, self.kind, self.margin)
-        values["act_align"] = float(act.detach())
-        # The exact metric's ratio (what the outcome report measures), not the surrogate's.
-        values["act_ratio"] = float((target_level / reference_level.clamp_min(L.EPS)).mean().detach())
-        if w["act_align"] > 0:
-            total = total + w["act_align"] * act
-
-        adapted_acts = None
-        if need_adapted_english:
-            # Through the unwrapped model: one forward per backward through a DDP wrapper.
-            with ResidualCapture(peft_model, self.layers, detach=False,
-                                 stop_after_last=not need_base_logits) as capture, accelerator.autocast():
-                if need_base_logits:
-                    adapted_logits = peft_model(**reference, use_cache=False).logits
-                    adapted_acts = dict(capture.activations)
-                else:
-                    adapted_acts = capture.forward(**reference, use_cache=False)
-
-        if fidelity:
-            with self._fp32():
-                with torch.no_grad():
-                    base_fvu_t, base_fvu_r = self._fvus(base_target_acts, keep_t), self._fvus(base_acts, keep_r)
-                adapted_fvu_t, adapted_fvu_r = self._fvus(target_acts, keep_t), self._fvus(adapted_acts, keep_r)
-                fid = 0.5 * (L.fidelity_loss(adapted_fvu_t, base_fvu_t) + L.fidelity_loss(adapted_fvu_r, base_fvu_r))
-            values["sae_fidelity"] = float(fid.detach())
-            values["fvu_ratio"] = float((adapted_fvu_t / base_fvu_t.clamp_min(L.EPS)).mean().detach())
-            total = total + w["sae_fidelity"] * fid
-
-        if w["en_retain"] > 0:
-            if self.retain_kind == "kl":
-                retain = L.kl_base_to_adapted(base_logits, adapted_logits, reference["attention_mask"])
-            else:
-                with self._fp32():
-                    retain = torch.stack([
-                        L.relative_act_mse(L.feature_activations(self.saes[layer], adapted_acts[layer][keep_r].float()),
-                                           L.feature_activations(self.saes[layer], base_acts[layer][keep_r].float()))
-                        for layer in self.layers]).mean()
-            values["en_retain"] = float(retain.detach())
-            total = total + w["en_retain"] * retain
-        values["total"] = float(total.detach())
-        return LossTerms(total, values)
 
 
 # SIGTERM: the scheduler (or a user) ends the job. SIGUSR2: submitit's "preempted / about to time out" signal, whose

@@ -38,16 +38,19 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mlalign.analysis.registry import REGISTRY, DenseView, SoftView, check_aggregate, get_metric
 from mlalign.errors import UserError
 
 ACT_ALIGN_KINDS = ("relative_hinge", "hinge", "mse", "log_ratio")
 SURROGATES = ("pre_relu", "ste")
 RETAIN_KINDS = ("kl", "act_mse")
 LOSS_TERMS = ("ce", "act_align", "sae_fidelity", "en_retain")
-ALIGNABLE_METRICS = ("mean_act", "l1", "l0")
-"""Analysis metrics the alignment term can target (per-token functions of the SAE code)."""
-AGGREGATES = ("token", "sentence")
 EPS = 1e-8
+
+
+def alignable_metrics() -> tuple[str, ...]:
+    """Analysis metrics the alignment term can target: the registry's per-token functions of the SAE code."""
+    return tuple(name for name, metric in REGISTRY.items() if metric.alignable)
 
 
 def check_loss_config(loss_cfg) -> None:
@@ -86,41 +89,71 @@ def jumprelu(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return pre * (pre > threshold)
 
 
-def per_token_metric(acts: torch.Tensor, metric: str) -> torch.Tensor:
-    """[tokens] the analysis metric's per-token value from feature activations [tokens, d_sae] (docs/method.md)."""
-    if metric == "mean_act":
-        return acts.mean(dim=-1)
-    if metric == "l1":
-        return acts.abs().sum(dim=-1)
-    if metric == "l0":
-        return (acts != 0).sum(dim=-1).to(acts.dtype)
-    raise UserError(f"loss alignment supports analysis.metric in {', '.join(ALIGNABLE_METRICS)}, got {metric!r}")
+def alignable_metric(metric: str):
+    """The registered metric `metric`, if the alignment term can aim at it."""
+    spec = get_metric(metric)
+    if not spec.alignable:
+        raise UserError(f"loss alignment supports analysis.metric in {', '.join(alignable_metrics())}, got {metric!r}")
+    return spec
+
+
+def decoder_norms_of(sae) -> torch.Tensor:
+    """[1, d_sae] ||W_dec,f|| of one SAE, as the code views take them."""
+    return sae.W_dec.detach().norm(dim=-1).unsqueeze(0)
+
+
+def per_token_metric(acts: torch.Tensor, metric: str, sae=None) -> torch.Tensor:
+    """[tokens] the analysis metric's per-token value from feature activations [tokens, d_sae] (docs/method.md);
+    `sae`: the SAE that made them, for metrics that weight features by their decoder rows."""
+    norms = None if sae is None else decoder_norms_of(sae)
+    return alignable_metric(metric).per_token(DenseView(acts, decoder_norms=norms))
+
+
+class SteView:
+    """JumpReLU's straight-through code (sae-lens's pseudo-derivative) as a `CodeView`: the exact code's values, and
+    a gradient near each threshold; counting uses the step function's own estimator."""
+
+    def __init__(self, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float,
+                 decoder_norms: torch.Tensor | None = None):
+        self.pre, self.threshold, self.bandwidth, self.d_sae = pre, threshold, float(bandwidth), int(pre.shape[-1])
+        self.decoder_norms = decoder_norms
+
+    def _gated(self) -> torch.Tensor:
+        from sae_lens.saes.jumprelu_sae import JumpReLU
+
+        # ste_to_input=True: the pseudo-derivative near the threshold reaches the pre-activations (and so the LoRA
+        # weights), not just the threshold, which is frozen here anyway.
+        return JumpReLU.apply(F.relu(self.pre), self.threshold, self.bandwidth, True)
+
+    def row_sum(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return DenseView(self._gated()).row_sum(weights)
+
+    def row_abs_sum(self) -> torch.Tensor:
+        return self._gated().abs().sum(dim=-1)
+
+    def row_count(self) -> torch.Tensor:
+        from sae_lens.saes.jumprelu_sae import Step
+
+        return Step.apply(self.pre, self.threshold, self.bandwidth, True).sum(dim=-1)
 
 
 def _surrogate_per_token(pre: torch.Tensor, threshold: torch.Tensor, metric: str, surrogate: str,
-                         bandwidth: float) -> torch.Tensor:
-    """[tokens] a differentiable stand-in for `per_token_metric` (only its gradient is used)."""
+                         bandwidth: float, decoder_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """[tokens] a differentiable stand-in for `per_token_metric` (only its gradient is used): the same registered
+    formula, read from a smooth view of the code."""
     if surrogate == "pre_relu":
-        soft = F.softplus(pre - threshold)
-        return soft.mean(dim=-1) if metric == "mean_act" else soft.sum(dim=-1)
-    if surrogate == "ste":
-        from sae_lens.saes.jumprelu_sae import JumpReLU, Step
-
-        if metric == "l0":  # the step function's own straight-through estimator
-            return Step.apply(pre, threshold, float(bandwidth), True).sum(dim=-1)
-        # ste_to_input=True: the pseudo-derivative near the threshold reaches the pre-activations (and so the LoRA
-        # weights), not just the threshold, which is frozen here anyway.
-        gated = JumpReLU.apply(F.relu(pre), threshold, float(bandwidth), True)
-        return per_token_metric(gated, metric)
-    raise UserError(f"unknown loss.surrogate={surrogate!r}; use one of: {', '.join(SURROGATES)}")
+        view = SoftView(F.softplus(pre - threshold), decoder_norms=decoder_norms)
+    elif surrogate == "ste":
+        view = SteView(pre, threshold, bandwidth, decoder_norms=decoder_norms)
+    else:
+        raise UserError(f"unknown loss.surrogate={surrogate!r}; use one of: {', '.join(SURROGATES)}")
+    return alignable_metric(metric).per_token(view)
 
 
 def aggregate_tokens(values: torch.Tensor, sentence_of_token: torch.Tensor | None, aggregate: str) -> torch.Tensor:
     """Mean over tokens (`token`) or mean over sentences of per-sentence means (`sentence`), as the analysis does."""
-    if aggregate == "token" or sentence_of_token is None:
+    if check_aggregate(aggregate) == "token" or sentence_of_token is None:
         return values.mean()
-    if aggregate != "sentence":
-        raise UserError(f"unknown aggregate {aggregate!r}; use analysis.aggregate=token or analysis.aggregate=sentence")
     _, inverse = torch.unique(sentence_of_token, return_inverse=True)
     n = int(inverse.max()) + 1
     sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, inverse, values)
@@ -139,11 +172,11 @@ def metric_level(sae, x: torch.Tensor, metric: str = "mean_act", aggregate: str 
     """
     pre = sae_pre_activations(sae, x)
     threshold = threshold_of(sae).to(pre.dtype)
-    exact = aggregate_tokens(per_token_metric(jumprelu(pre, threshold), metric), sentence_of_token, aggregate)
+    exact = aggregate_tokens(per_token_metric(jumprelu(pre, threshold), metric, sae), sentence_of_token, aggregate)
     if surrogate is None:
         return exact
-    smooth = aggregate_tokens(_surrogate_per_token(pre, threshold, metric, surrogate, bandwidth), sentence_of_token,
-                              aggregate)
+    smooth = aggregate_tokens(_surrogate_per_token(pre, threshold, metric, surrogate, bandwidth, decoder_norms_of(sae)),
+                              sentence_of_token, aggregate)
     return exact.detach() + (smooth - smooth.detach())
 
 

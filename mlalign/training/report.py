@@ -48,7 +48,7 @@ STUDY_FIGURES = "+87% (ml) and +86% (hi) activation gain with ~91% of English ke
 
 def train_metrics(test_report: dict, dev_report: dict, *, metric: str, aggregate: str, reference_lang: str,
                   targets: list[str], layers: list[int], splits: dict[str, str], tolerance: float,
-                  floor_pct: float) -> dict:
+                  floor_pct: float, spliced_tolerance: float | None = None) -> dict:
     """The train task's metrics.json: headline outcomes on the held-out (test) split, the same on dev for choices.
 
     Top level and `per_lang` come from `splits["headline"]`; `dev` (and `alignment_score`) from `splits["dev"]`.
@@ -62,6 +62,7 @@ def train_metrics(test_report: dict, dev_report: dict, *, metric: str, aggregate
         "targets": targets,
         "layers": layers,
         "fidelity_tolerance": tolerance,
+        "spliced_tolerance_nats": spliced_tolerance,
         "splits": {**splits, "note": "top-level numbers and per_lang: the headline split, reported once; `dev` and "
                                      "alignment_score: the dev split, for choices (sweeps, early stopping)"},
         **test_report,
@@ -79,6 +80,24 @@ def _ci_text(ci, spec: str = "+.1f") -> str:
     return f" [{_fmt(ci[0], spec)}, {_fmt(ci[1], spec)}]" if ci else ""
 
 
+def _beyond_text(o: dict, metrics: dict) -> str:
+    """Which aligned layers break the fidelity rule, and by how much (reconstruction error; spliced-in LM loss)."""
+    tol, spliced_tol = metrics["fidelity_tolerance"], metrics.get("spliced_tolerance_nats")
+    layers = [str(layer) for layer in metrics["layers"]]
+    parts = []
+    for layer in o.get("layers_beyond_tolerance", []):
+        words = []
+        if str(layer) in layers:
+            words.append(f"reconstruction error x{_fmt(o['recon_error_ratio'][layers.index(str(layer))], '.2f')}")
+        if layer in o.get("spliced_layers", []):
+            j = o["spliced_layers"].index(layer)
+            words.append(f"spliced-in LM loss {_fmt(o['spliced_dlm_loss_before'][j], '.3f')} -> "
+                         f"{_fmt(o['spliced_dlm_loss_after'][j], '.3f')} nats")
+        parts.append(f"layer {layer}: {', '.join(words)}")
+    limits = f"tolerance x{tol:g}" + (f" and +{spliced_tol:g} nats" if spliced_tol is not None else "")
+    return ("; ".join(parts) or "no aligned layer measured") + f" ({limits})"
+
+
 def outcome_lines(metrics: dict) -> list[str]:
     """Markdown bullet lines: per target language a result or an artefact verdict, then English, then the study."""
     tol = metrics["fidelity_tolerance"]
@@ -91,20 +110,21 @@ def outcome_lines(metrics: dict) -> list[str]:
         o = per_lang[lang]
         fvu = f"FVU {o['fvu_before']:.3f} -> {o['fvu_after']:.3f}"
         if not o["valid"]:
-            lines.append(f"- **{lang}: SAE artefact: {fvu}** (x{o['fvu_ratio']:.2f}, above the x{tol:g} tolerance): "
-                         f"the raw {metrics['metric']} change of {_fmt(o['gain_pct'])}% is the SAE failing on the "
-                         f"adapted residual stream, not a result.")
+            lines.append(f"- **{lang}: SAE artefact: {_beyond_text(o, metrics)}**: the raw {metrics['metric']} "
+                         f"change of {_fmt(o['gain_pct'])}% is the SAE failing on the adapted residual stream, not a "
+                         f"result.")
             continue
         if not english["valid"]:
-            lines.append(f"- **{lang}: not counted**: its {fvu} is within tolerance, but English's FVU went "
-                         f"{english['fvu_before']:.3f} -> {english['fvu_after']:.3f}, above the x{tol:g} tolerance.")
+            lines.append(f"- **{lang}: not counted**: its SAE fidelity is within tolerance at every aligned layer, "
+                         f"but English's is not: {_beyond_text(english, metrics)}.")
             continue
         gain_ci = o["gain_ci"]
         significant = gain_ci is not None and (gain_ci[0] > 0 or gain_ci[1] < 0)
         scale = (o["gain_pct"] > 0 and o["norm_matched_gain_pct"] < 0.5 * o["gain_pct"])
         words = [f"- **{lang}: {_fmt(o['gain_pct'])}%**{_ci_text(gain_ci)} {metrics['metric']} on {split} "
                  f"(norm-matched {_fmt(o['norm_matched_gain_pct'])}%{_ci_text(o['norm_matched_gain_ci'])}; "
-                 f"residual norm {_fmt(o['resid_norm_change_pct'])}%; {fvu}, within x{tol:g}; "
+                 f"residual norm {_fmt(o['resid_norm_change_pct'])}%; reconstruction error at most "
+                 f"x{_fmt(o.get('recon_error_ratio_max'), '.2f')}, within x{tol:g}; {fvu}; "
                  f"LM loss {_fmt(o['lm_loss_change'], '+.3f')} nats)"]
         if not significant:
             words.append(": the 95% CI includes 0, so no change is shown")
@@ -112,11 +132,15 @@ def outcome_lines(metrics: dict) -> list[str]:
             words.append(": more than half of it is residual scale (the norm-matched gain is under half the raw "
                          "gain), so it says little about what the model represents")
         lines.append("".join(words) + ".")
-    lines.append(f"- **English retention {_fmt(metrics['english_retention_pct'], '.1f')}%**"
-                 f"{_ci_text(metrics['english_retention_ci'], '.1f')} (100 = unchanged; signed change "
-                 f"{_fmt(english['gain_pct'])}%, SAE-code cosine {_fmt(english['code_cosine'], '.3f')}, "
-                 f"FVU {english['fvu_before']:.3f} -> {english['fvu_after']:.3f}, LM loss "
-                 f"{_fmt(english['lm_loss_change'], '+.3f')} nats).")
+    # Retention (the level of the pooled metric) cannot see which features changed: the SAE-code cosine and the LM
+    # loss change stand beside it in the headline.
+    lines.append(f"- **English: retention {_fmt(metrics['english_retention_pct'], '.1f')}%"
+                 f"{_ci_text(metrics['english_retention_ci'], '.1f')}, SAE-code cosine "
+                 f"{_fmt(english['code_cosine'], '.3f')}, LM loss {_fmt(english['lm_loss_change'], '+.3f')} nats"
+                 f"{_ci_text(english.get('lm_loss_change_ci'), '+.3f')}** (retention 100 = unchanged level; cosine 1 = "
+                 f"the same features; signed change {_fmt(english['gain_pct'])}%, FVU {english['fvu_before']:.3f} -> "
+                 f"{english['fvu_after']:.3f}, reconstruction error at most "
+                 f"x{_fmt(english.get('recon_error_ratio_max'), '.2f')}).")
     lines.append(f"- For comparison only: the study reports {STUDY_FIGURES} for its own, unpublished definition; "
                  f"the numbers above are mlalign's definitions (docs/training.md), not the same quantity.")
     return lines

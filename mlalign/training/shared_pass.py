@@ -47,7 +47,7 @@ class BasePassRecording:
         """Set by task=train: its held-out measurement of the adapter, run as the adapted model's analysis pass."""
 
     def keep_analysis(self, stats: dict, feature_stats: dict) -> None:
-        """Called by `tasks.analyze.cached_stats` after the pass it recorded: the base model's statistics are already
+        """Called by `analysis.sources.cached_stats` after the pass it recorded: the base model's statistics are already
         in the analysis cache and nothing later reads them from here, so nothing is kept."""
 
     @classmethod
@@ -73,10 +73,19 @@ class BasePassRecording:
 
     def recorders(self, texts_by_lang: dict[str, list[str]], layers: list[int]) -> dict[str, BaseSideRecorder]:
         """{lang: BaseSideRecorder} for the engine's pass over `texts_by_lang` at `layers` (the languages it records)."""
-        self._recorders = {lang: BaseSideRecorder(len(texts), layers, "cpu")
+        centres = self.centres(layers)
+        self._recorders = {lang: BaseSideRecorder(len(texts), layers, "cpu", centres)
                            for lang, texts in texts_by_lang.items() if lang in self.langs}
         self._text_hash.update({lang: text_hash(texts_by_lang[lang]) for lang in self._recorders})
         return self._recorders
+
+    def centres(self, layers: list[int]) -> dict:
+        """Each layer's SAE b_dec (the norm-matched control's centre), read from the SAE files the analysis loads."""
+        from mlalign.saes import load_sae
+        from mlalign.training.outcomes import sae_centres
+
+        d_model = int(self.cfg.model.hidden_size)
+        return sae_centres({layer: load_sae(self.cfg.sae, layer, d_model) for layer in layers})
 
     def finish(self, d_model: int, layers: list[int], write: bool = True) -> None:
         """Finalise what the pass recorded; cache it under task=train's key for `layers` (the analysed layers)."""
@@ -111,7 +120,7 @@ class AdaptedPassRecording:
         self.feature_stats: dict = {}
 
     def keep_analysis(self, stats: dict, feature_stats: dict) -> None:
-        """Called by `tasks.analyze.cached_stats` after the pass it recorded: the adapted model's statistics, which
+        """Called by `analysis.sources.cached_stats` after the pass it recorded: the adapted model's statistics, which
         step 3 reads (`cached_stats(computed_before=...)`) instead of running the pass again."""
         self.stats, self.feature_stats = stats, feature_stats
 

@@ -3,13 +3,14 @@
 import numpy as np
 
 from mlalign.analysis.cache import StatsCache
-from mlalign.analysis.stats import SentenceSums
+from mlalign.analysis.stats import SentenceSums, code_sum_names
 
 
 def _sums(seed: int) -> SentenceSums:
     rng = np.random.default_rng(seed)
     n = 5
-    return SentenceSums(n_tokens=rng.integers(1, 9, n), mean_act=rng.random(n), l1=rng.random(n), l0=rng.random(n),
+    return SentenceSums(n_tokens=rng.integers(1, 9, n),
+                        code_sums={name: rng.random(n) for name in code_sum_names()},
                         resid_norm=rng.random(n), sq_err=rng.random(n), sq_dev=rng.random(n), sq_norm=rng.random(n),
                         position=rng.random(n), sum_x=rng.random(4), shift=rng.random(4),
                         features_fired=rng.random(8) > 0.5, sum_dev=rng.random((n, 4)).astype(np.float32),
@@ -59,7 +60,7 @@ def test_identity_covers_attention_files_positions_and_each_layers_sae(tmp_path)
     """attn_implementation, the model folder's tokenizer, analysis positions and one layer's SAE files each change
     the key; a layer whose SAE did not change keeps its key."""
     from mlalign.analysis.cache import entry_key
-    from mlalign.tasks.analyze import cache_identity
+    from mlalign.analysis.cache import cache_identity
     from tests.helpers import compose_cfg
 
     model_dir, sae_dir = tmp_path / "model", tmp_path / "saes"

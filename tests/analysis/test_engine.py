@@ -7,8 +7,9 @@ import torch
 from tests.analysis.testkit import D_MODEL, N_LAYERS, identity_sae
 from mlalign.analysis.capture import ResidualCapture
 from mlalign.analysis.engine import analysed_positions, collect_stats, pad_batch
-from mlalign.analysis.metrics import METRICS, compute_metrics
-from mlalign.analysis.stats import PER_SENTENCE_SUMS, LayerStats
+from mlalign.analysis.metrics import compute_metrics
+from mlalign.analysis.registry import REGISTRY as METRICS
+from mlalign.analysis.stats import LayerStats, per_sentence_sums
 from mlalign.errors import UserError
 
 MAX_LENGTH = 48
@@ -43,10 +44,11 @@ def numpy_jumprelu(sae, x):
     return feats, feats @ w_dec + b_dec
 
 
-def numpy_metrics(feats_per_sentence, x_per_sentence, x_hat_per_sentence, aggregate):
+def numpy_metrics(feats_per_sentence, x_per_sentence, x_hat_per_sentence, aggregate, decoder_norms=None):
     feats, x, x_hat = (np.concatenate(a) for a in (feats_per_sentence, x_per_sentence, x_hat_per_sentence))
     per_token = {
         "mean_act": feats.mean(axis=1),
+        "dec_weighted_act": feats @ (np.full(feats.shape[1], np.nan) if decoder_norms is None else decoder_norms),
         "l1": np.abs(feats).sum(axis=1),
         "l0": (feats != 0).sum(axis=1),
         "resid_norm": np.linalg.norm(x, axis=1),
@@ -89,7 +91,8 @@ def test_every_metric_matches_numpy_for_a_jumprelu_sae(model, tokenizer, saes, t
         for layer in range(N_LAYERS):
             x = [r[layer][1:] for r in residuals]  # position 0 is BOS
             encoded = [numpy_jumprelu(saes[layer], xs) for xs in x]
-            expected = numpy_metrics([f for f, _ in encoded], x, [h for _, h in encoded], aggregate)
+            norms = np.linalg.norm(saes[layer].W_dec.detach().double().numpy(), axis=1)
+            expected = numpy_metrics([f for f, _ in encoded], x, [h for _, h in encoded], aggregate, norms)
             for metric in METRICS:
                 assert values[lang][layer][metric] == pytest.approx(expected[metric], rel=1e-5), (lang, layer, metric)
 
@@ -138,8 +141,8 @@ def _assert_same_stats(a, b, rtol=1e-5):
     for lang in a:
         assert a[lang].keys() == b[lang].keys()
         for layer in a[lang]:
-            for name in PER_SENTENCE_SUMS:
-                np.testing.assert_allclose(getattr(a[lang][layer], name), getattr(b[lang][layer], name), rtol=rtol, atol=1e-8, err_msg=f"{lang} {layer} {name}")
+            for name in per_sentence_sums():
+                np.testing.assert_allclose(a[lang][layer].sum_of(name), b[lang][layer].sum_of(name), rtol=rtol, atol=1e-8, err_msg=f"{lang} {layer} {name}")
             np.testing.assert_array_equal(a[lang][layer].features_fired, b[lang][layer].features_fired)
     for aggregate in ("token", "sentence"):
         va, vb = compute_metrics(a, aggregate), compute_metrics(b, aggregate)
@@ -198,9 +201,9 @@ def test_streaming_equals_one_update_with_all_tokens(saes):
     for part in torch.randperm(200, generator=gen).split(17):
         streamed.update(x[part], feats[part], x_hat[part], sentence[part])
     a, b = whole.finalize(), streamed.finalize()
-    for name in PER_SENTENCE_SUMS:
+    for name in per_sentence_sums():
         if name != "sq_dev":  # centred on the first sentence seen, which differs here; the total below does not
-            np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-10)
+            np.testing.assert_allclose(a.sum_of(name), b.sum_of(name), rtol=1e-10)
     np.testing.assert_array_equal(a.features_fired, b.features_fired)
     assert a.total_sq_dev_from_mean() == pytest.approx(b.total_sq_dev_from_mean(), rel=1e-10)
     assert a.total_sq_dev_from_mean() == pytest.approx(((x.double() - x.double().mean(0)) ** 2).sum().item(), rel=1e-10)

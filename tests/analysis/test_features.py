@@ -214,7 +214,7 @@ def test_engine_feature_stats_match_brute_force(model, tokenizer, saes, texts):
     plain = collect_stats(model, tokenizer, {1: saes[1]}, {"hi": sentences}, batch_size=4, max_length=MAX_LENGTH, progress=False)
     # Features on change no other number.
     for name, value in plain["hi"][1].to_dict().items():
-        np.testing.assert_array_equal(value, getattr(stats["hi"][1], name))
+        np.testing.assert_array_equal(value, stats["hi"][1].to_dict()[name])
     feats = [numpy_jumprelu(saes[1], out[1][1:])[0] for out in layer_outputs_one_by_one(model, tokenizer, sentences)]
     expected = brute(feats)
     got = feature_stats["hi"][1]

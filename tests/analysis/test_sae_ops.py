@@ -9,7 +9,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
 from mlalign.analysis.sae_ops import StackedSAEs, decode_active, elementwise_encoder, stack_groups, supports_sparse_decode
 from mlalign.analysis.engine import collect_stats
-from mlalign.analysis.stats import PER_SENTENCE_SUMS
+from mlalign.analysis.stats import per_sentence_sums
 from mlalign.errors import UserError
 from tests.analysis.testkit import identity_sae, jumprelu_sae
 
@@ -53,8 +53,8 @@ def test_engine_numbers_do_not_depend_on_the_decode_path(model, tokenizer, saes,
     dense = collect_stats(model, tokenizer, saes, small, batch_size=4, max_length=48, progress=False, decode="dense")
     for lang in small:
         for layer in saes:
-            for name in PER_SENTENCE_SUMS:
-                np.testing.assert_allclose(getattr(sparse[lang][layer], name), getattr(dense[lang][layer], name),
+            for name in per_sentence_sums():
+                np.testing.assert_allclose(sparse[lang][layer].sum_of(name), dense[lang][layer].sum_of(name),
                                            rtol=1e-5, atol=1e-6, err_msg=f"{lang} layer {layer} {name}")
     assert sparse["en"][0].sq_err.sum() > 0  # FVU's numerator is really computed, not zero on both paths
 
@@ -138,8 +138,8 @@ def test_engine_with_an_unstackable_sae_matches_its_own_encode_decode(model, tok
     small = {"en": texts["en"][:6]}
     mixed = collect_stats(model, tokenizer, {0: saes[0], 1: topk}, small, batch_size=3, max_length=48, progress=False)
     alone = collect_stats(model, tokenizer, {0: saes[0]}, small, batch_size=3, max_length=48, progress=False)
-    for name in PER_SENTENCE_SUMS:
-        np.testing.assert_allclose(getattr(mixed["en"][0], name), getattr(alone["en"][0], name), rtol=1e-6, atol=1e-9)
+    for name in per_sentence_sums():
+        np.testing.assert_allclose(mixed["en"][0].sum_of(name), alone["en"][0].sum_of(name), rtol=1e-6, atol=1e-9)
     assert compute_metrics(mixed)["en"][1]["l0"] == pytest.approx(3.0)  # TopK: exactly k active features per token
 
 
@@ -154,9 +154,9 @@ def test_layer_stats_from_a_sparse_code_equal_the_dense_path(saes):
     with_code.update(x, acts, decode_active(sae, acts, code), sentence, code=code)
     without.update(x, acts, sae.decode(acts), sentence)
     a, b = with_code.finalize(), without.finalize()
-    for name in PER_SENTENCE_SUMS:
-        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-9, err_msg=name)
-    assert np.array_equal(a.features_fired, b.features_fired) and a.l0.sum() > 0
+    for name in per_sentence_sums():
+        np.testing.assert_allclose(a.sum_of(name), b.sum_of(name), rtol=1e-6, atol=1e-9, err_msg=name)
+    assert np.array_equal(a.features_fired, b.features_fired) and a.sum_of("l0").sum() > 0
 
 
 def test_engine_feature_stats_do_not_depend_on_the_code_path(model, tokenizer, saes, texts):
@@ -249,9 +249,9 @@ def test_layer_stats_take_l1_from_absolute_values_unless_the_code_says_they_are_
     acc = LayerStats(3, 5, 4)
     acc.update(x, None, x, torch.arange(3), code=code)
     sums = acc.finalize()
-    np.testing.assert_allclose(sums.l1, [3.5, 3.0, 1.5])
-    np.testing.assert_allclose(sums.mean_act, [-0.5 / 4, 3.0 / 4, -0.5 / 4])
-    np.testing.assert_array_equal(sums.l0, [2, 1, 2])
+    np.testing.assert_allclose(sums.sum_of('l1'), [3.5, 3.0, 1.5])
+    np.testing.assert_allclose(sums.sum_of('mean_act'), [-0.5 / 4, 3.0 / 4, -0.5 / 4])
+    np.testing.assert_array_equal(sums.sum_of('l0'), [2, 1, 2])
     np.testing.assert_array_equal(sums.features_fired, [True, True, True, True])
 
 

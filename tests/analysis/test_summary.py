@@ -3,15 +3,18 @@
 import copy
 import json
 
+import numpy as np
 import pytest
 
-from mlalign.analysis.metrics import METRICS, disparity
+from mlalign.analysis.metrics import disparity
+from mlalign.analysis.registry import REGISTRY as METRICS
 from mlalign.analysis.summary import (
     METRICS_CSV_COLUMNS,
     headline_statements,
     layer_bands,
     metrics_rows,
     summarize,
+    tier_of,
 )
 from mlalign.errors import UserError
 
@@ -57,12 +60,12 @@ def test_headline_statements_reproduce_the_numbers():
     assert "the SAE fits both languages comparably" in low
 
 
-def test_statements_tell_a_model_level_gap_from_an_sae_artefact():
+def test_statements_flag_a_residual_scale_effect_and_an_sae_artefact():
     gaps = {"hi": [-20.0] * 6}
     model_level = _synthetic(gaps, resid={"hi": -15.0})
     artefact = _synthetic(gaps, fvu={"hi": 0.5})
     bands = layer_bands(list(range(6)))
-    for values, phrase in ((model_level, "model-level"), (artefact, "SAE artefact")):
+    for values, phrase in ((model_level, "residual's scale"), (artefact, "SAE artefact")):
         disp = disparity(values, "en", "mean_act")
         (statement,) = headline_statements(values, disp, "en", "mean_act", bands)
         assert phrase in statement
@@ -94,7 +97,7 @@ def test_summary_with_bootstrap_off_and_a_dead_reference_layer(reference_stats):
     stats = copy.deepcopy(reference_stats)
     dead = stats["en"][1]
     for name in ("mean_act", "l1", "l0"):
-        getattr(dead, name)[:] = 0.0
+        dead.sum_of(name)[:] = 0.0
     summary = summarize(stats, "en", bootstrap=0)
     assert summary["values_ci"] is None and summary["disparity_ci"] is None
     assert summary["disparity_pct"]["hi"]["1"] is None  # 0 reference: undefined, not infinite
@@ -192,3 +195,64 @@ def test_statements_quote_the_ci_and_word_fvu_as_a_worse_fit():
     (statement,) = headline_statements(values, fvu_disp, "en", "fvu", bands)
     assert "up to 40.0% higher fraction of variance unexplained (a worse SAE fit)" in statement
     assert "(hi, layer 1)" in statement and "lower" not in statement.split(".")[0]
+
+
+def test_headline_records_carry_a_simultaneous_interval_over_the_cells_searched(reference_stats, ids):
+    summary = summarize(reference_stats, "en", bootstrap=300, ids_by_lang=ids, max_fvu=None)  # random SAEs: all "unfit"
+    layers = summary["layers"]
+    assert summary["headlines"] and summary["statements"][: len(summary["headlines"])] == [
+        h["text"] for h in summary["headlines"]]
+    for head in summary["headlines"]:
+        assert set(head) == {"text", "lang", "layer", "value", "ci", "simultaneous_ci", "n_cells_searched"}
+        tier_langs = [lang for lang in summary["langs"] if lang != "en" and tier_of(lang) == tier_of(head["lang"])]
+        assert head["n_cells_searched"] == len(tier_langs) * len(layers)
+        assert head["value"] == summary["disparity_pct"][head["lang"]][str(head["layer"])]
+        if head["n_cells_searched"] > 1:  # the search's interval is wider than the one cell's
+            assert head["simultaneous_ci"][0] < head["ci"][0] and head["simultaneous_ci"][1] > head["ci"][1]
+            assert "simultaneous CI over the" in head["text"]
+    p = summary["disparity_p_holm"]
+    assert set(p) == {lang for lang in summary["langs"] if lang != "en"}
+    assert all(0 < v <= 1 for by_layer in p.values() for v in by_layer.values())
+    # The sentence aggregate's disparity is reported beside the token one and differs from it.
+    sentence = summary["disparity_pct_sentence"]
+    assert sentence["en"][str(layers[0])] == 0.0
+    assert sentence["hi"][str(layers[0])] != pytest.approx(summary["disparity_pct"]["hi"][str(layers[0])], rel=1e-9)
+
+
+def test_decomposition_separates_dense_features_and_reshuffling_from_the_net_gap():
+    """Known answer: three features, one dense (fires on every token). hi moves all of feature 1's mass to feature 2
+    and keeps the dense one: net 0, gross = 2 x feature 1's share, dense share = the dense feature's share."""
+    from mlalign.analysis.decomposition import decompose
+    from mlalign.analysis.features import FeatureSums
+
+    def sums(act, fire, n=100):
+        return FeatureSums(n_tokens=np.array(n), n_sentences=np.array(10), act_sum=np.array(act, dtype=float),
+                           fire_count=np.array(fire, dtype=float), sentences_fired=np.array(fire, dtype=float))
+
+    stats = {"en": {0: sums([60.0, 40.0, 0.0], [100, 30, 0])}, "hi": {0: sums([60.0, 0.0, 40.0], [100, 0, 30])}}
+    parts = decompose(stats, "en", threshold=0.5)
+    assert parts["n_dense"][0] == 1
+    assert parts["dense_share"]["hi"][0] == pytest.approx(0.6)
+    assert parts["net_change_pct"]["hi"][0] == pytest.approx(0.0)
+    assert parts["gross_change_pct"]["hi"][0] == pytest.approx(80.0)
+    assert parts["disparity_pct_nondense"]["hi"][0] == pytest.approx(0.0)
+    stats["hi"][0] = sums([60.0, 20.0, 0.0], [100, 15, 0])  # the same features, less: net = gross = -20% / 20%
+    parts = decompose(stats, "en", threshold=0.5)
+    assert parts["net_change_pct"]["hi"][0] == pytest.approx(-20.0)
+    assert parts["gross_change_pct"]["hi"][0] == pytest.approx(20.0)
+    assert parts["disparity_pct_nondense"]["hi"][0] == pytest.approx(-50.0)
+
+
+def test_net_change_is_the_mean_act_disparity_on_real_feature_totals(model, tokenizer, saes, texts):
+    from mlalign.analysis.engine import collect_stats
+
+    small = {lang: sentences[:8] for lang, sentences in texts.items()}
+    features: dict = {}
+    stats = collect_stats(model, tokenizer, saes, small, batch_size=4, max_length=48, progress=False,
+                          feature_stats=features)
+    summary = summarize(stats, "en", bootstrap=0, max_fvu=None, feature_stats=features)
+    for layer in summary["layers"]:
+        assert summary["decomposition"]["net_change_pct"]["hi"][str(layer)] == pytest.approx(
+            summary["disparity_pct"]["hi"][str(layer)], rel=1e-6)
+        assert summary["gross_change_pct"]["hi"][str(layer)] >= abs(summary["disparity_pct"]["hi"][str(layer)]) - 1e-9
+        assert 0 <= summary["dense_share"]["hi"][str(layer)] <= 1

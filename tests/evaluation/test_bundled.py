@@ -111,3 +111,16 @@ def test_mmlu_item_with_a_fifth_option_is_refused(tmp_path):
     bad.write_text(json.dumps(items), encoding="utf-8")
     with pytest.raises(UserError, match="four-option"):
         task_config("mmlu", "hi", okapi_dir=tmp_path)
+
+
+def test_no_bundled_arc_item_has_a_bracketed_span_for_the_okapi_preprocessing_to_strip():
+    """README (Evaluation): the bundled ARC keeps lm-eval's Okapi preprocessing, which deletes `[...]` spans
+    (lm-eval issue 2000); on the bundled files that deletes nothing, so comparability costs no item its text."""
+    import re
+
+    langs = bundled_langs()
+    assert len(langs) == 10
+    for lang in langs:
+        for item in json.loads(okapi_file("arc_challenge", lang).read_text(encoding="utf-8")):
+            fields = [item["instruction"], *(item.get(f"option_{k}") or "" for k in "abcde")]
+            assert not any(re.search(r"\[.*?\]", text) for text in fields), (lang, item["id"])

@@ -65,7 +65,7 @@ def test_console_has_every_stage_and_the_closing_block(pipeline_run):
     assert "report:" in closing and str(run_dir / "report.md") in closing
     assert "analysis_base/ disparity_heatmap.png" in closing and "train/ activation_before_after.png" in closing
     assert str(run_dir / "run.log") in closing and "wandb sync" in closing
-    assert "- hi: " in closing and "English retention" in closing and "disparity vs en" in closing
+    assert "- hi: " in closing and "English: retention" in closing and "disparity vs en" in closing
     assert "arc_challenge: base acc" in closing
 
 

@@ -1,6 +1,7 @@
 """task=eval on the testbed: lm-eval's own files, a paired test per cell, and the base model from the cache next time."""
 
 import json
+import re
 
 import pytest
 
@@ -8,13 +9,13 @@ from tests.conftest import SMALL_TESTBED_OVERRIDES
 from tests.helpers import run_cli
 
 
-def _random_adapter(testbed_dir, folder):
+def _random_adapter(testbed_dir, folder, seed=0):
     """A LoRA adapter with random (not zero) B matrices, so base and adapter answer differently."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(testbed_dir / "model")
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
                                             init_lora_weights=False))
@@ -70,3 +71,45 @@ def test_unknown_task_is_one_error_line_before_the_testbed_loads(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown lm-eval task 'mlalign_mmlu_hj'")
     assert "mlalign_mmlu_hi" in result.stderr and not (tmp_path / "empty_cache" / "testbed").exists()
+
+
+@pytest.mark.slow
+def test_three_adapters_on_one_base_give_the_numbers_of_three_separate_runs(testbed_dir, testbed_cache_dir, tmp_path):
+    from mlalign.tasks.eval_compare import compare_folders
+
+    adapters = [_random_adapter(testbed_dir, tmp_path / f"adapter{k}", seed=k) for k in range(3)]
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "testbed").symlink_to(testbed_cache_dir / "testbed")
+    common = ["task=eval", "model=testbed", "eval=bundled", "langs=[hi]", "eval.limit=8", "eval.bootstrap=500",
+              "eval.benchmarks=[arc_challenge]", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.root_dir={tmp_path}",
+              *SMALL_TESTBED_OVERRIDES]
+    separate = []
+    for k, adapter in enumerate(adapters):  # the first evaluates the base model, the next two reuse it from the cache
+        done = run_cli([*common, f"adapter={adapter}", f"hydra.run.dir={tmp_path / f'single{k}'}"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("cache hit: base" in done.stdout) == (k > 0)
+        separate.append(json.loads((tmp_path / f"single{k}" / "eval" / "results.json").read_text()))
+    assert separate[0]["results"] != separate[1]["results"]  # the adapters differ, so the check below can fail
+
+    listed = "[" + ",".join(str(a) for a in adapters) + "]"
+    together = run_cli([*common, "eval.cache=false", f"adapters={listed}", f"hydra.run.dir={tmp_path / 'together'}"])
+    assert together.returncode == 0, together.stderr[-3000:]
+    started = re.findall(r"^(evaluating .*) \.\.\.$", together.stdout, re.M)  # console.stage's start lines
+    assert started == ["evaluating the base model on 2 lm-eval task(s)"] + [
+        f"evaluating base + adapter {adapter} on 2 lm-eval task(s)" for adapter in adapters]
+    assert len(re.findall(r"^loading model testbed: done in", together.stdout, re.M)) == 1  # one base for all four
+    eval_dir = tmp_path / "together" / "eval"
+    for k in range(3):
+        joint = json.loads((eval_dir / f"adapter_{k}" / "results.json").read_text())
+        assert joint["results"] == separate[k]["results"]  # scores, items, p-values, CIs, Holm: all identical
+    table = (eval_dir / "adapters.md").read_text()
+    assert all(str(adapter) in table for adapter in adapters)
+    metrics = json.loads((tmp_path / "together" / "metrics.json").read_text())
+    assert metrics["adapter_2/mean_diff_acc"] == pytest.approx(
+        sum(c["diff"]["acc"] for c in separate[2]["results"]["arc_challenge"].values()) / 2)
+
+    # lm-eval's own sample files of the same run, through task=eval_compare: the same paired p-values.
+    folders = compare_folders(eval_dir / "lm_eval" / "base", eval_dir / "lm_eval" / "adapter_1", resamples=500)
+    for lang, cell in separate[1]["results"]["arc_challenge"].items():
+        other = folders["results"][cell["task"]]["all"]
+        assert other["p_value"] == pytest.approx(cell["p_value"]) and other["diff"]["acc"] == pytest.approx(cell["diff"]["acc"])

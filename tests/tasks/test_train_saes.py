@@ -121,10 +121,23 @@ def test_mixes_split_the_token_budget_exactly():
         token_quotas(mix_weights("english_heavy", langs, {"en": 1000.0, "zh": 1.0, "hi": 1.0}), 300)
 
 
-def test_split_parts_see_text_dir_dev_and_test_as_one_heldout_part():
-    assert split_parts("flores", "dev+test") == {"dev", "test"}
-    assert split_parts("text_dir", "dev") == split_parts("text_dir", "test")
-    assert split_parts("text_dir", "all") >= split_parts("text_dir", "train")
+@pytest.mark.parametrize("source", ["flores", "text_dir", "hf"])
+def test_split_parts_see_every_sources_all_as_holding_train(source):
+    # data=hf once had split_parts('hf', 'train') & split_parts('hf', 'all') == {}: SAEs trained on train passed the
+    # guard and were then analysed on all.
+    assert split_parts(source, "all") & split_parts(source, "train") == {"train"}
+    assert split_parts(source, "dev+test") == {"dev", "test"}
+    assert not split_parts(source, "dev") & split_parts(source, "test")
+
+
+@pytest.mark.parametrize("data", ["data=hf", "data=text_dir"])
+def test_the_guard_stops_sae_training_on_what_every_source_analyses(data):
+    from mlalign.tasks.train_saes import check_settings
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg(["task=train_saes", data, "data.path=/nowhere", "data.splits.analysis=all"])
+    with pytest.raises(UserError, match="overlaps data.splits.analysis=all"):
+        check_settings(cfg)
 
 
 @pytest.mark.parametrize("overrides, message", [

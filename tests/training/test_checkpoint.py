@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from mlalign.errors import UserError
 from mlalign.training.checkpoint import (KEEP, STATE_FILE, checkpoints_newest_first, resume_point, run_settings,

@@ -27,11 +27,12 @@ def loss_cfg(**overrides):
 
 
 @pytest.mark.parametrize("surrogate", [None, "pre_relu", "ste"])
-@pytest.mark.parametrize("metric", L.ALIGNABLE_METRICS)
+@pytest.mark.parametrize("metric", L.alignable_metrics())
 def test_level_value_is_the_analysis_metric_whatever_the_surrogate(surrogate, metric):
     sae, x = make_sae(threshold=0.2), torch.randn(20, 8)
     acts = sae.encode(x)
-    expected = {"mean_act": acts.mean(), "l1": acts.abs().sum(-1).mean(), "l0": (acts != 0).sum(-1).float().mean()}
+    expected = {"mean_act": acts.mean(), "l1": acts.abs().sum(-1).mean(), "l0": (acts != 0).sum(-1).float().mean(),
+                "dec_weighted_act": (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()}
     assert torch.allclose(L.metric_level(sae, x, metric, "token", None, surrogate), expected[metric], atol=1e-6)
 
 

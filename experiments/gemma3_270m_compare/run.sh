@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Does activation-aware LoRA beat CE+KL LoRA and the placebo on outcomes it does not optimise? task=compare on
+# Gemma-3-270M (offline, model=gemma3_270m_pypi), hi + ml, on a 2-core CPU. See README.md (status: PENDING).
+# Usage: bash experiments/gemma3_270m_compare/run.sh [saes|gate|pilot|compare ...]    default: saes gate compare
+#   saes     task=train_saes at the aligned layers 1 and 3 (en, hi, ml; 20k tokens per language)
+#   gate     stop unless every held-out FVU (dev split) at layers 1 and 3 is <= 0.25 for en, hi and ml
+#   pilot    a 3-step, 16-sentence task=compare (arms base + act_align) that prints s/step and s/unit (for sizing)
+#   compare  the comparison itself; resumable: rerun the same command after a kill and finished units are kept
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+OUT="${OUT:-outputs/gemma3_270m_compare}"
+PY="${PY:-.venv/bin/python}"
+M="model=gemma3_270m_pypi"
+# Aligned (and analysed) layers, fixed before any comparison result (README.md, "Layers"): 1 and 3.
+LAYERS="layers=[1,3]"
+SAES="sae=local sae.path_template=$OUT/saes/saes"
+# SAE recipe: (a)'s (experiments/gemma3_270m) with 13x its tokens per language: 60k tokens over en/hi/ml, 2 epochs.
+SAE_TRAIN="sae_train.tokens=60000 sae_train.width=1024 sae_train.threshold_travel=0.6 sae_train.lang_mix=balanced"
+# Equal budget for every trained arm: 100 steps of 2 sentences (48 tokens), warm-up 10, cosine, LoRA r=8 (conf/lora).
+BUDGET="train.max_steps=100 train.batch_size=2 train.max_length=48 train.warmup_steps=10 train.save_every=20 train.eval_every=0"
+# Every split's first 204 sentences: the whole FLORES test split (204) and dev (99); train is cut to 204 sentences.
+DATA="data.max_sentences=204 data.max_length=48 analysis.bootstrap=1000"
+COMPARE="compare.seeds=3 compare.lrs=[2.5e-4,5e-4,1e-3] compare.steer_alphas=[0,0.5,1,2] compare.bootstrap=2000 eval=bundled eval.limit=20 eval.batch_size=4"
+
+timed() {  # name, then run.py arguments: the run goes to $OUT/<name>, its log to $OUT/<name>.log
+  local name=$1; shift
+  mkdir -p "$OUT"
+  local start=$SECONDS
+  echo "== $name: $PY run.py $*"
+  "$PY" run.py "$@" "hydra.run.dir=$OUT/$name" > "$OUT/$name.log" 2>&1
+  echo "== $name: $((SECONDS - start)) s" | tee -a "$OUT/times.txt"
+}
+
+part_saes() {
+  timed saes task=train_saes $M langs=[hi,ml] $LAYERS $SAE_TRAIN
+}
+
+part_gate() {  # the issue's bar for SAEs "good enough to mean something": held-out FVU <= 0.25 at the aligned layers
+  "$PY" - "$OUT/saes/saes/fidelity.json" <<'PY'
+import json, sys
+table = json.load(open(sys.argv[1]))
+bad = [(layer, lang, row["per_lang"][lang]["fvu"]) for layer, row in table.items() for lang in ("en", "hi", "ml")
+       if row["per_lang"][lang]["fvu"] > 0.25]
+for layer, row in table.items():
+    print(f"layer {layer}: FVU " + ", ".join(f"{lang} {row['per_lang'][lang]['fvu']:.3f}" for lang in ("en", "hi", "ml")))
+if bad:
+    sys.exit(f"error: held-out FVU above 0.25 at {bad}; raise sae_train.tokens (SAE_TRAIN in run.sh) and rerun `run.sh saes gate`")
+PY
+}
+
+part_pilot() {  # sizing only: its numbers are never reported
+  timed pilot task=compare $M langs=[hi,ml] $LAYERS $SAES train.max_steps=3 train.batch_size=2 train.max_length=48 \
+    train.warmup_steps=1 train.save_every=0 data.max_sentences=16 data.max_length=48 compare.arms=[base,act_align] \
+    compare.seeds=1 compare.lrs=[1e-3] compare.benchmarks=false analysis.bootstrap=100 compare.bootstrap=200
+  "$PY" - "$OUT/pilot" <<'PY'
+import glob, json, sys
+run = sys.argv[1]
+steps = [json.load(open(f))["s_per_step"] for f in glob.glob(f"{run}/compare/units/act_align/*/seed_*/TRAINED")]
+timing = json.load(open(f"{run}/compare/results.json"))["timing"]
+print(f"act_align: {steps[0]:.1f} s/step; whole pilot {timing['total_s']:.0f} s (setup {timing['setup_s']:.0f} s)")
+PY
+}
+
+part_compare() {
+  timed compare task=compare $M langs=[hi,ml] $LAYERS $SAES $BUDGET $DATA $COMPARE
+}
+
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(saes gate compare)
+for part in "${parts[@]}"; do "part_$part"; done
