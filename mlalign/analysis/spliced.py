@@ -85,6 +85,18 @@ class _Splice:
         return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
 
 
+LOGITS_BUDGET_BYTES = 512 * 2**20
+"""The spliced passes of several layers run as one forward over that many copies of the batch (copy j spliced at its
+own layer only) while the copies' float32 logits stay under this: a small-vocabulary model (the testbed) runs a
+whole group of layers per forward, a 262k-vocabulary one (Gemma 3) one layer at a time, as before."""
+
+
+def _layer_groups(layers: list[int], rows: int, positions: int, vocab: int) -> list[list[int]]:
+    per_copy = max(1, rows * positions * vocab * 4)
+    size = max(1, min(len(layers), LOGITS_BUDGET_BYTES // per_copy))
+    return [layers[i:i + size] for i in range(0, len(layers), size)]
+
+
 @torch.no_grad()
 def clean_and_spliced_loss(model: nn.Module, saes: dict, batches: list[TokenBatch], layers: list[int], *, device
                            ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -111,14 +123,22 @@ def clean_and_spliced_loss(model: nn.Module, saes: dict, batches: list[TokenBatc
             total, predicted = lm_loss_per_row(logits, inputs)
             clean_sum.index_add_(0, batch.rows, total.cpu())
             count.index_add_(0, batch.rows, predicted.cpu())
-            for layer in layers:
-                x_hat = reconstruct(saes[layer], acts[layer].flatten(0, 1).index_select(0, flat))
-                handle = blocks[layer].register_forward_hook(_Splice(flat, x_hat))
+            rows, positions = inputs["input_ids"].shape
+            for group in _layer_groups(layers, rows, positions, logits.shape[-1]):
+                # Copy j of the batch is spliced at group[j] only: its rows sit at j * rows.. in the stacked batch,
+                # so its flat positions are offset by j * rows * positions; the other copies pass that layer clean.
+                stacked = {key: value.repeat(len(group), 1) for key, value in inputs.items()}
+                handles = [blocks[layer].register_forward_hook(_Splice(
+                    flat + j * rows * positions, reconstruct(saes[layer], acts[layer].flatten(0, 1).index_select(0, flat))))
+                    for j, layer in enumerate(group)]
                 try:
-                    logits = model(**inputs, use_cache=False).logits
+                    spliced_logits = model(**stacked, use_cache=False).logits
                 finally:
-                    handle.remove()
-                spliced_sum[layer].index_add_(0, batch.rows, lm_loss_per_row(logits, inputs)[0].cpu())
+                    for handle in handles:
+                        handle.remove()
+                per_row = lm_loss_per_row(spliced_logits, stacked)[0].view(len(group), rows).cpu()
+                for j, layer in enumerate(group):
+                    spliced_sum[layer].index_add_(0, batch.rows, per_row[j])
     finally:
         model.train(was_training)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -102,3 +102,18 @@ def test_per_sentence_values_match_a_hand_built_spliced_forward(bed):
             assert delta[layer][i] == pytest.approx(hand_spliced - hand_clean, abs=1e-5)
     # The testbed's SAEs are imperfect: splicing them in costs loss on average (the quantity is not trivially 0).
     assert all(np.mean(delta[layer]) > 0 for layer in LAYERS)
+
+
+def test_layers_spliced_in_one_stacked_forward_match_one_layer_at_a_time(bed, monkeypatch):
+    """The testbed's small vocabulary lets several layers' spliced passes share one forward over stacked copies of
+    the batch; each copy must be spliced at its own layer only: the same values as one forward per layer."""
+    from mlalign.analysis import spliced
+
+    model, _, saes, _, batches = bed
+    stacked = spliced_dlm_loss(model, saes, batches, LAYERS, device="cpu")
+    assert len(spliced._layer_groups(LAYERS, 5, 48, model.config.vocab_size)) == 1  # both layers in one forward
+    monkeypatch.setattr(spliced, "LOGITS_BUDGET_BYTES", 1)
+    one_by_one = spliced_dlm_loss(model, saes, batches, LAYERS, device="cpu")
+    for layer in LAYERS:
+        np.testing.assert_allclose(stacked[layer], one_by_one[layer], rtol=1e-5, atol=1e-6)
+        assert np.any(stacked[layer] != 0)
