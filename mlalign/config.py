@@ -324,8 +324,20 @@ class SAETrainConfig:
     (`l0_coefficient` still weighs it)."""
     capture_batch_size: int = 16
     """Sentences per forward pass while collecting activations (does not change any number)."""
+    buffer_dtype: str = "float32"
+    """float32 or bfloat16: how the collected training activations are held in memory (tokens x layers x hidden x
+    4 or 2 bytes); each minibatch is cast back to float32 before the SAE sees it."""
+    seeds: int = 1
+    """SAEs per layer, each from its own seed (weights and minibatch order) on the same activations: 1 writes
+    `saes/layer_<L>/`; N > 1 writes `saes/seed_<s>/layer_<L>/` for s = 0..N-1 (point sae.path_template at one
+    `saes/seed_<s>`), and fidelity.json's layer records gain `seeds` (one record per SAE seed) with the headline
+    values averaged over seeds and their range in `seed_range`."""
     eval_sentences: Optional[int] = None
     """Held-out sentences per language for the fidelity table; null = the whole `data.splits.valid` split."""
+    spliced_sentences: int = 16
+    """Held-out sentences per language for the spliced-in LM loss (the model's loss with one layer's residual
+    replaced by its SAE's reconstruction, minus the clean loss); each costs 1 + layers x seeds full forward passes,
+    LM head included. 0 skips it (fidelity.json then says `spliced_dlm_loss: null`)."""
     device: Optional[str] = None
     """Where the SAEs train; null = the model's device. Activations are buffered in CPU memory
     (tokens x hidden size x 4 bytes per layer)."""

@@ -31,7 +31,8 @@ def default_lr(steps: int, travel: float = THRESHOLD_TRAVEL, max_lr: float = MAX
 def activation_batches(acts: torch.Tensor, batch_size: int, seed: int, index: torch.Tensor | None = None,
                        device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
     """Endless minibatches reshuffled every epoch (sae-lens's DataProvider). `index` (rows of `acts`, repeats allowed)
-    is the epoch's population when given: how a language mix reuses a language whose text ran out."""
+    is the epoch's population when given: how a language mix reuses a language whose text ran out. Batches are float32
+    whatever `acts` is held in (a bfloat16 buffer halves the memory)."""
     generator = torch.Generator().manual_seed(seed)
     population = len(acts) if index is None else len(index)
     while True:
@@ -39,7 +40,7 @@ def activation_batches(acts: torch.Tensor, batch_size: int, seed: int, index: to
         if index is not None:
             order = index[order]
         for start in range(0, population - batch_size + 1, batch_size):
-            yield acts[order[start:start + batch_size]].to(device)
+            yield acts[order[start:start + batch_size]].to(device=device, dtype=torch.float32)
 
 
 def train_sae(acts: torch.Tensor, layer: int, *, width: int, steps: int, batch_size: int = 256,
@@ -134,11 +135,11 @@ def fidelity(sae, acts: torch.Tensor, chunk_tokens: int = 8192) -> dict[str, flo
     about the tokens' mean), `l0` (features firing per token), `l0_pct` (of the width), `dead_pct` (features that
     fire on none of these tokens), `dead_features`, `tokens`."""
     device = next(sae.parameters()).device
-    mean = acts.mean(0).to(device)
+    mean = acts.float().mean(0).to(device)
     residual = total = l0_sum = 0.0
     fired_any = None
     for start in range(0, len(acts), chunk_tokens):
-        x = acts[start:start + chunk_tokens].to(device)
+        x = acts[start:start + chunk_tokens].to(device=device, dtype=torch.float32)
         features = sae.encode(x)
         recon = sae.decode(features)
         fired = features > 0

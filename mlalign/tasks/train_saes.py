@@ -27,6 +27,9 @@ WIDTH_MULTIPLE = 8
 """sae_train.width=null means this many features per residual dimension."""
 TASK_MAX_LR = 3e-2
 """Cap of the default learning rate; above it the reconstruction diverges on the testbed."""
+BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SEED_STRIDE = 1000
+"""SAE seed s of layer L draws from torch seed `seed + L + SEED_STRIDE * s` (s = 0 is the single-seed run's SAE)."""
 
 
 def split_parts(source: str, split: str) -> set[str]:
@@ -65,6 +68,14 @@ def check_settings(cfg) -> None:
         raise UserError(f"sae_train.threshold_travel={st.threshold_travel} must be > 0, e.g. 2.4 (or set sae_train.lr)")
     if st.target_l0 is not None and not float(st.target_l0) > 0:
         raise UserError(f"sae_train.target_l0={st.target_l0} must be > 0 features per token, or null")
+    if str(st.buffer_dtype) not in BUFFER_DTYPES:
+        raise UserError(f"unknown sae_train.buffer_dtype={st.buffer_dtype!r}; use sae_train.buffer_dtype=float32 or "
+                        f"bfloat16")
+    if int(st.seeds) < 1:
+        raise UserError(f"sae_train.seeds={st.seeds} must be >= 1 SAE per layer, e.g. sae_train.seeds=3")
+    if int(st.spliced_sentences) < 0:
+        raise UserError(f"sae_train.spliced_sentences={st.spliced_sentences} must be >= 0 (0 skips the spliced-in "
+                        f"LM loss), e.g. sae_train.spliced_sentences=16")
 
 
 def mix_weights(lang_mix: str, langs: list[str], english_heavy_weights) -> dict[str, float]:
@@ -104,9 +115,10 @@ def _kept_count(ids: list[int], bos_id: int | None) -> int:
 @torch.inference_mode()
 def capture_language(model, tokenizer, sentences: list[str], layers: list[int], max_length: int, batch_size: int,
                      quota: int | None = None, rng: np.random.Generator | None = None,
-                     desc: str = "", progress: bool = True) -> dict[int, torch.Tensor]:
-    """Residuals `{layer: [tokens, hidden]}` (float32, CPU) at every position but BOS and padding, one forward pass
-    per batch for all `layers`. With `quota`, sentences are taken in `rng`'s random order until that many tokens are
+                     desc: str = "", progress: bool = True, dtype: torch.dtype = torch.float32
+                     ) -> dict[int, torch.Tensor]:
+    """Residuals `{layer: [tokens, hidden]}` (`dtype`, CPU) at every position but BOS and padding, one forward pass
+    per batch for all `layers`, stopped after the last of them (the LM head never runs). With `quota`, sentences are taken in `rng`'s random order until that many tokens are
     in (the last sentence's surplus is cut), else all of them in order."""
     from tqdm.auto import tqdm
 
@@ -130,7 +142,7 @@ def capture_language(model, tokenizer, sentences: list[str], layers: list[int], 
                 flat = analysed_positions(inputs["input_ids"], inputs["attention_mask"], bos_id).flatten()
                 flat = flat.nonzero().squeeze(1)
                 for layer, hidden in capture.forward(**inputs, use_cache=False).items():
-                    chunks[layer].append(hidden.flatten(0, 1).index_select(0, flat).float().cpu())
+                    chunks[layer].append(hidden.flatten(0, 1).index_select(0, flat).to(dtype).cpu())
     finally:
         model.train(was_training)
     acts = {layer: torch.cat(parts) if parts else torch.empty(0, 0) for layer, parts in chunks.items()}
@@ -138,7 +150,8 @@ def capture_language(model, tokenizer, sentences: list[str], layers: list[int], 
 
 
 def collect_training_activations(model, tokenizer, corpus: ParallelCorpus, quotas: dict[str, int], layers: list[int],
-                                 max_length: int, batch_size: int, rng: np.random.Generator, progress: bool = True):
+                                 max_length: int, batch_size: int, rng: np.random.Generator, progress: bool = True,
+                                 dtype: torch.dtype = torch.float32):
     """Every language's quota of residual positions, languages stacked: `(acts {layer: [rows, hidden]}, index or
     None, info)`. A language whose text runs out is repeated through `index` (rows of acts, one per training token)
     rather than by copying its rows, so the mix holds without a second forward pass."""
@@ -146,7 +159,7 @@ def collect_training_activations(model, tokenizer, corpus: ParallelCorpus, quota
     index_parts, unique, offset, repeated = [], {}, 0, False
     for lang, quota in quotas.items():
         acts = capture_language(model, tokenizer, corpus[lang], layers, max_length, batch_size, quota=quota, rng=rng,
-                                desc=f"activations {lang}", progress=progress)
+                                desc=f"activations {lang}", progress=progress, dtype=dtype)
         n = len(acts[layers[0]])
         if n == 0:
             raise UserError(f"the train split has no tokens for {lang}; check data.path or drop {lang} from langs")
@@ -173,14 +186,24 @@ def _round(value: float, digits: int = 5) -> float:
 
 
 def fidelity_markdown(table: dict, langs: list[str], header: str) -> str:
-    lines = [header, "", "| layer | FVU | L0 | L0 % of width | dead % |", "| --- | --- | --- | --- | --- |"]
+    def num(value, fmt):
+        return "n/a" if value is None else fmt.format(value)
+
+    lines = [header, "", "Spliced ΔLM loss: the model's next-token loss (nats/token) with the layer's residual replaced "
+             "by the SAE's reconstruction, minus the clean loss.", "",
+             "| layer | FVU | L0 | L0 % of width | dead % | spliced ΔLM loss |", "| --- | --- | --- | --- | --- | --- |"]
     for layer, row in table.items():
-        lines.append(f"| {layer} | {row['fvu']:.4f} | {row['l0']:.1f} | {row['l0_pct']:.2f} | {row['dead_pct']:.1f} |")
-    for key, name, fmt in (("fvu", "FVU", "{:.4f}"), ("l0", "L0", "{:.1f}")):
+        lines.append(f"| {layer} | {row['fvu']:.4f} | {row['l0']:.1f} | {row['l0_pct']:.2f} | {row['dead_pct']:.1f} "
+                     f"| {num(row.get('spliced_dlm_loss'), '{:+.4f}')} |")
+    for key, name, fmt in (("fvu", "FVU", "{:.4f}"), ("l0", "L0", "{:.1f}"),
+                           ("spliced_dlm_loss", "Spliced ΔLM loss", "{:+.4f}")):
+        if key == "spliced_dlm_loss" and all(row.get(key) is None for row in table.values()):
+            continue
         lines += ["", f"{name} per language (held-out text):", "",
                   "| layer | " + " | ".join(langs) + " |", "| --- |" + " --- |" * len(langs)]
         for layer, row in table.items():
-            lines.append(f"| {layer} | " + " | ".join(fmt.format(row["per_lang"][lang][key]) for lang in langs) + " |")
+            lines.append(f"| {layer} | " + " | ".join(num(row["per_lang"][lang].get(key), fmt) for lang in langs)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -191,10 +214,12 @@ def plot_fidelity(table: dict, langs: list[str], path: Path, title: str) -> Path
     import matplotlib.pyplot as plt
 
     layers = [int(layer) for layer in table]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [("fvu", "FVU (fraction of variance unexplained)"), ("l0", "L0 (features firing per token)")]
+    if all(row.get("spliced_dlm_loss") is not None for row in table.values()):
+        panels.append(("spliced_dlm_loss", "spliced-in ΔLM loss (nats/token)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
     colors = plt.get_cmap("tab10")
-    for ax, key, label in ((axes[0], "fvu", "FVU (fraction of variance unexplained)"),
-                           (axes[1], "l0", "L0 (features firing per token)")):
+    for ax, (key, label) in zip(axes, panels):
         for k, lang in enumerate(langs):
             ax.plot(layers, [table[str(layer)]["per_lang"][lang][key] for layer in layers], marker="o", markersize=2.5,
                     linewidth=1.2, color=colors(k % 10), label=lang, alpha=0.85)
@@ -211,15 +236,90 @@ def plot_fidelity(table: dict, langs: list[str], path: Path, title: str) -> Path
 
 
 def fidelity_scalars(table: dict) -> dict[str, float]:
-    """W&B summary values with stable names: `layer_<L>/<fvu|l0|l0_pct|dead_pct>` and `layer_<L>/<lang>/<fvu|l0>`."""
+    """W&B summary values with stable names: `layer_<L>/<fvu|l0|l0_pct|dead_pct|spliced_dlm_loss>` and
+    `layer_<L>/<lang>/<fvu|l0|spliced_dlm_loss>`."""
     out = {}
     for layer, row in table.items():
-        out.update({f"layer_{layer}/{key}": float(row[key]) for key in ("fvu", "l0", "l0_pct", "dead_pct")
-                    if row.get(key) is not None})
+        out.update({f"layer_{layer}/{key}": float(row[key])
+                    for key in ("fvu", "l0", "l0_pct", "dead_pct", "spliced_dlm_loss") if row.get(key) is not None})
         for lang, values in row.get("per_lang", {}).items():
-            out.update({f"layer_{layer}/{lang}/{key}": float(values[key]) for key in ("fvu", "l0")
+            out.update({f"layer_{layer}/{lang}/{key}": float(values[key]) for key in ("fvu", "l0", "spliced_dlm_loss")
                         if values.get(key) is not None})
     return out
+
+
+def seed_dir(out_dir: Path, seed_index: int, seeds: int) -> Path:
+    """Where SAE seed `seed_index`'s layer folders go: `saes/` for a single-seed run, else `saes/seed_<s>/`."""
+    return out_dir if seeds == 1 else out_dir / f"seed_{seed_index}"
+
+
+def _mean_or_none(values) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def spliced_fidelity(model, tokenizer, valid: ParallelCorpus, langs: list[str], saes: dict[int, object],
+                     sentences: int, max_length: int, batch_size: int, device) -> dict[int, dict]:
+    """{layer: {"spliced_dlm_loss": pooled, "clean_lm_loss": pooled, "per_lang": {lang: {...}}}}: the mean over
+    held-out sentences of (loss with the layer's residual replaced by the SAE's reconstruction - clean loss), in
+    nats/token, each language on its first `sentences` sentences of the valid split; pooled = over all of them."""
+    from mlalign.analysis.spliced import clean_and_spliced_loss, token_batches
+
+    layers = sorted(saes)
+    per_lang, pooled_clean, pooled_delta = {}, [], {layer: [] for layer in layers}
+    for lang in langs:
+        batches = token_batches(tokenizer, list(valid[lang][:sentences]), batch_size, max_length)
+        clean, spliced = clean_and_spliced_loss(model, saes, batches, layers, device=device)
+        per_lang[lang] = {layer: (spliced[layer] - clean) for layer in layers}
+        pooled_clean.append(clean)
+        for layer in layers:
+            pooled_delta[layer].append(spliced[layer] - clean)
+    clean_all = np.concatenate(pooled_clean)
+    out = {}
+    for layer in layers:
+        delta = np.concatenate(pooled_delta[layer])
+        out[layer] = {
+            "spliced_dlm_loss": _round(float(np.nanmean(delta))),
+            "clean_lm_loss": _round(float(np.nanmean(clean_all))),
+            "spliced_sentences": int(np.isfinite(delta).sum()),
+            "per_lang": {lang: {"spliced_dlm_loss": _round(float(np.nanmean(per_lang[lang][layer])))}
+                         for lang in langs},
+        }
+    return out
+
+
+def _seed_record(overall: dict, per_lang: dict, torch_seed: int, seconds: float) -> dict:
+    return {
+        "fvu": _round(overall["fvu"]), "l0": _round(overall["l0"]), "l0_pct": _round(overall["l0_pct"]),
+        "dead_pct": _round(overall["dead_pct"]), "heldout_tokens": overall["tokens"], "torch_seed": torch_seed,
+        "train_seconds": round(seconds, 2),
+        "per_lang": {lang: {"fvu": _round(s["fvu"]), "l0": _round(s["l0"]), "tokens": s["tokens"]}
+                     for lang, s in per_lang.items()},
+    }
+
+
+def layer_record(seed_records: list[dict], width: int, langs: list[str]) -> dict:
+    """One layer's fidelity.json record: a single seed's record as it is, or with several SAE seeds the mean of each
+    headline value (FVU, L0, dead %, spliced-in loss; per language too), `seed_range` [min, max] of each, and
+    `seeds` holding every seed's own record."""
+    if len(seed_records) == 1:
+        return {**seed_records[0], "width": width}
+    keys = ("fvu", "l0", "l0_pct", "dead_pct", "spliced_dlm_loss")
+
+    def mean_of(key, records):
+        value = _mean_or_none([r.get(key) for r in records])
+        return None if value is None else _round(value)
+
+    record = {key: mean_of(key, seed_records) for key in keys}
+    record["seed_range"] = {key: [min(r[key] for r in seed_records), max(r[key] for r in seed_records)]
+                            for key in keys if all(r.get(key) is not None for r in seed_records)}
+    record.update({"width": width, "heldout_tokens": seed_records[0]["heldout_tokens"],
+                   "clean_lm_loss": seed_records[0].get("clean_lm_loss")})
+    record["per_lang"] = {lang: {**{key: mean_of(key, [r["per_lang"][lang] for r in seed_records])
+                                    for key in ("fvu", "l0", "spliced_dlm_loss")},
+                                 "tokens": seed_records[0]["per_lang"][lang]["tokens"]} for lang in langs}
+    record["seeds"] = {str(s): r for s, r in enumerate(seed_records)}
+    return record
 
 
 def run(cfg, ctx) -> dict[str, float]:
@@ -233,6 +333,7 @@ def run(cfg, ctx) -> dict[str, float]:
     quotas = token_quotas(weights, int(st.tokens))
     train = load_corpus(cfg.data, langs, cfg.data.splits.train)
     valid = load_corpus(cfg.data, langs, cfg.data.splits.valid)
+    seeds, spliced_sentences = int(st.seeds), int(st.spliced_sentences)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -248,14 +349,15 @@ def run(cfg, ctx) -> dict[str, float]:
     lr = float(st.lr) if st.lr is not None else default_lr(steps, float(st.threshold_travel), max_lr=TASK_MAX_LR)
     device = str(st.device or next(model.parameters()).device)
     max_length, capture_batch = int(cfg.data.max_length), int(st.capture_batch_size)
-    emit(f"training {len(layers)} SAE(s) of {width} features on {int(st.tokens)} {cfg.data.splits.train}-split tokens "
-         f"per layer ({st.lang_mix} mix over {len(langs)} languages), {steps} steps of {int(st.batch_size)}, lr {lr:.2g}")
+    emit(f"training {len(layers)} x {seeds} SAE(s) of {width} features on {int(st.tokens)} {cfg.data.splits.train}-"
+         f"split tokens per layer ({st.lang_mix} mix over {len(langs)} languages), {steps} steps of "
+         f"{int(st.batch_size)}, lr {lr:.2g}")
 
     rng = np.random.default_rng(int(cfg.seed))
     with stage(f"capturing training activations ({int(st.tokens)} tokens x {len(layers)} layer(s), "
-               f"{cfg.data.splits.train} split)"):
+               f"{cfg.data.splits.train} split, {st.buffer_dtype})"):
         acts, index, data_info = collect_training_activations(model, tokenizer, train, quotas, layers, max_length,
-                                                              capture_batch, rng)
+                                                              capture_batch, rng, dtype=BUFFER_DTYPES[str(st.buffer_dtype)])
     with stage(f"capturing held-out activations ({cfg.data.splits.valid} split, up to {st.eval_sentences} "
                f"sentences x {len(langs)} languages)"):
         heldout = {lang: capture_language(model, tokenizer, valid[lang][: st.eval_sentences], layers, max_length,
@@ -263,34 +365,65 @@ def run(cfg, ctx) -> dict[str, float]:
     seconds["activations"] = round(time.perf_counter() - started, 2)
 
     out_dir = ctx.run_dir / "saes"
-    table: dict[str, dict] = {}
+    records: dict[int, list[dict]] = {layer: [] for layer in layers}
+    trained: list[dict[int, object]] = [{} for _ in range(seeds)]
     train_started = time.perf_counter()
     transient_bars("sae_lens.training.sae_trainer")  # its per-SAE bar vanishes when done; each layer's line stays
     with tempfile.TemporaryDirectory(prefix="mlalign-sae-ckpt-") as checkpoints, \
-            stage(f"training {len(layers)} SAE(s) ({steps} steps each)"):
+            stage(f"training {len(layers) * seeds} SAE(s) ({steps} steps each)"):
         for layer in layers:
-            with stage(f"SAE of layer {layer}", start_line=False):  # sae-lens's "Training SAE" bar shows it running
-                torch.manual_seed(int(cfg.seed) + layer)
-                sae = train_sae(acts.pop(layer), layer, width=width, steps=steps, batch_size=int(st.batch_size),
-                                lr=lr, l0_coefficient=float(st.l0_coefficient),
-                                target_l0=None if st.target_l0 is None else float(st.target_l0),
-                                seed=int(cfg.seed) + layer, index=index, model_name=str(cfg.model.name),
-                                context_size=max_length, device=device, checkpoint_dir=checkpoints, progress=True,
-                                b_dec_init="mean")
-                sae.save_model(out_dir / f"layer_{layer}")
-                overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
-                per_lang = {lang: fidelity(sae, heldout[lang][layer]) for lang in langs}
-            table[str(layer)] = {
-                "fvu": _round(overall["fvu"]), "l0": _round(overall["l0"]), "l0_pct": _round(overall["l0_pct"]),
-                "dead_pct": _round(overall["dead_pct"]), "width": width, "heldout_tokens": overall["tokens"],
-                "per_lang": {lang: {"fvu": _round(s["fvu"]), "l0": _round(s["l0"]), "tokens": s["tokens"]}
-                             for lang, s in per_lang.items()},
-            }
-            note(f"  held-out FVU {overall['fvu']:.3f}, L0 {overall['l0']:.1f}")
+            layer_acts = acts.pop(layer)
+            for s in range(seeds):
+                torch_seed = int(cfg.seed) + layer + SEED_STRIDE * s
+                label = f"SAE of layer {layer}" + (f", seed {s}" if seeds > 1 else "")
+                with stage(label, start_line=False):  # sae-lens's "Training SAE" bar shows it running
+                    layer_started = time.perf_counter()
+                    torch.manual_seed(torch_seed)
+                    sae = train_sae(layer_acts, layer, width=width, steps=steps, batch_size=int(st.batch_size),
+                                    lr=lr, l0_coefficient=float(st.l0_coefficient),
+                                    target_l0=None if st.target_l0 is None else float(st.target_l0),
+                                    seed=torch_seed, index=index, model_name=str(cfg.model.name),
+                                    context_size=max_length, device=device, checkpoint_dir=checkpoints,
+                                    progress=True, b_dec_init="mean")
+                    train_seconds = time.perf_counter() - layer_started
+                    sae.save_model(seed_dir(out_dir, s, seeds) / f"layer_{layer}")
+                    overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
+                    per_lang = {lang: fidelity(sae, heldout[lang][layer]) for lang in langs}
+                records[layer].append(_seed_record(overall, per_lang, torch_seed, train_seconds))
+                trained[s][layer] = sae
+                note(f"  held-out FVU {overall['fvu']:.3f}, L0 {overall['l0']:.1f}, dead {overall['dead_pct']:.1f}%")
+            del layer_acts
     seconds["training"] = round(time.perf_counter() - train_started, 2)
 
+    if spliced_sentences > 0:
+        spliced_started = time.perf_counter()
+        with stage(f"spliced-in LM loss ({spliced_sentences} {cfg.data.splits.valid} sentences x {len(langs)} "
+                   f"languages, {len(layers) * seeds} SAE(s))"):
+            for s in range(seeds):
+                by_layer = spliced_fidelity(model, tokenizer, valid, langs, trained[s], spliced_sentences,
+                                            max_length, capture_batch, device)
+                for layer in layers:
+                    record, spliced = records[layer][s], by_layer[layer]
+                    record.update({key: spliced[key] for key in ("spliced_dlm_loss", "clean_lm_loss",
+                                                                 "spliced_sentences")})
+                    for lang in langs:
+                        record["per_lang"][lang]["spliced_dlm_loss"] = spliced["per_lang"][lang]["spliced_dlm_loss"]
+        seconds["spliced"] = round(time.perf_counter() - spliced_started, 2)
+    else:
+        for layer in layers:
+            for record in records[layer]:
+                record["spliced_dlm_loss"] = None
+                for lang in langs:
+                    record["per_lang"][lang]["spliced_dlm_loss"] = None
+    table = {str(layer): layer_record(records[layer], width, langs) for layer in layers}
+    seconds["total"] = round(time.perf_counter() - started, 2)
+    seconds["training_per_sae"] = round(seconds["training"] / (len(layers) * seeds), 2)
+    if "spliced" in seconds:
+        seconds["spliced_per_sae"] = round(seconds["spliced"] / (len(layers) * seeds), 2)
+
     header = (f"SAE fidelity on held-out text ({cfg.data.splits.valid} split), model {cfg.model.name}, "
-              f"{width} features, {int(st.tokens)} training tokens per layer ({st.lang_mix} mix)")
+              f"{width} features, {int(st.tokens)} training tokens per layer ({st.lang_mix} mix)"
+              + (f", mean of {seeds} SAE seeds" if seeds > 1 else ""))
     markdown = fidelity_markdown(table, langs, header)
     write_json_atomic(out_dir / "fidelity.json", table)
     write_text_atomic(out_dir / "fidelity.md", markdown)
@@ -299,10 +432,13 @@ def run(cfg, ctx) -> dict[str, float]:
         "model": str(cfg.model.name), "layers": layers, "langs": langs, "lang_mix": str(st.lang_mix),
         "weights": weights, **data_info, "train_split": str(cfg.data.splits.train),
         "valid_split": str(cfg.data.splits.valid), "width": width, "steps": steps, "batch_size": int(st.batch_size),
-        "lr": lr, "l0_coefficient": float(st.l0_coefficient), "target_l0": st.target_l0, "seconds": seconds,
+        "lr": lr, "l0_coefficient": float(st.l0_coefficient), "target_l0": st.target_l0, "seeds": seeds,
+        "torch_seeds": {str(layer): [r["torch_seed"] for r in records[layer]] for layer in layers},
+        "buffer_dtype": str(st.buffer_dtype), "spliced_sentences": spliced_sentences, "seconds": seconds,
     })
     ctx.tracker.log_table("train_saes/fidelity", [{"layer": int(layer), **{k: v for k, v in row.items()
-                                                                            if k != "per_lang"}}
+                                                                            if k not in ("per_lang", "seeds",
+                                                                                         "seed_range")}}
                                                    for layer, row in table.items()])
     ctx.tracker.log_images({"train_saes/fidelity": out_dir / "fidelity.png"})
     print("\n" + markdown)
@@ -311,14 +447,20 @@ def run(cfg, ctx) -> dict[str, float]:
 
     per_layer = ", ".join(f"{layer} {row['fvu']:.3f}" for layer, row in table.items())
     headline(f"held-out FVU per layer ({cfg.data.splits.valid} split): {per_layer}")
-    output("SAEs", f"{out_dir} (analyse with: sae=local sae.path_template={out_dir} "
+    where = out_dir if seeds == 1 else out_dir / "seed_<s>"
+    output("SAEs", f"{where} (analyse with: sae=local sae.path_template={where} "
                    f"layers=[{','.join(map(str, layers))}])")
     output("fidelity", out_dir / "fidelity.md")
     fvus = [row["fvu"] for row in table.values()]
     l0s = [row["l0"] for row in table.values()]
+    spliced_values = [row["spliced_dlm_loss"] for row in table.values() if row.get("spliced_dlm_loss") is not None]
     return {
         "mean_fvu": float(np.mean(fvus)), "max_fvu": float(np.max(fvus)), "mean_l0": float(np.mean(l0s)),
         "mean_l0_pct": float(np.mean([row["l0_pct"] for row in table.values()])),
         "mean_dead_pct": float(np.mean([row["dead_pct"] for row in table.values()])),
+        "max_dead_pct": float(np.max([row["dead_pct"] for row in table.values()])),
+        **({"mean_spliced_dlm_loss": float(np.mean(spliced_values)),
+            "max_spliced_dlm_loss": float(np.max(spliced_values))} if spliced_values else {}),
         "activation_s": seconds["activations"], "training_s": seconds["training"],
+        **({"spliced_s": seconds["spliced"]} if "spliced" in seconds else {}),
     }

@@ -12,6 +12,7 @@ import torch
 from omegaconf import open_dict
 
 from mlalign.errors import UserError
+from mlalign.training.checkpoint import KEEP
 from mlalign.tracking import Tracker
 from tests.helpers import compose_cfg, run_cli
 
@@ -202,8 +203,10 @@ def test_run_writes_adapter_metrics_plot_and_the_outcome_contract(aligned_run):
     assert summary["dev_activation_gain_pct_hi"] == pytest.approx(r["dev"]["activation_gain_pct"]["hi"])
     assert summary["alignment_score"] == pytest.approx(r["alignment_score"])
     assert not any(key.startswith("activation_gain_pct") for key in summary)
-    # The last checkpoint is kept, the older ones removed.
-    assert [p.name for p in (aligned_run / "checkpoints").iterdir()] == [f"step-{STEPS:08d}"]
+    # The last KEEP checkpoints are kept (the newest, and one to fall back on if it is damaged), the older ones removed.
+    # Saved at steps 10, 20 and 24 (the last), KEEP = 2.
+    assert KEEP == 2
+    assert sorted(p.name for p in (aligned_run / "checkpoints").iterdir()) == ["step-00000020", f"step-{STEPS:08d}"]
 
 
 def test_steps_on_the_alignment_term_raise_the_exact_metric_ratio(testbed_dir, tmp_path):

