@@ -18,6 +18,8 @@ WIDTH = 512
 MAX_FVU = 0.6
 """Bound on the SAEs' pooled held-out FVU. Measured: 0.12 (layer 3) and 0.29 (layer 9). The task's defaults at this
 budget (threshold_travel 2.4, b_dec from zero) gave 1.04 and 4.66 on this model: worse than predicting the mean."""
+SPLICED_SENTENCES = 4
+"""Dev sentences per language of the spliced-in LM loss (each costs a full forward per layer, LM head included)."""
 MAX_L0_PCT = 25.0
 """Bound on the features firing per token, % of the width. Measured: 13.8% (layer 3) and 4.7% (layer 9) at this tiny
 budget (real SAEs: under 1%); a bound, not a target: it catches an SAE that went dense."""
@@ -32,7 +34,8 @@ def runs(gemma_cache, tmp_path_factory):
     out = {}
     steps = [
         ("saes", ["task=train_saes", "sae_train.tokens=4500", f"sae_train.width={WIDTH}", "sae_train.epochs=6",
-                  "sae_train.threshold_travel=0.6", f"sae_train.eval_sentences={SENTENCES}"]),
+                  "sae_train.threshold_travel=0.6", f"sae_train.eval_sentences={SENTENCES}",
+                  f"sae_train.spliced_sentences={SPLICED_SENTENCES}"]),
         ("analyze", ["task=analyze", "sae=local", f"sae.path_template={root / 'saes' / 'saes'}",
                      f"data.max_sentences={SENTENCES}", "analysis.bootstrap=200", "analysis.plots=false"]),
         # One step of one 32-token sentence: a step of the real model (262k-word head, KL retention) is the slow part.
@@ -82,6 +85,13 @@ def test_trained_saes_are_faithful_and_sparse_on_the_real_residual_stream(runs):
         assert 0 < row["l0_pct"] < MAX_L0_PCT, (layer, row["l0_pct"])
         for lang, stats in row["per_lang"].items():
             assert 0 < stats["fvu"] < 1.0, (layer, lang, stats["fvu"])  # better than predicting the mean
+            assert math.isfinite(stats["spliced_dlm_loss"]), (layer, lang)
+        # The fidelity contract: an imperfect reconstruction spliced into the real model raises its loss.
+        assert row["spliced_dlm_loss"] > 0 and row["spliced_sentences"] == SPLICED_SENTENCES * (1 + len(LANGS))
+        assert row["torch_seed"] == int(layer)  # seed 0 + layer, recorded
+    data = json.loads((runs["saes"] / "saes" / "train_data.json").read_text())
+    assert data["seeds"] == 1 and data["torch_seeds"] == {str(layer): [layer] for layer in LAYERS}
+    assert data["seconds"]["spliced"] > 0 and data["seconds"]["training_per_sae"] > 0
 
 
 def test_disparities_are_finite_with_cis_and_the_saes_fit(runs):

@@ -167,8 +167,10 @@ def test_uncached_gated_model_offline_says_how_to_log_in(tmp_path):
 
 
 def _train_args(cache: Path, run_dir: Path) -> list[str]:
-    return ["task=train", "langs=[hi]", "layers=[4,12,20]", "train.max_steps=24", "train.save_every=4",
-            "train.eval_every=100", f"hydra.run.dir={run_dir}", *_testbed_args(cache, run_dir.parent)]
+    # Small on purpose (this test runs a training three times): one layer, 8 steps saved every 2, few sentences.
+    return ["task=train", "langs=[hi]", "layers=[4]", "train.max_steps=8", "train.save_every=2",
+            "train.eval_every=100", "data.max_sentences=16", "analysis.bootstrap=20", f"hydra.run.dir={run_dir}",
+            *_testbed_args(cache, run_dir.parent)]
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -185,7 +187,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(testbed_d
     process = subprocess.Popen([sys.executable, str(REPO / "run.py"), *_train_args(testbed_cache_dir, killed_dir)],
                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((killed_dir / "checkpoints").glob("step-*00008")):
+    while time.time() < deadline and not list((killed_dir / "checkpoints").glob("step-*00004")):
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait()
