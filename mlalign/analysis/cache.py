@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlalign.analysis.stats import SentenceSums
+from mlalign.analysis.stats import POSITION_CAP_QUANTILE, SentenceSums
 from mlalign.data.corpus import corpus_fingerprint
 from mlalign.io import write_text_atomic
 
@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the statistics the engine computes change meaning. 2: per-sentence residual sums (exact FVU bootstrap),
 # sq_norm, positions and truncation flags. 3: per-feature statistics (features.FeatureSums) as a second entry kind.
-CACHE_VERSION = 3
+# 4: the position-matched window's sums (SentenceSums.within_cap), capped at the reference language's positions.
+CACHE_VERSION = 4
 
 
 def file_digest(path: Path) -> str:
@@ -202,6 +203,8 @@ def cache_identity(cfg, testbed_dir, adapter, split: str, layers=None) -> dict:
         "attn_implementation": cfg.model.get("attn_implementation"),
         "dtype": cfg.model.dtype,
         "positions": [int(acfg.get("min_position") or 0), acfg.get("max_position")],
+        # Every language's position-matched window ends at the reference's 90th-percentile position.
+        "position_cap_from": [cfg.reference_lang, POSITION_CAP_QUANTILE],
         "adapter": adapter_fingerprint(adapter),
         "sae": {k: cfg.sae.get(k) for k in ("release", "id_template", "path_template", "dtype")},
         "corpus": {"source": data.source, "path": data.path, "split": split,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -14,7 +15,7 @@ from torch import nn
 from mlalign.analysis.capture import ResidualCapture, decoder_layers
 from mlalign.analysis.sae_ops import DECODE_MODES, StackedSAEs, elementwise_encoder, sparse_decode_wanted, stack_groups
 from mlalign.analysis.features import FeatureStats, ListedSums, SentenceFeatureStats
-from mlalign.analysis.stats import LayerStats, SentenceSums
+from mlalign.analysis.stats import POSITION_CAP_QUANTILE, LayerStats, SentenceSums
 from mlalign.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,33 @@ def analysed_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, bo
     return keep
 
 
+def position_cap(tokenizer, texts: list[str], max_length: int, min_position: int = 0, max_position: int | None = None,
+                 quantile: float = POSITION_CAP_QUANTILE) -> int | None:
+    """The last position of the position-matched window: the `quantile` point of the analysed positions of `texts`'
+    tokens, i.e. the smallest position p with at least `quantile` of them at positions <= p (inverted CDF).
+
+    Tokens and positions as the engine analyses them (`analysed_positions` of the length-sorted, truncated rows: BOS
+    dropped, the min_position/max_position window applied), from tokenization alone, so the cap is known before any
+    forward pass. None if no token is analysed.
+    """
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    rows = [ids for _, ids in tokenize_sorted(tokenizer, texts, max_length)]
+    counts = np.zeros(max(1, max_length), dtype=np.int64)
+    for batch in _batches(rows, 256):
+        inputs = pad_batch(batch, 0, "right", torch.device("cpu"))
+        keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], tokenizer.bos_token_id,
+                                  min_position, max_position)
+        found = np.bincount(inputs["position_ids"][keep].numpy(), minlength=len(counts))
+        counts[: len(found)] += found[: len(counts)]
+    total = int(counts.sum())
+    if total == 0:
+        return None
+    # The ceiling of quantile x total, rounded first: 0.55 x 100 is 55.00000000000001 in floats.
+    need = math.ceil(round(quantile * total, 9))
+    return int(np.searchsorted(np.cumsum(counts), need, side="left"))
+
+
 def token_order(keep: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(flat, sentence, rank) of a batch's analysed tokens in row-major order: their flat [batch * seq] index, their
     sentence and their place among that sentence's analysed tokens."""
@@ -198,6 +226,7 @@ def collect_stats(
     feature_ids: dict | None = None,
     decode: str = "auto",
     token_recorders: dict | None = None,
+    position_cap: int | None = None,
 ) -> dict[str, dict[int, SentenceSums]]:
     """Per-sentence SAE statistics for every (language, layer): `result[lang][layer]` is a `SentenceSums`.
 
@@ -227,6 +256,9 @@ def collect_stats(
     adapted side against it; task=pipeline uses them so that each model runs over the held-out split once,
     `training.shared_pass`). Those languages' batches run the whole model (the LM loss needs the LM head) in the
     first layer chunk. Only with the paired pass's positions: every token but BOS (min_position=0, max_position=None).
+    position_cap: also keep every statistic over only the tokens at positions <= position_cap (`SentenceSums.within_cap`,
+    read as `SentenceSums.position_matched()`), in the same pass: the summary's position-matched disparity, with the
+    cap at the reference language's 90th-percentile position (`position_cap`). None keeps no window.
     """
     _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
     token_recorders = token_recorders or {}
@@ -276,7 +308,7 @@ def collect_stats(
                     accs = [
                         LayerStats(len(items), saes[group[0]].cfg.d_in if hidden is None else hidden,
                                    saes[group[0]].cfg.d_sae, sae_device, truncated=truncated[lang], n_layers=len(group),
-                                   decoder_norms=decoder_norms(saes, group))
+                                   decoder_norms=decoder_norms(saes, group), position_cap=position_cap)
                         for group in groups
                     ]
                     faccs = None

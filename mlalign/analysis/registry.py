@@ -210,8 +210,10 @@ def _decoder_weighted(code: CodeView) -> torch.Tensor:
 # sum_f a_tf ||W_dec,f||: each feature's activation in units of the residual it writes, so features whose decoder rows
 # are long or short (their scale is a free choice of the SAE's training) count by what they add to the residual.
 register_metric(Metric("dec_weighted_act", "decoder-norm-weighted SAE activation", per_token=_decoder_weighted))
+# A position window keeps no feature set (`SentenceSums.position_matched`): its coverage is undefined, not 0.
 register_metric(Metric("feature_coverage", "SAE feature coverage", bootstrappable=False,
-                       pooled=lambda totals, sums, counts: float(sums.features_fired.mean())))
+                       pooled=lambda totals, sums, counts: float(sums.features_fired.mean())
+                       if sums.features_fired.size else float("nan")))
 # FVU is centred on the language's (or the resample's own) mean residual: sum ||x - x̂||² / sum ||x - x̄||².
 register_metric(Metric("fvu", "fraction of variance unexplained", lower_is_better=True, needs=("sq_err",),
                        pooled=lambda totals, sums, counts: _ratio(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlalign.analysis.cache import StatsCache, cache_identity
-from mlalign.analysis.engine import collect_listed_sums, collect_stats
+from mlalign.analysis.engine import collect_listed_sums, collect_stats, position_cap
 from mlalign.analysis.features import FeatureSums
 from mlalign.data.corpus import load_corpus
 
@@ -28,18 +28,26 @@ def feature_settings(acfg) -> dict:
 
 class LazyEngine:
     """Loads the SAEs (first: a missing SAE fails before a multi-GB model download) and the model only when something
-    must be computed, once per analyze_model call, and runs `collect_stats` with the analysis settings."""
+    must be computed, once per analyze_model call, and runs `collect_stats` with the analysis settings.
+    reference_texts: the reference language's sentences, whose 90th-percentile position caps the position-matched
+    window of every language (`engine.position_cap`), whichever languages this run computes."""
 
-    def __init__(self, cfg, ctx, adapter, model, tokenizer, cache, split, layers):
+    def __init__(self, cfg, ctx, adapter, model, tokenizer, cache, split, layers, reference_texts=None):
         self.cfg, self.ctx, self.adapter, self.model, self.tokenizer = cfg, ctx, adapter, model, tokenizer
         self.cache, self.split, self.layers = cache, split, layers
+        self.reference_texts = reference_texts
         self.saes: dict = {}
 
     def collect(self, texts_by_lang: dict, layers: list[int], **kwargs):
-        """`collect_stats` over `layers`: the per-layer sums (and per-feature totals with `feature_stats=`)."""
+        """`collect_stats` over `layers`: the per-layer sums (and per-feature totals with `feature_stats=`), with the
+        position-matched window's sums kept in the same pass."""
         saes, settings = self._prepare(layers)
+        cap = None
+        if self.reference_texts is not None:
+            cap = position_cap(self.tokenizer, self.reference_texts, settings["max_length"], settings["min_position"],
+                               settings["max_position"])
         return collect_stats(self.model, self.tokenizer, saes, texts_by_lang, decode=str(self.cfg.analysis.get("decode") or "auto"),
-                             **settings, **kwargs)
+                             position_cap=cap, **settings, **kwargs)
 
     def collect_listed(self, texts_by_lang: dict, feature_ids: dict[str, dict[int, list[int]]]):
         """`collect_listed_sums`: the second pass, per-sentence sums of the listed features only."""
@@ -147,7 +155,8 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
                 stats[lang][layer] = hit
                 if fcfg["enabled"]:
                     feature_stats[lang][layer] = FeatureSums(**features_hit)
-    engine = LazyEngine(cfg, ctx, adapter, model, tokenizer, cache, split, layers)
+    engine = LazyEngine(cfg, ctx, adapter, model, tokenizer, cache, split, layers,
+                        reference_texts=corpus[cfg.reference_lang])
     engine.saes.update(saes or {})
     if missing:
         todo_layers = sorted({layer for ls in missing.values() for layer in ls})

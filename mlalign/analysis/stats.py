@@ -1,8 +1,9 @@
 """Streaming per-(language, layer) statistics of SAE activations: per-sentence sums plus a few corpus totals.
 
 Memory is O(sentences x d_model + d_sae) per (language, layer) and does not grow with the number of tokens (the
-[sentences, d_model] term is the per-sentence residual sum that makes FVU's bootstrap exact). Sums live on the
-device while a corpus streams through and move to the CPU once, in `finalize()`.
+[sentences, d_model] term is the per-sentence residual sum that makes FVU's bootstrap exact; twice that with a
+position cap, whose window keeps its own). Sums live on the device while a corpus streams through and move to the CPU
+once, in `finalize()`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ l1, l0, ...), the sum over the sentence's tokens of the metric's per-token value
 """
 
 
+POSITION_CAP_QUANTILE = 0.9
+"""The position-matched window ends at this quantile of the reference language's analysed positions
+(`engine.position_cap`): the positions that 90% of the reference's tokens reach."""
+
+
 def code_sum_names() -> tuple[str, ...]:
     """The per-sentence sums of the registered SAE-code metrics."""
     return tuple(m.name for m in code_metrics())
@@ -39,6 +45,15 @@ def code_sum_names() -> tuple[str, ...]:
 def per_sentence_sums() -> tuple[str, ...]:
     """Every per-sentence sum a `SentenceSums` holds."""
     return ("n_tokens", *code_sum_names(), *RESIDUAL_SUMS[1:])
+
+
+def within_cap_names() -> tuple[str, ...]:
+    """What `SentenceSums.within_cap` holds: every per-sentence sum, the per-sentence residual sum and the total."""
+    return (*per_sentence_sums(), "sum_dev", "sum_x")
+
+
+WITHIN_CAP_PREFIX = "within_cap."
+"""`SentenceSums.to_dict`'s names of the `within_cap` arrays."""
 
 
 @dataclass
@@ -72,6 +87,13 @@ class SentenceSums:
     """[n_sentences] bool: the sentence was cut at `max_length` tokens."""
     code_sums: dict[str, np.ndarray] = field(default_factory=dict)
     """metric name -> [n_sentences] per-sentence sum of that registered SAE-code metric's per-token values."""
+    position_cap: int | None = None
+    """The last position (inclusive, counted as in `engine.analysed_positions`) of the position-matched window whose
+    statistics `within_cap` holds; None where no window was kept."""
+    within_cap: dict[str, np.ndarray] = field(default_factory=dict)
+    """The same statistics over only the analysed tokens at positions <= `position_cap` (`within_cap_names()`: each
+    per-sentence sum [n_sentences], `sum_dev` [n_sentences, d_model], `sum_x` [d_model]), from the same pass;
+    `position_matched()` reads them as a `SentenceSums`. Empty where no window was kept."""
 
     def sum_of(self, name: str) -> np.ndarray:
         """The per-sentence sum `name`: a `RESIDUAL_SUMS` field or a registered SAE-code metric."""
@@ -102,21 +124,47 @@ class SentenceSums:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(n > 0, weights @ self.sq_dev - np.einsum("...d,...d->...", dev, dev) / np.where(n > 0, n, 1), np.nan)
 
+    def position_matched(self) -> "SentenceSums | None":
+        """The statistics of only the tokens at positions <= `position_cap` (None where no window was kept), as a
+        `SentenceSums` every metric, the bootstrap and the summary read as they read the whole. Which features fired
+        is not kept per window (it would cost a pass over the code): `features_fired` is empty, so
+        `feature_coverage` is undefined (NaN) there."""
+        if self.position_cap is None:
+            return None
+        w = self.within_cap
+        return SentenceSums(
+            **{name: w[name] for name in RESIDUAL_SUMS}, sum_x=w["sum_x"], shift=self.shift,
+            features_fired=np.zeros(0, dtype=bool), sum_dev=w["sum_dev"], truncated=self.truncated,
+            code_sums={name: w[name] for name in code_sum_names()})
+
     def to_dict(self) -> dict[str, np.ndarray]:
-        """Arrays by name (the code metrics' sums by metric name), e.g. for `np.savez` caching; `from_arrays` restores it."""
-        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "code_sums"}, **self.code_sums}
+        """Arrays by name (the code metrics' sums by metric name, the window's under `WITHIN_CAP_PREFIX`, no window
+        as position_cap -1 and empty arrays), e.g. for `np.savez` caching; `from_arrays` restores it."""
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_PLAIN}
+        window = {WITHIN_CAP_PREFIX + name: self.within_cap.get(name, np.zeros(0)) for name in within_cap_names()}
+        cap = np.array(-1 if self.position_cap is None else self.position_cap, dtype=np.int64)
+        return {**plain, **self.code_sums, "position_cap": cap, **window}
 
     @classmethod
     def array_names(cls) -> set[str]:
         """The names `to_dict` writes under the registered metrics."""
-        return {f.name for f in fields(cls) if f.name != "code_sums"} | set(code_sum_names())
+        return ({f.name for f in fields(cls) if f.name not in _NOT_PLAIN} | set(code_sum_names()) | {"position_cap"}
+                | {WITHIN_CAP_PREFIX + name for name in within_cap_names()})
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "SentenceSums":
         """The inverse of `to_dict`."""
         arrays = dict(arrays)
         code = {name: arrays.pop(name) for name in code_sum_names()}
-        return cls(**arrays, code_sums=code)
+        window = {name: arrays.pop(WITHIN_CAP_PREFIX + name) for name in within_cap_names()}
+        cap = int(arrays.pop("position_cap"))
+        if cap < 0:
+            return cls(**arrays, code_sums=code)
+        return cls(**arrays, code_sums=code, position_cap=cap, within_cap=window)
+
+
+_NOT_PLAIN = ("code_sums", "position_cap", "within_cap")
+"""`SentenceSums` fields that `to_dict` writes in their own way."""
 
 
 def layers_per_block(device: torch.device, n_layers: int) -> int:
@@ -137,13 +185,21 @@ class LayerStats:
     """
 
     def __init__(self, n_sentences: int, d_model: int, d_sae: int, device: torch.device | str = "cpu",
-                 truncated=None, n_layers: int = 1, decoder_norms: torch.Tensor | None = None):
+                 truncated=None, n_layers: int = 1, decoder_norms: torch.Tensor | None = None,
+                 position_cap: int | None = None):
         device = torch.device(device)
         # float64 sums make results independent of batch composition to ~1e-12; MPS has no float64.
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.device = device
         self.n_layers, self.n_sentences, self.d_sae = int(n_layers), int(n_sentences), int(d_sae)
-        size = self.n_layers * self.n_sentences
+        if position_cap is not None and int(position_cap) < 0:
+            raise ValueError(f"position_cap must be a position (>= 0) or None, got {position_cap}")
+        self.position_cap = None if position_cap is None else int(position_cap)
+        """Keep the statistics of tokens at positions <= position_cap apart (`SentenceSums.within_cap`): every
+        per-sentence accumulator has a second half for the tokens beyond it, so the window costs one index offset
+        per batch, not a second set of sums, and the halves add up to the whole."""
+        self.halves = 1 if self.position_cap is None else 2
+        size = self.halves * self.n_layers * self.n_sentences
         self.sums = {name: torch.zeros(size, dtype=self.dtype, device=device) for name in per_sentence_sums()}
         self.sum_x = torch.zeros(self.n_layers, d_model, dtype=self.dtype, device=device)
         self.sum_dev = torch.zeros(size, d_model, dtype=self.dtype, device=device)
@@ -173,6 +229,12 @@ class LayerStats:
         if self.shift is None:
             first = sentence_index == sentence_index[0]
             self.shift = x.view(L, n, -1)[:, first].to(self.dtype).mean(dim=1)
+        if self.position_cap is not None:
+            if positions is None:
+                raise ValueError("a position cap needs each token's position")
+            # Tokens past the cap land in the accumulators' second half (rows L * n_sentences and up).
+            sentence_index = sentence_index + (positions > self.position_cap).to(sentence_index.dtype) * (
+                L * self.n_sentences)
         # Each layer position's sentences live in their own block of the flat accumulators.
         index = sentence_index if L == 1 else (
             sentence_index.unsqueeze(0) + self.n_sentences * torch.arange(L, device=sentence_index.device).unsqueeze(1)
@@ -218,17 +280,32 @@ class LayerStats:
 
     def finalize_layers(self) -> list[SentenceSums]:
         """Move everything to the CPU once; one `SentenceSums` per layer of the group, in its order."""
+        L, S = self.n_layers, self.n_sentences
         shift = self.shift if self.shift is not None else torch.zeros_like(self.sum_x)
-        sums = {name: values.double().cpu().numpy().reshape(self.n_layers, -1) for name, values in self.sums.items()}
-        sum_x, shift = self.sum_x.double().cpu().numpy(), shift.double().cpu().numpy()
-        fired = self.features_fired.cpu().numpy().reshape(self.n_layers, -1)
-        sum_dev = self.sum_dev.to(torch.float32).cpu().numpy().reshape(self.n_layers, self.n_sentences, -1)
+        halves = {name: values.double().cpu().numpy().reshape(self.halves, L, S) for name, values in self.sums.items()}
+        sums = {name: values.sum(axis=0) for name, values in halves.items()}  # within the cap + beyond it
+        sum_dev_halves = self.sum_dev.view(self.halves, L, S, -1)
+        whole_dev = sum_dev_halves[0] if self.halves == 1 else sum_dev_halves.sum(dim=0)
+        sum_x, shift64 = self.sum_x.double().cpu().numpy(), shift.double().cpu().numpy()
+        fired = self.features_fired.cpu().numpy().reshape(L, -1)
+        sum_dev = whole_dev.to(torch.float32).cpu().numpy()
+        window = [{WITHIN_CAP_PREFIX + name: np.zeros(0) for name in within_cap_names()} for _ in range(L)]
+        if self.position_cap is not None:
+            within = sum_dev_halves[0]
+            # The window's residual total from its per-sentence sums around the centre: sum_t x_t = sum_s D_s + N c.
+            n_within = self.sums["n_tokens"].view(self.halves, L, S)[0].sum(dim=1)
+            within_x = (within.sum(dim=1) + n_within.unsqueeze(1) * shift).double().cpu().numpy()
+            within_dev = within.to(torch.float32).cpu().numpy()
+            window = [{**{WITHIN_CAP_PREFIX + name: values[0, i].copy() for name, values in halves.items()},
+                       WITHIN_CAP_PREFIX + "sum_dev": within_dev[i].copy(), WITHIN_CAP_PREFIX + "sum_x": within_x[i].copy()}
+                      for i in range(L)]
+        cap = np.array(-1 if self.position_cap is None else self.position_cap, dtype=np.int64)
         return [
             SentenceSums.from_arrays({**{name: values[i].copy() for name, values in sums.items()},
-                                      "sum_x": sum_x[i].copy(), "shift": shift[i].copy(),
+                                      "sum_x": sum_x[i].copy(), "shift": shift64[i].copy(),
                                       "features_fired": fired[i].copy(), "sum_dev": sum_dev[i].copy(),
-                                      "truncated": self.truncated.copy()})
-            for i in range(self.n_layers)
+                                      "truncated": self.truncated.copy(), "position_cap": cap, **window[i]})
+            for i in range(L)
         ]
 
     def finalize(self) -> SentenceSums:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from mlalign.analysis.bootstrap import bootstrap_p_value, holm, simultaneous_int
 from mlalign.analysis.decomposition import DENSE_THRESHOLD, decompose
 from mlalign.analysis.metrics import bootstrap_ci, check_metric, compute_metrics, corpus_stats, disparity, disparity_pct
 from mlalign.analysis.registry import check_aggregate, get_metric
-from mlalign.analysis.stats import SentenceSums
+from mlalign.analysis.stats import POSITION_CAP_QUANTILE, SentenceSums
 from mlalign.errors import UserError
 from mlalign.languages import LANGUAGES
 
@@ -167,11 +168,28 @@ def _ci_words(disparity_ci, lang: str, layer, adverse_sign: int, ci: float) -> s
     return f" ({100 * ci:.0f}% CI {low:.1f} to {high:.1f}%{note})"
 
 
+@dataclass(frozen=True)
+class OtherAggregates:
+    """The same disparity measured two other ways, quoted beside each headline's token-aggregate cell (its record's
+    value_sentence, value_position_matched, ci_position_matched) and named in its statement where the position-matched
+    one disagrees: a gap a language's late positions carry is a gap of where its tokens sit."""
+
+    sentence: dict | None = None
+    """disparity_pct_sentence[lang][layer]: every sentence weighs the same."""
+    position_matched: dict | None = None
+    """disparity_pct_position_matched[lang][layer]: only tokens at positions <= position_cap."""
+    position_matched_ci: dict | None = None
+    """[lang][layer] -> [low, high], its bootstrap CI."""
+    position_cap: int | None = None
+    """The last position of the window: the reference language's 90th-percentile analysed position."""
+
+
 def headline_statements(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]], unfit=(),
-                        disparity_ci=None, ci: float = 0.95, disparity_samples=None) -> list[str]:
+                        disparity_ci=None, ci: float = 0.95, disparity_samples=None,
+                        other: OtherAggregates | None = None) -> list[str]:
     """The texts of `headlines`, then the statement naming unfit layers if any."""
     texts = [h["text"] for h in headlines(values, disp, reference_lang, metric, bands, unfit, disparity_ci, ci,
-                                          disparity_samples)]
+                                          disparity_samples, other=other)]
     if unfit:
         texts.append(unfit_statement(values, reference_lang, sorted(unfit)))
     return texts
@@ -185,9 +203,12 @@ def _simultaneous_words(interval, n_cells: int, adverse_sign: int, ci: float) ->
 
 
 def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]], unfit=(),
-              disparity_ci=None, ci: float = 0.95, disparity_samples=None, decomposition=None) -> list[dict]:
+              disparity_ci=None, ci: float = 0.95, disparity_samples=None, decomposition=None,
+              other: OtherAggregates | None = None) -> list[dict]:
     """The study's sentences, one per resource tier, reproduced from the numbers, as records {text, lang, layer,
-    value (the cell's disparity_pct), ci (its own bootstrap CI), simultaneous_ci, n_cells_searched}, e.g.
+    value (the cell's disparity_pct), ci (its own bootstrap CI), simultaneous_ci, n_cells_searched, value_sentence,
+    value_position_matched, ci_position_matched (the same cell's disparity under the `other` aggregates, None
+    without them)}, e.g.
 
     "Medium-to-low resource languages (id, ca, mr, ml, hi) receive up to 27.1% (95% CI 20.3 to 33.0%) lower SAE
     activations than English in early layers (hi, layer 3); a gap of 12.3% persists in deep layers (mean over layers
@@ -201,6 +222,8 @@ def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, l
     interval that would hold whichever cell had come out most extreme.
     Layers in `unfit` (the SAE does not reconstruct the reference there, see `unfit_layers`) give no finding: they are
     left out of every number and named by `headline_statements` instead.
+    Where the cell's position-matched disparity (`other`) has the other sign, or lies outside the cell's own CI, the
+    statement says so (`_position_words`).
     """
     ref_name = LANGUAGES[reference_lang].name if reference_lang in LANGUAGES else reference_lang
     what = get_metric(metric).words
@@ -226,10 +249,13 @@ def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, l
                                                  {k: disp[k[0]][k[1]] for k in searched}, ci)
         record = {"lang": lang, "layer": int(layer), "value": disp[lang][layer],
                   "ci": ((disparity_ci or {}).get(lang) or {}).get(layer),
-                  "simultaneous_ci": simultaneous.get((lang, layer)), "n_cells_searched": len(cells)}
+                  "simultaneous_ci": simultaneous.get((lang, layer)), "n_cells_searched": len(cells),
+                  **_other_values(other, lang, layer)}
+        position = _position_words(record, other, ref_name, ci)
         if gap >= 0:
             records.append({"text": f"{head} show no {worse_words} {what} than {ref_name} in any analysed layer "
-                                    f"(smallest difference {sign * gap:+.1f}%, {lang}, layer {layer}).", **record})
+                                    f"(smallest difference {sign * gap:+.1f}%, {lang}, layer {layer})." + position,
+                            **record})
             continue
         verb = "have" if lower_is_better else "receive"
         own = _ci_words(disparity_ci, lang, layer, sign, ci)
@@ -259,9 +285,41 @@ def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, l
             f"FVU is {context['fvu']:.2f} vs {context['fvu_reference']:.2f} for {ref_name}{_raw_fvu_words(context)}: "
             f"{verdict}."
         )
-        records.append({"text": "; ".join(parts) + ". " + check + _reshuffling_words(decomposition, lang, layer),
-                        **record})
+        records.append({"text": "; ".join(parts) + ". " + check + _reshuffling_words(decomposition, lang, layer)
+                                + position, **record})
     return records
+
+
+def _other_values(other: OtherAggregates | None, lang: str, layer) -> dict:
+    """A headline cell's disparity under the other aggregates (None where not computed)."""
+    def cell(table):
+        return ((table or {}).get(lang) or {}).get(layer)
+
+    other = other or OtherAggregates()
+    return {"value_sentence": cell(other.sentence), "value_position_matched": cell(other.position_matched),
+            "ci_position_matched": cell(other.position_matched_ci)}
+
+
+def _position_words(record: dict, other: OtherAggregates | None, ref_name: str, ci: float) -> str:
+    """" Position-matched (...), the disparity at hi, layer 3 is -1.2% ... against -27.1% over all tokens: ..." where
+    the headline cell's position-matched disparity has the other sign than its token one, or lies outside the token
+    one's CI (the interval the statement quotes); "" where they agree or it was not computed."""
+    token, matched, interval = record["value"], record["value_position_matched"], record["ci"]
+    if other is None or not (_finite(token) and _finite(matched)):
+        return ""
+    opposite = token * matched < 0
+    outside = bool(interval) and all(_finite(v) for v in interval) and not min(interval) <= matched <= max(interval)
+    if not (opposite or outside):
+        return ""
+    why = ("the opposite sign" if opposite else
+           f"outside the token aggregate's {100 * ci:.0f}% CI ({min(interval):+.1f} to {max(interval):+.1f}%)")
+    own = record["ci_position_matched"]
+    own = (f" ({100 * ci:.0f}% CI {min(own):+.1f} to {max(own):+.1f}%)"
+           if own and all(_finite(v) for v in own) else "")
+    return (f" Position-matched (only tokens at positions <= {other.position_cap}, the {ref_name} "
+            f"{100 * POSITION_CAP_QUANTILE:.0f}th-percentile position), the disparity at {record['lang']}, layer "
+            f"{record['layer']} is {matched:+.1f}%{own} against {token:+.1f}% over all tokens: {why}, so this "
+            f"headline rests partly on positions beyond those that most {ref_name} tokens reach.")
 
 
 def _holm_by_cell(disparity_samples, reference_lang: str, langs: list[str], layers: list[int], unfit) -> dict | None:
@@ -357,9 +415,14 @@ def summarize(
     statements, headlines (one record per headline statement: text, lang, layer, value, ci, simultaneous_ci,
     n_cells_searched; see `headlines`), disparity_pct_sentence[lang][layer] (the sentence aggregate's disparity),
     disparity_p_holm[lang][layer] (bootstrap p of "no disparity", Holm over the non-reference cells of fit layers;
-    null without a bootstrap), n_tokens[lang], n_sentences[lang], corpus_stats[lang] {tokens_per_sentence, truncated_pct,
-    mean_position}, max_fvu, unfit_layers (reference FVU >= max_fvu; left out of band_summary and statements),
-    sae_fits[layer] (bool), warnings (also logged).
+    null without a bootstrap), position_cap (the reference language's 90th-percentile analysed position: the last
+    position of the window the engine kept beside the whole in the same pass, `position_matched_stats`),
+    disparity_pct_position_matched[lang][layer] (the disparity over tokens at positions <= position_cap only),
+    disparity_ci_position_matched, disparity_p_holm_position_matched (its CI and Holm p, as above),
+    n_tokens_position_matched[lang] (all five null where the statistics kept no window), n_tokens[lang],
+    n_sentences[lang], corpus_stats[lang] {tokens_per_sentence, truncated_pct, mean_position}, max_fvu, unfit_layers
+    (reference FVU >= max_fvu; left out of band_summary and statements), sae_fits[layer] (bool), warnings (also
+    logged).
     With `feature_stats` (the per-feature totals of the same pass): dense_share[lang][layer] and
     gross_change_pct[lang][layer] beside the net disparity, and `decomposition` (analysis.decomposition.decompose:
     dense features at `dense_threshold`, the disparity without them); headline statements then say how much of the
@@ -389,13 +452,23 @@ def summarize(
         if max_truncated_pct is not None and _finite(pct) and pct > max_truncated_pct:
             warnings.append(f"{pct:.1f}% of {lang}'s sentences are cut at max_length (threshold {max_truncated_pct}%): "
                             f"its numbers cover shorter, earlier-position text than other languages; raise data.max_length "
-                            f"or compare position-matched with analysis.max_position")
+                            f"and compare disparity_pct_position_matched (or set analysis.max_position)")
     for warning in warnings:
         log.warning(warning)
     parts = decompose(feature_stats, reference_lang, dense_threshold) if feature_stats else None
-    heads = headlines(values, disp, reference_lang, metric, band_layers, unfit, boot["disparity_ci"], ci,
-                      boot["disparity_samples"], parts)
     disp_sentence = disparity(compute_metrics(stats, "sentence"), reference_lang, metric)
+    cap, window = position_matched_stats(stats)
+    matched = {"disparity": None, "ci": None, "p_holm": None, "n_tokens": None}
+    if window is not None:
+        boot_window = bootstrap_ci(window, reference_lang, metric, aggregate, ids_by_lang, bootstrap, ci, seed)
+        matched = {"disparity": disparity(compute_metrics(window, aggregate), reference_lang, metric),
+                   "ci": boot_window["disparity_ci"],
+                   "p_holm": _holm_by_cell(boot_window["disparity_samples"], reference_lang, langs, layers, unfit),
+                   "n_tokens": {lang: window[lang][layers[0]].total_tokens for lang in langs}}
+    other = OtherAggregates(sentence=disp_sentence, position_matched=matched["disparity"],
+                            position_matched_ci=matched["ci"], position_cap=cap)
+    heads = headlines(values, disp, reference_lang, metric, band_layers, unfit, boot["disparity_ci"], ci,
+                      boot["disparity_samples"], parts, other)
     p_holm = _holm_by_cell(boot["disparity_samples"], reference_lang, langs, layers, unfit)
     return _clean(
         {
@@ -422,6 +495,13 @@ def summarize(
             # counts no more), beside the token aggregate: a headline that holds in one and not the other says so.
             "disparity_pct_sentence": {lang: disp_sentence[lang] for lang in langs},
             "disparity_p_holm": p_holm,
+            # The same disparity over only the token positions the reference language reaches (<= its 90th-percentile
+            # position): a language cut into more tokens otherwise adds late positions English barely has.
+            "position_cap": cap,
+            "disparity_pct_position_matched": _by_lang(matched["disparity"], langs),
+            "disparity_ci_position_matched": _by_lang(matched["ci"], langs),
+            "disparity_p_holm_position_matched": matched["p_holm"],
+            "n_tokens_position_matched": matched["n_tokens"],
             "dense_share": parts["dense_share"] if parts else None,
             "gross_change_pct": parts["gross_change_pct"] if parts else None,
             "decomposition": parts,
@@ -434,6 +514,27 @@ def summarize(
             "warnings": warnings,
         }
     )
+
+
+def _by_lang(table: dict | None, langs: list[str]) -> dict | None:
+    return None if table is None else {lang: table[lang] for lang in langs}
+
+
+def position_matched_stats(stats: dict[str, dict[int, SentenceSums]]) -> tuple[int | None, dict | None]:
+    """(position cap, [lang][layer] -> the statistics of only the tokens at positions <= the cap) from the window the
+    engine kept in the same pass (`SentenceSums.position_matched`); (None, None) where any (language, layer) kept
+    none (e.g. statistics computed without a reference language to cap at)."""
+    caps = {sums.position_cap for by_layer in stats.values() for sums in by_layer.values()}
+    if None in caps:
+        if len(caps) > 1:
+            log.warning("some (language, layer) statistics kept no position-matched window; "
+                        "disparity_pct_position_matched is left out")
+        return None, None
+    if len(caps) != 1:
+        raise ValueError(f"languages were analysed with different position caps: {sorted(caps)}")
+    window = {lang: {layer: sums.position_matched() for layer, sums in by_layer.items()}
+              for lang, by_layer in stats.items()}
+    return caps.pop(), window
 
 
 METRICS_CSV_COLUMNS = ("lang", "layer", "metric", "value", "ci_low", "ci_high", "n_tokens", "n_sentences")
@@ -457,3 +558,4 @@ def metrics_rows(summary: dict) -> list[dict]:
             rows.append({"lang": lang, "layer": layer, "metric": "disparity_pct",
                          "value": summary["disparity_pct"][lang][key], "ci_low": low_high[0], "ci_high": low_high[1], **counts})
     return rows
+

@@ -28,6 +28,24 @@ def test_round_trip_and_identity(tmp_path):
     assert StatsCache(tmp_path, {"model": "m", "corpus": {"split": "test"}}, enabled=False).load("hi", 3) is None
 
 
+def test_a_position_window_round_trips(tmp_path):
+    from mlalign.analysis.stats import within_cap_names
+
+    sums = _sums(0)
+    rng = np.random.default_rng(3)
+    sums.position_cap = 7
+    sums.within_cap = {name: rng.random(5) for name in within_cap_names()}
+    sums.within_cap.update(sum_dev=rng.random((5, 4)).astype(np.float32), sum_x=rng.random(4))
+    cache = StatsCache(tmp_path, {"model": "m"})
+    cache.save("hi", 0, sums)
+    loaded = cache.load("hi", 0)
+    assert loaded.position_cap == 7 and set(loaded.within_cap) == set(within_cap_names())
+    assert all(np.array_equal(loaded.within_cap[k], v) for k, v in sums.within_cap.items())
+    np.testing.assert_array_equal(loaded.position_matched().n_tokens, sums.within_cap["n_tokens"])
+    cache.save("hi", 1, _sums(1))
+    assert cache.load("hi", 1).position_cap is None and cache.load("hi", 1).position_matched() is None
+
+
 def test_corrupt_or_unfinished_entry_is_not_trusted(tmp_path):
     cache = StatsCache(tmp_path, {"model": "m"})
     cache.save("hi", 0, _sums(0))

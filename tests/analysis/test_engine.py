@@ -6,7 +6,7 @@ import torch
 
 from tests.analysis.testkit import D_MODEL, N_LAYERS, identity_sae
 from mlalign.analysis.capture import ResidualCapture
-from mlalign.analysis.engine import analysed_positions, collect_stats, pad_batch
+from mlalign.analysis.engine import analysed_positions, collect_stats, pad_batch, position_cap
 from mlalign.analysis.metrics import compute_metrics
 from mlalign.analysis.registry import REGISTRY as METRICS
 from mlalign.analysis.stats import LayerStats, per_sentence_sums
@@ -318,3 +318,71 @@ def test_encode_listed_equals_the_encoders_columns(saes):
         torch.testing.assert_close(encode_listed(saes[1], x, ids), saes[1].encode(x)[:, ids], rtol=0, atol=0)
     finally:
         handle.remove()
+
+
+def _word_tokenizer():
+    """A real fast tokenizer that makes one token per space-separated "w" and prepends BOS: token counts by hand."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<pad>": 0, "<bos>": 1, "<unk>": 2, "w": 3}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def test_position_cap_is_the_reference_languages_90th_percentile_position():
+    """Sentences of 1..10 words: BOS at 0 is dropped, so sentence k holds positions 1..k and position p is held by
+    11 - p sentences; 50 of the 55 tokens (ceil of 90%) sit at positions <= 8, only 49 at <= 7."""
+    tokenizer = _word_tokenizer()
+    texts = [" ".join(["w"] * k) for k in range(1, 11)]
+    assert position_cap(tokenizer, texts, max_length=64) == 8
+    positions = np.concatenate([np.arange(1, k + 1) for k in range(1, 11)])
+    assert np.percentile(positions, 90, method="inverted_cdf") == 8
+    # Truncation at max_length=6 (BOS + 5 words) and a min_position window count as the engine counts them.
+    cut = np.concatenate([np.arange(1, min(k, 5) + 1) for k in range(1, 11)])
+    assert position_cap(tokenizer, texts, max_length=6) == np.percentile(cut, 90, method="inverted_cdf") == 5
+    late = positions[positions >= 4]
+    assert position_cap(tokenizer, texts, 64, min_position=4) == np.percentile(late, 90, method="inverted_cdf") == 9
+    assert position_cap(tokenizer, texts, 64, quantile=0.5) == np.percentile(positions, 50, method="inverted_cdf")
+    assert position_cap(tokenizer, [""], 64) is None
+    # Reaching the quantile exactly is enough: 10 of 11 tokens at position 1; 55 of 100 (0.55 x 100 is
+    # 55.00000000000001 in floats).
+    assert position_cap(tokenizer, ["w"] * 9 + ["w w"], 64) == 1
+    assert position_cap(tokenizer, ["w"] * 54 + [" ".join(["w"] * 46)], 64, quantile=0.55) == 1
+
+
+def test_the_position_window_kept_in_the_same_pass_equals_a_capped_pass(model, tokenizer, saes, texts):
+    """The window's sums (tokens at positions <= cap, split off in the one pass) equal a separate pass with
+    max_position=cap+1, and the whole equals a pass without a window."""
+    small = {lang: texts[lang][:10] for lang in ("en", "hi")}
+    layers = {0: saes[0], 2: saes[2]}
+    cap = position_cap(tokenizer, small["en"], MAX_LENGTH)
+    kwargs = dict(batch_size=4, max_length=MAX_LENGTH, progress=False)
+    split = collect_stats(model, tokenizer, layers, small, position_cap=cap, **kwargs)
+    whole = collect_stats(model, tokenizer, layers, small, **kwargs)
+    capped = collect_stats(model, tokenizer, layers, small, max_position=cap + 1, **kwargs)
+    for lang in small:
+        for layer in layers:
+            got, window = split[lang][layer], split[lang][layer].position_matched()
+            assert got.position_cap == cap and whole[lang][layer].position_matched() is None
+            for name in per_sentence_sums():
+                np.testing.assert_allclose(got.sum_of(name), whole[lang][layer].sum_of(name), rtol=1e-10, atol=1e-12)
+                if name != "sq_dev":  # centred on each pass's own first sentence; the totals below are not
+                    np.testing.assert_allclose(window.sum_of(name), capped[lang][layer].sum_of(name), rtol=1e-6,
+                                               atol=1e-9)
+            assert window.total_sq_dev_from_mean() == pytest.approx(capped[lang][layer].total_sq_dev_from_mean(),
+                                                                    rel=1e-9)
+            np.testing.assert_allclose(window.sum_x, capped[lang][layer].sum_x, rtol=1e-9, atol=1e-9)
+            assert window.n_tokens.sum() < got.n_tokens.sum()
+    values = {name: compute_metrics(stats) for name, stats in (
+        ("window", {lang: {layer: s.position_matched() for layer, s in by.items()} for lang, by in split.items()}),
+        ("capped", capped))}
+    for lang in small:
+        for layer in layers:
+            for metric in METRICS:
+                if metric == "feature_coverage":  # no feature set is kept per window
+                    assert np.isnan(values["window"][lang][layer][metric])
+                else:
+                    assert values["window"][lang][layer][metric] == pytest.approx(
+                        values["capped"][lang][layer][metric], rel=1e-6), (lang, layer, metric)

@@ -203,7 +203,10 @@ def test_headline_records_carry_a_simultaneous_interval_over_the_cells_searched(
     assert summary["headlines"] and summary["statements"][: len(summary["headlines"])] == [
         h["text"] for h in summary["headlines"]]
     for head in summary["headlines"]:
-        assert set(head) == {"text", "lang", "layer", "value", "ci", "simultaneous_ci", "n_cells_searched"}
+        assert set(head) == {"text", "lang", "layer", "value", "ci", "simultaneous_ci", "n_cells_searched",
+                             "value_sentence", "value_position_matched", "ci_position_matched"}
+        assert head["value_sentence"] == summary["disparity_pct_sentence"][head["lang"]][str(head["layer"])]
+        assert head["value_position_matched"] is None  # the fixture's pass kept no position window
         tier_langs = [lang for lang in summary["langs"] if lang != "en" and tier_of(lang) == tier_of(head["lang"])]
         assert head["n_cells_searched"] == len(tier_langs) * len(layers)
         assert head["value"] == summary["disparity_pct"][head["lang"]][str(head["layer"])]
@@ -256,3 +259,74 @@ def test_net_change_is_the_mean_act_disparity_on_real_feature_totals(model, toke
             summary["disparity_pct"]["hi"][str(layer)], rel=1e-6)
         assert summary["gross_change_pct"]["hi"][str(layer)] >= abs(summary["disparity_pct"]["hi"][str(layer)]) - 1e-9
         assert 0 <= summary["dense_share"]["hi"][str(layer)] <= 1
+
+
+def _planted_late_gap(seed: int = 0, gap_everywhere: float = 0.0):
+    """Statistics streamed through `LayerStats` for en and hi, 40 sentences each: en has 4-12 analysed tokens per
+    sentence (positions 1..n, BOS at 0 dropped), hi 1.6 times as many. Every en token has mean_act 1; hi's tokens at
+    positions <= en's 90th-percentile position have 1 x (1 + gap_everywhere), its later ones 0.
+    Returns (stats, cap, hi's share of tokens within the cap)."""
+    import torch
+
+    from mlalign.analysis.stats import LayerStats
+
+    rng = np.random.default_rng(seed)
+    n_sent, d_model, d_sae = 40, 4, 8
+    lengths = {"en": rng.integers(4, 13, n_sent)}
+    lengths["hi"] = np.round(1.6 * lengths["en"]).astype(int)
+    en_positions = np.concatenate([np.arange(1, n + 1) for n in lengths["en"]])
+    cap = int(np.percentile(en_positions, 90, method="inverted_cdf"))
+    stats, within = {}, {}
+    for lang, lens in lengths.items():
+        sentence = torch.from_numpy(np.repeat(np.arange(n_sent), lens))
+        positions = torch.from_numpy(np.concatenate([np.arange(1, n + 1) for n in lens]))
+        level = torch.ones(len(positions), dtype=torch.float64)
+        if lang == "hi":
+            level = torch.where(positions <= cap, torch.tensor(1.0 + gap_everywhere, dtype=torch.float64),
+                                torch.tensor(0.0, dtype=torch.float64))
+        acts = level.unsqueeze(1).expand(-1, d_sae).contiguous()  # mean_act = level
+        x = torch.from_numpy(rng.normal(size=(len(positions), d_model)))
+        acc = LayerStats(n_sent, d_model, d_sae, position_cap=cap)
+        acc.update(x, acts, 0.9 * x, sentence, positions)
+        stats[lang] = {0: acc.finalize()}
+        within[lang] = float((positions <= cap).double().mean())
+    return stats, cap, within
+
+
+def test_position_matched_disparity_removes_a_gap_carried_by_late_positions():
+    """Known answer: hi's tokens past en's 90th-percentile position carry the whole gap. The token disparity is
+    100 (share of hi's tokens within the cap - 1) < 0; the position-matched one is exactly 0, and the statement says
+    the two disagree. A gap present at every position survives position matching."""
+    stats, cap, within = _planted_late_gap()
+    ids = {lang: list(range(40)) for lang in stats}
+    summary = summarize(stats, "en", ids_by_lang=ids, bootstrap=200, max_fvu=None)
+    token = summary["disparity_pct"]["hi"]["0"]
+    assert token == pytest.approx(100 * (within["hi"] - 1), rel=1e-9) and token < -10
+    assert summary["disparity_pct_position_matched"]["hi"]["0"] == pytest.approx(0.0, abs=1e-9)
+    assert summary["disparity_pct_position_matched"]["en"]["0"] == 0.0
+    assert summary["position_cap"] == cap
+    assert summary["n_tokens_position_matched"]["hi"] == pytest.approx(within["hi"] * summary["n_tokens"]["hi"])
+    assert summary["n_tokens_position_matched"]["en"] < summary["n_tokens"]["en"]
+    (head,) = summary["headlines"]
+    assert head["value"] == token and head["value_position_matched"] == pytest.approx(0.0, abs=1e-9)
+    assert head["ci"][1] < 0  # the token gap's CI excludes 0, where the position-matched value sits
+    assert f"Position-matched (only tokens at positions <= {cap}" in head["text"]
+    assert "outside the token aggregate's 95% CI" in head["text"]
+    json.dumps(summary, allow_nan=False)
+
+    stats, cap, within = _planted_late_gap(gap_everywhere=-0.3)  # a real gap, only stronger late
+    summary = summarize(stats, "en", ids_by_lang=ids, bootstrap=0, max_fvu=None)
+    # (per-token activations are summed in float32: 0.7 is not exact there)
+    assert summary["disparity_pct_position_matched"]["hi"]["0"] == pytest.approx(-30.0, rel=1e-6)
+    assert summary["disparity_pct"]["hi"]["0"] == pytest.approx(100 * (0.7 * within["hi"] - 1), rel=1e-6)
+    assert "Position-matched" not in summary["statements"][0]  # same sign, no CI to lie outside of
+
+
+def test_position_matched_sign_flip_is_named_in_the_statement():
+    """hi above en within the cap and far below it past the cap: the token disparity is negative, the position-matched
+    one positive, and the statement says they have the opposite sign."""
+    stats, cap, within = _planted_late_gap(gap_everywhere=0.1)
+    summary = summarize(stats, "en", bootstrap=0, max_fvu=None)
+    assert summary["disparity_pct"]["hi"]["0"] < 0 < summary["disparity_pct_position_matched"]["hi"]["0"]
+    assert "the opposite sign" in summary["statements"][0]
+
