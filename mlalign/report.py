@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlalign.analysis.summary import disparity_table
+
 
 def band_disparity(summary: dict) -> dict[str, dict[str, float]]:
     """Mean disparity_pct per language and layer band (early/middle/deep)."""
@@ -124,6 +126,10 @@ def render_report(run_dir: Path, before: dict, after: dict, train: dict, compari
         "## Headline statements (base model)",
         "",
         *[f"- {s}" for s in before["statements"]],
+        "",
+        f"## Disparity vs {ref} per layer (base model, %)",
+        "",
+        *disparity_table(before),
         "",
         "## Disparity vs English per layer band, before -> after (%)",
         "",

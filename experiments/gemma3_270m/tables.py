@@ -50,6 +50,13 @@ def fidelity_table(saes: Path, title: str) -> list[str]:
 
 
 def disparity_table(summary: dict, title: str) -> list[str]:
+    """The analysis's own table (stars after Holm across its cells, `mlalign.analysis.summary.disparity_table`) where
+    the summary has `disparity_p_holm`; summaries written before it get the uncorrected star they were read with."""
+    head = [f"### {title}", "", f"`disparity_pct` of `{summary['metric']}` vs en ({summary['aggregate']} aggregate)", ""]
+    if summary.get("disparity_p_holm") is not None:
+        from mlalign.analysis.summary import disparity_table as holm_table
+
+        return head + holm_table(summary) + [""]
     layers = [str(layer) for layer in summary["layers"]]
     langs = [lang for lang in summary["langs"] if lang != summary["reference_lang"]]
     lines = [f"### {title}", "", f"`disparity_pct` of `{summary['metric']}` vs en ({summary['aggregate']} aggregate); "

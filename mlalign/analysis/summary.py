@@ -422,7 +422,7 @@ def summarize(
     n_tokens_position_matched[lang] (all five null where the statistics kept no window), n_tokens[lang],
     n_sentences[lang], corpus_stats[lang] {tokens_per_sentence, truncated_pct, mean_position}, max_fvu, unfit_layers
     (reference FVU >= max_fvu; left out of band_summary and statements), sae_fits[layer] (bool), warnings (also
-    logged).
+    logged). `summary_markdown` renders it as analysis/summary.md.
     With `feature_stats` (the per-feature totals of the same pass): dense_share[lang][layer] and
     gross_change_pct[lang][layer] beside the net disparity, and `decomposition` (analysis.decomposition.decompose:
     dense features at `dense_threshold`, the disparity without them); headline statements then say how much of the
@@ -559,3 +559,88 @@ def metrics_rows(summary: dict) -> list[dict]:
                          "value": summary["disparity_pct"][lang][key], "ci_low": low_high[0], "ci_high": low_high[1], **counts})
     return rows
 
+
+# ---------------------------------------------------------------------------------------------------- markdown
+
+STARS = ((0.01, "**"), (0.05, "*"))
+"""Markdown tables star a cell whose Holm-adjusted p-value is below the level."""
+
+
+def stars(p_holm) -> str:
+    """"**" below 0.01, "*" below 0.05, "" otherwise (or without a p-value)."""
+    if not _finite(p_holm):
+        return ""
+    return next((mark for level, mark in STARS if p_holm < level), "")
+
+
+def disparity_table(summary: dict, key: str = "disparity_pct", p_key: str | None = "disparity_p_holm") -> list[str]:
+    """Markdown lines: a table of `summary[key]` (one row per non-reference language, one column per layer, in %),
+    each cell starred by `summary[p_key]`, its p-value after Holm's correction across the table's cells (`stars`), then
+    the legend that names the correction and the number of cells it ran over. Unfit layers (no test) are marked †."""
+    ref = summary["reference_lang"]
+    layers = [str(layer) for layer in summary["layers"]]
+    langs = [lang for lang in summary["langs"] if lang != ref]
+    unfit = {str(layer) for layer in summary.get("unfit_layers") or []}
+    values = summary.get(key) or {}
+    p_holm = (summary.get(p_key) if p_key else None) or {}
+    lines = ["| lang | " + " | ".join(f"{layer}†" if layer in unfit else layer for layer in layers) + " |",
+             "| --- " * (len(layers) + 1) + "|"]
+    for lang in langs:
+        cells = [(values.get(lang) or {}).get(layer) for layer in layers]
+        marks = [stars((p_holm.get(lang) or {}).get(layer)) for layer in layers]
+        lines.append(f"| {lang} | " + " | ".join("n/a" if not _finite(v) else f"{v:+.1f}{mark}"
+                                                  for v, mark in zip(cells, marks)) + " |")
+    n_cells = sum(_finite(p) for by_layer in p_holm.values() for p in by_layer.values())
+    lines.append("")
+    if p_key is None:
+        lines.append("Point values, no test.")
+    elif not n_cells:
+        lines.append("No stars: no p-values (analysis.bootstrap=0).")
+    else:
+        lines.append(f"`*` p < 0.05, `**` p < 0.01 after Holm's correction across the {n_cells} "
+                     f"cell{'s' if n_cells != 1 else ''} of this table (the two-sided bootstrap p-value of no "
+                     f"disparity, {summary.get('bootstrap')} resamples of sentences; Holm bounds the chance of any false "
+                     f"star in the table by 5%, or 1% for `**`).{_resolution_words(summary.get('bootstrap'), n_cells)}")
+    if unfit:
+        lines.append("† the SAE does not reconstruct the reference language at this layer: no test, no finding.")
+    return lines
+
+
+def _resolution_words(n_resamples, n_cells: int) -> str:
+    """Where the bootstrap is too short for a star: its smallest p is 2/(B+1), times the number of cells after Holm."""
+    if not n_resamples:
+        return ""
+    floor = n_cells * 2 / (int(n_resamples) + 1)
+    for level, mark, factor in ((0.05, "`*`", 40), (0.01, "`**`", 200)):
+        if floor >= level:
+            return (f" With {n_resamples} resamples no cell can reach {mark} (the smallest Holm-adjusted p is "
+                    f"{min(floor, 1.0):.2g}), so a missing {mark} says nothing; analysis.bootstrap={factor * n_cells} "
+                    f"makes it reachable.")
+    return ""
+
+
+def summary_markdown(summary: dict) -> str:
+    """analysis/summary.md: the statements and the per-layer disparity tables (token, position-matched and sentence
+    aggregates) of a `summarize` result, starred after Holm's correction."""
+    ref, metric = summary["reference_lang"], summary["metric"]
+    lines = [f"# Analysis: {summary.get('model')} / {summary.get('sae')}", "",
+             f"`disparity_pct` = 100 (M - M_{ref}) / M_{ref} of `{metric}` per layer, in %; negative = less than "
+             f"{ref}. Definitions: docs/method.md.", "", "## Statements", "",
+             *[f"- {statement}" for statement in summary["statements"]], ""]
+    if summary["langs"] == [ref]:
+        return "\n".join(lines + [f"Reference only ({ref}): no disparity to report."]) + "\n"
+    lines += [f"## Disparity vs {ref} ({summary['aggregate']} aggregate)", "", *disparity_table(summary), ""]
+    if summary.get("disparity_pct_position_matched") is not None:
+        kept = summary.get("n_tokens_position_matched") or {}
+        shares = ", ".join(f"{lang} {100 * kept[lang] / summary['n_tokens'][lang]:.0f}%" for lang in summary["langs"]
+                           if kept.get(lang) is not None and summary["n_tokens"].get(lang))
+        lines += [f"## Position-matched: only tokens at positions <= {summary['position_cap']}", "",
+                  f"{summary['position_cap']} is {ref}'s {100 * POSITION_CAP_QUANTILE:.0f}th-percentile analysed "
+                  f"position; share of each language's analysed tokens it keeps: {shares}.", "",
+                  *disparity_table(summary, "disparity_pct_position_matched", "disparity_p_holm_position_matched"), ""]
+    if summary["aggregate"] == "token" and summary.get("disparity_pct_sentence") is not None:
+        lines += ["## Sentence aggregate (every sentence weighs the same)", "",
+                  *disparity_table(summary, "disparity_pct_sentence", None), ""]
+    if summary.get("warnings"):
+        lines += ["## Warnings", "", *[f"- {warning}" for warning in summary["warnings"]], ""]
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from mlalign.analysis.sources import base_feature_stats, cached_stats, feature_sentence_sums, feature_settings
-from mlalign.analysis.summary import METRICS_CSV_COLUMNS, metrics_rows, summarize
+from mlalign.analysis.summary import METRICS_CSV_COLUMNS, metrics_rows, summarize, summary_markdown
 from mlalign.data.corpus import load_corpus
 from mlalign.io import write_json_atomic, write_text_atomic
 from mlalign.languages import target_langs
@@ -133,6 +133,7 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
         feature_stats_out.update(feature_stats)
     summary["plots"] = {name: str(path) for name, path in images.items()}
     write_json_atomic(out_dir / "summary.json", summary)
+    write_text_atomic(out_dir / "summary.md", summary_markdown(summary))
     ctx.tracker.log_table("analysis/metrics", rows)
     ctx.tracker.log_images({f"analysis/{k}": v for k, v in images.items()})
     return summary
@@ -188,7 +189,7 @@ def run(cfg, ctx) -> dict[str, float]:
     if summary["langs"] == [summary["reference_lang"]]:
         headline(f"- reference only ({summary['reference_lang']}): per-layer values and curves, no disparity to report")
     headline(*(f"- {statement}" for statement in summary["statements"]))
-    output("results", f"{out_dir / 'summary.json'}, {out_dir / 'metrics.csv'}")
+    output("results", f"{out_dir / 'summary.json'}, {out_dir / 'summary.md'}, {out_dir / 'metrics.csv'}")
     if summary.get("features"):
         output("features", f"{summary['features']['top']}, {summary['features']['csv']}")
     if summary.get("feature_changes"):

@@ -330,3 +330,45 @@ def test_position_matched_sign_flip_is_named_in_the_statement():
     assert summary["disparity_pct"]["hi"]["0"] < 0 < summary["disparity_pct_position_matched"]["hi"]["0"]
     assert "the opposite sign" in summary["statements"][0]
 
+
+def test_disparity_tables_star_cells_by_their_holm_adjusted_p_value():
+    from mlalign.analysis.summary import disparity_table, stars, summary_markdown
+
+    assert [stars(p) for p in (0.0009, 0.0099, 0.01, 0.049, 0.05, 0.5, None, float("nan"))] == [
+        "**", "**", "*", "*", "", "", "", ""]
+    summary = {"reference_lang": "en", "langs": ["en", "es", "hi"], "layers": [0, 1, 2], "unfit_layers": [2],
+               "bootstrap": 1000, "disparity_pct": {"en": {"0": 0.0, "1": 0.0, "2": 0.0},
+                                                    "es": {"0": -1.04, "1": 2.0, "2": 5.0},
+                                                    "hi": {"0": -20.0, "1": -12.5, "2": None}},
+               "disparity_p_holm": {"es": {"0": 0.6, "1": 0.04, "2": None}, "hi": {"0": 0.002, "1": 0.011, "2": None}}}
+    lines = disparity_table(summary)
+    assert lines[0] == "| lang | 0 | 1 | 2† |"
+    assert lines[2] == "| es | -1.0 | +2.0* | +5.0 |"
+    assert lines[3] == "| hi | -20.0** | -12.5* | n/a |"
+    legend = "\n".join(lines[4:])
+    assert "Holm's correction across the 4 cells of this table" in legend and "† the SAE does not" in legend
+    assert "can reach" not in legend  # 4 cells x 2 / 1001 < 0.01: both marks are reachable
+    short = "\n".join(disparity_table({**summary, "bootstrap": 200}))  # 4 x 2 / 201 = 0.04: `*` only
+    assert "no cell can reach `**` (the smallest Holm-adjusted p is 0.04)" in short and "bootstrap=800 " in short
+    shorter = "\n".join(disparity_table({**summary, "bootstrap": 100}))
+    assert "no cell can reach `*` (the smallest Holm-adjusted p is 0.079)" in shorter
+    assert "Point values, no test." in disparity_table(summary, "disparity_pct", None)
+    assert "No stars" in "\n".join(disparity_table({**summary, "disparity_p_holm": None}))
+    text = summary_markdown({**summary, "model": "m", "sae": "s", "metric": "mean_act", "aggregate": "token",
+                             "statements": ["A statement."], "warnings": [], "disparity_pct_sentence": None,
+                             "disparity_pct_position_matched": None})
+    assert "- A statement." in text and "| hi | -20.0** | -12.5* | n/a |" in text and "Position-matched" not in text
+
+
+def test_summary_markdown_holds_the_position_matched_table(reference_stats):
+    stats, cap, within = _planted_late_gap()
+    from mlalign.analysis.summary import summary_markdown
+
+    summary = summarize(stats, "en", ids_by_lang={lang: list(range(40)) for lang in stats}, bootstrap=200,
+                        max_fvu=None)
+    text = summary_markdown(summary)
+    assert f"## Position-matched: only tokens at positions <= {cap}" in text
+    assert f"hi {100 * within['hi']:.0f}%" in text
+    # the token table stars hi's planted gap; the position-matched one (0 exactly) is not starred
+    assert f"| hi | {summary['disparity_pct']['hi']['0']:+.1f}**" in text and "| hi | +0.0 |" in text
+    assert "## Sentence aggregate" in text

@@ -61,6 +61,20 @@ def test_all_layers_and_languages_then_one_more_language_from_cache(testbed_dir,
     first_dir = sorted((tmp_path / "outputs" / "analyze").iterdir())[0]
     before = json.loads((first_dir / "analysis" / "summary.json").read_text())
     assert before["values"]["hi"] == summary["values"]["hi"]
+    # The position-matched window (docs/method.md §1): one cap, English's, for the cached languages and the new ones.
+    assert before["position_cap"] == summary["position_cap"] and isinstance(summary["position_cap"], int)
+    matched = summary["disparity_pct_position_matched"]
+    assert set(matched) == set(summary["langs"]) and all(len(matched[lang]) == 26 for lang in matched)
+    assert before["disparity_pct_position_matched"]["hi"] == matched["hi"]
+    kept = summary["n_tokens_position_matched"]
+    assert all(0 < kept[lang] <= summary["n_tokens"][lang] for lang in summary["langs"])
+    assert kept["en"] >= 0.9 * summary["n_tokens"]["en"]
+    # summary.md: the tables starred after Holm; 50 resamples over ~234 cells cannot reach a star, and it says so.
+    report = (run_dir / "analysis" / "summary.md").read_text()
+    n_cells = sum(p is not None for by_layer in summary["disparity_p_holm"].values() for p in by_layer.values())
+    assert n_cells > 100 and f"Holm's correction across the {n_cells} cells" in report
+    assert "## Disparity vs en (token aggregate)" in report
+    assert "no cell can reach `*`" in report and f"positions <= {summary['position_cap']}" in report
 
 
 @pytest.mark.slow
