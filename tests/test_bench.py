@@ -12,9 +12,9 @@ import pytest
 RATIOS = ["analyze_over_forward", "analyze_over_trunk", "naive_over_analyze", "saelens_over_analyze",
           "analyze_over_floor", "floor_over_forward", "saelens_over_floor",
           "act_over_plain_step", "full_over_plain_step", "rss_growth_pct"]
-TIMES = ["forward_s", "trunk_s", "analyze_s", "naive_s", "saelens_s", "plain_step_s", "act_step_s",
-         "full_step_s"]
-CONTEXT = ["date", "device", "torch", "torch_threads", "analysed_tokens", "equality", "settings", "raw",
+TIMES = ["forward_s", "trunk_s", "analyze_s", "analyze_nowindow_s", "naive_s", "saelens_s", "plain_step_s",
+         "act_step_s", "full_step_s"]
+CONTEXT = ["date", "device", "torch", "torch_threads", "analysed_tokens", "equality", "settings", "raw", "window_cost_pct",
            "analyze_peak_mb", "saelens_peak_mb", "rss", "train_step_impl", "saelens_error", "minor_page_faults"]
 
 

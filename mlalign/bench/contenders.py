@@ -99,20 +99,29 @@ def _floor_buffers(bench: Bench) -> tuple[torch.Tensor, torch.Tensor]:
             torch.empty(size, dtype=torch.bool, device=w_enc.device))
 
 
-def run_analyze(bench: Bench, features: bool = True, decode: str = "auto"):
-    """The engine as task=analyze runs it: per-feature statistics on (analysis.features.enabled, the default) and the
-    default decode (only the active features' decoder rows); `decode="dense"` times sae-lens's dense decode instead."""
-    from mlalign.analysis.engine import collect_stats
+def run_analyze(bench: Bench, features: bool = True, decode: str = "auto", window: bool = True):
+    """The engine as task=analyze runs it: per-feature statistics on (analysis.features.enabled, the default), the
+    default decode (only the active features' decoder rows) and the position-matched window at the reference
+    language's 90th-percentile position (found from tokenization, as `analysis.sources.LazyEngine` does);
+    `decode="dense"` times sae-lens's dense decode instead."""
+    from mlalign.analysis.engine import collect_stats, position_cap
 
     s = bench.settings
+    reference = "en" if "en" in bench.texts else next(iter(bench.texts))
+    cap = position_cap(bench.tokenizer, bench.texts[reference], s.max_length) if window else None
     return collect_stats(bench.model, bench.tokenizer, bench.saes, bench.texts, batch_size=s.batch_size,
                          max_length=s.max_length, progress=False, feature_stats={} if features else None,
-                         decode=decode)
+                         decode=decode, position_cap=cap)
 
 
 def run_analyze_nofeatures(bench: Bench):
     """The engine with per-feature statistics off (analysis.features.enabled=false): what the features cost."""
     return run_analyze(bench, features=False)
+
+
+def run_analyze_nowindow(bench: Bench):
+    """The engine without the position-matched window: what keeping its sums in the same pass costs."""
+    return run_analyze(bench, window=False)
 
 
 def run_analyze_dense(bench: Bench):

@@ -38,6 +38,7 @@ def print_table(result: dict) -> None:
             ("analyze_s", "mlalign collect_stats, all layers"),
             ("analyze_dense_s", "the same with a dense decode"),
             ("analyze_nofeatures_s", "the same without per-feature statistics"),
+            ("analyze_nowindow_s", "the same without the position-matched window"),
             ("naive_s", "naive: one hooked full pass per layer"), ("saelens_s", "sae-lens run_with_cache_with_saes"),
             ("plain_step_s", "LoRA step, loss=plain (CE)"), ("act_step_s", "LoRA step, CE + act_align"),
             ("full_step_s", "LoRA step, default objective (+ SAE fidelity + KL retention)")]
@@ -45,6 +46,7 @@ def print_table(result: dict) -> None:
         value = result.get(key)
         print(f"  {key:<22} {_fmt(value):>9}  {label}")
     print(f"  {'features_cost_pct':<22} {_fmt(result.get('features_cost_pct')):>9}  (per-feature statistics' share, %)")
+    print(f"  {'window_cost_pct':<22} {_fmt(result.get('window_cost_pct')):>9}  (position-matched window's share, %)")
     print(f"  {'dense_over_sparse':<22} {_fmt(result.get('dense_decode_over_analyze')):>9}  (dense decode / active-rows decode)")
     print(f"  {'full_over_plain_step':<22} {_fmt(result.get('full_over_plain_step')):>9}  (default objective, KL retention)")
     print(f"  {'analyze_peak_mb':<22} {_fmt(result.get('analyze_peak_mb')):>9}  peak memory above start")

@@ -16,7 +16,7 @@ import torch
 
 from mlalign.bench import __doc__ as PACKAGE_DOC
 from mlalign.bench.contenders import (analysis_metrics, build_saelens_model, compare, naive_layers, run_analyze,
-                                      run_analyze_dense, run_analyze_nofeatures, run_floor, run_forward, run_naive,
+                                      run_analyze_dense, run_analyze_nofeatures, run_analyze_nowindow, run_floor, run_forward, run_naive,
                                       run_reference, run_saelens, run_trunk)
 from mlalign.bench.memory import PeakMemory, minor_page_faults, rss_probe, run_rss_probes, timed
 from mlalign.bench.report import _device_name, print_table
@@ -56,6 +56,7 @@ def run_benchmark(args) -> dict:
     run_floor(bench)
     run_analyze_dense(bench)
     run_analyze_nofeatures(bench)
+    run_analyze_nowindow(bench)
     stats = run_analyze(bench)
     equality = compare(analysis_metrics(stats), run_reference(bench).metrics())
     print(f"equality: max relative difference {equality['max_rel_diff']:.2e} ({equality['where']}) -> "
@@ -73,7 +74,8 @@ def run_benchmark(args) -> dict:
     measured_layers = naive_layers(s.shape.layers, s.naive_layers)
     scale = s.shape.layers / len(measured_layers)
     times: dict[str, list[float]] = {"forward_s": [], "trunk_s": [], "floor_s": [], "analyze_s": [],
-                                     "analyze_dense_s": [], "analyze_nofeatures_s": [], "naive_s": [], "saelens_s": []}
+                                     "analyze_dense_s": [], "analyze_nofeatures_s": [], "analyze_nowindow_s": [], "naive_s": [],
+                                     "saelens_s": []}
     peaks: dict[str, list[float]] = {"analyze_peak_mb": [], "saelens_peak_mb": [], "analyze_peak_abs_mb": [],
                                      "saelens_peak_abs_mb": []}
     faults: dict[str, list[int]] = {key: [] for key in times}
@@ -95,6 +97,7 @@ def run_benchmark(args) -> dict:
         peaks["analyze_peak_abs_mb"].append(mem.peak_abs_mb)
         measure("analyze_dense_s", run_analyze_dense, bench)
         measure("analyze_nofeatures_s", run_analyze_nofeatures, bench)
+        measure("analyze_nowindow_s", run_analyze_nowindow, bench)
         if tl_model is not None:
             with PeakMemory(s.device) as mem:
                 measure("saelens_s", run_saelens, bench, tl_model)
@@ -147,6 +150,8 @@ def run_benchmark(args) -> dict:
         "dense_decode_over_analyze": ratio("analyze_dense_s", "analyze_s"),
         "features_cost_pct": None if ratio("analyze_s", "analyze_nofeatures_s") is None
         else 100.0 * (ratio("analyze_s", "analyze_nofeatures_s") - 1.0),
+        "window_cost_pct": None if ratio("analyze_s", "analyze_nowindow_s") is None
+        else 100.0 * (ratio("analyze_s", "analyze_nowindow_s") - 1.0),
         "naive_layers_timed": measured_layers,
         "naive_over_analyze": ratio("naive_s", "analyze_s"),
         "saelens_over_analyze": ratio("saelens_s", "analyze_s"),
