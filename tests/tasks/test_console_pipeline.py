@@ -115,6 +115,9 @@ def test_report_says_which_features_the_adapter_changed(pipeline_run):
     report = (run_dir / "report.md").read_text()
     assert "## Which features the adapter changed" in report and "`analysis_adapter/feature_changes.md`" in report
     assert "| hi | early |" in report and "| en | early |" in report
+    # The base model's per-layer table, starred after Holm (docs/method.md §7), with the legend under it.
+    assert "## Disparity vs en per layer (base model, %)\n\n| lang | 1 | 4 |" in report
+    assert "Holm's correction across the" in report or "No stars: no p-values" in report
     summary = json.loads((run_dir / "analysis_adapter" / "summary.json").read_text())
     assert set(summary["feature_changes"]["by_band"]) == {"hi", "en"}
     assert str(run_dir / "analysis_adapter" / "feature_changes.md") in result.stdout
