@@ -71,6 +71,10 @@ def check_settings(cfg) -> None:
     if str(st.buffer_dtype) not in BUFFER_DTYPES:
         raise UserError(f"unknown sae_train.buffer_dtype={st.buffer_dtype!r}; use sae_train.buffer_dtype=float32 or "
                         f"bfloat16")
+    if not float(st.pre_act_loss_coefficient) >= 0:
+        raise UserError(f"sae_train.pre_act_loss_coefficient={st.pre_act_loss_coefficient} must be >= 0, e.g. 0.1")
+    if st.dead_window is not None and int(st.dead_window) < 1:
+        raise UserError(f"sae_train.dead_window={st.dead_window} must be >= 1 step (or null for half the run)")
     if int(st.seeds) < 1:
         raise UserError(f"sae_train.seeds={st.seeds} must be >= 1 SAE per layer, e.g. sae_train.seeds=3")
     if int(st.spliced_sentences) < 0:
@@ -384,7 +388,9 @@ def run(cfg, ctx) -> dict[str, float]:
                                     target_l0=None if st.target_l0 is None else float(st.target_l0),
                                     seed=torch_seed, index=index, model_name=str(cfg.model.name),
                                     context_size=max_length, device=device, checkpoint_dir=checkpoints,
-                                    progress=True, b_dec_init="mean")
+                                    progress=True, b_dec_init="mean",
+                                    pre_act_loss=float(st.pre_act_loss_coefficient),
+                                    dead_window=None if st.dead_window is None else int(st.dead_window))
                     train_seconds = time.perf_counter() - layer_started
                     sae.save_model(seed_dir(out_dir, s, seeds) / f"layer_{layer}")
                     overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
@@ -433,6 +439,7 @@ def run(cfg, ctx) -> dict[str, float]:
         "weights": weights, **data_info, "train_split": str(cfg.data.splits.train),
         "valid_split": str(cfg.data.splits.valid), "width": width, "steps": steps, "batch_size": int(st.batch_size),
         "lr": lr, "l0_coefficient": float(st.l0_coefficient), "target_l0": st.target_l0, "seeds": seeds,
+        "pre_act_loss_coefficient": float(st.pre_act_loss_coefficient), "dead_window": st.dead_window,
         "torch_seeds": {str(layer): [r["torch_seed"] for r in records[layer]] for layer in layers},
         "buffer_dtype": str(st.buffer_dtype), "spliced_sentences": spliced_sentences, "seconds": seconds,
     })
