@@ -298,7 +298,9 @@ class SAETrainConfig:
     """Activation tokens per layer (BOS and padding excluded), shared out between languages by `lang_mix`. A
     language whose train text holds fewer tokens than its share is reused (repeated) to keep the mix."""
     width: Optional[int] = None
-    """Features per SAE (d_sae); null = 8 x the model's hidden size."""
+    """Features per SAE (d_sae); null = `width_multiple` x the model's hidden size."""
+    width_multiple: int = 8
+    """width=null: features per residual dimension."""
     lang_mix: str = "balanced"
     """balanced (the same number of tokens from every language) or english_heavy (`english_heavy_weights`)."""
     english_heavy_weights: Any = field(default_factory=_english_heavy_weights)
