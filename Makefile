@@ -1,4 +1,5 @@
-# One command each: `make demo` (install + run the pipeline on the offline testbed), `make test`, `make bench`.
+# One command each: `make demo` (install + run the pipeline on the offline testbed), `make test`, `make bench`,
+# `make docs` (the documented numbers from the committed result files; `make docs DOCS_ARGS=--check` only checks).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Torch goes in first and pinned: a bare `pip install transformers ...` would pull a multi-GB CUDA build.
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench docs clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +26,9 @@ demo: install
 
 bench: install
 	$(OFFLINE) $(PY) -m mlalign.bench
+
+docs: install
+	$(OFFLINE) $(PY) -m mlalign.docs_numbers $(DOCS_ARGS)
 
 clean:
 	rm -rf outputs multirun .cache

@@ -47,7 +47,8 @@ def train_sae(acts: torch.Tensor, layer: int, *, width: int, steps: int, batch_s
               lr: float | None = None, l0_coefficient: float = 1.0, target_l0: float | None = None,
               seed: int = 0, index: torch.Tensor | None = None, model_name: str = "", context_size: int = 128,
               device: str = "cpu", checkpoint_dir: str | None = None, progress: bool = False,
-              b_dec_init: str | None = None):
+              b_dec_init: str | None = None, pre_act_loss: float = PRE_ACT_LOSS,
+              dead_window: int | None = None):
     """A JumpReLU SAE of `width` features for decoder layer `layer`, trained with sae-lens's SAETrainer on `acts`
     ([tokens, d_in], BOS and padding already dropped) for `steps` minibatches of `batch_size` rows; returns its
     inference form (a `JumpReLUSAE` in eval mode, on `device`) that takes raw residuals.
@@ -55,7 +56,9 @@ def train_sae(acts: torch.Tensor, layer: int, *, width: int, steps: int, batch_s
     Sparsity: DeepMind's step L0 penalty weighted by `l0_coefficient` (Gemma Scope), or, with `target_l0`, Gemma
     Scope 2's quadratic penalty around that L0. The global torch RNG initialises the weights: seed it first.
     `b_dec_init="mean"` starts the decoder bias at the training activations' mean (None: at zero, the testbed's
-    historical recipe).
+    historical recipe). `pre_act_loss` weighs Anthropic's pre-activation loss, which pushes up the pre-activations of
+    features that have not fired for `dead_window` steps (None: half the run, the testbed's historical window: the
+    push then starts only halfway through).
     """
     from sae_lens import JumpReLUSAE, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
@@ -75,7 +78,7 @@ def train_sae(acts: torch.Tensor, layer: int, *, width: int, steps: int, batch_s
         l0_warm_up_steps=steps // 10,
         jumprelu_init_threshold=0.01,
         jumprelu_bandwidth=0.05,
-        pre_act_loss_coefficient=PRE_ACT_LOSS,
+        pre_act_loss_coefficient=pre_act_loss,
         # DeepMind's step L0 loss, as Gemma Scope used for Gemma-2; quadratic around a target L0 as Gemma Scope 2.
         jumprelu_sparsity_loss_mode="step" if target_l0 is None else "quadratic",
         target_l0=target_l0,
@@ -97,7 +100,7 @@ def train_sae(acts: torch.Tensor, layer: int, *, width: int, steps: int, batch_s
         lr_warm_up_steps=steps // 20,
         lr_scheduler_name="constant",
         device=str(device),
-        dead_feature_window=max(1, steps // 2),
+        dead_feature_window=max(1, steps // 2 if dead_window is None else min(int(dead_window), steps)),
         feature_sampling_window=max(1, steps // 2),
         n_checkpoints=0,
         checkpoint_path=checkpoint_dir,

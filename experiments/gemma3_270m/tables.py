@@ -171,6 +171,185 @@ def eval_table(runs: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
+# What README.md (and docs/) quote is read back from the committed results.md: the run directories under outputs/ are
+# not committed, results.md is. `make docs` (mlalign/docs_numbers.py) calls the functions below.
+RESULTS = HERE / "results.md"
+
+
+def results_tables(path: Path = RESULTS) -> list[tuple[str, list[list[str]]]]:
+    """Every table of results.md as (the heading above it, rows of cells; the header row first)."""
+    out, heading, rows = [], "", []
+    for line in [*path.read_text().splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                rows.append(cells)
+            continue
+        if rows:
+            out.append((heading, rows))
+            rows = []
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+    return out
+
+
+def _table(heading: str, index: int = 0) -> list[list[str]]:
+    """The index-th table under the heading that starts with `heading`."""
+    found = [rows for title, rows in results_tables() if title.startswith(heading)]
+    if len(found) <= index:
+        raise KeyError(f"results.md has {len(found)} table(s) under a heading starting {heading!r}")
+    return found[index]
+
+
+def _rows(table: list[list[str]], rows) -> list[list[str]]:
+    """The rows whose first cells are `rows` (a key, or a list of leading cells); None: all."""
+    if rows is None:
+        return table[1:]
+    keys = [rows] if isinstance(rows, (str, tuple)) else rows
+    keys = [[k] if isinstance(k, str) else list(k) for k in keys]
+    out = []
+    for key in keys:
+        match = [row for row in table[1:] if row[:len(key)] == key]
+        if len(match) != 1:
+            raise KeyError(f"{len(match)} rows start with {key}")
+        out.append(match[0])
+    return out
+
+
+def _column(table: list[list[str]], column: str) -> int:
+    if column not in table[0]:
+        raise KeyError(f"no column {column!r} in {table[0]}")
+    return table[0].index(column)
+
+
+def table(heading: str, index: int = 0, columns: list[str] | None = None, rows=None) -> str:
+    """A table of results.md as it stands there, or some of its columns and rows."""
+    t = _table(heading, index)
+    keep = [_column(t, c) for c in columns] if columns else list(range(len(t[0])))
+    body = [t[0], *_rows(t, rows)]
+    lines = ["| " + " | ".join(row[i] for i in keep) + " |" for row in body]
+    return "\n".join([lines[0], "| --- " * len(keep) + "|", *lines[1:]])
+
+
+def cell(heading: str, row, column: str, index: int = 0) -> str:
+    """One cell of a results.md table, as written there."""
+    t = _table(heading, index)
+    return _rows(t, [row])[0][_column(t, column)]
+
+
+def number(text: str) -> float:
+    """The first number of a cell: "+31.9 [29.2, 35.0]" -> 31.9, "0.327 -> 0.802" -> 0.327."""
+    return float(text.split()[0].rstrip("*%"))
+
+
+def value(heading: str, row, column: str, spec: str = "", index: int = 0) -> str:
+    """The first number of a cell, formatted with `spec` (e.g. "+.0f")."""
+    return format(number(cell(heading, row, column, index)), spec)
+
+
+def interval(heading: str, row, column: str, index: int = 0) -> str:
+    """The bracketed CI of a cell: "+31.9 [29.2, 35.0]" -> "[29.2, 35.0]"."""
+    text = cell(heading, row, column, index)
+    return text[text.index("["):text.index("]") + 1]
+
+
+def span(heading: str, rows, column: str, spec: str = ".2f", index: int = 0) -> str:
+    """min-max of a column over some rows ("0-2": the rows keyed 0, 1, 2), one number when they round alike."""
+    if isinstance(rows, str) and "-" in rows:
+        first, last = map(int, rows.split("-"))
+        rows = [str(k) for k in range(first, last + 1)]
+    t = _table(heading, index)
+    values = [number(row[_column(t, column)]) for row in _rows(t, rows)]
+    low, high = format(min(values), spec), format(max(values), spec)
+    return low if low == high else f"{low}-{high}"
+
+
+def top(heading: str, rows, column: str, spec: str = ".2f", index: int = 0) -> str:
+    """The largest number of a column over some rows (as span's rows)."""
+    return span(heading, rows, column, spec, index).split("-")[-1]
+
+
+def top_language_fvu(heading: str = "(a) SAEs") -> str:
+    """The largest per-language FVU of an SAE table, over every layer and language."""
+    t = _table(heading)
+    columns = [i for i, name in enumerate(t[0]) if name.startswith("FVU ") and name != "FVU (pooled)"]
+    return f"{max(number(r[i]) for r in t[1:] for i in columns):.2f}"
+
+
+def row(heading: str, key, index: int = 0) -> str:
+    """A row's cells after its key, comma-separated: the per-layer values of one language."""
+    t = _table(heading, index)
+    return ", ".join(_rows(t, [key])[0][1:])
+
+
+def paragraph(start: str) -> str:
+    """The line of results.md that starts with `start`."""
+    found = [line for line in RESULTS.read_text().splitlines() if line.startswith(start)]
+    if len(found) != 1:
+        raise KeyError(f"{len(found)} lines of results.md start with {start!r}")
+    return found[0]
+
+
+def statements() -> str:
+    """(a)'s headline statements, as task=analyze wrote them."""
+    lines = RESULTS.read_text().splitlines()
+    start = lines.index("Statements:") + 2
+    return "\n".join(lines[start:lines.index("", start)])
+
+
+def fvu_ratio(heading: str, row, column: str = "FVU before -> after", index: int = 0) -> str:
+    """"0.327 -> 0.802" -> "2.45": the after/before ratio of an FVU cell."""
+    before, _, after = cell(heading, row, column, index).partition(" -> ")
+    return f"{float(after) / float(before):.2f}"
+
+
+def fvu_gap(layer: str, mix: str, langs=("mr", "ml", "hi")) -> str:
+    """(b): the range over `langs` of their held-out FVU minus English's at one layer and SAE mix."""
+    gaps = [number(cell("(b) held-out FVU", (layer, mix), lang)) - number(cell("(b) held-out FVU", (layer, mix), "en"))
+            for lang in langs]
+    return f"+{min(gaps):.3f}-{max(gaps):.3f}"
+
+
+TUNED = "act_align tuned (c_tuned_aa5_fid20_lr1e-3)"
+
+
+def gain_over_english(lang: str) -> str:
+    """The tuned run's test gain relative to English's own change: (1 + gain) / (1 + English change) - 1, in %."""
+    gain = number(cell("(c) LoRA", (TUNED, lang), "gain % [95% CI]"))
+    english = number(cell("(c) LoRA", TUNED, "English change %", index=1))
+    return f"{100 * ((1 + gain / 100) / (1 + english / 100) - 1):.0f}"
+
+
+def default_artefact() -> str:
+    """(c), the testbed-chosen defaults on this model: hi's FVU rise and English retention (test split)."""
+    retention = value("(c) LoRA", "act_align", "English retention % [95% CI]", ".0f", 1)
+    return f"hi's FVU x{fvu_ratio('(c) LoRA', ('act_align', 'hi'))}, English retention {retention}%"
+
+
+def tuned_outcome() -> str:
+    """(c_tuned), the chosen run's test outcome: gains, FVU ratios, English retention."""
+    hi, ml = (TUNED, "hi"), (TUNED, "ml")
+    return (f"hi {value('(c) LoRA', hi, 'gain % [95% CI]', '+.1f')}% {interval('(c) LoRA', hi, 'gain % [95% CI]')}, "
+            f"ml {value('(c) LoRA', ml, 'gain % [95% CI]', '+.1f')}%, FVU x{fvu_ratio('(c) LoRA', hi)}/"
+            f"x{fvu_ratio('(c) LoRA', ml)}, English retention "
+            f"{value('(c) LoRA', TUNED, 'English retention % [95% CI]', '.1f', 1)}%")
+
+
+def accuracy_span(benchmark: str, column: str = "base acc") -> str:
+    """(d): the range of an accuracy column over the languages of one benchmark, in %."""
+    t = _table("(d) bundled")
+    values = [100 * number(r[_column(t, column)]) for r in t[1:] if r[0] == benchmark]
+    low, high = f"{min(values):.0f}", f"{max(values):.0f}"
+    return f"{low}%" if low == high else f"{low}-{high}%"
+
+
+def significant(adapter: str, alpha: float = 0.05) -> str:
+    """(d): "k of n": the adapter's differences whose Holm-adjusted p is below alpha."""
+    t = _table("(d) bundled")
+    holm = [float(r[_column(t, f"{adapter} p (Holm)")].split("(")[1].rstrip(")")) for r in t[1:]]
+    return f"{sum(p < alpha for p in holm)} of {len(holm)}"
+
+
 def main(out: Path) -> None:
     print(f"# gemma3_270m results (generated by tables.py from {out})\n")
     t = times(out)

@@ -46,6 +46,28 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+RESULTS_SMALL = Path(__file__).resolve().parent / "results_small.json"
+
+
+def readme_table() -> str:
+    """The README's table from the committed results file (`make docs` writes it; mlalign/docs_numbers.py)."""
+    return table(json.loads(RESULTS_SMALL.read_text())).rstrip("\n")
+
+
+def lowest_pass_pct() -> str:
+    """The smallest share of no-change splits either default passes, over the languages: "99.5%"."""
+    from mlalign.training.outcomes import FIDELITY_TOLERANCE, SPLICED_TOLERANCE_NATS
+
+    rates = pass_rates(json.loads(RESULTS_SMALL.read_text()), FIDELITY_TOLERANCE, SPLICED_TOLERANCE_NATS)
+    return f"{100 * min(min(pair) for pair in rates.values()):.1f}%"
+
+
+def q95_range() -> str:
+    """The reconstruction-error ratio's no-change 95th percentiles over the languages: "x1.12-1.16"."""
+    q95 = [v["recon_error_ratio_q95"] for v in json.loads(RESULTS_SMALL.read_text())["per_lang"].values()]
+    return f"x{min(q95):.2f}-{max(q95):.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cache", default=".cache", help="paths.cache_dir holding (or to hold) the testbed")

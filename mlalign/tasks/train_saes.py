@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 OBJECTIVE = "mean_fvu"
 LANG_MIXES = ("balanced", "english_heavy")
-WIDTH_MULTIPLE = 8
-"""sae_train.width=null means this many features per residual dimension."""
 TASK_MAX_LR = 3e-2
 """Cap of the default learning rate; above it the reconstruction diverges on the testbed."""
 BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -52,7 +50,10 @@ def check_settings(cfg) -> None:
                             f"data.splits.{role}={'test' if role == 'analysis' else 'dev'}")
     if st.width is not None and int(st.width) <= 0:
         raise UserError(f"sae_train.width={st.width} must be a positive number of features, e.g. sae_train.width=512 "
-                        f"(or null for {WIDTH_MULTIPLE} x the hidden size)")
+                        f"(or null for sae_train.width_multiple={st.width_multiple} x the hidden size)")
+    if int(st.width_multiple) <= 0:
+        raise UserError(f"sae_train.width_multiple={st.width_multiple} must be a positive number of features per "
+                        f"residual dimension, e.g. 2")
     if int(st.batch_size) <= 0 or int(st.capture_batch_size) <= 0:
         raise UserError("sae_train.batch_size and sae_train.capture_batch_size must be positive, e.g. 256 and 16")
     if int(st.tokens) < int(st.batch_size):
@@ -71,6 +72,10 @@ def check_settings(cfg) -> None:
     if str(st.buffer_dtype) not in BUFFER_DTYPES:
         raise UserError(f"unknown sae_train.buffer_dtype={st.buffer_dtype!r}; use sae_train.buffer_dtype=float32 or "
                         f"bfloat16")
+    if not float(st.pre_act_loss_coefficient) >= 0:
+        raise UserError(f"sae_train.pre_act_loss_coefficient={st.pre_act_loss_coefficient} must be >= 0, e.g. 0.1")
+    if st.dead_window is not None and int(st.dead_window) < 1:
+        raise UserError(f"sae_train.dead_window={st.dead_window} must be >= 1 step (or null for half the run)")
     if int(st.seeds) < 1:
         raise UserError(f"sae_train.seeds={st.seeds} must be >= 1 SAE per layer, e.g. sae_train.seeds=3")
     if int(st.spliced_sentences) < 0:
@@ -263,11 +268,13 @@ def spliced_fidelity(model, tokenizer, valid: ParallelCorpus, langs: list[str], 
     """{layer: {"spliced_dlm_loss": pooled, "clean_lm_loss": pooled, "per_lang": {lang: {...}}}}: the mean over
     held-out sentences of (loss with the layer's residual replaced by the SAE's reconstruction - clean loss), in
     nats/token, each language on its first `sentences` sentences of the valid split; pooled = over all of them."""
+    from tqdm.auto import tqdm
+
     from mlalign.analysis.spliced import clean_and_spliced_loss, token_batches
 
     layers = sorted(saes)
     per_lang, pooled_clean, pooled_delta = {}, [], {layer: [] for layer in layers}
-    for lang in langs:
+    for lang in tqdm(langs, desc="spliced-in loss", unit="language", leave=False):
         batches = token_batches(tokenizer, list(valid[lang][:sentences]), batch_size, max_length)
         clean, spliced = clean_and_spliced_loss(model, saes, batches, layers, device=device)
         per_lang[lang] = {layer: (spliced[layer] - clean) for layer in layers}
@@ -342,7 +349,7 @@ def run(cfg, ctx) -> dict[str, float]:
     model, tokenizer = ctx.load_model(), ctx.load_tokenizer()
     ctx.layers(num_layers(model))  # the config's layer count must match the weights
     d_in = hidden_size(model)
-    width = int(st.width) if st.width is not None else WIDTH_MULTIPLE * d_in
+    width = int(st.width) if st.width is not None else int(st.width_multiple) * d_in
     if st.target_l0 is not None and float(st.target_l0) > width:
         raise UserError(f"sae_train.target_l0={st.target_l0} exceeds the width {width}; choose a smaller target")
     steps = int(st.steps) if st.steps is not None else max(1, math.ceil(float(st.epochs) * int(st.tokens) / int(st.batch_size)))
@@ -358,8 +365,9 @@ def run(cfg, ctx) -> dict[str, float]:
                f"{cfg.data.splits.train} split, {st.buffer_dtype})"):
         acts, index, data_info = collect_training_activations(model, tokenizer, train, quotas, layers, max_length,
                                                               capture_batch, rng, dtype=BUFFER_DTYPES[str(st.buffer_dtype)])
-    with stage(f"capturing held-out activations ({cfg.data.splits.valid} split, up to {st.eval_sentences} "
-               f"sentences x {len(langs)} languages)"):
+    how_many = "all" if st.eval_sentences is None else f"up to {st.eval_sentences}"
+    with stage(f"capturing held-out activations ({cfg.data.splits.valid} split, {how_many} sentences x "
+               f"{len(langs)} languages)"):
         heldout = {lang: capture_language(model, tokenizer, valid[lang][: st.eval_sentences], layers, max_length,
                                           capture_batch, desc=f"held-out {lang}") for lang in langs}
     seconds["activations"] = round(time.perf_counter() - started, 2)
@@ -384,7 +392,9 @@ def run(cfg, ctx) -> dict[str, float]:
                                     target_l0=None if st.target_l0 is None else float(st.target_l0),
                                     seed=torch_seed, index=index, model_name=str(cfg.model.name),
                                     context_size=max_length, device=device, checkpoint_dir=checkpoints,
-                                    progress=True, b_dec_init="mean")
+                                    progress=True, b_dec_init="mean",
+                                    pre_act_loss=float(st.pre_act_loss_coefficient),
+                                    dead_window=None if st.dead_window is None else int(st.dead_window))
                     train_seconds = time.perf_counter() - layer_started
                     sae.save_model(seed_dir(out_dir, s, seeds) / f"layer_{layer}")
                     overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
@@ -433,6 +443,7 @@ def run(cfg, ctx) -> dict[str, float]:
         "weights": weights, **data_info, "train_split": str(cfg.data.splits.train),
         "valid_split": str(cfg.data.splits.valid), "width": width, "steps": steps, "batch_size": int(st.batch_size),
         "lr": lr, "l0_coefficient": float(st.l0_coefficient), "target_l0": st.target_l0, "seeds": seeds,
+        "pre_act_loss_coefficient": float(st.pre_act_loss_coefficient), "dead_window": st.dead_window,
         "torch_seeds": {str(layer): [r["torch_seed"] for r in records[layer]] for layer in layers},
         "buffer_dtype": str(st.buffer_dtype), "spliced_sentences": spliced_sentences, "seconds": seconds,
     })

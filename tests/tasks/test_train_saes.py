@@ -197,6 +197,7 @@ def test_the_guard_stops_sae_training_on_what_every_source_analyses(data):
     (["sae_train.seeds=0"], "sae_train.seeds=0 must be >= 1"),
     (["sae_train.buffer_dtype=float16"], "unknown sae_train.buffer_dtype='float16'"),
     (["sae_train.spliced_sentences=-1"], "sae_train.spliced_sentences=-1 must be >= 0"),
+    (["sae_train.dead_window=0"], "sae_train.dead_window=0 must be >= 1 step"),
 ])
 def test_bad_input_is_one_error_line(testbed_dir, testbed_cache_dir, tmp_path, overrides, message):
     result = run_cli(["task=train_saes", *_common(tmp_path, testbed_cache_dir), "layers=[0]", *overrides])

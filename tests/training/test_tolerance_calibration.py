@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -47,5 +48,6 @@ def test_the_numbers_quoted_in_the_docs_are_the_results_files(results):
     training = (HERE.parents[1] / "docs" / "training.md").read_text()
     readme = (HERE / "README.md").read_text()
     for text in (training, readme):
+        text = re.sub(r"<!-- /?generated.*?-->", "", text)  # the markers `make docs` writes the numbers between
         assert f"at least {lowest} of the no-change splits" in " ".join(text.split())
         assert spread in text
