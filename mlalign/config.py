@@ -329,8 +329,8 @@ class SAETrainConfig:
     fired for `dead_window` steps (keeps features from dying)."""
     dead_window: Optional[int] = None
     """Steps without firing after which a feature counts as dead for the pre-activation loss; null = half the run
-    (the push then starts only halfway: on Gemma 3 270M that left 28-62% of features dead, experiments/
-    gemma3_270m_saes)."""
+    (the push then starts only halfway: on Gemma 3 270M that left a quarter to over half of the features dead,
+    experiments/gemma3_270m_saes)."""
     capture_batch_size: int = 16
     """Sentences per forward pass while collecting activations (does not change any number)."""
     buffer_dtype: str = "float32"

@@ -44,20 +44,16 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from omegaconf import OmegaConf
     from sae_lens import SAE
 
     from mlalign.analysis.spliced import clean_and_spliced_loss, reconstruct, token_batches
     from mlalign.data.corpus import load_flores
-    from mlalign.models import load_model, load_tokenizer, prepare_model
     from mlalign.tasks.train_saes import capture_language
+    from sweep import load_gemma3_270m  # beside this file
 
     torch.set_num_threads(2)
     layers = [int(layer) for layer in args.layers.split(",")]
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / "gemma3_270m_pypi.yaml")
-    cfg.pop("defaults", None)
-    prepare_model(cfg, args.cache)
-    model, tokenizer = load_model(cfg, device="cpu"), load_tokenizer(cfg)
+    model, tokenizer = load_gemma3_270m(args.cache)
     dev = load_flores(LANGS, "dev")
     texts = {lang: list(dev[lang])[: args.sentences] for lang in LANGS}
     saes = {layer: SAE.load_from_disk(Path(args.saes) / f"layer_{layer}").eval() for layer in layers}
