@@ -7,6 +7,8 @@ seed index for both arms: seed s gives both the same data order and initialisati
 `steer`, uses it for every draw), then, within each drawn seed, sentences with replacement with one weight vector for
 both arms (the same sentences are compared). The CI is the percentile interval of A − B over resamples; the minimum
 detectable effect (MDE) at 80% power and the CI's level is (z_{1-α/2} + z_{0.8}) x the bootstrap standard error.
+Beside it, `ci_sentences_only` keeps every seed in every resample and draws sentences only: the interval a
+sentences-only bootstrap would report, so the gap between the two is the run-to-run spread's share.
 """
 
 from __future__ import annotations
@@ -76,30 +78,49 @@ def hierarchical_difference(a: Outcome, b: Outcome, n_resamples: int = 1000, ci:
         np.zeros((n_resamples, 1), dtype=int)
     weights = rng.multinomial(n, np.full(n, 1.0 / n), size=(n_resamples, seed_index.shape[1])).astype(float)
     diffs = a.values(seed_index, weights) - b.values(seed_index, weights)
-    diffs = diffs[np.isfinite(diffs)]
-    tail = (1.0 - ci) / 2.0
-    low, high = (np.quantile(diffs, [tail, 1.0 - tail]) if diffs.size else (float("nan"), float("nan")))
-    se = float(diffs.std(ddof=1)) if diffs.size > 1 else float("nan")
-    return {"estimate": a.point() - b.point(), "ci": [float(low), float(high)], "se": se, "mde": mde(se, ci),
+    # The same sentence draws with every seed kept, once each: the interval a sentences-only bootstrap would give,
+    # reported beside the hierarchical one so that a reader sees how much of the width is run-to-run spread.
+    every_seed = np.tile(np.arange(seed_index.shape[1]), (n_resamples, 1))
+    sentence_diffs = a.values(every_seed, weights) - b.values(every_seed, weights)
+    low, high = _percentile_ci(diffs, ci)
+    se = float(diffs[np.isfinite(diffs)].std(ddof=1)) if np.isfinite(diffs).sum() > 1 else float("nan")
+    return {"estimate": a.point() - b.point(), "ci": [low, high], "se": se, "mde": mde(se, ci),
+            "ci_sentences_only": list(_percentile_ci(sentence_diffs, ci)),
             "n_seeds": [a.n_seeds, b.n_seeds], "n_sentences": n}
 
 
-def verdict(contrast: str, lang: str, outcome: str, diff: dict, unit: str = "", lower_is_better: bool = False) -> str:
+def _percentile_ci(resampled: np.ndarray, ci: float) -> tuple[float, float]:
+    finite = resampled[np.isfinite(resampled)]
+    if not finite.size:
+        return float("nan"), float("nan")
+    tail = (1.0 - ci) / 2.0
+    low, high = np.quantile(finite, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+ONE_SEED_NOTE = "one seed: the CI covers sentences, not run-to-run spread"
+"""What a verdict adds when a trained arm of the contrast ran once (compare.seeds=1)."""
+
+
+def verdict(contrast: str, lang: str, outcome: str, diff: dict, unit: str = "", lower_is_better: bool = False,
+            one_seed: bool = False) -> str:
     """One line: which way the difference came out (and whether that is better, for outcomes where lower is better),
-    or 'no detectable difference (MDE x)'."""
+    or 'no detectable difference (MDE x)'; `one_seed`: a trained arm of the contrast rests on one run, and the line
+    says so."""
     low, high = diff["ci"]
     first, second = contrast.split("-", 1)
     shown = f"{diff['estimate']:+.4g}{unit} [{low:+.4g}, {high:+.4g}]"
+    caveat = f" ({ONE_SEED_NOTE})" if one_seed else ""
     if not (np.isfinite(low) and np.isfinite(high)):
         return f"{contrast} {lang} {outcome}: undefined (no finite resample)"
     if diff["se"] == 0.0 and low == high == diff["estimate"] == 0.0:
         # No resample moves the difference: the arms agree on every sentence, and no MDE can be read off this sample.
         return (f"{contrast} {lang} {outcome}: no difference on any of the {diff['n_sentences']} sentences/items "
-                f"(identical outcomes; MDE not estimable from this sample)")
+                f"(identical outcomes; MDE not estimable from this sample){caveat}")
     worse, better = (" (worse)", " (better)") if lower_is_better else ("", "")
     if low > 0:
-        return f"{contrast} {lang} {outcome}: {first} higher{worse} than {second} by {shown}"
+        return f"{contrast} {lang} {outcome}: {first} higher{worse} than {second} by {shown}{caveat}"
     if high < 0:
-        return f"{contrast} {lang} {outcome}: {first} lower{better} than {second} by {shown}"
+        return f"{contrast} {lang} {outcome}: {first} lower{better} than {second} by {shown}{caveat}"
     return (f"{contrast} {lang} {outcome}: no detectable difference (MDE {diff['mde']:.3g}{unit}); "
-            f"estimate {shown}")
+            f"estimate {shown}{caveat}")

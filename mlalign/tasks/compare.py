@@ -278,8 +278,10 @@ def _differences(settings, sums: dict, bench) -> tuple[dict, list[str]]:
 
     differences: dict = {}
     lines: list[str] = []
+    kinds = {arm.name: arm.kind for arm in settings.arms}
     for c, contrast in enumerate(settings.contrasts):
         first, second = contrast.split("-")
+        one_seed = len(settings.seeds) == 1 and "lora" in (kinds[first], kinds[second])
         differences[contrast] = {}
         for lang in bench.measured:
             differences[contrast][lang] = {}
@@ -294,7 +296,8 @@ def _differences(settings, sums: dict, bench) -> tuple[dict, list[str]]:
                 diff = hierarchical_difference(outcome(a_runs), outcome(b_runs), settings.bootstrap,
                                                seed=1000 * c + 100 * bench.measured.index(lang) + k)
                 diff["verdict"] = verdict(contrast, lang, name, diff, UNITS.get(name.split("_L")[0], ""),
-                                          lower_is_better=name.startswith(("lm_loss", "spliced_dlm_loss")))
+                                          lower_is_better=name.startswith(("lm_loss", "spliced_dlm_loss")),
+                                          one_seed=one_seed)
                 differences[contrast][lang][name] = diff
                 if "_L" not in name and not name.startswith("topic_shuffled"):
                     lines.append(diff["verdict"])
@@ -338,6 +341,19 @@ def _markdown(results: dict) -> str:
         lines.append("")
     lines += ["## Differences (95% CI: hierarchical bootstrap over seeds, then sentences paired by id)", ""]
     lines += [f"- {v}" for v in results["verdicts"]]
+    lines += ["", "## How much of each interval is run-to-run spread", "",
+              "The hierarchical CI beside the CI a sentences-only bootstrap of the same runs gives (every seed kept).", "",
+              "| contrast | lang | outcome | estimate | CI (seeds, sentences) | CI (sentences only) | seeds |",
+              "|---|---|---|---|---|---|---|"]
+    for contrast, by_lang in results["differences"].items():
+        for lang, by_outcome in by_lang.items():
+            for outcome in ("gain_pct", "lm_loss", "spliced_dlm_loss", "retrieval_at1", "topic_transfer_acc"):
+                d = by_outcome.get(outcome)
+                if d is not None:
+                    both, only = d["ci"], d["ci_sentences_only"]
+                    lines.append(f"| {contrast} | {lang} | {outcome} | {d['estimate']:+.4g} | [{both[0]:+.4g}, "
+                                 f"{both[1]:+.4g}] | [{only[0]:+.4g}, {only[1]:+.4g}] | "
+                                 f"{d['n_seeds'][0]} vs {d['n_seeds'][1]} |")
     lines += ["", "## Choices on dev", ""]
     for name, arm in results["arms"].items():
         if arm["dev_scores"]:

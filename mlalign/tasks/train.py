@@ -245,7 +245,7 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
     report = train_metrics(reports["headline"], reports["dev"], metric=plan.metric, aggregate=plan.aggregate,
                            reference_lang=plan.reference, targets=plan.targets, layers=setup.analysed, splits=splits,
                            tolerance=plan.tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)),
-                           spliced_tolerance=float(cfg.train.spliced_tolerance_nats))
+                           spliced_tolerance=float(cfg.train.spliced_tolerance_nats), seed=int(cfg.seed))
     report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s, total_s=total_s,
                   trainable_params=setup.trainable, aligned_layers=setup.aligned)
 

@@ -48,7 +48,7 @@ STUDY_FIGURES = "+87% (ml) and +86% (hi) activation gain with ~91% of English ke
 
 def train_metrics(test_report: dict, dev_report: dict, *, metric: str, aggregate: str, reference_lang: str,
                   targets: list[str], layers: list[int], splits: dict[str, str], tolerance: float,
-                  floor_pct: float, spliced_tolerance: float | None = None) -> dict:
+                  floor_pct: float, spliced_tolerance: float | None = None, seed: int | None = None) -> dict:
     """The train task's metrics.json: headline outcomes on the held-out (test) split, the same on dev for choices.
 
     Top level and `per_lang` come from `splits["headline"]`; `dev` (and `alignment_score`) from `splits["dev"]`.
@@ -69,7 +69,14 @@ def train_metrics(test_report: dict, dev_report: dict, *, metric: str, aggregate
         "lm_loss_change": {lang: v["lm_loss_change"] for lang, v in test_report["per_lang"].items()},
         "dev": dev_report,
         "alignment_score": alignment_score(dev_report, floor_pct, tolerance),
+        "seeds": {"n": 1, "seed": seed, "note": ONE_RUN_NOTE},
     }
+
+
+ONE_RUN_NOTE = ("one training run (one seed): every CI here resamples sentences, not runs, and is narrower than the "
+                "run-to-run spread; for that spread train each arm with several seeds: task=compare "
+                "compare.arms=[base,act_align] compare.seeds=3")
+"""What metrics.json and the report say about seeds: task=train trains one adapter; task=compare trains arms x seeds."""
 
 
 def _fmt(value, spec: str = "+.1f") -> str:
@@ -141,6 +148,8 @@ def outcome_lines(metrics: dict) -> list[str]:
                  f"the same features; signed change {_fmt(english['gain_pct'])}%, FVU {english['fvu_before']:.3f} -> "
                  f"{english['fvu_after']:.3f}, reconstruction error at most "
                  f"x{_fmt(english.get('recon_error_ratio_max'), '.2f')}).")
+    lines.append(f"- Seeds: {metrics['seeds']['note']}." if "seeds" in metrics else
+                 "- Seeds: not recorded (a metrics.json from before seeds were recorded).")
     lines.append(f"- For comparison only: the study reports {STUDY_FIGURES} for its own, unpublished definition; "
                  f"the numbers above are mlalign's definitions (docs/training.md), not the same quantity.")
     return lines

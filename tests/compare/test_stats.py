@@ -61,3 +61,25 @@ def test_ratio_outcomes_and_the_transform():
 
 def test_mde_is_2_8_standard_errors_at_95_and_80_percent():
     assert abs(mde(1.0) - 2.8016) < 1e-3
+
+
+def test_the_sentences_only_interval_is_reported_beside_and_misses_the_seed_spread():
+    b = _arm([0.0, 0.0, 0.0], seed=3)
+    agree = _arm([0.2, 0.2, 0.2], seed=4)
+    disagree = Outcome(agree.num + np.array([[-1.5], [0.0], [1.5]]), agree.den)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    wide = hierarchical_difference(disagree, b, 2000, seed=7)
+    # Seeds -1.5, 0, +1.5 apart: the hierarchical CI holds that spread, the sentences-only one (every seed kept in
+    # every resample) cannot see it and stays as narrow as when the seeds agree.
+    assert width(wide["ci"]) > 3 * width(wide["ci_sentences_only"])
+    narrow = hierarchical_difference(agree, b, 2000, seed=7)
+    assert abs(width(narrow["ci_sentences_only"]) - width(wide["ci_sentences_only"])) < 0.02
+    assert wide["ci_sentences_only"][0] > 0  # what a sentences-only report would have called a win
+
+
+def test_a_verdict_resting_on_one_seed_says_so():
+    b = _arm([0.0], seed=1)
+    a = Outcome(b.num + 0.5, b.den)
+    d = hierarchical_difference(a, b, 500)
+    assert "one seed" in verdict("act_align-base", "hi", "x", d, one_seed=True)
+    assert "one seed" not in verdict("act_align-base", "hi", "x", d)

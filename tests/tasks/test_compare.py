@@ -64,6 +64,9 @@ def test_results_follow_the_output_contract(full_run):
     d = results["differences"]["act_align-ce_kl"]["hi"]["lm_loss"]
     assert set(d) >= {"estimate", "ci", "n_seeds", "n_sentences", "mde", "verdict"}
     assert d["n_seeds"] == [2, 2] and d["n_sentences"] == 24 and d["ci"][0] <= d["estimate"] <= d["ci"][1]
+    assert d["ci_sentences_only"][0] <= d["estimate"] <= d["ci_sentences_only"][1]
+    assert "one seed" not in d["verdict"]  # two seeds per trained arm
+    assert "| act_align-ce_kl | hi | lm_loss |" in (out / "results.md").read_text()  # seed-vs-sentence CI table
     assert results["differences"]["ce_kl-base"]["hi"]["gain_pct"]["n_seeds"] == [2, 1]
     assert set(arms["ce"]["seeds"]["0"]["per_lang"]["hi"]["spliced_dlm_loss_per_layer"]) == {"15"}
     # The base arm is the base model: no gain, no LM-loss change, against itself.
@@ -134,3 +137,4 @@ def test_benchmarks_are_compared_item_by_item(testbed_dir, tmp_path):
     d = results["differences"]["ce_kl-base"]["hi"]["bench_arc_challenge_acc"]
     assert d["n_sentences"] == 6 and d["n_seeds"] == [1, 1]
     assert "MDE" in d["verdict"] or "than" in d["verdict"]
+    assert "one seed: the CI covers sentences" in d["verdict"]  # compare.seeds=1 and ce_kl is trained

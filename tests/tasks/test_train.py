@@ -177,6 +177,10 @@ def test_run_writes_adapter_metrics_plot_and_the_outcome_contract(aligned_run):
     assert (aligned_run / "adapter" / "adapter_config.json").is_file()
     assert (aligned_run / "train" / "activation_before_after.png").stat().st_size > 0
     assert r["splits"]["headline"] == "test" and r["splits"]["dev"] == "dev" and r["splits"]["train"] == "train"
+    # One run: the report says its CIs cover sentences, not runs, and where the seed spread comes from.
+    assert r["seeds"]["n"] == 1 and "compare.seeds" in r["seeds"]["note"]
+    from mlalign.training.report import outcome_lines
+    assert any(line.startswith("- Seeds: one training run") for line in outcome_lines(r))
     for lang in ("hi", "en"):
         o = r["per_lang"][lang]
         for key in ("gain_pct", "norm_matched_gain_pct", "fvu_before", "fvu_after", "resid_norm_change_pct"):
