@@ -88,7 +88,7 @@ def reset_adapter(model, seed: int) -> None:
     """Re-initialise the LoRA slot with peft's own initialiser from `seed` (the base weights are never touched)."""
     from peft.tuners.lora import LoraLayer
 
-    from transformers import set_seed  # what the task wrapper's seed_everything does, without reaching up to tasks/
+    from transformers import set_seed  # the call tasks.common.RunContext seeds every task with
 
     set_seed(seed)
     for module in model.modules():

@@ -24,12 +24,14 @@ def analyze_features_step(cfg, ctx, summary: dict, stats, feature_stats, corpus,
     """features.csv, feature_overlap.json, features_summary.json, features_top.md and the two plots (docs/method.md
     §8); adds `summary["features"]`; returns the plots by name."""
     from mlalign.analysis import features as feat
+    from mlalign.analysis.features_outputs import (FEATURES_CSV_COLUMNS, feature_rows, features_markdown,
+                                                   features_summary, neuronpedia_ids, overlap_json, plot_features)
 
     acfg = cfg.analysis
     langs = summary["langs"]
     report = feat.analyze_features(feature_stats, cfg.reference_lang, langs, top_k=fcfg["top_k"],
                                    min_sentences=fcfg["min_sentences"], specific_threshold=fcfg["specific_threshold"])
-    report.neuronpedia = feat.neuronpedia_ids(cfg.sae, report.layers)
+    report.neuronpedia = neuronpedia_ids(cfg.sae, report.layers)
     n_resamples = int(acfg.bootstrap)
     if fcfg["intervals"] and n_resamples > 0 and len(langs) > 1:
         sentence_sums = feature_sentence_sums(report.needed_features(), corpus, cache, engine)
@@ -38,19 +40,19 @@ def analyze_features_step(cfg, ctx, summary: dict, stats, feature_stats, corpus,
                            n_resamples=n_resamples, ci=float(acfg.ci), seed=int(cfg.seed))
     bands = {band: [int(layer) for layer in ls] for band, ls in summary["bands"].items()}
     title = f"{cfg.model.name}, {cfg.sae.name}"
-    rows = feat.feature_rows(report, fcfg["csv_rows"])
+    rows = feature_rows(report, fcfg["csv_rows"])
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(feat.FEATURES_CSV_COLUMNS))
+    writer = csv.DictWriter(buffer, fieldnames=list(FEATURES_CSV_COLUMNS))
     writer.writeheader()
     writer.writerows(rows)
     files = {"csv": write_text_atomic(out_dir / "features.csv", buffer.getvalue()),
-             "overlap": write_json_atomic(out_dir / "feature_overlap.json", feat.overlap_json(report)),
-             "summary": write_json_atomic(out_dir / "features_summary.json", feat.features_summary(report, bands)),
+             "overlap": write_json_atomic(out_dir / "feature_overlap.json", overlap_json(report)),
+             "summary": write_json_atomic(out_dir / "features_summary.json", features_summary(report, bands)),
              "top": write_text_atomic(out_dir / "features_top.md",
-                                      feat.features_markdown(report, bands, title, float(acfg.ci)))}
+                                      features_markdown(report, bands, title, float(acfg.ci)))}
     images = {}
     if acfg.plots:
-        images = {Path(path).stem: Path(path) for path in feat.plot_features(report, bands, out_dir, title)}
+        images = {Path(path).stem: Path(path) for path in plot_features(report, bands, out_dir, title)}
     summary["features"] = {name: str(path) for name, path in files.items()}
     ctx.tracker.log_table("analysis/features_listed", [row for row in rows if row["listed"]])
     return images
@@ -60,7 +62,8 @@ def write_feature_changes(cfg, ctx, summary: dict, base: dict, adapted: dict, ou
     """The adapter view (docs/method.md §8): feature_changes.json/.md in `out_dir`, which features the adapter raised or
     lowered in the target languages and the reference. Returns the key numbers per language and band (for
     summary.json and report.md). Shared by `task=analyze adapter=...` and `task=pipeline`."""
-    from mlalign.analysis.features import adapter_changes, adapter_changes_by_band, adapter_changes_markdown, neuronpedia_ids
+    from mlalign.analysis.features import adapter_changes, adapter_changes_by_band
+    from mlalign.analysis.features_outputs import adapter_changes_markdown, neuronpedia_ids
 
     fcfg = feature_settings(cfg.analysis)
     langs = [lang for lang in dict.fromkeys([*target_langs(cfg, ctx.langs), cfg.reference_lang]) if lang in base]

@@ -16,14 +16,6 @@ from mlalign.tracking import Tracker, make_tracker, scrub_secrets
 log = logging.getLogger(__name__)
 
 
-def seed_everything(seed: int) -> None:
-    """One seed for python, numpy, torch (and every accelerator: CUDA, MPS, XPU, NPU), through transformers' set_seed;
-    accelerate and lm-eval take the same number where they run."""
-    from transformers import set_seed
-
-    set_seed(seed)
-
-
 def is_main_process() -> bool:
     """Rank 0, or the only process. `accelerate launch` and `torch.distributed.run` set RANK before the task starts,
     so this holds before any Accelerator exists (the run files and the W&B run are opened before training)."""
@@ -113,7 +105,11 @@ class RunContext:
     def __enter__(self) -> "RunContext":
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        seed_everything(int(cfg.seed))
+        from transformers import set_seed
+
+        # One seed for every task (CONVENTIONS rule 5): this call covers python, numpy, torch and each accelerator;
+        # accelerate and lm-eval take the same number where they run.
+        set_seed(int(cfg.seed))
         # Cheap checks first: a typo must cost seconds, not a testbed build or a model download.
         self.langs = resolve_langs(cfg.langs, cfg.reference_lang)
         from mlalign.models import resolve_model_shape

@@ -82,35 +82,31 @@ def run(cfg, ctx) -> dict[str, float]:
     # Where it is the same measurement (training.shared_pass), step 1's pass over the held-out split also records the
     # base side of step 2's paired outcome pass, and step 2's adapted side runs as the adapted model's analysis pass,
     # which step 3 then reuses: each model runs over the held-out sentences once.
-    shared = BasePassRecording.for_pipeline(cfg, ctx, [*target_langs(cfg, ctx.langs), cfg.reference_lang])
+    recorded = BasePassRecording.for_pipeline(cfg, ctx, [*target_langs(cfg, ctx.langs), cfg.reference_lang])
     with stage("[1/4] analysing the base model"):
         before = analyze.analyze_model(cfg, ctx, out_dir=ctx.run_dir / "analysis_base", feature_stats_out=base_features,
-                                       recording=shared)
+                                       recording=recorded)
     with stage("[2/4] training the adapter"):
-        train_result = train.run(cfg, ctx, shared=shared)
+        trained = train.train_adapter(cfg, ctx, recorded=recorded)
     with stage("[3/4] analysing base + adapter"):
         # With the base model's per-feature statistics, also which features the adapter changed (feature_changes.md),
         # the same code path as task=analyze adapter=...
         after = analyze.analyze_model(cfg, ctx, adapter=adapter, out_dir=ctx.run_dir / "analysis_adapter",
-                                      base_features=base_features,
-                                      computed_before=shared.adapted if shared is not None else None)
+                                      base_features=base_features, computed_before=trained.adapted)
     with stage("[4/4] evaluating base vs adapter"):
         comparison = evaluate.evaluate_models(cfg, ctx, adapter=adapter)
 
-    import json
-
-    train_metrics = json.loads((ctx.run_dir / "train" / "metrics.json").read_text())
-    report = render_report(ctx.run_dir, before, after, train_metrics, comparison, rerun_command())
+    report = render_report(ctx.run_dir, before, after, trained.metrics, comparison, rerun_command())
     path = write_text_atomic(ctx.run_dir / "report.md", report)
     # The closing block (mlalign.console) prints the headline once, at the end: the base model's findings first,
-    # then the adapter's outcome (registered by train.run), its effect on the disparity, and the benchmarks.
+    # then the adapter's outcome (registered by train.train_adapter), its effect on the disparity, and the benchmarks.
     headline(*(f"- {statement}" for statement in before["statements"]), at=0)
     headline(disparity_line(cfg, ctx, before, after), *evaluate.headline_lines(comparison))
     output("report", path)
     if after.get("feature_changes"):
         output("feature changes", after["feature_changes"]["md"])
     corr = gap_accuracy_correlation(before, comparison)
-    result = {**train_result, **{f"before_{k}": v for k, v in analyze.scalar_results(before).items()},
+    result = {**trained.result, **{f"before_{k}": v for k, v in analyze.scalar_results(before).items()},
               **{f"after_{k}": v for k, v in analyze.scalar_results(after).items()},
               **evaluate.summary_metrics(comparison)}
     if corr["rho"] is not None:

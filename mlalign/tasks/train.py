@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -14,6 +15,9 @@ from mlalign.errors import UserError
 from mlalign.io import json_safe, write_json_atomic
 from mlalign.languages import target_langs
 from mlalign.training.checks import check_train_config
+
+if TYPE_CHECKING:
+    from mlalign.training.shared_pass import AdaptedPassRecording
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +79,37 @@ class _Data:
     """split role (dev, headline) -> lang -> sentences measured base vs adapter."""
 
 
-def run(cfg: DictConfig, ctx, shared=None) -> dict[str, float]:
-    """Train the adapter, then measure base vs adapter on dev and on the held-out split: build -> data -> fit ->
-    measure -> report. shared: task=pipeline's `training.shared_pass.BasePassRecording`: the held-out base side its
-    analysis pass recorded is used instead of running the base model over those sentences again, and the adapter's
-    held-out measurement runs through the analysis engine, leaving the adapted model's statistics for the pipeline's
-    next step in `shared.adapted`."""
+@dataclass
+class Trained:
+    """What `train_adapter` hands back: `run` returns `result`; task=pipeline reads all three."""
+
+    result: dict[str, float]
+    """What sweeps see: dev numbers only."""
+    metrics: dict
+    """train/metrics.json's contents, as written (JSON-safe: NaN as None, keys as strings)."""
+    adapted: AdaptedPassRecording | None
+    """With `recorded`: the adapter's held-out measurement, run as the adapted model's analysis pass, whose statistics
+    the pipeline's next analysis reuses; else None."""
+
+
+def run(cfg: DictConfig, ctx) -> dict[str, float]:
+    """Train the adapter, measure base vs adapter on dev and on the held-out split; returns what sweeps see."""
+    return train_adapter(cfg, ctx).result
+
+
+def train_adapter(cfg: DictConfig, ctx, recorded=None) -> Trained:
+    """build -> data -> fit -> measure -> report. recorded: task=pipeline's `training.shared_pass.BasePassRecording`:
+    the held-out base side its analysis pass recorded is used instead of running the base model over those sentences
+    again, and the adapter's held-out measurement runs through the analysis engine (`Trained.adapted`)."""
     started = time.perf_counter()
     plan = _plan(cfg, ctx)
     setup = _build(cfg, ctx, plan)
     data = _data(cfg, plan, setup)
     state, train_s = _fit(cfg, ctx, plan, setup, data)
-    reports = _measure(cfg, ctx, plan, setup, data, shared)
-    return _report(cfg, ctx, plan, setup, state, reports, train_s=train_s, total_s=time.perf_counter() - started)
+    reports, adapted = _measure(cfg, ctx, plan, setup, data, recorded)
+    result, metrics = _report(cfg, ctx, plan, setup, state, reports, train_s=train_s,
+                              total_s=time.perf_counter() - started)
+    return Trained(result=result, metrics=metrics, adapted=adapted)
 
 
 def _plan(cfg: DictConfig, ctx) -> _Plan:
@@ -191,8 +213,10 @@ def _fit(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data):
     return state, time.perf_counter() - started
 
 
-def _measure(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data, shared) -> dict[str, dict]:
-    """Outcomes: base vs adapted on the same tokens of dev (for choices) and of the held-out split (reported once)."""
+def _measure(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data,
+             recorded) -> tuple[dict[str, dict], AdaptedPassRecording | None]:
+    """Outcomes: base vs adapted on the same tokens of dev (for choices) and of the held-out split (reported once).
+    Returns them by role and, with `recorded`, the held-out adapted pass (else None)."""
     from mlalign.console import stage
     from mlalign.training import base_cache
     from mlalign.training.outcomes import add_spliced, measure_adapted, outcome_report
@@ -204,7 +228,7 @@ def _measure(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data, shar
     measured = [*plan.targets, plan.reference]
     passes = dict(batch_size=int(cfg.analysis.batch_size), max_length=int(cfg.data.max_length),
                   progress=accelerator.is_local_main_process)
-    reports = {}
+    reports, adapted = {}, None
     for role in ("dev", "headline"):
         split, texts = plan.splits[role], data.texts[role]
         # Base and adapter on the same tokens. The base side (per-token residual norms and SAE codes, per-sentence
@@ -216,12 +240,12 @@ def _measure(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data, shar
             with peft_model.disable_adapter():
                 base_side = base_cache.base_sides(cache, peft_model, setup.tokenizer, analysed_saes, texts,
                                                   write=accelerator.is_main_process,
-                                                  recorded=shared if role == "headline" else None, **passes)
+                                                  recorded=recorded if role == "headline" else None, **passes)
             paired = None
-            if role == "headline" and shared is not None:
-                shared.adapted = _adapted_by_analysis(cfg, ctx, accelerator, peft_model, setup.tokenizer, setup.saes,
-                                                      analysed_saes, base_side, texts, plan.metric, split)
-                paired = shared.adapted.paired if shared.adapted.complete() else None
+            if role == "headline" and recorded is not None:
+                adapted = _adapted_by_analysis(cfg, ctx, accelerator, peft_model, setup.tokenizer, setup.saes,
+                                               analysed_saes, base_side, texts, plan.metric, split)
+                paired = adapted.paired if adapted.complete() else None
             if paired is None:
                 paired = measure_adapted(peft_model, base_side, setup.tokenizer, analysed_saes, texts, plan.metric,
                                          **passes)
@@ -231,12 +255,13 @@ def _measure(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data, shar
                                        n_resamples=int(cfg.analysis.bootstrap), ci=float(cfg.analysis.ci),
                                        seed=int(cfg.seed), spliced_tolerance=float(cfg.train.spliced_tolerance_nats),
                                        judged_layers=setup.aligned)
-    return reports
+    return reports, adapted
 
 
 def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: dict, *, train_s: float,
-            total_s: float) -> dict[str, float]:
-    """train/metrics.json, the adapter, the plot, the tracker's values and the closing lines; returns what sweeps see."""
+            total_s: float) -> tuple[dict[str, float], dict]:
+    """train/metrics.json, the adapter, the plot, the tracker's values and the closing lines; returns what sweeps see
+    and what metrics.json holds."""
     from mlalign.console import headline, output
     from mlalign.training.report import outcome_lines, plot_before_after, train_metrics
 
@@ -250,10 +275,11 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
                   trainable_params=setup.trainable, aligned_layers=setup.aligned)
 
     out = ctx.run_dir / "train"
+    metrics = json_safe(report)
     if accelerator.is_main_process:
         peft_model.save_pretrained(str(ctx.run_dir / "adapter"))
         write_json_atomic(out / "history.json", state.history)
-        write_json_atomic(out / "metrics.json", json_safe(report))
+        write_json_atomic(out / "metrics.json", metrics)
         if cfg.analysis.get("plots", True):
             ctx.tracker.log_images({"train/activation_before_after": plot_before_after(
                 report, out / "activation_before_after.png")})
@@ -269,7 +295,7 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
              *(line.replace("**", "") for line in outcome_lines(report)[:-1]))
     output("adapter", ctx.run_dir / "adapter")
     output("train metrics", out / "metrics.json")
-    return result
+    return result, metrics
 
 
 def _sweep_result(report: dict, dev: dict, state, train_s: float) -> dict[str, float]:

@@ -43,8 +43,6 @@ class BasePassRecording:
         self._recorders: dict[str, BaseSideRecorder] = {}
         self._text_hash: dict[str, str] = {}
         self.sides: dict[str, BaseSide] = {}
-        self.adapted: AdaptedPassRecording | None = None
-        """Set by task=train: its held-out measurement of the adapter, run as the adapted model's analysis pass."""
 
     def keep_analysis(self, stats: dict, feature_stats: dict) -> None:
         """Called by `analysis.sources.cached_stats` after the pass it recorded: the base model's statistics are already
