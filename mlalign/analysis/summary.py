@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -134,18 +135,56 @@ def unfit_layers(values, reference_lang: str, max_fvu: float | None = MAX_FVU) -
     return [layer for layer, v in values[reference_lang].items() if _finite(v.get("fvu")) and v["fvu"] >= max_fvu]
 
 
+def unfit_cells(values, reference_lang: str, max_fvu: float | None = MAX_FVU) -> dict[str, list[int]]:
+    """lang -> the layers (fit for the reference) where that language's own FVU is >= `max_fvu`: the SAE reconstructs
+    English there but not this language (e.g. an SAE trained on English text only), so the language's disparity at
+    that layer is read through a reconstruction no better than the mean and is no finding. Languages with none are
+    left out."""
+    if max_fvu is None:
+        return {}
+    unfit = set(unfit_layers(values, reference_lang, max_fvu))
+    cells = {lang: [layer for layer, v in by_layer.items() if layer not in unfit and _finite(v.get("fvu"))
+                    and v["fvu"] >= max_fvu]
+             for lang, by_layer in values.items() if lang != reference_lang}
+    return {lang: layers for lang, layers in cells.items() if layers}
+
+
+@dataclass(frozen=True)
+class Unfit:
+    """Where no number is a finding: every language at `layers` (the reference's FVU >= max_fvu, `unfit_layers`) and
+    one language at `cells[lang]` (its own FVU >= max_fvu, `unfit_cells`)."""
+
+    layers: frozenset = frozenset()
+    cells: Mapping[str, frozenset] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, unfit: "Unfit | Iterable[int]") -> "Unfit":
+        """An `Unfit` as it is, or one from a plain list of layers (reference-unfit only)."""
+        return unfit if isinstance(unfit, Unfit) else cls(layers=frozenset(unfit))
+
+    def excludes(self, lang: str, layer) -> bool:
+        return layer in self.layers or layer in self.cells.get(lang, ())
+
+    def __bool__(self) -> bool:
+        return bool(self.layers) or any(self.cells.values())
+
+
 def band_summary(values, disp, reference_lang: str, bands: dict[str, list[int]], unfit=(),
                  metric: str | None = None) -> dict[str, dict]:
     """Per band: mean disparity over the non-reference languages (overall and per tier) and the worst (lang, layer)
     with its residual-norm disparity and FVUs (`most_negative`: the lowest disparity; for a `lower_is_better` metric
-    the highest, i.e. the worst fit); layers in `unfit` are left out (listed as unfit_layers)."""
+    the highest, i.e. the worst fit); layers and cells in `unfit` are left out (listed as unfit_layers and
+    unfit_cells)."""
     sign = -1 if metric is not None and get_metric(metric).lower_is_better else 1
+    unfit = Unfit.of(unfit)
     others = [lang for lang in disp if lang != reference_lang]
     out = {}
     for band, layers in bands.items():
-        entry: dict = {"layers": layers, "unfit_layers": [layer for layer in layers if layer in unfit]}
+        entry: dict = {"layers": layers, "unfit_layers": [layer for layer in layers if layer in unfit.layers],
+                       "unfit_cells": {lang: [layer for layer in layers if layer in unfit.cells[lang]]
+                                       for lang in others if set(layers) & set(unfit.cells.get(lang, ()))}}
         cells = [(disp[lang][layer], lang, layer) for lang in others for layer in layers
-                 if layer not in unfit and _finite(disp[lang][layer])]
+                 if not unfit.excludes(lang, layer) and _finite(disp[lang][layer])]
         entry["mean_disparity_pct"] = float(np.mean([c[0] for c in cells])) if cells else None
         entry["mean_disparity_pct_by_tier"] = {}
         for tier in TIER_ORDER[1:]:
@@ -188,11 +227,10 @@ def headline_statements(values, disp, reference_lang: str, metric: str, bands: d
                         disparity_ci=None, ci: float = 0.95, disparity_samples=None,
                         other: OtherAggregates | None = None) -> list[str]:
     """The texts of `headlines`, then the statement naming unfit layers if any."""
+    unfit = Unfit.of(unfit)
     texts = [h["text"] for h in headlines(values, disp, reference_lang, metric, bands, unfit, disparity_ci, ci,
                                           disparity_samples, other=other)]
-    if unfit:
-        texts.append(unfit_statement(values, reference_lang, sorted(unfit)))
-    return texts
+    return texts + unfit_statements(values, reference_lang, unfit)
 
 
 def _simultaneous_words(interval, n_cells: int, adverse_sign: int, ci: float) -> str:
@@ -220,12 +258,14 @@ def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, l
     "Up to X%" is the most extreme of `n_cells_searched` cells (the tier's languages x layers), so beside the cell's
     own CI it carries a simultaneous one (max-t over those cells' bootstrap resamples, `disparity_samples`): the
     interval that would hold whichever cell had come out most extreme.
-    Layers in `unfit` (the SAE does not reconstruct the reference there, see `unfit_layers`) give no finding: they are
-    left out of every number and named by `headline_statements` instead.
+    Layers in `unfit` (the SAE does not reconstruct the reference there, see `unfit_layers`), and a language's cells
+    where it does not reconstruct that language (`unfit_cells`), give no finding: they are left out of every number and
+    named by `headline_statements` instead.
     Where the cell's position-matched disparity (`other`) has the other sign, or lies outside the cell's own CI, the
     statement says so (`_position_words`).
     """
     ref_name = LANGUAGES[reference_lang].name if reference_lang in LANGUAGES else reference_lang
+    unfit = Unfit.of(unfit)
     what = get_metric(metric).words
     lower_is_better = get_metric(metric).lower_is_better
     # adverse < 0 is a gap: lower activation than the reference, or a higher FVU (a worse fit).
@@ -238,7 +278,7 @@ def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, l
     for tier in TIER_ORDER[1:]:
         langs = [lang for lang in disp if lang != reference_lang and tier_of(lang) == tier]
         cells = [(sign * disp[lang][layer], lang, layer) for lang in langs for layer in disp[lang]
-                 if layer in band_of and layer not in unfit and _finite(disp[lang][layer])]
+                 if layer in band_of and not unfit.excludes(lang, layer) and _finite(disp[lang][layer])]
         if not cells:
             continue
         gap, lang, layer = min(cells)
@@ -324,12 +364,14 @@ def _position_words(record: dict, other: OtherAggregates | None, ref_name: str, 
 
 def _holm_by_cell(disparity_samples, reference_lang: str, langs: list[str], layers: list[int], unfit) -> dict | None:
     """disparity_p_holm[lang][layer]: each cell's bootstrap p-value of "no disparity", Holm-adjusted over every
-    non-reference cell of the fit layers (the family a reader scans in the heatmap); None without a bootstrap."""
+    non-reference cell of the fit layers (the family a reader scans in the heatmap; unfit cells are not in it and get
+    None); None without a bootstrap."""
     if not disparity_samples:
         return None
+    unfit = Unfit.of(unfit)
     cells = {(lang, layer): bootstrap_p_value(disparity_samples[lang][layer]) for lang in langs
              if lang != reference_lang for layer in layers
-             if layer not in unfit and layer in (disparity_samples.get(lang) or {})}
+             if not unfit.excludes(lang, layer) and layer in (disparity_samples.get(lang) or {})}
     adjusted = holm(cells)
     return {lang: {layer: adjusted.get((lang, layer)) for layer in layers} for lang in langs if lang != reference_lang}
 
@@ -354,6 +396,23 @@ def _raw_fvu_words(context: dict) -> str:
     if not (_finite(context.get("fvu_raw")) and _finite(context.get("fvu_raw_reference"))):
         return ""
     return f" (raw FVU ||x-x̂||²/||x||² {context['fvu_raw']:.3f} vs {context['fvu_raw_reference']:.3f})"
+
+
+def unfit_statements(values, reference_lang: str, unfit: Unfit) -> list[str]:
+    """One statement for the layers the SAE does not reconstruct (reference), one per language it does not
+    reconstruct at some fit layer."""
+    texts = [unfit_statement(values, reference_lang, sorted(unfit.layers))] if unfit.layers else []
+    return texts + [unfit_cell_statement(values, lang, sorted(layers)) for lang, layers in unfit.cells.items() if layers]
+
+
+def unfit_cell_statement(values, lang: str, layers: list[int]) -> str:
+    name = LANGUAGES[lang].name if lang in LANGUAGES else lang
+    worst = max(layers, key=lambda layer: values[lang][layer]["fvu"])
+    return (f"The SAE does not reconstruct {name} at layer{'s' if len(layers) > 1 else ''} "
+            f"{', '.join(str(layer) for layer in layers)} ({lang} FVU up to {values[lang][worst]['fvu']:.2f} at layer "
+            f"{worst}, worse than predicting the mean): {lang}'s disparity there is read through a failed "
+            f"reconstruction, is no finding, and is left out of the statements above; train SAEs on text that includes "
+            f"{name} (task=train_saes).")
 
 
 def unfit_statement(values, reference_lang: str, layers: list[int]) -> str:
@@ -421,7 +480,8 @@ def summarize(
     disparity_ci_position_matched, disparity_p_holm_position_matched (its CI and Holm p, as above),
     n_tokens_position_matched[lang] (all five null where the statistics kept no window), n_tokens[lang],
     n_sentences[lang], corpus_stats[lang] {tokens_per_sentence, truncated_pct, mean_position}, max_fvu, unfit_layers
-    (reference FVU >= max_fvu; left out of band_summary and statements), sae_fits[layer] (bool), warnings (also
+    (reference FVU >= max_fvu; left out of band_summary and statements), unfit_cells[lang] (fit layers where that
+    language's own FVU >= max_fvu; its cells there are left out too), sae_fits[layer] (bool), warnings (also
     logged). `summary_markdown` renders it as analysis/summary.md.
     With `feature_stats` (the per-feature totals of the same pass): dense_share[lang][layer] and
     gross_change_pct[lang][layer] beside the net disparity, and `decomposition` (analysis.decomposition.decompose:
@@ -442,11 +502,10 @@ def summarize(
     band_layers = layer_bands(layers, bands, n_model_layers)
     langs = order_by_tier(list(stats))
     first = {lang: stats[lang][layers[0]] for lang in langs}
-    unfit = unfit_layers(values, reference_lang, max_fvu)
+    unfit = Unfit(layers=frozenset(unfit_layers(values, reference_lang, max_fvu)),
+                  cells={lang: frozenset(layers) for lang, layers in unfit_cells(values, reference_lang, max_fvu).items()})
     corpus = corpus_stats(stats)
-    warnings = []
-    if unfit:
-        warnings.append(unfit_statement(values, reference_lang, unfit))
+    warnings = unfit_statements(values, reference_lang, unfit)
     for lang in langs:
         pct = corpus[lang]["truncated_pct"]
         if max_truncated_pct is not None and _finite(pct) and pct > max_truncated_pct:
@@ -488,8 +547,7 @@ def summarize(
             "disparity_ci": {lang: boot["disparity_ci"][lang] for lang in langs} if boot["disparity_ci"] else None,
             "bands": band_layers,
             "band_summary": band_summary(values, disp, reference_lang, band_layers, unfit, metric),
-            "statements": [h["text"] for h in heads] + (
-                [unfit_statement(values, reference_lang, sorted(unfit))] if unfit else []),
+            "statements": [h["text"] for h in heads] + unfit_statements(values, reference_lang, unfit),
             "headlines": heads,
             # The same disparity with every sentence weighing the same (a language cut into more tokens per sentence
             # counts no more), beside the token aggregate: a headline that holds in one and not the other says so.
@@ -509,8 +567,10 @@ def summarize(
             "n_sentences": {lang: first[lang].n_sentences for lang in langs},
             "corpus_stats": {lang: corpus[lang] for lang in langs},
             "max_fvu": max_fvu,
-            "unfit_layers": [int(layer) for layer in unfit],
-            "sae_fits": {layer: layer not in unfit for layer in layers},
+            "unfit_layers": sorted(int(layer) for layer in unfit.layers),
+            "unfit_cells": {lang: sorted(int(layer) for layer in unfit.cells[lang]) for lang in langs
+                            if unfit.cells.get(lang)},
+            "sae_fits": {layer: layer not in unfit.layers for layer in layers},
             "warnings": warnings,
         }
     )
@@ -576,11 +636,13 @@ def stars(p_holm) -> str:
 def disparity_table(summary: dict, key: str = "disparity_pct", p_key: str | None = "disparity_p_holm") -> list[str]:
     """Markdown lines: a table of `summary[key]` (one row per non-reference language, one column per layer, in %),
     each cell starred by `summary[p_key]`, its p-value after Holm's correction across the table's cells (`stars`), then
-    the legend that names the correction and the number of cells it ran over. Unfit layers (no test) are marked †."""
+    the legend that names the correction and the number of cells it ran over. Unfit layers (no test) are marked †,
+    a language's unfit cells ‡."""
     ref = summary["reference_lang"]
     layers = [str(layer) for layer in summary["layers"]]
     langs = [lang for lang in summary["langs"] if lang != ref]
     unfit = {str(layer) for layer in summary.get("unfit_layers") or []}
+    unfit_cells = {lang: {str(layer) for layer in layers} for lang, layers in (summary.get("unfit_cells") or {}).items()}
     values = summary.get(key) or {}
     p_holm = (summary.get(p_key) if p_key else None) or {}
     lines = ["| lang | " + " | ".join(f"{layer}†" if layer in unfit else layer for layer in layers) + " |",
@@ -588,8 +650,10 @@ def disparity_table(summary: dict, key: str = "disparity_pct", p_key: str | None
     for lang in langs:
         cells = [(values.get(lang) or {}).get(layer) for layer in layers]
         marks = [stars((p_holm.get(lang) or {}).get(layer)) for layer in layers]
+        unfit_here = unfit_cells.get(lang, set())
         lines.append(f"| {lang} | " + " | ".join("n/a" if not _finite(v) else f"{v:+.1f}{mark}"
-                                                  for v, mark in zip(cells, marks)) + " |")
+                                                  + ("‡" if layer in unfit_here else "")
+                                                  for v, mark, layer in zip(cells, marks, layers)) + " |")
     n_cells = sum(_finite(p) for by_layer in p_holm.values() for p in by_layer.values())
     lines.append("")
     if p_key is None:
@@ -603,6 +667,9 @@ def disparity_table(summary: dict, key: str = "disparity_pct", p_key: str | None
                      f"star in the table by 5%, or 1% for `**`).{_resolution_words(summary.get('bootstrap'), n_cells)}")
     if unfit:
         lines.append("† the SAE does not reconstruct the reference language at this layer: no test, no finding.")
+    if any(unfit_cells.values()):
+        lines.append("‡ the SAE does not reconstruct this language at this layer (its FVU >= analysis.max_fvu): no "
+                     "test, no finding.")
     return lines
 
 

@@ -168,8 +168,9 @@ def scalar_results(summary: dict) -> dict[str, float]:
             if lang == ref:
                 continue
             by_layer = {int(layer): v for layer, v in summary["disparity_pct"][lang].items()}
+            unfit_here = unfit | {int(layer) for layer in (summary.get("unfit_cells") or {}).get(lang, [])}
             values = [by_layer[int(layer)] for layer in layers
-                      if int(layer) not in unfit and by_layer.get(int(layer)) is not None
+                      if int(layer) not in unfit_here and by_layer.get(int(layer)) is not None
                       and math.isfinite(by_layer[int(layer)])]
             if values:
                 out[f"band_{band}_disparity_pct_{lang}"] = sum(values) / len(values)

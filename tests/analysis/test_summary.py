@@ -156,6 +156,34 @@ def test_layers_where_the_sae_does_not_fit_the_reference_are_not_findings(refere
     assert off["unfit_layers"] == [] and not any("does not reconstruct" in s for s in off["statements"] + off["warnings"])
 
 
+def test_a_layer_the_sae_fits_for_english_but_not_for_the_language_is_no_finding_for_that_language():
+    """The SAE reconstructs English at layer 0 (FVU 0.1) but not Hindi (1.3, worse than the mean, as an SAE trained on
+    English text only does): Hindi's -40% there is the failed reconstruction, not a gap. Spanish at layer 0 still
+    counts, since the SAE reconstructs it."""
+    from mlalign.analysis.summary import Unfit, band_summary, disparity_table, unfit_cells, unfit_layers
+
+    values = _synthetic({"hi": [-40, -5, -6, -7, -8, -9], "es": [-3, -2, -1, -1, -1, -1]})
+    values["hi"][0]["fvu"] = 1.3
+    disp = disparity(values, "en", "mean_act")
+    bands = layer_bands(list(range(6)))
+    assert unfit_layers(values, "en") == [] and unfit_cells(values, "en") == {"hi": [0]}
+    unfit = Unfit(cells={"hi": frozenset([0])})
+    statements = headline_statements(values, disp, "en", "mean_act", bands, unfit)
+    low = next(text for text in statements if text.startswith("Medium-to-low"))
+    assert "up to 9.0% lower" in low and "40.0" not in low
+    assert "does not reconstruct Hindi at layer 0 (hi FVU up to 1.30" in statements[-1]
+    early = band_summary(values, disp, "en", bands, unfit)["early"]
+    assert early["unfit_cells"] == {"hi": [0]} and early["most_negative"]["layer"] != 0
+    # Before this control the same numbers made -40% at layer 0 the headline.
+    assert "up to 40.0% lower" in headline_statements(values, disp, "en", "mean_act", bands)[-1]
+    table = disparity_table({"reference_lang": "en", "langs": ["en", "es", "hi"], "layers": list(range(6)),
+                             "disparity_pct": {lang: {str(k): v for k, v in disp[lang].items()} for lang in disp},
+                             "unfit_cells": {"hi": [0]}}, p_key=None)
+    hi_row = next(line for line in table if line.startswith("| hi |"))
+    assert hi_row.split(" | ")[1].endswith("‡") and "‡" not in hi_row.split(" | ")[2]
+    assert any(line.startswith("‡ the SAE does not reconstruct this language") for line in table)
+
+
 def test_corpus_stats_report_length_truncation_and_position(reference_stats):
     summary = summarize(reference_stats, "en", bootstrap=0, max_truncated_pct=0.0)
     for lang, sums in ((lang, reference_stats[lang][0]) for lang in reference_stats):
