@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -74,12 +76,19 @@ def new_model(spec: TestbedSpec):
     return Gemma2ForCausalLM(config)
 
 
-def sample_sentences(corpus: ParallelCorpus, spec: TestbedSpec, rng: np.random.Generator, n: int) -> list[str]:
-    """`n` sentences drawn with replacement, the language of each drawn with `spec.lang_mix`'s probabilities."""
+def sample_batch(corpus: ParallelCorpus, spec: TestbedSpec, rng: np.random.Generator,
+                 n: int) -> tuple[list[str], list[str]]:
+    """`n` sentences drawn with replacement, the language of each drawn with `spec.lang_mix`'s probabilities, and the
+    language of each."""
     langs = list(spec.lang_mix)
     weights = np.array([spec.lang_mix[lang] for lang in langs])
     picks = rng.choice(len(langs), size=n, p=weights / weights.sum())
-    return [corpus[langs[i]][rng.integers(len(corpus[langs[i]]))] for i in picks]
+    return [corpus[langs[i]][rng.integers(len(corpus[langs[i]]))] for i in picks], [langs[i] for i in picks]
+
+
+def sample_sentences(corpus: ParallelCorpus, spec: TestbedSpec, rng: np.random.Generator, n: int) -> list[str]:
+    """`sample_batch`'s sentences alone."""
+    return sample_batch(corpus, spec, rng, n)[0]
 
 
 def encode(tokenizer, sentences: list[str], spec: TestbedSpec) -> dict[str, torch.Tensor]:
@@ -90,8 +99,42 @@ def _lm_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
+def planted_gap_penalty(residuals: list[torch.Tensor], batch: dict[str, torch.Tensor], langs: list[str],
+                        spec: TestbedSpec) -> torch.Tensor:
+    """`spec.planted_gap_weight` x Σ_l (r_l − (1 − planted_gap_pct/100))², r_l = mean residual norm at layer l of the
+    batch's planted-language tokens over the mean of its English tokens (held fixed: only the planted side moves).
+    BOS and padding count nowhere; 0 for a batch without both kinds of sentence."""
+    tokens = batch["attention_mask"].bool().clone()
+    tokens[:, 0] = False  # BOS
+    planted = tokens & torch.tensor([lang in spec.planted_gap_langs for lang in langs])[:, None]
+    english = tokens & torch.tensor([lang == "en" for lang in langs])[:, None]
+    if not (planted.any() and english.any()):
+        return torch.zeros(())
+    target = 1.0 - float(spec.planted_gap_pct) / 100.0
+    ratios = torch.stack([h[planted].norm(dim=-1).mean() / h[english].norm(dim=-1).mean().detach()
+                          for h in residuals])
+    return float(spec.planted_gap_weight) * ((ratios - target) ** 2).sum()
+
+
+@contextlib.contextmanager
+def layer_outputs(model) -> Iterator[list[torch.Tensor]]:
+    """Every decoder layer's output (the residual stream, `hook_resid_post`) of the latest forward, with its graph."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output):
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(keep) for layer in model.model.layers]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def pretrain(model, tokenizer, spec: TestbedSpec, corpus: ParallelCorpus, rng: np.random.Generator, progress: bool) -> None:
-    """Causal-LM training on sentences sampled with the language mix: AdamW, linear warm-up, cosine decay."""
+    """Causal-LM training on sentences sampled with the language mix: AdamW, linear warm-up, cosine decay; with
+    `spec.planted_gap_langs`, plus `planted_gap_penalty`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, spec.pretrain_steps // 10)
 
@@ -103,15 +146,23 @@ def pretrain(model, tokenizer, spec: TestbedSpec, corpus: ParallelCorpus, rng: n
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
     bar = tqdm(range(spec.pretrain_steps), desc="testbed pretrain", unit="step", disable=not progress)
-    for _ in bar:
-        batch = encode(tokenizer, sample_sentences(corpus, spec, rng, spec.batch_size), spec)
-        loss = model(**batch, labels=_lm_labels(batch)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    with layer_outputs(model) as residuals:
+        for _ in bar:
+            sentences, langs = sample_batch(corpus, spec, rng, spec.batch_size)
+            batch = encode(tokenizer, sentences, spec)
+            residuals.clear()
+            loss = model(**batch, labels=_lm_labels(batch)).loss
+            planted = planted_gap_penalty(residuals, batch, langs, spec) if spec.planted_gap_langs else None
+            (loss if planted is None else loss + planted).backward()
+            _step(model, optimizer, scheduler)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
+def _step(model, optimizer, scheduler) -> None:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()

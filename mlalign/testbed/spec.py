@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from mlalign.errors import UserError
 from mlalign.languages import LANGUAGES, get_language
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 """Bump whenever the build recipe changes what it produces, so stale caches are never reused."""
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -21,6 +21,10 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 
 EVAL_SENTENCES_PER_LANG = 16
 """Sentences per language (the first rows, so translations of each other) for the final loss and SAE statistics."""
+
+
+def _default_planted_gap_langs() -> list[str]:
+    return ["mr", "ml", "hi"]
 
 
 def _default_lang_mix() -> dict[str, float]:
@@ -64,6 +68,17 @@ class TestbedSpec:
     """Optimiser steps per SAE (256 positions each), so the activations are reused when steps x 256 exceeds them."""
     sae_l0_coefficient: float = 1.0
     """Weight of the JumpReLU L0 penalty; larger means sparser SAEs."""
+    planted_gap_langs: list[str] = field(default_factory=_default_planted_gap_langs)
+    """Languages whose residual stream pretraining pushes below English's (the study's story, planted): a model this
+    small, trained from scratch on the bundled corpus, gives its non-Latin-script languages *larger* residuals and SAE
+    activations than English's whatever the mix (experiments/testbed_demo/story), so the gap the demo's adapter closes
+    is put there on purpose and its size is known. [] plants nothing."""
+    planted_gap_pct: float = 20.0
+    """At every layer, pretraining adds planted_gap_weight x (r_l - (1 - planted_gap_pct/100))^2, r_l the mean residual
+    norm of the planted languages' tokens over English's in the batch (English's side held fixed): their residuals sit
+    about this much below English's. A gap of scale by construction, which the norm controls are expected to call so."""
+    planted_gap_weight: float = 10.0
+    """Weight of that term beside the causal-LM loss."""
     seed: int = 0
     """Seeds python, numpy and torch for the whole build: same spec, same weights."""
     num_layers: int = 26
@@ -83,12 +98,22 @@ class TestbedSpec:
             if not float(weight) > 0:
                 raise UserError(f"testbed lang_mix weight for {code!r} is {weight}; every weight must be > 0 "
                                 f"(drop the language from lang_mix instead)")
+        unknown = [code for code in self.planted_gap_langs if code not in self.lang_mix]
+        if unknown:
+            raise UserError(f"testbed planted_gap_langs has {', '.join(unknown)}, which lang_mix lacks; plant the gap in "
+                            f"languages the testbed is pretrained on, e.g. model.testbed.planted_gap_langs=[hi,ml]")
+        if self.planted_gap_langs and ("en" not in self.lang_mix or "en" in self.planted_gap_langs):
+            raise UserError("testbed planted_gap_langs is measured against English: keep en in lang_mix and out of "
+                            "planted_gap_langs (or plant nothing: model.testbed.planted_gap_langs=[])")
+        if not 0.0 <= float(self.planted_gap_pct) < 100.0:
+            raise UserError(f"testbed planted_gap_pct={self.planted_gap_pct} must be in [0, 100), e.g. 20")
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"testbed num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.vocab_size < 512:
             raise UserError(f"testbed vocab_size={self.vocab_size} is too small for byte-level BPE; use at least 512")
         # A canonical order and plain floats make the hash independent of how the mix was written.
         self.lang_mix = {code: float(self.lang_mix[code]) for code in LANGUAGES if code in self.lang_mix}
+        self.planted_gap_langs = [code for code in LANGUAGES if code in set(self.planted_gap_langs)]
 
     @classmethod
     def from_config(cls, mapping: Any) -> "TestbedSpec":

@@ -66,6 +66,9 @@ def test_hydra_overrides_name_the_session_testbed(small_testbed_spec, small_test
     ({"lang_mix": {"en": 0.5, "xx": 0.5}}, "unknown language 'xx'"),
     ({"lang_mix": {"en": 0.5, "bn": 0.5}}, "bn.*which the bundled FLORES-200 copy lacks"),  # in the table, no corpus
     ({"lang_mix": {"en": 1.0, "hi": 0.0}}, "must be > 0"),
+    ({"lang_mix": {"en": 0.5, "hi": 0.5}}, "planted_gap_langs has mr, ml, which lang_mix lacks"),
+    ({"planted_gap_langs": ["en", "hi"]}, "measured against English"),
+    ({"planted_gap_pct": 100.0}, r"planted_gap_pct=100.0 must be in \[0, 100\)"),
 ])
 def test_bad_spec_is_a_user_error(mapping, message):
     with pytest.raises(UserError, match=message):
@@ -155,6 +158,41 @@ def test_english_heavy_mix_leaves_low_resource_languages_worse_modelled(testbed_
     loss = json.loads((testbed_dir / "build_info.json").read_text())["pretrain_loss"]
     for low_resource in ("id", "ca"):
         assert loss["en"] < loss[low_resource], loss
+
+
+def test_the_planted_gap_puts_the_planted_languages_residuals_below_englishs(testbed_dir, small_testbed_spec):
+    """The known answer the demo rests on: pretraining pushed hi/mr/ml's residual norm to about 80% of English's at
+    every layer (planted_gap_pct=20), on held-out sentences it never trained on."""
+    model = _load_model(testbed_dir)
+    tokenizer = _load_tokenizer(testbed_dir)
+    dev = load_flores(["en", *small_testbed_spec.planted_gap_langs], "dev", max_sentences=16, normalize=None)
+    norms = {}
+    with ResidualCapture(model, list(range(26)), stop_after_last=True) as capture, torch.no_grad():
+        for lang in dev.langs:
+            batch = tokenizer(dev[lang], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            mask = batch["attention_mask"].bool()
+            mask[:, 0] = False
+            norms[lang] = {layer: h[mask].norm(dim=-1).mean().item() for layer, h in capture.forward(**batch).items()}
+    for lang in small_testbed_spec.planted_gap_langs:
+        ratios = [norms[lang][layer] / norms["en"][layer] for layer in range(26)]
+        assert sum(r < 1.0 for r in ratios) >= 24, (lang, ratios)
+        assert 0.7 < sum(ratios) / len(ratios) < 0.9, (lang, ratios)
+
+
+def test_the_planted_gap_penalty_is_zero_on_target_and_moves_only_the_planted_side():
+    from mlalign.testbed.lm import planted_gap_penalty
+
+    spec = TestbedSpec(planted_gap_pct=20.0, planted_gap_weight=10.0)
+    batch = {"attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    english = torch.ones(1, 3, 4) * 2.0
+    on_target = torch.cat([english, english * 0.8]).requires_grad_()  # hi tokens at 80% of English's norm
+    assert planted_gap_penalty([on_target], batch, ["en", "hi"], spec).item() == pytest.approx(0.0, abs=1e-10)
+    equal = torch.cat([english, english]).requires_grad_()  # no gap: (1 - 0.8)^2 x 10 per layer
+    penalty = planted_gap_penalty([equal, equal], batch, ["en", "hi"], spec)
+    assert penalty.item() == pytest.approx(2 * 10 * 0.2 ** 2)
+    penalty.backward()
+    assert equal.grad[0].abs().sum() == 0 and equal.grad[1].abs().sum() > 0  # English held fixed
+    assert planted_gap_penalty([equal], batch, ["en", "es"], spec).item() == 0.0  # no planted language in the batch
 
 
 def test_second_call_is_a_cache_hit(testbed_dir, small_testbed_spec, testbed_cache_dir, monkeypatch):
