@@ -119,11 +119,17 @@ def _verdict(context: dict) -> str:
     fvu, fvu_ref = context.get("fvu_raw"), context.get("fvu_raw_reference")
     if not (_finite(fvu) and _finite(fvu_ref)):
         fvu, fvu_ref = context["fvu"], context["fvu_reference"]
+    # Both causes are named where both hold: a residual shrunk by scale alone also raises the raw FVU (the SAE's error
+    # floor over a smaller ||x||²), and naming only the first would hide the scale (the testbed's planted gap does this).
+    reasons = []
     if _finite(fvu) and _finite(fvu_ref) and fvu_ref > 0 and fvu > FVU_ARTEFACT_RATIO * fvu_ref:
-        return "the SAE reconstructs this language markedly worse, so part of the gap may be an SAE artefact"
+        reasons.append("the SAE reconstructs this language markedly worse, so part of the gap may be an SAE artefact")
     if _finite(resid) and _finite(gap) and gap != 0 and resid * gap > 0 and abs(resid) >= MODEL_LEVEL_FRACTION * abs(gap):
-        return ("the residual norm differs in the same direction by at least half as much, so part of the gap may be "
-                "the residual's scale rather than what its features represent (see the norm-matched numbers)")
+        reasons.append("the residual norm differs in the same direction by at least half as much, so part of the gap "
+                       "may be the residual's scale rather than what its features represent (see the norm-matched "
+                       "numbers)")
+    if reasons:
+        return "; and ".join(reasons)
     return "the SAE fits both languages comparably and the residual norm does not explain the gap"
 
 

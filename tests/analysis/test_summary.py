@@ -69,6 +69,10 @@ def test_statements_flag_a_residual_scale_effect_and_an_sae_artefact():
         disp = disparity(values, "en", "mean_act")
         (statement,) = headline_statements(values, disp, "en", "mean_act", bands)
         assert phrase in statement
+    # Both at once (the testbed's planted gap: a residual shrunk 21% also has a higher raw FVU): both are named.
+    both = _synthetic(gaps, resid={"hi": -15.0}, fvu={"hi": 0.5})
+    (statement,) = headline_statements(both, disparity(both, "en", "mean_act"), "en", "mean_act", bands)
+    assert "SAE artefact; and the residual norm differs" in statement and "residual's scale" in statement
 
 
 def test_summary_is_strict_json_with_the_documented_keys(reference_stats, ids):
