@@ -18,8 +18,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -c constraints.txt -e ".[dev]"
 	touch $@
 
+# One pytest worker per core (pytest-xdist); a test file stays on one worker, so its module fixtures run once.
+# TEST_WORKERS=0 runs in one process (e.g. to debug with -x --pdb).
+TEST_WORKERS ?= auto
 test: install
-	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
+	$(OFFLINE) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: install
 	$(OFFLINE) $(PY) run.py experiment=testbed_demo

@@ -207,7 +207,10 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(testbed_d
 def test_same_seed_same_analysis_numbers_and_training_curve(testbed_dir, testbed_cache_dir, tmp_path):
     def analyze(num):
         run_dir = tmp_path / f"analyze{num}"
+        # Three layers (first, middle, last) and a short bootstrap: the test is about run-to-run identity, which
+        # does not need all 26 layers (they took most of this test's 8 minutes on a loaded 2-core box).
         result = run_cli(["task=analyze", "langs=[hi,zh]", "analysis.cache=false", "data.max_sentences=16",
+                          "layers=[0,12,25]", "analysis.bootstrap=200",
                           f"hydra.run.dir={run_dir}", *_testbed_args(testbed_cache_dir, tmp_path)])
         assert result.returncode == 0, result.stderr[-2000:]
         summary = json.loads((run_dir / "analysis" / "summary.json").read_text())
@@ -216,6 +219,7 @@ def test_same_seed_same_analysis_numbers_and_training_curve(testbed_dir, testbed
     def train(num):
         run_dir = tmp_path / f"train{num}"
         result = run_cli(["task=train", "langs=[hi]", "layers=[4,20]", "train.max_steps=6", "train.eval_every=100",
+                          "data.max_sentences=16", "analysis.bootstrap=100",
                           f"hydra.run.dir={run_dir}", *_testbed_args(testbed_cache_dir, tmp_path)])
         assert result.returncode == 0, result.stderr[-2000:]
         return json.loads((run_dir / "train" / "history.json").read_text())
@@ -230,6 +234,7 @@ def test_hf_token_never_reaches_outputs_or_wandb(testbed_dir, testbed_cache_dir,
     token = "hf_FAKEtoken0123456789abcdefSECRET"
     run_dir = tmp_path / "run"
     result = run_cli(["task=train", "langs=[hi]", "layers=[4]", "train.max_steps=2", "logger=wandb",
+                      "data.max_sentences=8", "analysis.bootstrap=50",
                       f"hydra.run.dir={run_dir}", *_testbed_args(testbed_cache_dir, tmp_path)],
                      env={"HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token})
     assert result.returncode == 0, result.stderr[-2000:]
