@@ -162,7 +162,7 @@ class AnalysisConfig:
     decode: str = "auto"
     """How x̂ (for FVU) is computed: sparse = only the decoder rows of the features that fired (a few percent of the
     dense work; faster on a CPU); dense = one dense matmul (faster on a GPU); auto = sparse on the CPU, dense elsewhere.
-    The numbers agree to float rounding (tests/analysis/test_sae_ops.py)."""
+    The numbers agree to float rounding (tests/saes/test_encode.py)."""
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     """Per-feature statistics, language-specific features and overlap (docs/method.md §8)."""
 

@@ -1,4 +1,4 @@
-"""Real-model check of the analysis engine's CPU sparse path (mlalign/analysis/sae_ops.py: the layer-by-layer sparse
+"""Real-model check of the analysis engine's CPU sparse path (mlalign/saes/encode.py: the layer-by-layer sparse
 code, the shared per-column counts, L1 from the plain sum; stats.py, features.py): on Gemma-3-270M with the SAEs of
 step (a) (18 layers, 1024-wide JumpReLU), `collect_stats` with `decode=sparse` (SparseCode everywhere) against
 `decode=dense` (dense code, dense decode, the accumulators' dense branches, no SparseCode): every per-sentence sum and

@@ -1,6 +1,6 @@
 """Choose the SAE recipe for Gemma 3 270M on the dev split: the training activations of a few layers are captured
 once (train split, balanced over ten languages, the LM head never runs), then every recipe of the grid trains one
-SAE per layer on them with mlalign's trainer (`mlalign.sae_training.train_sae`, what task=train_saes runs) and is
+SAE per layer on them with mlalign's trainer (`mlalign.saes.training.train_sae`, what task=train_saes runs) and is
 scored on dev-split residuals: pooled and per-language FVU, L0, dead features, seconds.
 
     python experiments/gemma3_270m_saes/sweep.py [--cache DIR] [--layers 2,9,15,17] [--tokens 100000]
@@ -116,7 +116,7 @@ def main() -> None:
     import numpy as np
     import torch
     from mlalign.data.corpus import load_flores
-    from mlalign.sae_training import PRE_ACT_LOSS, default_lr, fidelity, train_sae
+    from mlalign.saes.training import PRE_ACT_LOSS, default_lr, fidelity, train_sae
     from mlalign.tasks.train_saes import (TASK_MAX_LR, capture_language, collect_training_activations, mix_weights,
                                           token_quotas)
 

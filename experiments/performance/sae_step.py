@@ -17,7 +17,7 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
 import mlalign
 from mlalign.analysis.features import FeatureStats
-from mlalign.analysis.sae_ops import StackedSAEs
+from mlalign.saes.encode import StackedSAEs
 from mlalign.analysis.stats import LayerStats
 
 LAYERS, TOKENS, D_MODEL, D_SAE, SENTENCES = 13, 800, 256, 2048, 16

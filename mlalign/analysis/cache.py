@@ -103,13 +103,11 @@ def model_fingerprint(source: str, revision: str | None = None) -> dict:
 def sae_fingerprints(sae_cfg, layers) -> dict[int, dict]:
     """layer -> where its SAE's weights resolve: the release's repo, cached snapshot and path in the registry, or the
     local folder's file fingerprint."""
-    from mlalign.saes import local_sae_path, sae_id_for
+    from mlalign.saes import local_sae_path, pretrained_release, sae_id_for
 
     out = {}
     if sae_cfg.get("release"):
-        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
-        release = get_pretrained_saes_directory().get(sae_cfg.release)
+        release = pretrained_release(sae_cfg.release)
         repo_id = getattr(release, "repo_id", None)
         snapshot = hub_snapshot(repo_id) if repo_id else None
         paths = dict(release.saes_map) if release is not None else {}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlalign.analysis.capture import ResidualCapture, decoder_layers
-from mlalign.analysis.sae_ops import DECODE_MODES, StackedSAEs, elementwise_encoder, sparse_decode_wanted, stack_groups
+from mlalign.saes.encode import DECODE_MODES, StackedSAEs, elementwise_encoder, sparse_decode_wanted, stack_groups
 from mlalign.analysis.features import FeatureStats, ListedSums, SentenceFeatureStats
 from mlalign.analysis.stats import POSITION_CAP_QUANTILE, LayerStats, SentenceSums
 from mlalign.errors import UserError
@@ -237,7 +237,7 @@ def collect_stats(
 
     One forward pass per batch captures every layer of the current chunk (`stop_after_last`: no later layers, no
     LM head). The kept positions (no BOS, no padding) of every layer of a group are encoded in one batched SAE step
-    (`sae_ops.StackedSAEs`; SAEs that cannot be stacked use their own `encode`/`decode`). With `sae_chunk=k`, at most k SAEs sit on the model's device at once and the corpus is run once per
+    (`saes.encode.StackedSAEs`; SAEs that cannot be stacked use their own `encode`/`decode`). With `sae_chunk=k`, at most k SAEs sit on the model's device at once and the corpus is run once per
     chunk of k layers (k times fewer SAE bytes resident, ceil(L/k) times the forward passes); results are identical.
     SAEs are moved to the model's device for their chunk and returned to where they were afterwards.
     Batch size and padding side change no number beyond float rounding (positions are set from the mask).
@@ -249,7 +249,7 @@ def collect_stats(
     (O(d_sae) each; off when None). feature_ids: {lang: {layer: [features]}} whose per-sentence sums those also keep
     (`FeatureSums.sentence_sums`, O(sentences x k)); implies feature_stats.
     decode: how x̂ (for FVU) is computed: "sparse" reads only the decoder rows of features that fired
-    (`sae_ops.decode_active`), "dense" is a dense matmul, "auto" is sparse on the CPU and dense on an
+    (`saes.encode.decode_active`), "dense" is a dense matmul, "auto" is sparse on the CPU and dense on an
     accelerator; the numbers agree to float rounding.
     token_recorders: {lang: recorder} fed in the same pass with what task=train's paired outcome pass needs of these
     sentences, token by token (`training.outcomes.BaseSideRecorder`: the base side; `AdaptedSideRecorder`: the
@@ -295,7 +295,7 @@ def collect_stats(
         for start in range(0, len(layers), chunk):
             chunk_layers = layers[start : start + chunk]
             with _saes_on(saes, chunk_layers, sae_device):
-                # Layers whose SAEs stack run as one batched step (sae_ops.StackedSAEs); the group size keeps the
+                # Layers whose SAEs stack run as one batched step (saes.encode.StackedSAEs); the group size keeps the
                 # per-batch [layers, tokens, d_sae] work tensor bounded. feature_ids are per layer: no stacking then.
                 max_tokens = max(sum(len(ids) for _, ids in batch) for items in tokenized.values()
                                  for batch in _batches(items, batch_size))
@@ -406,7 +406,7 @@ def collect_listed_sums(
 
 def encode_listed(sae, x: torch.Tensor, feature_ids: torch.Tensor) -> torch.Tensor:
     """[n, k] = sae.encode(x)[:, feature_ids] for x [n, d_in], computing only those k encoder columns where the encoder
-    works feature by feature (`sae_ops.elementwise_encoder`; k/d_sae of the encode's cost), else through `sae.encode`. The
+    works feature by feature (`saes.encode.elementwise_encoder`; k/d_sae of the encode's cost), else through `sae.encode`. The
     same numbers up to float rounding of the smaller matmul (tests/analysis/test_engine.py)."""
     kind = elementwise_encoder(sae)
     if kind is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from mlalign.analysis.sae_ops import SparseCode
+from mlalign.saes.encode import SparseCode
 
 from mlalign.errors import UserError
 

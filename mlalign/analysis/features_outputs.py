@@ -24,13 +24,12 @@ def neuronpedia_ids(sae_cfg, layers) -> dict[int, str | None]:
     release = sae_cfg.get("release") if sae_cfg is not None else None
     if not release:
         return out
-    try:
-        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    from mlalign.saes import pretrained_release, sae_id_for
 
-        from mlalign.saes import sae_id_for
+    try:
+        lookup = pretrained_release(release)
     except ImportError:  # pragma: no cover - sae-lens is a dependency
         return out
-    lookup = get_pretrained_saes_directory().get(release)
     ids = dict(getattr(lookup, "neuronpedia_id", None) or {})
     for layer in layers:
         out[int(layer)] = ids.get(sae_id_for(sae_cfg, layer))

@@ -73,7 +73,7 @@ class DenseView:
 
 
 class SparseView:
-    """`analysis.sae_ops.SparseCode` (the non-zero entries) as a `CodeView`: sums cost O(nnz), the row sum is shared."""
+    """`saes.encode.SparseCode` (the non-zero entries) as a `CodeView`: sums cost O(nnz), the row sum is shared."""
 
     def __init__(self, code, dtype: torch.dtype = torch.float32, decoder_norms: torch.Tensor | None = None):
         self.code, self.dtype, self.d_sae, self.decoder_norms = code, dtype, int(code.d_sae), decoder_norms

@@ -22,7 +22,7 @@ from torch import nn
 
 from mlalign.analysis.capture import ResidualCapture, decoder_layers
 from mlalign.analysis.engine import analysed_positions, lm_loss_per_row, pad_batch, tokenize_sorted
-from mlalign.analysis.sae_ops import decode_active
+from mlalign.saes.encode import decode_active
 
 
 @dataclass

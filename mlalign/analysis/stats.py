@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mlalign.analysis.registry import DenseView, SparseView, code_metrics
-from mlalign.analysis.sae_ops import SparseCode
+from mlalign.saes.encode import SparseCode
 
 RESIDUAL_SUMS = ("n_tokens", "resid_norm", "sq_err", "sq_dev", "sq_norm", "position")
 """Per-sentence sums of the residual kept for every analysis, over the sentence's analysed tokens (BOS and padding

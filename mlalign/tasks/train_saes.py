@@ -17,7 +17,7 @@ from mlalign.analysis.engine import analysed_positions, pad_batch
 from mlalign.data.corpus import ParallelCorpus, load_corpus
 from mlalign.errors import UserError
 from mlalign.io import write_atomic, write_json_atomic, write_text_atomic
-from mlalign.sae_training import default_lr, fidelity, train_sae
+from mlalign.saes.training import TRAINER_MODULE, default_lr, fidelity, train_sae
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ def run(cfg, ctx) -> dict[str, float]:
     records: dict[int, list[dict]] = {layer: [] for layer in layers}
     trained: list[dict[int, object]] = [{} for _ in range(seeds)]
     train_started = time.perf_counter()
-    transient_bars("sae_lens.training.sae_trainer")  # its per-SAE bar vanishes when done; each layer's line stays
+    transient_bars(TRAINER_MODULE)  # its per-SAE bar vanishes when done; each layer's line stays
     with tempfile.TemporaryDirectory(prefix="mlalign-sae-ckpt-") as checkpoints, \
             stage(f"training {len(layers) * seeds} SAE(s) ({steps} steps each)"):
         for layer in layers:

@@ -1,4 +1,4 @@
-"""The testbed's SAEs: collect its residual stream, train one JumpReLU SAE per layer (mlalign.sae_training), score them."""
+"""The testbed's SAEs: collect its residual stream, train one JumpReLU SAE per layer (mlalign.saes.training), score them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from mlalign.analysis.capture import ResidualCapture
 from mlalign.data.corpus import ParallelCorpus
-from mlalign.sae_training import fidelity, train_sae
+from mlalign.saes.training import fidelity, train_sae
 from mlalign.testbed.spec import BOS_ID, TestbedSpec
 from mlalign.testbed.lm import encode, sample_sentences
 

@@ -16,6 +16,7 @@ import torch
 from mlalign.analysis.capture import ResidualCapture
 from mlalign.analysis.engine import analysed_positions
 from mlalign.errors import UserError
+from mlalign.saes.surrogates import feature_activations
 from mlalign.training import losses as L
 from mlalign.training.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
 from mlalign.training.data import ParallelBatch, ParallelStream
@@ -199,8 +200,8 @@ class ObjectiveFn:
             keep = fw.keep_reference
             with self._fp32():
                 retain = torch.stack([
-                    L.relative_act_mse(L.feature_activations(self.saes[layer], adapted_acts[layer][keep].float()),
-                                       L.feature_activations(self.saes[layer], base_acts[layer][keep].float()))
+                    L.relative_act_mse(feature_activations(self.saes[layer], adapted_acts[layer][keep].float()),
+                                       feature_activations(self.saes[layer], base_acts[layer][keep].float()))
                     for layer in self.layers]).mean()
         return retain, {"en_retain": float(retain.detach())}
 

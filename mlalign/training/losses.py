@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from mlalign.analysis.registry import REGISTRY, DenseView, SoftView, check_aggregate, get_metric
 from mlalign.errors import UserError
+from mlalign.saes.surrogates import decoder_norms_of, jumprelu, sae_pre_activations, ste_code, ste_step, threshold_of
 
 ACT_ALIGN_KINDS = ("relative_hinge", "hinge", "mse", "log_ratio")
 SURROGATES = ("pre_relu", "ste")
@@ -72,34 +73,12 @@ def check_loss_config(loss_cfg) -> None:
         raise UserError(f"loss.ste_bandwidth={loss_cfg.ste_bandwidth} must be > 0 for surrogate=ste")
 
 
-def sae_pre_activations(sae, x: torch.Tensor) -> torch.Tensor:
-    """[tokens, d_sae] pre-activations `x @ W_enc + b_enc` after the SAE's own input processing (b_dec, norm)."""
-    sae_in = sae.process_sae_in(x)
-    return sae_in @ sae.W_enc + sae.b_enc
-
-
-def threshold_of(sae) -> torch.Tensor:
-    """JumpReLU threshold; SAEs without one (ReLU) gate at 0."""
-    threshold = getattr(sae, "threshold", None)
-    return threshold if threshold is not None else torch.zeros((), device=sae.W_enc.device, dtype=sae.W_enc.dtype)
-
-
-def jumprelu(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """The SAE's feature activations from its pre-activations: h · 1[h > θ] (θ = 0: ReLU), as sae-lens encodes them."""
-    return pre * (pre > threshold)
-
-
 def alignable_metric(metric: str):
     """The registered metric `metric`, if the alignment term can aim at it."""
     spec = get_metric(metric)
     if not spec.alignable:
         raise UserError(f"loss alignment supports analysis.metric in {', '.join(alignable_metrics())}, got {metric!r}")
     return spec
-
-
-def decoder_norms_of(sae) -> torch.Tensor:
-    """[1, d_sae] ||W_dec,f|| of one SAE, as the code views take them."""
-    return sae.W_dec.detach().norm(dim=-1).unsqueeze(0)
 
 
 def per_token_metric(acts: torch.Tensor, metric: str, sae=None) -> torch.Tensor:
@@ -119,11 +98,7 @@ class SteView:
         self.decoder_norms = decoder_norms
 
     def _gated(self) -> torch.Tensor:
-        from sae_lens.saes.jumprelu_sae import JumpReLU
-
-        # ste_to_input=True: the pseudo-derivative near the threshold reaches the pre-activations (and so the LoRA
-        # weights), not just the threshold, which is frozen here anyway.
-        return JumpReLU.apply(F.relu(self.pre), self.threshold, self.bandwidth, True)
+        return ste_code(self.pre, self.threshold, self.bandwidth)
 
     def row_sum(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         return DenseView(self._gated()).row_sum(weights)
@@ -132,9 +107,7 @@ class SteView:
         return self._gated().abs().sum(dim=-1)
 
     def row_count(self) -> torch.Tensor:
-        from sae_lens.saes.jumprelu_sae import Step
-
-        return Step.apply(self.pre, self.threshold, self.bandwidth, True).sum(dim=-1)
+        return ste_step(self.pre, self.threshold, self.bandwidth).sum(dim=-1)
 
 
 def _surrogate_per_token(pre: torch.Tensor, threshold: torch.Tensor, metric: str, surrogate: str,
@@ -191,11 +164,6 @@ def batch_fvu(sae, x: torch.Tensor) -> torch.Tensor:
 def fidelity_loss(adapted_fvu: torch.Tensor, base_fvu: torch.Tensor) -> torch.Tensor:
     """mean_l relu(FVU_adapted,l / FVU_base,l − 1): zero while the SAE explains the adapted residual as well as the base."""
     return F.relu(adapted_fvu / base_fvu.detach().clamp_min(EPS) - 1.0).mean()
-
-
-def feature_activations(sae, x: torch.Tensor) -> torch.Tensor:
-    """The SAE's own (JumpReLU) feature activations [tokens, d_sae]; gradient flows through active features."""
-    return sae.encode(x)
 
 
 def act_align_loss(target: torch.Tensor, reference: torch.Tensor, kind: str, margin: float = 0.0) -> torch.Tensor:

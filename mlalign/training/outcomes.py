@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mlalign.analysis.capture import ResidualCapture
-from mlalign.analysis.sae_ops import decode_active
+from mlalign.saes.encode import decode_active
 from mlalign.analysis.engine import analysed_positions, lm_loss_per_row, pad_batch, token_order, tokenize_sorted
 from mlalign.analysis.bootstrap import percentile_interval, resample_counts
 from mlalign.training.losses import per_token_metric

@@ -300,7 +300,7 @@ def test_encode_listed_equals_the_encoders_columns(saes):
     from sae_lens import TopKSAE, TopKSAEConfig
 
     from mlalign.analysis.engine import encode_listed
-    from mlalign.analysis.sae_ops import elementwise_encoder as _elementwise_encoder
+    from mlalign.saes.encode import elementwise_encoder as _elementwise_encoder
 
     x = torch.randn(50, D_MODEL, generator=torch.Generator().manual_seed(3))
     ids = torch.tensor([31, 0, 5, 11])  # out of order, in range of both SAEs (d_sae 32 and 48)

@@ -8,7 +8,7 @@ from mlalign.analysis import registry
 from mlalign.analysis.engine import collect_stats
 from mlalign.analysis.metrics import bootstrap_ci, compute_metrics, disparity
 from mlalign.analysis.registry import REGISTRY, DenseView, Metric, SoftView, SparseView, get_metric, register_metric
-from mlalign.analysis.sae_ops import SparseCode
+from mlalign.saes.encode import SparseCode
 from mlalign.errors import UserError
 from mlalign.training import losses as L
 

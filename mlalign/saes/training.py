@@ -9,13 +9,15 @@ from typing import Iterator
 
 import torch
 
-from mlalign.saes import resid_post_hook
+from mlalign.saes.loading import resid_post_hook
 
 MAX_LR = 1e-2
 THRESHOLD_TRAVEL = 1.2
 """Default learning rate = min(MAX_LR, THRESHOLD_TRAVEL / steps). Adam moves a JumpReLU threshold by about lr per
 step, and thresholds must travel O(1) (inputs are scaled to norm sqrt(d_in)) whatever the step budget, so short runs
 get a larger rate."""
+TRAINER_MODULE = "sae_lens.training.sae_trainer"
+"""The module of sae-lens's SAETrainer, whose per-SAE progress bar the console makes transient (console.transient_bars)."""
 PRE_ACT_LOSS = 0.1
 """Anthropic's pre-activation loss on dead features: without it half the features never fire on held-out text,
 with it about a third (measured on the testbed)."""
@@ -43,33 +45,14 @@ def activation_batches(acts: torch.Tensor, batch_size: int, seed: int, index: to
             yield acts[order[start:start + batch_size]].to(device=device, dtype=torch.float32)
 
 
-def train_sae(acts: torch.Tensor, layer: int, *, width: int, steps: int, batch_size: int = 256,
-              lr: float | None = None, l0_coefficient: float = 1.0, target_l0: float | None = None,
-              seed: int = 0, index: torch.Tensor | None = None, model_name: str = "", context_size: int = 128,
-              device: str = "cpu", checkpoint_dir: str | None = None, progress: bool = False,
-              b_dec_init: str | None = None, pre_act_loss: float = PRE_ACT_LOSS,
-              dead_window: int | None = None):
-    """A JumpReLU SAE of `width` features for decoder layer `layer`, trained with sae-lens's SAETrainer on `acts`
-    ([tokens, d_in], BOS and padding already dropped) for `steps` minibatches of `batch_size` rows; returns its
-    inference form (a `JumpReLUSAE` in eval mode, on `device`) that takes raw residuals.
-
-    Sparsity: DeepMind's step L0 penalty weighted by `l0_coefficient` (Gemma Scope), or, with `target_l0`, Gemma
-    Scope 2's quadratic penalty around that L0. The global torch RNG initialises the weights: seed it first.
-    `b_dec_init="mean"` starts the decoder bias at the training activations' mean (None: at zero, the testbed's
-    historical recipe). `pre_act_loss` weighs Anthropic's pre-activation loss, which pushes up the pre-activations of
-    features that have not fired for `dead_window` steps (None: half the run, the testbed's historical window: the
-    push then starts only halfway through).
-    """
-    from sae_lens import JumpReLUSAE, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
+def _training_sae(d_in: int, layer: int, *, width: int, steps: int, l0_coefficient: float, target_l0: float | None,
+                  pre_act_loss: float, model_name: str, context_size: int, device: str):
+    """The untrained sae-lens JumpReLU training SAE of `train_sae` (its arguments, same meaning)."""
+    from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
-    from sae_lens.training.sae_trainer import SAETrainer
 
-    population = len(acts) if index is None else len(index)
-    batch_size = min(batch_size, population)
-    lr = default_lr(steps) if lr is None else lr
-    sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
-        d_in=int(acts.shape[-1]),
+    return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
+        d_in=d_in,
         d_sae=int(width),
         # Residual norms grow with depth; scaling inputs to norm sqrt(d_in) lets one L0 coefficient suit every
         # layer. The trainer folds the scale back into the weights, so the saved SAE takes raw residuals.
@@ -92,6 +75,35 @@ def train_sae(acts: torch.Tensor, layer: int, *, width: int, steps: int, batch_s
             model_from_pretrained_kwargs={},
         ),
     ))
+
+
+def train_sae(acts: torch.Tensor, layer: int, *, width: int, steps: int, batch_size: int = 256,
+              lr: float | None = None, l0_coefficient: float = 1.0, target_l0: float | None = None,
+              seed: int = 0, index: torch.Tensor | None = None, model_name: str = "", context_size: int = 128,
+              device: str = "cpu", checkpoint_dir: str | None = None, progress: bool = False,
+              b_dec_init: str | None = None, pre_act_loss: float = PRE_ACT_LOSS,
+              dead_window: int | None = None):
+    """A JumpReLU SAE of `width` features for decoder layer `layer`, trained with sae-lens's SAETrainer on `acts`
+    ([tokens, d_in], BOS and padding already dropped) for `steps` minibatches of `batch_size` rows; returns its
+    inference form (a `JumpReLUSAE` in eval mode, on `device`) that takes raw residuals.
+
+    Sparsity: DeepMind's step L0 penalty weighted by `l0_coefficient` (Gemma Scope), or, with `target_l0`, Gemma
+    Scope 2's quadratic penalty around that L0. The global torch RNG initialises the weights: seed it first.
+    `b_dec_init="mean"` starts the decoder bias at the training activations' mean (None: at zero, the testbed's
+    historical recipe). `pre_act_loss` weighs Anthropic's pre-activation loss, which pushes up the pre-activations of
+    features that have not fired for `dead_window` steps (None: half the run, the testbed's historical window: the
+    push then starts only halfway through).
+    """
+    from sae_lens import JumpReLUSAE
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    population = len(acts) if index is None else len(index)
+    batch_size = min(batch_size, population)
+    lr = default_lr(steps) if lr is None else lr
+    sae = _training_sae(int(acts.shape[-1]), layer, width=width, steps=steps, l0_coefficient=l0_coefficient,
+                        target_l0=target_l0, pre_act_loss=pre_act_loss, model_name=model_name,
+                        context_size=context_size, device=device)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,

@@ -12,7 +12,7 @@ kernels per batch instead of a few per layer.
 Only SAEs whose encode is relu(pre)[* (pre > threshold)] feature by feature and whose decode is `acts @ W_dec + b_dec`
 through identity steps take these paths (sae-lens JumpReLU and standard SAEs without activation normalisation,
 hook_z reshaping or hooks on their hook points). Any other SAE goes through its own `encode`/`decode`, so numbers
-never depend on the path (tests/analysis/test_sae_ops.py: equal to sae-lens within 1e-5).
+never depend on the path (tests/saes/test_encode.py: equal to sae-lens within 1e-5).
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ import pytest
 import torch
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
-from mlalign.analysis.sae_ops import StackedSAEs, decode_active, elementwise_encoder, stack_groups, supports_sparse_decode
 from mlalign.analysis.engine import collect_stats
 from mlalign.analysis.stats import per_sentence_sums
 from mlalign.errors import UserError
+from mlalign.saes.encode import StackedSAEs, decode_active, elementwise_encoder, stack_groups, supports_sparse_decode
 from tests.analysis.testkit import identity_sae, jumprelu_sae
 
 
@@ -204,7 +204,7 @@ def test_a_stacked_code_lists_every_active_entry_in_row_major_order_on_any_threa
 def test_the_accelerators_one_piece_search_finds_the_same_code_as_the_cpus_layer_by_layer_one(d_sae):
     """An accelerator finds a group's active entries in one `nonzero` (no host sync per layer), the CPU layer by layer
     with indices derived in numpy: the same rows, features, values and columns, for either kind of width."""
-    from mlalign.analysis.sae_ops import _sparse_code
+    from mlalign.saes.encode import _sparse_code
 
     g = torch.Generator().manual_seed(5)
     pre = torch.randn(3, 17, d_sae, generator=g)
@@ -239,7 +239,7 @@ def test_stacked_saes_without_an_input_bias_encode_like_saelens(d_sae):
 def test_layer_stats_take_l1_from_absolute_values_unless_the_code_says_they_are_positive():
     """A code with negative values (any SAE's, via SparseCode.from_dense) sums |a| for L1 and a for mean_act; the
     shortcut L1 = sum(a) is taken only for codes marked values_positive (ReLU/JumpReLU)."""
-    from mlalign.analysis.sae_ops import SparseCode
+    from mlalign.saes.encode import SparseCode
     from mlalign.analysis.stats import LayerStats
 
     acts = torch.tensor([[1.5, 0.0, -2.0, 0.0], [0.0, 0.0, 0.0, 3.0], [-1.0, 0.5, 0.0, 0.0]])
