@@ -1,4 +1,5 @@
-"""The layering of docs/architecture.md, checked on the source: no import circle, no arrow back up to tasks/.
+"""The layering of docs/architecture.md, checked on the source: no import circle, no arrow back up to tasks/, and
+sae-lens reached only through mlalign/saes/.
 
 Every `import mlalign...` counts, at module level or inside a function (a lazy import is still a dependency)."""
 
@@ -84,3 +85,40 @@ def test_nothing_below_tasks_imports_a_task():
 def test_the_graph_sees_lazy_imports():
     """The check can fail: a function-level import is an edge (train's measurement reads analysis.sources)."""
     assert "mlalign.analysis.sources" in import_graph()["mlalign.tasks.train"]
+
+
+SAE_LENS_ELSEWHERE = {
+    "mlalign.bench.contenders": "the benchmark's sae-lens contender: HookedSAETransformer, what it is compared against",
+    "mlalign.bench.workload": "the benchmark's workload is sae-lens's own JumpReLUSAE, which every contender runs",
+}
+"""Modules outside mlalign/saes/ that import sae_lens, each with its reason (docs/architecture.md)."""
+
+
+def sae_lens_importers() -> set[str]:
+    """Modules with an `import sae_lens...` or `from sae_lens... import` anywhere in their source."""
+    out = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if any(name == "sae_lens" or name.startswith("sae_lens.") for name in names):
+                out.add(_module_name(path))
+    return out
+
+
+def test_only_the_saes_package_reaches_into_sae_lens():
+    importers = sae_lens_importers()
+    assert "mlalign.saes.loading" in importers  # the check sees function-level imports
+    assert {m for m in importers if m != "mlalign.saes" and not m.startswith("mlalign.saes.")} == set(SAE_LENS_ELSEWHERE)
+
+
+LEAF_MODULES = {f"mlalign.{name}" for name in ("errors", "io", "languages", "config", "console", "models", "tracking",
+                                                "gguf")}
+
+
+def test_the_saes_package_rests_on_leaf_modules_only():
+    """saes/ sits below analysis/, data/ and testbed/ (which use it) and above the leaf modules only."""
+    graph = import_graph()
+    below = {t for m, targets in graph.items() if m == "mlalign.saes" or m.startswith("mlalign.saes.")
+             for t in targets if t != "mlalign.saes" and not t.startswith("mlalign.saes.")}
+    assert below and below <= LEAF_MODULES
