@@ -9,8 +9,10 @@ def placebo_sae(sae, calibration, seed: int = 0):
     """The placebo of a JumpReLU/ReLU SAE (task=compare, docs/compare.md#the-placebo-sae): a copy whose features read a
     fixed random rotation of the residual stream about its mean, recalibrated so that on `calibration` (base-model
     residuals [tokens, d_model]) every feature f keeps the real feature's threshold θ_f, fires on exactly as many
-    tokens and has the same mean active value. Per-feature firing rates, mean activations, L0 and the mean_act/l1/l0
-    levels on those tokens equal the real SAE's; which tokens (directions) fire each feature is scrambled.
+    tokens (up to ties: identical residuals, e.g. sentences sharing a prefix, fire together, so a split inside such a
+    group moves the whole group) and has the same mean active value. Per-feature firing rates, mean activations, L0
+    and the mean_act/l1/l0 levels on those tokens equal the real SAE's; which tokens (directions) fire each feature is
+    scrambled.
 
     With y = μ + (x − μ)Rᵀ (R orthogonal, seeded; μ the calibration mean) and h_f(y) the real pre-activation, the
     placebo's pre-activation is h'_f(x) = θ_f + k_f·(h_f(y) − q_f), where q_f splits the calibration tokens' h_f(y) so

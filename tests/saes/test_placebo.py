@@ -42,10 +42,13 @@ def test_placebo_keeps_per_feature_firing_rates_thresholds_and_sizes_on_base_act
     real, fake = _codes(sae, calibration), _codes(placebo, calibration)
     n = calibration.shape[0]
     rate_real, rate_fake = (real > 0).float().mean(0), (fake > 0).float().mean(0)
-    # Exact by construction (computed in float64) up to the float32 SAE's rounding near each feature's split point:
-    # at most 0.1% of the tokens flip (~6 of ~9,000 for features that fire on almost every token).
+    # Exact by construction (computed in float64) up to two things: the float32 SAE's rounding near each feature's
+    # split point (at most 0.1% of the tokens), and ties: identical residuals (sentences sharing a prefix, e.g. their
+    # first token) fire together, so a split that falls inside such a group moves the whole group (31 of ~10,800
+    # tokens on testbed build 3, where the rate differed by 27).
     assert n > 5000
-    assert (rate_real - rate_fake).abs().max() <= 1e-3
+    largest_tie = int(torch.unique(calibration, dim=0, return_counts=True)[1].max())
+    assert (rate_real - rate_fake).abs().max() <= 1e-3 + largest_tie / n
     assert abs((real > 0).sum(1).float().mean() - (fake > 0).sum(1).float().mean()) <= 1e-3 * real.shape[1]
     assert torch.equal(placebo.threshold, sae.threshold)
     mean_real = real.sum(0) / (real > 0).sum(0).clamp_min(1)

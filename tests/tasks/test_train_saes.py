@@ -11,8 +11,10 @@ from mlalign.tasks.train_saes import mix_weights, split_parts, token_quotas
 from tests.conftest import SMALL_TESTBED_OVERRIDES
 from tests.helpers import run_cli
 
-MAX_POOLED_FVU = 0.2
-"""Bound on the held-out FVU (all languages pooled) of the small test SAEs; they reach ~0.01-0.1."""
+MAX_POOLED_FVU = 0.3
+"""Bound on the held-out FVU (all languages pooled) of the small test SAEs: ~0.01-0.1 on testbed build 2, up to 0.22
+(layer 3) on build 3, whose planted languages' ~20% smaller residuals this short training fits less well; a failed
+SAE sits at 1.0 (no better than the mean)."""
 
 
 def _common(tmp_path, cache_dir) -> list[str]:

@@ -67,9 +67,10 @@ def test_scale_only_adapter_is_a_raw_gain_with_no_norm_matched_gain_and_is_not_v
     hi = report["per_lang"]["hi"]
     assert hi["gain_pct"] > 20.0  # scale alone buys a large raw "gain"
     # The direction barely changed: the control matches the norm around the SAE's b_dec, so a scaling about the
-    # origin leaves a small remainder (0.26% here) instead of exactly 0 (a scaling about b_dec gives exactly 0: the
-    # centred test below).
-    assert abs(hi["norm_matched_gain_pct"]) < 1.0
+    # origin leaves a small remainder instead of exactly 0 (a scaling about b_dec gives exactly 0: the centred test
+    # below). The remainder grows with b_dec's share of the residual: 0.26% of hi's residual on testbed build 2, 1.8%
+    # on build 3, whose planted gap makes hi's residual ~20% smaller; either way a few % of the raw gain.
+    assert abs(hi["norm_matched_gain_pct"]) < 0.05 * hi["gain_pct"]
     assert hi["resid_norm_change_pct"] == pytest.approx(50.0, rel=1e-4)
     assert hi["fvu_after"] > 1.25 * hi["fvu_before"]
     assert hi["valid"] is False and report["valid_activation_gain_pct"]["hi"] is None
