@@ -30,7 +30,9 @@ def compose_cfg(overrides: list[str] | None = None, tmp_path: Path | None = None
     return cfg
 
 
-def run_cli(args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: int = 1800) -> subprocess.CompletedProcess:
+    # `timeout` guards against a hung subprocess; it is not a timing check. Two xdist workers and their subprocesses
+    # on a loaded 2-core box took a two-job sweep past the earlier 600 s.
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=full_env, capture_output=True,
