@@ -146,7 +146,8 @@ def pretrain(model, tokenizer, spec: TestbedSpec, corpus: ParallelCorpus, rng: n
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
     bar = tqdm(range(spec.pretrain_steps), desc="testbed pretrain", unit="step", disable=not progress)
-    with layer_outputs(model) as residuals:
+    # Hooks only when planting: otherwise they would keep every layer's activations (and graph) for nothing.
+    with (layer_outputs(model) if spec.planted_gap_langs else contextlib.nullcontext([])) as residuals:
         for _ in bar:
             sentences, langs = sample_batch(corpus, spec, rng, spec.batch_size)
             batch = encode(tokenizer, sentences, spec)
