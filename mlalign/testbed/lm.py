@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mlalign.analysis.capture import ResidualCapture
 from mlalign.data.corpus import ParallelCorpus
 from mlalign.testbed.spec import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, TestbedSpec
 
@@ -116,22 +116,6 @@ def planted_gap_penalty(residuals: list[torch.Tensor], batch: dict[str, torch.Te
     return float(spec.planted_gap_weight) * ((ratios - target) ** 2).sum()
 
 
-@contextlib.contextmanager
-def layer_outputs(model) -> Iterator[list[torch.Tensor]]:
-    """Every decoder layer's output (the residual stream, `hook_resid_post`) of the latest forward, with its graph."""
-    outputs: list[torch.Tensor] = []
-
-    def keep(_module, _inputs, output):
-        outputs.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [layer.register_forward_hook(keep) for layer in model.model.layers]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def pretrain(model, tokenizer, spec: TestbedSpec, corpus: ParallelCorpus, rng: np.random.Generator, progress: bool) -> None:
     """Causal-LM training on sentences sampled with the language mix: AdamW, linear warm-up, cosine decay; with
     `spec.planted_gap_langs`, plus `planted_gap_penalty`."""
@@ -146,15 +130,21 @@ def pretrain(model, tokenizer, spec: TestbedSpec, corpus: ParallelCorpus, rng: n
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
     bar = tqdm(range(spec.pretrain_steps), desc="testbed pretrain", unit="step", disable=not progress)
-    # Hooks only when planting: otherwise they would keep every layer's activations (and graph) for nothing.
-    with (layer_outputs(model) if spec.planted_gap_langs else contextlib.nullcontext([])) as residuals:
+    # The residual hooks (graph kept) only when planting: otherwise they would hold every layer's activations for
+    # nothing.
+    capture = (ResidualCapture(model, list(range(spec.num_layers)), detach=False) if spec.planted_gap_langs
+               else contextlib.nullcontext())
+    with capture:
         for _ in bar:
             sentences, langs = sample_batch(corpus, spec, rng, spec.batch_size)
             batch = encode(tokenizer, sentences, spec)
-            residuals.clear()
             loss = model(**batch, labels=_lm_labels(batch)).loss
-            planted = planted_gap_penalty(residuals, batch, langs, spec) if spec.planted_gap_langs else None
-            (loss if planted is None else loss + planted).backward()
+            if spec.planted_gap_langs:
+                residuals = [capture.activations[layer] for layer in range(spec.num_layers)]
+                loss_total = loss + planted_gap_penalty(residuals, batch, langs, spec)
+            else:
+                loss_total = loss
+            loss_total.backward()
             _step(model, optimizer, scheduler)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 
