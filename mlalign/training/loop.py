@@ -29,6 +29,13 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 class TrainingStopped(UserError):
     """Training stopped early on purpose (SIGTERM) or for a reason the user can act on (non-finite loss)."""
 
+    def __init__(self, what: str, advice: str, saved: Path | None = None):
+        super().__init__(f"{what}; {advice}")
+        self.what = what
+        """What happened, without the advice (a caller that knows better how to continue words its own)."""
+        self.saved = saved
+        """The checkpoint written on the way out of a signal stop; None after a non-finite loss."""
+
 
 def resolve_mixed_precision(name: str, cpu: bool) -> str:
     """`auto`: bf16 on a CUDA GPU that supports it, else no mixed precision."""
@@ -347,8 +354,8 @@ def train_loop(*, accelerator, model, optimizer, scheduler, objective: Objective
                 bar.close()
                 sigterm.hand_over()  # submitit requeues the job here (and exits); otherwise we stop below
                 raise TrainingStopped(f"stopped by {sigterm.name} after step {step}/{max_steps}; checkpoint saved to "
-                                      f"{path}; continue in this run directory with train.resume=auto "
-                                      f"hydra.run.dir={path.parent.parent}")
+                                      f"{path}", "continue in this run directory with train.resume=auto "
+                                      f"hydra.run.dir={path.parent.parent}", saved=path)
     bar.close()
     checkpoint(step)
     return TrainState(step, history, resumed_from)
@@ -359,5 +366,5 @@ def _stop_non_finite(accelerator, step: int, values: dict, checkpoints: Path) ->
     where = (f"the last good checkpoint is {last}; resume from it with train.resume_from={last}" if last
              else "no checkpoint was written yet")
     shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-    raise TrainingStopped(f"non-finite loss at step {step + 1} ({shown}); {where} after lowering "
+    raise TrainingStopped(f"non-finite loss at step {step + 1} ({shown})", f"{where} after lowering "
                           f"train.optimizer.lr or the loss weights")

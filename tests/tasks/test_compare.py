@@ -99,6 +99,24 @@ def test_a_rerun_in_the_same_directory_trains_and_measures_nothing_again(full_ru
 
 
 @pytest.mark.slow
+def test_a_unit_stopped_by_sigterm_says_to_rerun_the_comparison_which_resumes_it(testbed_dir, tmp_path, monkeypatch):
+    from mlalign.tasks import compare
+    from mlalign.training.loop import TrainingStopped
+    from tests.tasks.test_train import SigtermAt
+
+    cfg = compose_cfg([*FAST, *bed(testbed_dir), "compare.arms=[base,ce]", "compare.seeds=1", "train.max_steps=4",
+                       "train.save_every=2", "compare.contrasts=[ce-base]"], tmp_path)
+    monkeypatch.setattr(compare, "_tracker", lambda *args, **kwargs: SigtermAt(3))
+    with pytest.raises(TrainingStopped, match="run the same task=compare command again") as stopped:
+        run_compare(cfg)
+    assert "train.resume" not in str(stopped.value)  # task=train's advice would start a different run
+    monkeypatch.undo()
+    _, run_dir = run_compare(cfg)
+    trained = json.loads(next(run_dir.glob("compare/units/ce/*/seed_0/TRAINED")).read_text())
+    assert (trained["resumed_from_step"], trained["steps"]) == (3, 4)
+
+
+@pytest.mark.slow
 def test_steer_at_alpha_zero_equals_the_base_arm_exactly(testbed_dir, tmp_path):
     cfg = compose_cfg([*FAST, *bed(testbed_dir), "compare.arms=[base,steer]", "compare.steer_alphas=[0]",
                        "compare.contrasts=[steer-base]"], tmp_path)
