@@ -62,9 +62,27 @@ def testbed_cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def testbed_dir(small_testbed_spec, testbed_cache_dir) -> Path:
-    """The built small testbed: `model/` (model + tokenizer), `saes/layer_{L}/`, `build_info.json`, `COMPLETE`."""
-    return ensure_testbed(small_testbed_spec, testbed_cache_dir, progress=False)
+def testbed_dir(small_testbed_spec, testbed_cache_dir, tmp_path_factory) -> Path:
+    """The built small testbed: `model/` (model + tokenizer), `saes/layer_{L}/`, `build_info.json`, `COMPLETE`.
+
+    Under pytest-xdist the workers build it once between them (in the run's shared temp dir, under a file lock) and
+    each links it into its own cache dir, whose other contents (analysis and eval caches) stay the worker's own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if _REUSE_CACHE or worker is None:
+        return ensure_testbed(small_testbed_spec, testbed_cache_dir, progress=False)
+    from filelock import FileLock
+
+    from mlalign.testbed.spec import testbed_dir as testbed_path
+
+    shared = tmp_path_factory.getbasetemp().parent / "shared_testbed_cache"
+    shared.mkdir(exist_ok=True)
+    with FileLock(str(shared / "build.lock")):
+        built = ensure_testbed(small_testbed_spec, shared, progress=False)
+    mine = testbed_path(small_testbed_spec, testbed_cache_dir)
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    if not mine.exists():
+        mine.symlink_to(built, target_is_directory=True)
+    return mine
 
 
 @pytest.fixture(scope="session")

@@ -30,13 +30,58 @@ def compose_cfg(overrides: list[str] | None = None, tmp_path: Path | None = None
     return cfg
 
 
-def run_cli(args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: int = 1800) -> subprocess.CompletedProcess:
-    # `timeout` guards against a hung subprocess; it is not a timing check. Two xdist workers and their subprocesses
-    # on a loaded 2-core box took a two-job sweep past the earlier 600 s.
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+CLI_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_cli(args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: int = 1800,
+            fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` from `cwd`: its exit status, stdout and stderr. Without `env` or `fresh`, the command line
+    runs in a fork of this worker's fork server (tests/cli_forks.py), which has imported the libraries once; with them,
+    in a new interpreter (libraries read some variables only when imported)."""
+    # `timeout` guards against a hung run; it is not a timing check. Two xdist workers and their subprocesses on a
+    # loaded 2-core box took a two-job sweep past the earlier 600 s.
+    if env is None and not fresh:
+        return _FORK_SERVER.run(args, cwd, timeout)
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env={**os.environ, **CLI_ENV,
+                                                                                       **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class _ForkServer:
+    """This process's tests/cli_forks.py, started on first use and ended with this process (its stdin closes)."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.count = 0
+        self.scratch: Path | None = None
+
+    def run(self, args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+        import json
+        import tempfile
+
+        if self.process is None or self.process.poll() is not None:
+            self.scratch = Path(tempfile.mkdtemp(prefix="cli-forks-"))
+            self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_forks.py")], cwd=REPO,
+                                            env={**os.environ, **CLI_ENV}, stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.count += 1
+        prefix = self.scratch / str(self.count)
+        self.process.stdin.write(json.dumps({"args": list(map(str, args)), "cwd": str(cwd), "out": str(prefix),
+                                             "timeout": timeout}) + "\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith("@@cli_forks "):
+                answer = json.loads(line[len("@@cli_forks "):])
+                break
+        else:
+            raise RuntimeError(f"the fork server (tests/cli_forks.py) ended with status {self.process.wait()}")
+        out, err = (Path(f"{prefix}.out").read_text(), Path(f"{prefix}.err").read_text())
+        if answer["timed_out"]:
+            raise subprocess.TimeoutExpired(["run.py", *args], timeout, out, err)
+        return subprocess.CompletedProcess(["run.py", *args], answer["rc"], out, err)
+
+
+_FORK_SERVER = _ForkServer()
 
 
 def write_flores_plus(root: Path, sentences: dict[str, dict[str, list[str]]], iso: dict[str, str] | None = None) -> Path:

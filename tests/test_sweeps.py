@@ -143,8 +143,10 @@ def test_slurm_and_local_launchers_compose():
 def test_multirun_over_lora_rank_logs_grouped_wandb_runs_and_a_summary(testbed_dir, testbed_cache_dir, tmp_path):
     sweep = tmp_path / "sweep"
     # One layer: the test is about the sweep's runs, groups and summary (all 26 layers took 9 minutes).
+    # Sixteen sentences per split: the jobs' before/after measurement on whole splits was most of this test's time.
     result = run_cli(["-m", "task=train", "model=testbed", "langs=[hi]", "layers=[4]", "train.max_steps=3",
-                      "lora.r=2,4", "logger=wandb", "analysis.bootstrap=0", f"paths.cache_dir={testbed_cache_dir}",
+                      "lora.r=2,4", "logger=wandb", "analysis.bootstrap=0", "data.max_sentences=16",
+                      f"paths.cache_dir={testbed_cache_dir}",
                       f"hydra.sweep.dir={sweep}", *SMALL_TESTBED_OVERRIDES])
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
@@ -178,7 +180,8 @@ def test_submitit_local_launcher_runs_two_jobs(testbed_dir, testbed_cache_dir, t
 def test_optuna_sweep_runs_trials_and_reports_the_best(testbed_dir, testbed_cache_dir, tmp_path):
     sweep = tmp_path / "optuna"
     result = run_cli(["-m", "hparams_search=lora_optuna", "model=testbed", "langs=[hi]", "layers=[4]",
-                      "train.max_steps=2", "hydra.sweeper.n_trials=2", f"paths.cache_dir={testbed_cache_dir}",
+                      "train.max_steps=2", "hydra.sweeper.n_trials=2", "data.max_sentences=16", "analysis.bootstrap=0",
+                      f"paths.cache_dir={testbed_cache_dir}",
                       f"hydra.sweep.dir={sweep}", *SMALL_TESTBED_OVERRIDES])
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())

@@ -31,3 +31,90 @@ def cost() -> str:
     return (f"task=train {c['train_wall_s']} s, task=compare {c['compare_wall_s']} s ({compare_over_train()}x: "
             f"{n['training_runs']} trainings, {n['dev_scorings']} dev scorings, {n['held_out_units']} held-out units "
             f"of ~{held_out_unit_s()} s each)")
+
+
+# --------------------------------------------------------------------------------------------------- the real run
+# Everything below reads the committed copy of the real run's results (results/results.json, from run.sh compare).
+
+RESULTS = Path(__file__).resolve().parent / "results" / "results.json"
+UNOPTIMISED = ("lm_loss", "spliced_dlm_loss", "retrieval_at1", "topic_transfer_acc")
+"""The outcomes no arm's objective contains (the issue's list; benchmarks were cut in Revision 2)."""
+LOWER_IS_BETTER = ("lm_loss", "spliced_dlm_loss")
+
+
+def results(path: Path = RESULTS) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def direction(outcome: str, diff: dict) -> str:
+    """'better', 'worse' (for the contrast's first arm) or 'none' (the 95% CI includes 0)."""
+    low, high = diff["ci"]
+    if low <= 0 <= high:
+        return "none"
+    higher = low > 0
+    return "worse" if higher == (outcome in LOWER_IS_BETTER) else "better"
+
+
+def tally(contrast: str, path: Path = RESULTS) -> str:
+    """'better in B, worse in W, no detectable difference in N of T' over targets x unoptimised outcomes."""
+    r = results(path)
+    cells = [direction(o, r["differences"][contrast][lang][o]) for lang in r["targets"] for o in UNOPTIMISED
+             if o in r["differences"][contrast][lang]]
+    first = contrast.split("-")[0]
+    return (f"{first} is better in {cells.count('better')}, worse in {cells.count('worse')} and not detectably "
+            f"different in {cells.count('none')} of {len(cells)} (language, outcome) cells")
+
+
+def verdicts(contrast: str, path: Path = RESULTS) -> str:
+    """The run's own verdict line for every target language and unoptimised outcome of one contrast, as a list."""
+    r = results(path)
+    return "\n".join(f"- {r['differences'][contrast][lang][o]['verdict']}" for lang in r["targets"]
+                     for o in UNOPTIMISED if o in r["differences"][contrast][lang])
+
+
+def differences_table(path: Path = RESULTS) -> str:
+    """Every contrast x language x outcome (unoptimised ones, then gain_pct): estimate, 95% CI, which way, seeds."""
+    r = results(path)
+    lines = ["| contrast | lang | outcome | estimate | 95% CI (seeds, then sentences) | MDE | reads | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for contrast, by_lang in r["differences"].items():
+        for lang in [*r["targets"], r["reference_lang"]]:
+            for outcome in (*UNOPTIMISED, "gain_pct"):
+                d = by_lang.get(lang, {}).get(outcome)
+                if d is None:
+                    continue
+                reads = {"better": f"{contrast.split('-')[0]} better", "worse": f"{contrast.split('-')[0]} worse",
+                         "none": "no detectable difference"}[direction(outcome, d)]
+                lines.append(f"| {contrast} | {lang} | {outcome} | {d['estimate']:+.4f} | [{d['ci'][0]:+.4f}, "
+                             f"{d['ci'][1]:+.4f}] | {'n/a' if d.get('mde') is None else format(d['mde'], '.4f')} | {reads} | {d['n_seeds'][0]} vs {d['n_seeds'][1]} |")
+    return "\n".join(lines)
+
+
+def arms_table(path: Path = RESULTS) -> str:
+    """Each arm's chosen setting and its held-out outcomes per target language: mean over seeds ± seed SD."""
+    import statistics
+
+    r = results(path)
+    keys = ("gain_pct", *UNOPTIMISED)
+    lines = ["| lang | arm | setting | seeds | " + " | ".join(keys) + " |", "|---|---|---|---|" + "---|" * len(keys)]
+    for lang in [*r["targets"], r["reference_lang"]]:
+        for name, arm in r["arms"].items():
+            cells = []
+            for key in keys:
+                values = [s["per_lang"][lang][key] for s in arm["seeds"].values()
+                          if isinstance(s["per_lang"].get(lang, {}).get(key), (int, float))]
+                cells.append("" if not values else f"{statistics.mean(values):.4f}"
+                             + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""))
+            lines.append(f"| {lang} | {name} | {arm['setting']} | {len(arm['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def s_per_step(arm: str, path: Path = RESULTS) -> str:
+    """Wall-clock seconds per training step of one arm: the mean over its seeds' units (TRAINED's s_per_step)."""
+    runs = [s["training"]["s_per_step"] for s in results(path)["arms"][arm]["seeds"].values() if s.get("training")]
+    return f"{sum(runs) / len(runs):.1f}"
+
+
+def chosen(arm: str, path: Path = RESULTS) -> str:
+    """The arm's setting chosen on dev (e.g. lr_0.001)."""
+    return results(path)["arms"][arm]["setting"]

@@ -114,7 +114,13 @@ def _damaged_user_files(tmp: Path) -> list[tuple[list[str], str]]:
 @pytest.mark.slow
 def test_bad_input_matrix_is_one_line_nonzero_and_leaves_nothing_complete(testbed_dir, testbed_cache_dir, tmp_path):
     failures = []
-    for num, (args, needle) in enumerate(_bad_input_cases(tmp_path)):
+    cases = _bad_input_cases(tmp_path)
+    # run_cli forks its command lines from a server that imported the libraries once (tests/cli_forks.py); the first
+    # case, run in a fresh interpreter as well, gives the same status and the same stderr.
+    fresh = run_cli([*cases[0][0], *_testbed_args(testbed_cache_dir, tmp_path / "fresh")], fresh=True)
+    forked = run_cli([*cases[0][0], *_testbed_args(testbed_cache_dir, tmp_path / "forked")])
+    assert (fresh.returncode, fresh.stderr) == (forked.returncode, forked.stderr) and fresh.returncode == 1
+    for num, (args, needle) in enumerate(cases):
         root = tmp_path / f"case{num}"
         result = run_cli([*args, *_testbed_args(testbed_cache_dir, root)])
         # Progress bars (tqdm: "NN%|") share stderr; everything else must be the one error line.
