@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlalign.analysis.cache import StatsCache, cache_identity
-from mlalign.analysis.engine import collect_listed_sums, collect_stats, position_cap
+from mlalign.analysis.engine import EngineSettings, collect_listed_sums, collect_stats, position_cap
 from mlalign.analysis.features import FeatureSums
 from mlalign.data.corpus import load_corpus
 
@@ -44,18 +44,17 @@ class LazyEngine:
         saes, settings = self._prepare(layers)
         cap = None
         if self.reference_texts is not None:
-            cap = position_cap(self.tokenizer, self.reference_texts, settings["max_length"], settings["min_position"],
-                               settings["max_position"])
-        return collect_stats(self.model, self.tokenizer, saes, texts_by_lang, decode=str(self.cfg.analysis.get("decode") or "auto"),
-                             position_cap=cap, **settings, **kwargs)
+            cap = position_cap(self.tokenizer, self.reference_texts, settings.max_length, settings.min_position,
+                               settings.max_position)
+        return collect_stats(self.model, self.tokenizer, saes, texts_by_lang, settings, position_cap=cap, **kwargs)
 
     def collect_listed(self, texts_by_lang: dict, feature_ids: dict[str, dict[int, list[int]]]):
         """`collect_listed_sums`: the second pass, per-sentence sums of the listed features only."""
         layers = sorted({layer for by_layer in feature_ids.values() for layer in by_layer})
         saes, settings = self._prepare(layers)
-        return collect_listed_sums(self.model, self.tokenizer, saes, texts_by_lang, feature_ids, **settings)
+        return collect_listed_sums(self.model, self.tokenizer, saes, texts_by_lang, feature_ids, settings)
 
-    def _prepare(self, layers: list[int]) -> tuple[dict, dict]:
+    def _prepare(self, layers: list[int]) -> tuple[dict, EngineSettings]:
         """The SAEs of `layers` and the model loaded; the engine settings both passes share (the same tokens)."""
         from mlalign.models import hidden_size, num_layers, resolve_device
 
@@ -75,9 +74,10 @@ class LazyEngine:
             # A first download fixed the snapshot the key names: store under the key later runs will compute.
             self.cache.identity = cache_identity(cfg, self.ctx.testbed_dir, self.adapter, self.split, self.layers)
         self.ctx.layers(num_layers(self.model))  # the config's layer count must match the weights
-        settings = dict(batch_size=int(acfg.batch_size), max_length=int(cfg.data.max_length), sae_chunk=acfg.sae_chunk,
-                        progress=True, min_position=int(acfg.get("min_position") or 0),
-                        max_position=acfg.get("max_position"), sae_device=compute_device)
+        settings = EngineSettings(batch_size=int(acfg.batch_size), max_length=int(cfg.data.max_length),
+                                  sae_chunk=acfg.sae_chunk, progress=True, min_position=int(acfg.get("min_position") or 0),
+                                  max_position=acfg.get("max_position"), sae_device=compute_device,
+                                  decode=str(acfg.get("decode") or "auto"))
         return {layer: self.saes[layer] for layer in layers}, settings
 
     def release(self, model: bool = False) -> None:

@@ -279,11 +279,11 @@ def test_decomposition_separates_dense_features_and_reshuffling_from_the_net_gap
 
 
 def test_net_change_is_the_mean_act_disparity_on_real_feature_totals(model, tokenizer, saes, texts):
-    from mlalign.analysis.engine import collect_stats
+    from mlalign.analysis.engine import EngineSettings, collect_stats
 
     small = {lang: sentences[:8] for lang, sentences in texts.items()}
     features: dict = {}
-    stats = collect_stats(model, tokenizer, saes, small, batch_size=4, max_length=48, progress=False,
+    stats = collect_stats(model, tokenizer, saes, small, EngineSettings(batch_size=4, max_length=48, progress=False),
                           feature_stats=features)
     summary = summarize(stats, "en", bootstrap=0, max_fvu=None, feature_stats=features)
     for layer in summary["layers"]:
