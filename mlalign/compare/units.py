@@ -113,7 +113,7 @@ def train_unit(bench: Bench, arm, lr: float, seed: int, directory: Path, tracker
 
     from mlalign.training.checkpoint import last_checkpoint
     from mlalign.training.data import load_parallel_stream
-    from mlalign.training.loop import ObjectiveFn, train_loop
+    from mlalign.training.loop import ObjectiveFn, Trainee, train_loop
 
     cfg, model = bench.cfg, bench.model
     if (directory / TRAINED).is_file():
@@ -135,10 +135,9 @@ def train_unit(bench: Bench, arm, lr: float, seed: int, directory: Path, tracker
                               num_training_steps=int(train_cfg.max_steps))
     optimizer = bench.accelerator.prepare(optimizer)
     started = time.perf_counter()
-    state = train_loop(accelerator=bench.accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                       objective=objective, stream=bench.streams[seed], train_cfg=train_cfg,
-                       checkpoints=directory / "checkpoints", resume_from=last_checkpoint(directory / "checkpoints"),
-                       tracker=tracker)
+    state = train_loop(Trainee(bench.accelerator, model, optimizer, scheduler), objective=objective,
+                       stream=bench.streams[seed], train_cfg=train_cfg, checkpoints=directory / "checkpoints",
+                       resume_from=last_checkpoint(directory / "checkpoints"), tracker=tracker)
     seconds = time.perf_counter() - started
     model.eval()
     model.save_pretrained(str(directory / "adapter"))

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlalign.config import EvalConfig
 from mlalign.errors import UserError
 from mlalign.evaluation.bundled import write_bundled_tasks
 from mlalign.evaluation.tasks import BENCHMARKS, check_benchmarks, check_suite, lookup_task
@@ -339,29 +340,18 @@ def run_plan(model, tokenizer, plan: EvalPlan, output_dir: str | Path | None = N
     return {"results": results, "skipped": list(plan.skipped), "settings": dict(settings)}
 
 
-def run_benchmarks(
-    model,
-    tokenizer,
-    langs: list[str],
-    benchmarks: list[str],
-    suite: str,
-    num_fewshot=0,
-    limit: int | None = None,
-    batch_size=8,
-    seed: int = 0,
-    work_dir: str | Path = ".",
-    task_manager=None,
-    tasks=None,
-    output_dir: str | Path | None = None,
-    log_samples: bool = True,
-) -> dict:
-    """Evaluate `model` on each benchmark in each language (and on `tasks`); combinations that do not exist are
-    skipped and recorded. `plan_benchmarks` documents the arguments, `run_plan` the result.
+def run_benchmarks(model, tokenizer, langs: list[str], settings: EvalConfig, *, seed: int = 0,
+                   work_dir: str | Path = ".", task_manager=None, output_dir: str | Path | None = None) -> dict:
+    """Evaluate `model` on each benchmark in each language (and on `settings.tasks`); combinations that do not exist
+    are skipped and recorded. `settings` is the eval group (suite, benchmarks, tasks, num_fewshot, limit, batch_size,
+    log_samples; `compare_base`, `cache` and the significance settings are the task's, not used here);
+    `plan_benchmarks` documents them, `run_plan` the result.
 
     `work_dir` receives the bundled task YAMLs (`lm_eval_tasks/`) and their `datasets` cache; the bundled suite
     reads only local files. `task_manager` defaults to a process-wide one: lm-eval's built-in index for
     suite=harness, an index of `<work_dir>/lm_eval_tasks` alone for suite=bundled.
     """
-    plan = plan_benchmarks(langs, benchmarks, suite, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                           seed=seed, work_dir=work_dir, task_manager=task_manager, tasks=tasks)
-    return run_plan(model, tokenizer, plan, output_dir=output_dir, log_samples=log_samples)
+    plan = plan_benchmarks(langs, settings.benchmarks, settings.suite, num_fewshot=settings.num_fewshot,
+                           limit=settings.limit, batch_size=settings.batch_size, seed=seed, work_dir=work_dir,
+                           task_manager=task_manager, tasks=settings.tasks)
+    return run_plan(model, tokenizer, plan, output_dir=output_dir, log_samples=settings.log_samples)

@@ -125,8 +125,11 @@ def capture_language(model, tokenizer, sentences: list[str], layers: list[int], 
                      desc: str = "", progress: bool = True, dtype: torch.dtype = torch.float32
                      ) -> dict[int, torch.Tensor]:
     """Residuals `{layer: [tokens, hidden]}` (`dtype`, CPU) at every position but BOS and padding, one forward pass
-    per batch for all `layers`, stopped after the last of them (the LM head never runs). With `quota`, sentences are taken in `rng`'s random order until that many tokens are
-    in (the last sentence's surplus is cut), else all of them in order."""
+    per batch for all `layers`, stopped after the last of them (the LM head never runs). With `quota`, sentences are
+    taken in `rng`'s random order until that many tokens are in (the last sentence's surplus is cut), else all of them
+    in order.
+    Why 11 parameters: the options travel in pairs (quota with rng, desc with progress) and experiments/
+    gemma3_270m_saes's scripts call it by these names; a settings object would buy one line."""
     from tqdm.auto import tqdm
 
     encoded = tokenizer(list(sentences), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]

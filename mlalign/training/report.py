@@ -52,6 +52,8 @@ def train_metrics(test_report: dict, dev_report: dict, *, metric: str, aggregate
     """The train task's metrics.json: headline outcomes on the held-out (test) split, the same on dev for choices.
 
     Top level and `per_lang` come from `splits["headline"]`; `dev` (and `alignment_score`) from `splits["dev"]`.
+    Why 12 parameters: each keyword is one recorded key of metrics.json, named where tasks/train.py, the one caller,
+    passes it.
     """
     from mlalign.training.outcomes import alignment_score
 

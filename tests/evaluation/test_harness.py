@@ -4,6 +4,7 @@ import socket
 
 import pytest
 
+from mlalign.config import EvalConfig
 from mlalign.errors import UserError
 from mlalign.evaluation.harness import run_benchmarks
 from mlalign.evaluation.report import compare_results
@@ -20,9 +21,10 @@ def bundled_run(tiny_model, tiny_tokenizer, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", _no_network)
         patch.setattr(socket, "create_connection", _no_network)
-        return run_benchmarks(tiny_model, tiny_tokenizer, langs=EVAL_LANGS,
-                              benchmarks=["arc_challenge", "mmlu", "hellaswag"], suite="bundled", num_fewshot=0,
-                              limit=LIMIT, batch_size=8, seed=0, work_dir=tmp_path_factory.mktemp("eval"))
+        settings = EvalConfig(suite="bundled", benchmarks=["arc_challenge", "mmlu", "hellaswag"], num_fewshot=0,
+                              limit=LIMIT, batch_size=8)
+        return run_benchmarks(tiny_model, tiny_tokenizer, EVAL_LANGS, settings, seed=0,
+                              work_dir=tmp_path_factory.mktemp("eval"))
 
 
 def test_bundled_run_scores_every_language(bundled_run):
@@ -64,9 +66,10 @@ def test_run_compares_with_itself_as_zero(bundled_run):
      ({"benchmarks": [], "tasks": []}, "nothing to evaluate"), ({"tasks": "arc_hi"}, "eval.tasks must be a list")],
 )
 def test_user_mistakes_fail_before_any_model_work(kwargs, expected, tmp_path):
-    arguments = {"langs": ["hi"], "benchmarks": ["mmlu"], "suite": "bundled", "work_dir": tmp_path} | kwargs
+    arguments = {"langs": ["hi"], "benchmarks": ["mmlu"], "suite": "bundled"} | kwargs
+    langs = arguments.pop("langs")
     with pytest.raises(UserError, match=expected):
-        run_benchmarks(None, None, **arguments)  # no model at all: validation must come first
+        run_benchmarks(None, None, langs, EvalConfig(**arguments), work_dir=tmp_path)  # no model: validation first
     assert not (tmp_path / "lm_eval_tasks").exists()
 
 
@@ -84,7 +87,7 @@ def test_items_are_kept_per_question_for_the_paired_tests(bundled_run):
 )
 def test_unknown_task_names_fail_with_close_matches_before_any_model_work(tasks, expected, tmp_path):
     with pytest.raises(UserError, match=expected):
-        run_benchmarks(None, None, langs=["hi"], benchmarks=[], suite="bundled", tasks=tasks, work_dir=tmp_path)
+        run_benchmarks(None, None, ["hi"], EvalConfig(suite="bundled", benchmarks=[], tasks=tasks), work_dir=tmp_path)
 
 
 def test_builtin_task_names_are_checked_against_lm_evals_index(builtin_task_manager, tmp_path):
@@ -117,9 +120,9 @@ def test_per_benchmark_fewshot_and_lm_evals_own_files(tiny_model, tiny_tokenizer
     import json
 
     out = tmp_path / "lm_eval"
-    run = run_benchmarks(tiny_model, tiny_tokenizer, langs=["hi"], benchmarks=["arc_challenge", "mmlu"],
-                         suite="bundled", num_fewshot={"arc_challenge": 2}, limit=3, batch_size=4,
-                         work_dir=tmp_path, tasks=["mlalign_mmlu_{lang}"], output_dir=out)
+    settings = EvalConfig(suite="bundled", benchmarks=["arc_challenge", "mmlu"], tasks=["mlalign_mmlu_{lang}"],
+                          num_fewshot={"arc_challenge": 2}, limit=3, batch_size=4)
+    run = run_benchmarks(tiny_model, tiny_tokenizer, ["hi"], settings, work_dir=tmp_path, output_dir=out)
     assert run["results"]["arc_challenge"]["hi"]["num_fewshot"] == 2
     assert run["results"]["mmlu"]["hi"]["num_fewshot"] == 0
     assert run["results"]["mlalign_mmlu_{lang}"]["hi"]["task"] == "mlalign_mmlu_hi"
@@ -134,6 +137,6 @@ def test_per_benchmark_fewshot_and_lm_evals_own_files(tiny_model, tiny_tokenizer
 
 
 def test_without_log_samples_only_results_files_are_written(tiny_model, tiny_tokenizer, tmp_path):
-    run_benchmarks(tiny_model, tiny_tokenizer, langs=["en"], benchmarks=["mmlu"], suite="bundled", limit=2,
-                   work_dir=tmp_path, output_dir=tmp_path / "out", log_samples=False)
+    settings = EvalConfig(suite="bundled", benchmarks=["mmlu"], limit=2, log_samples=False)
+    run_benchmarks(tiny_model, tiny_tokenizer, ["en"], settings, work_dir=tmp_path, output_dir=tmp_path / "out")
     assert [p.name.split("_")[0] for p in (tmp_path / "out").iterdir()] == ["results"]
