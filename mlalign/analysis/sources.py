@@ -60,7 +60,7 @@ class LazyEngine:
         cfg, acfg = self.cfg, typed(self.cfg.analysis, AnalysisConfig)
         # Where SAEs live: sae.device if set (e.g. cpu to spare accelerator memory), else the CPU while waiting for
         # their chunk (sae_chunk), else the model's device.
-        compute_device = resolve_device(cfg.sae.get("device")) if cfg.sae.get("device") else None
+        compute_device = resolve_device(cfg.sae.device) if cfg.sae.device else None
         model_device = next(self.model.parameters()).device if self.model is not None else resolve_device(cfg.model.device)
         home = compute_device or ("cpu" if acfg.sae_chunk else model_device)
         todo = [layer for layer in layers if layer not in self.saes]

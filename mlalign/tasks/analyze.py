@@ -105,7 +105,7 @@ def analyze_model(cfg, ctx, adapter=None, out_dir: Path | None = None, split: st
 
     summary = summarize(stats, cfg.reference_lang, acfg, ids_by_lang={lang: corpus.ids[lang] for lang in langs},
                         seed=int(cfg.seed), model=cfg.model.name, sae=cfg.sae.name,
-                        n_model_layers=cfg.model.get("num_layers"),
+                        n_model_layers=cfg.model.num_layers,
                         feature_stats=feature_stats if fcfg.enabled else None)
     summary["adapter"] = str(adapter) if adapter else None
     report = ctx.run_dir / "corpus.json"

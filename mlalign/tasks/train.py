@@ -123,7 +123,7 @@ def _plan(cfg: DictConfig, ctx) -> _Plan:
         raise UserError(f"task=train needs at least one target language besides {reference}; type e.g. langs=[hi]")
     return _Plan(reference=reference, targets=targets, metric=check_metric(str(cfg.analysis.metric)),
                  aggregate=check_aggregate(str(cfg.analysis.aggregate)),
-                 tolerance=float(cfg.train.get("fidelity_tolerance", 1.25)),
+                 tolerance=float(cfg.train.fidelity_tolerance),
                  resume_from=_resume_checkpoint(cfg, ctx.run_dir),
                  splits={"train": str(cfg.data.splits.train), "dev": str(cfg.data.splits.valid),
                          "headline": str(cfg.data.splits.heldout)})
@@ -268,7 +268,7 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
     peft_model = accelerator.unwrap_model(setup.model)
     report = train_metrics(reports["headline"], reports["dev"], metric=plan.metric, aggregate=plan.aggregate,
                            reference_lang=plan.reference, targets=plan.targets, layers=setup.analysed, splits=splits,
-                           tolerance=plan.tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)),
+                           tolerance=plan.tolerance, floor_pct=float(cfg.train.retention_floor_pct),
                            spliced_tolerance=float(cfg.train.spliced_tolerance_nats), seed=int(cfg.seed))
     report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s, total_s=total_s,
                   trainable_params=setup.trainable, aligned_layers=setup.aligned)
@@ -279,7 +279,7 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
         peft_model.save_pretrained(str(ctx.run_dir / "adapter"))
         write_json_atomic(out / "history.json", state.history)
         write_json_atomic(out / "metrics.json", metrics)
-        if cfg.analysis.get("plots", True):
+        if cfg.analysis.plots:
             ctx.tracker.log_images({"train/activation_before_after": plot_before_after(
                 report, out / "activation_before_after.png")})
     accelerator.wait_for_everyone()
