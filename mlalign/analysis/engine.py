@@ -180,7 +180,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _check_inputs(model: nn.Module, saes: dict, batch_size: int, max_length: int, sae_chunk, padding_side: str) -> None:
+def _check_inputs(model: nn.Module, saes: dict, settings: EngineSettings) -> None:
+    batch_size, max_length, sae_chunk, padding_side = (settings.batch_size, settings.max_length, settings.sae_chunk,
+                                                       settings.padding_side)
     n_layers = len(decoder_layers(model))
     bad = [layer for layer in saes if not 0 <= int(layer) < n_layers]
     if bad:
@@ -299,7 +301,7 @@ def _eval_mode(model: nn.Module):
 
 
 def _check_stats_inputs(model, saes: dict, texts_by_lang: dict, s: EngineSettings, token_recorders: dict) -> None:
-    _check_inputs(model, saes, s.batch_size, s.max_length, s.sae_chunk, s.padding_side)
+    _check_inputs(model, saes, s)
     if token_recorders and (s.min_position != 0 or s.max_position is not None):
         raise ValueError("the paired outcome pass covers every token but BOS; record it only with "
                          "min_position=0 and max_position=None")
@@ -462,7 +464,7 @@ def collect_listed_sums(
     if missing:
         raise ValueError(f"feature_ids name layers {missing} without an SAE")
     s = settings
-    _check_inputs(model, saes, s.batch_size, s.max_length, s.sae_chunk, s.padding_side)
+    _check_inputs(model, saes, s)
     run = _Pass.of(model, tokenizer, saes, settings)
     layers = sorted({layer for by_layer in wanted.values() for layer in by_layer})
     tokenized = {lang: tokenize_sorted(tokenizer, texts_by_lang[lang], s.max_length) for lang in wanted}

@@ -267,16 +267,10 @@ def measure_test(bench: Bench, for_lang, seed: int) -> tuple[dict, dict]:
 
 def benchmark_plan(cfg, langs: list[str], work_dir: Path):
     """`eval`'s benchmark plan in `langs` (task=eval's settings), every task name checked against lm-eval (UserError)."""
-    from omegaconf import OmegaConf
-
+    from mlalign.config import EvalConfig, typed
     from mlalign.evaluation.harness import plan_benchmarks
 
-    def plain(value):
-        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-    e = cfg.eval
-    return plan_benchmarks(langs, plain(e.benchmarks), e.suite, num_fewshot=plain(e.num_fewshot), limit=e.limit,
-                           batch_size=e.batch_size, seed=int(cfg.seed), work_dir=work_dir, tasks=plain(e.get("tasks")))
+    return plan_benchmarks(langs, typed(cfg.eval, EvalConfig), seed=int(cfg.seed), work_dir=work_dir)
 
 
 def _benchmarks(bench: Bench, for_lang, per_lang: dict, sums: dict) -> None:

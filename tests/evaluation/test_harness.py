@@ -93,24 +93,28 @@ def test_unknown_task_names_fail_with_close_matches_before_any_model_work(tasks,
 def test_builtin_task_names_are_checked_against_lm_evals_index(builtin_task_manager, tmp_path):
     from mlalign.evaluation.harness import plan_benchmarks
 
-    plan = plan_benchmarks(["hi", "ml"], ["belebele"], "harness", tasks=["xnli_{lang}", "ai2_arc"],
-                           num_fewshot={"belebele": 5, "ai2_arc": 25}, task_manager=builtin_task_manager)
+    settings = EvalConfig(suite="harness", benchmarks=["belebele"], tasks=["xnli_{lang}", "ai2_arc"],
+                          num_fewshot={"belebele": 5, "ai2_arc": 25})
+    plan = plan_benchmarks(["hi", "ml"], settings, task_manager=builtin_task_manager)
     planned = {(e.benchmark, e.lang): (e.task, e.num_fewshot) for e in plan.entries}
     assert planned[("belebele", "ml")] == ("belebele_mal_Mlym", 5)
     assert planned[("xnli_{lang}", "hi")] == ("xnli_hi", 0)  # not in the mapping: 0 shots
     assert planned[("arc_challenge", "all")] == ("arc_challenge", 25)  # a tag runs as its member tasks
     assert {(s["benchmark"], s["lang"]) for s in plan.skipped} == {("xnli_{lang}", "ml")}  # XNLI has no Malayalam
     with pytest.raises(UserError, match="close matches: .*belebele_hin_Deva"):
-        plan_benchmarks(["hi"], [], "harness", tasks=["belebele_hin_Dev"], task_manager=builtin_task_manager)
+        plan_benchmarks(["hi"], EvalConfig(suite="harness", benchmarks=[], tasks=["belebele_hin_Dev"]),
+                        task_manager=builtin_task_manager)
 
 
 def test_a_language_beyond_the_ten_runs_its_table_tasks_and_skips_what_is_not_bundled(builtin_task_manager, tmp_path):
     from mlalign.evaluation.harness import plan_benchmarks
 
-    online = plan_benchmarks(["bn"], ["arc_challenge", "mmlu", "hellaswag", "belebele"], "harness",
+    online = plan_benchmarks(["bn"], EvalConfig(suite="harness", benchmarks=["arc_challenge", "mmlu", "hellaswag",
+                                                                          "belebele"]),
                              task_manager=builtin_task_manager)
     assert {e.task for e in online.entries} == {"arc_bn", "m_mmlu_bn", "hellaswag_bn", "belebele_ben_Beng"}
-    offline = plan_benchmarks(["en", "bn"], ["arc_challenge", "mmlu"], "bundled", work_dir=tmp_path)
+    offline = plan_benchmarks(["en", "bn"], EvalConfig(suite="bundled", benchmarks=["arc_challenge", "mmlu"]),
+                              work_dir=tmp_path)
     assert {(e.lang, e.task) for e in offline.entries} == {("en", "mlalign_arc_en"), ("en", "mlalign_mmlu_en")}
     assert {(s["benchmark"], s["lang"]) for s in offline.skipped} == {("arc_challenge", "bn"), ("mmlu", "bn")}
     assert all("eval=harness" in s["reason"] for s in offline.skipped)
