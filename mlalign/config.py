@@ -382,6 +382,20 @@ class PathsConfig:
     """Set at run time for model=testbed: the built testbed's directory."""
 
 
+def typed(node, schema: type):
+    """A composed config group as its schema's dataclass (`OmegaConf.to_object`, interpolations resolved where the
+    group sits): what a task converts once, at its boundary, and passes down. A group composed without the schema (a
+    config built by hand, an older run's config.yaml) gets the schema's defaults for the keys it lacks."""
+    from omegaconf import OmegaConf
+
+    if isinstance(node, schema):
+        return node
+    value = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
+    if isinstance(value, schema):
+        return value
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), value))
+
+
 # --- values the schemas cannot type -----------------------------------------------------------------------------
 
 TRAINING_TASKS = ("train", "pipeline")

@@ -110,9 +110,19 @@ def _feature_changes_section(run_dir: Path, changes: dict | None) -> list[str]:
 
 
 def render_report(run_dir: Path, before: dict, after: dict, train: dict, comparison: dict, command: str) -> str:
-    """report.md: everything a reader needs to judge the run, in the study's terms."""
+    """report.md: everything a reader needs to judge the run, in the study's terms: the base model's findings, the
+    band disparities before -> after, the adapter's outcomes, which features it changed, the benchmarks, the
+    activation gap against accuracy, the plots."""
+    lines = [*_head_section(run_dir, before, command), *_band_section(before, after), *_outcome_section(train),
+             *_feature_changes_section(run_dir, after.get("feature_changes")), *_benchmark_section(comparison),
+             *_correlation_section(before, comparison), *_plots_section(run_dir, before, after)]
+    return "\n".join(lines) + "\n"
+
+
+def _head_section(run_dir: Path, before: dict, command: str) -> list[str]:
+    """The title, what was measured, how to rerun it, the corpus, the base model's statements and disparities."""
     ref = before["reference_lang"]
-    lines = [
+    return [
         f"# mlalign pipeline report: {before['model']} / {before['sae']}",
         "",
         f"Reference language **{ref}**; metric `{before['metric']}` ({before['aggregate']} aggregate) on the "
@@ -131,43 +141,55 @@ def render_report(run_dir: Path, before: dict, after: dict, train: dict, compari
         "",
         *disparity_table(before),
         "",
-        "## Disparity vs English per layer band, before -> after (%)",
-        "",
     ]
+
+
+def _band_section(before: dict, after: dict) -> list[str]:
+    """Each language's disparity per layer band, before -> after."""
+    lines = ["## Disparity vs English per layer band, before -> after (%)", ""]
     bands = list(before["bands"])
     b_before, b_after = band_disparity(before), band_disparity(after)
     lines += ["| lang | " + " | ".join(bands) + " |", "| --- | " + " | ".join("---" for _ in bands) + " |"]
     for lang in b_before:
         cells = [f"{_fmt(b_before[lang][band])} -> {_fmt(b_after.get(lang, {}).get(band))}" for band in bands]
         lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _outcome_section(train: dict) -> list[str]:
+    """The adapter's outcomes on the held-out split, per language."""
     from mlalign.training.report import outcome_lines
 
-    lines += ["", f"## Activation-aware LoRA: outcomes on the {train['splits']['headline']} split, base -> adapter", "",
-              f"Metric `{train['metric']}` ({train['aggregate']} aggregate); a gain counts only where, at every "
-              f"aligned layer, the SAE's reconstruction error of the same tokens stays within "
-              f"x{train['fidelity_tolerance']:g} of the base model's and the spliced-in LM loss rises at most "
-              f"{train.get('spliced_tolerance_nats') or 0:g} nats/token (target and English); 95% paired "
-              f"bootstrap CIs over sentences. Definitions: docs/training.md. Choices (sweeps) used the "
-              f"`{train['splits']['dev']}` split; these numbers are reported once.", "",
-              *outcome_lines(train), "",
-              "| lang | gain (%) | 95% CI | norm-matched (%) | residual norm (%) | FVU before -> after | valid | LM loss change |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["", f"## Activation-aware LoRA: outcomes on the {train['splits']['headline']} split, base -> adapter", "",
+             f"Metric `{train['metric']}` ({train['aggregate']} aggregate); a gain counts only where, at every "
+             f"aligned layer, the SAE's reconstruction error of the same tokens stays within "
+             f"x{train['fidelity_tolerance']:g} of the base model's and the spliced-in LM loss rises at most "
+             f"{train.get('spliced_tolerance_nats') or 0:g} nats/token (target and English); 95% paired "
+             f"bootstrap CIs over sentences. Definitions: docs/training.md. Choices (sweeps) used the "
+             f"`{train['splits']['dev']}` split; these numbers are reported once.", "",
+             *outcome_lines(train), "",
+             "| lang | gain (%) | 95% CI | norm-matched (%) | residual norm (%) | FVU before -> after | valid | LM loss change |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for lang, o in train["per_lang"].items():
         ci = o.get("gain_ci") or [None, None]
         lines.append(f"| {lang} | {_fmt(o['gain_pct'])} | [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
                      f"{_fmt(o['norm_matched_gain_pct'])} | {_fmt(o['resid_norm_change_pct'])} | "
                      f"{_fmt(o['fvu_before'], '.3f')} -> {_fmt(o['fvu_after'], '.3f')} | {'yes' if o['valid'] else 'no'} | "
                      f"{_fmt(o['lm_loss_change'], '+.3f')} |")
-    lines += _feature_changes_section(run_dir, after.get("feature_changes"))
+    return lines
+
+
+def _benchmark_section(comparison: dict) -> list[str]:
+    """The paired benchmark comparison, base -> adapter, and what was skipped."""
     n_tests = comparison.get("n_tests") or 0
     n_significant = sum(1 for by_lang in comparison["results"].values() for cell in by_lang.values()
                         if cell.get("significant"))
-    lines += ["", "## Benchmarks, base -> adapter (accuracy)", "",
-              f"Paired on the same items: McNemar's exact p, Holm-adjusted over the {n_tests} cells, and a 95% paired "
-              f"bootstrap CI of the difference. **{n_significant} of {n_tests} differences are significant**; a "
-              f"difference marked n.s. is not an effect of the adapter.", "",
-              "| benchmark | lang | base | adapter | diff | 95% CI | p (Holm) | |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["", "## Benchmarks, base -> adapter (accuracy)", "",
+             f"Paired on the same items: McNemar's exact p, Holm-adjusted over the {n_tests} cells, and a 95% paired "
+             f"bootstrap CI of the difference. **{n_significant} of {n_tests} differences are significant**; a "
+             f"difference marked n.s. is not an effect of the adapter.", "",
+             "| benchmark | lang | base | adapter | diff | 95% CI | p (Holm) | |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for benchmark, by_lang in comparison["results"].items():
         for lang, cell in by_lang.items():
             base_acc = (cell.get("base") or {}).get("acc")
@@ -180,8 +202,13 @@ def render_report(run_dir: Path, before: dict, after: dict, train: dict, compari
                          f"{_fmt(cell.get('p_holm'), '.3g')} | {verdict} |")
     for item in comparison.get("skipped", []):
         lines.append(f"\nSkipped {item['benchmark']} in {item['lang']}: {item['reason']}")
+    return lines
+
+
+def _correlation_section(before: dict, comparison: dict) -> list[str]:
+    """Spearman's rho between each language's activation gap and its base accuracy."""
     corr = gap_accuracy_correlation(before, comparison)
-    lines += ["", "## Activation gap vs benchmark accuracy", ""]
+    lines = ["", "## Activation gap vs benchmark accuracy", ""]
     if corr["rho"] is None:
         lines.append(f"Spearman correlation needs at least 3 languages with both numbers (have {corr['n']}).")
     else:
@@ -189,10 +216,14 @@ def render_report(run_dir: Path, before: dict, after: dict, train: dict, compari
                    "this run does not show weaker activations going with lower scores, as the study claims they do")
         lines.append(f"Spearman rho between each language's mean disparity and its mean base accuracy over "
                      f"{corr['n']} languages: **{corr['rho']:+.2f}** (p = {corr['p_value']:.3f}): {verdict}.")
-    lines += ["", "## Plots", ""]
+    return lines
+
+
+def _plots_section(run_dir: Path, before: dict, after: dict) -> list[str]:
+    lines = ["", "## Plots", ""]
     for title, path in [*before.get("plots", {}).items(), *[(f"after: {k}", v) for k, v in after.get("plots", {}).items()]]:
         lines.append(f"![{title}]({_rel(path, run_dir)})")
     for name in ("train/activation_before_after.png", "eval/accuracy.png"):
         if (run_dir / name).is_file():
             lines.append(f"![{name}]({name})")
-    return "\n".join(lines) + "\n"
+    return lines

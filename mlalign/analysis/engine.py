@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -179,7 +180,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _check_inputs(model: nn.Module, saes: dict, batch_size: int, max_length: int, sae_chunk, padding_side: str) -> None:
+def _check_inputs(model: nn.Module, saes: dict, settings: EngineSettings) -> None:
+    batch_size, max_length, sae_chunk, padding_side = (settings.batch_size, settings.max_length, settings.sae_chunk,
+                                                       settings.padding_side)
     n_layers = len(decoder_layers(model))
     bad = [layer for layer in saes if not 0 <= int(layer) < n_layers]
     if bad:
@@ -208,42 +211,140 @@ def decoder_norms(saes: dict, group: list[int]) -> torch.Tensor:
     return torch.stack([saes[layer].W_dec.detach().norm(dim=-1) for layer in group])
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine batches, windows and places its work, shared by `collect_stats` and `collect_listed_sums` (the
+    same tokens and batches). Only the position window (min_position, max_position) and max_length change a number;
+    the rest change none beyond float rounding. task=analyze builds it from analysis.*, data.max_length and sae.device
+    (`analysis.sources.LazyEngine`)."""
+
+    batch_size: int = 16
+    """Sentences per forward pass."""
+    max_length: int = 128
+    """Tokens per sentence, BOS included; longer texts are truncated (and recorded as such)."""
+    sae_chunk: int | None = None
+    """At most this many SAEs on the device at once; the corpus runs once per chunk of layers. None = all."""
+    padding_side: str = "right"
+    """left or right (positions are set from the mask, so either gives the same numbers)."""
+    progress: bool = True
+    """A tqdm bar per language and layer chunk."""
+    min_position: int = 0
+    """Only tokens at positions >= this count (`analysed_positions`)."""
+    max_position: int | None = None
+    """Only tokens at positions < this count; None = all."""
+    sae_device: torch.device | str | None = None
+    """Where SAEs encode and sums accumulate; None = the model's device (`cpu` saves accelerator memory at the cost of
+    one residual copy per layer and batch)."""
+    decode: str = "auto"
+    """How x̂ (for FVU) is computed: sparse, dense or auto (`collect_stats`); `collect_listed_sums` does not decode."""
+
+
+@dataclass
+class _Pass:
+    """What every batch of one engine pass shares: the model, its SAEs, the settings, and where things run."""
+
+    model: nn.Module
+    saes: dict
+    settings: EngineSettings
+    device: torch.device
+    sae_device: torch.device
+    pad_id: int
+    bos_id: int | None
+
+    @classmethod
+    def of(cls, model: nn.Module, tokenizer, saes: dict, settings: EngineSettings) -> "_Pass":
+        device = _model_device(model)
+        sae_device = device if settings.sae_device is None else torch.device(settings.sae_device)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        return cls(model, saes, settings, device, sae_device, pad_id, tokenizer.bos_token_id)
+
+    def chunks(self, layers: list[int]) -> Iterator[list[int]]:
+        """`layers` in chunks of `settings.sae_chunk` (all at once without one)."""
+        size = len(layers) if self.settings.sae_chunk is None else int(self.settings.sae_chunk)
+        for start in range(0, len(layers), size):
+            yield layers[start : start + size]
+
+    def batch_inputs(self, batch):
+        """`_batch_inputs` of one batch under this pass's settings."""
+        s = self.settings
+        return _batch_inputs(batch, self.pad_id, self.bos_id, s.padding_side, self.device, self.sae_device,
+                             s.min_position, s.max_position)
+
+    def batches(self, items: list, desc: str):
+        """The language's batches, with a progress bar if the settings ask for one."""
+        return _progress(list(_batches(items, self.settings.batch_size)), self.settings.progress, desc=desc,
+                         leave=False)
+
+
+@dataclass
+class _Chunk:
+    """One layer chunk's SAE steps: the layer groups that encode together, each group's `StackedSAEs` (None where its
+    SAE does not stack) and the shared work buffer (`_work_buffer`)."""
+
+    layers: list[int]
+    groups: list[list[int]]
+    stacks: list
+    work: torch.Tensor | None
+    first: bool
+    """The pass's first chunk: the one whose batches feed a recorder its tokens (`_run_batch`'s record_tokens)."""
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """The model in eval mode for the block, in its former mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _check_stats_inputs(model, saes: dict, texts_by_lang: dict, s: EngineSettings, token_recorders: dict) -> None:
+    _check_inputs(model, saes, s)
+    if token_recorders and (s.min_position != 0 or s.max_position is not None):
+        raise ValueError("the paired outcome pass covers every token but BOS; record it only with "
+                         "min_position=0 and max_position=None")
+    if s.decode not in DECODE_MODES:
+        raise UserError(f"analysis.decode must be one of {', '.join(DECODE_MODES)}, got {s.decode!r}")
+    empty = [lang for lang, texts in texts_by_lang.items() if not texts]
+    if empty:
+        raise UserError(f"no sentences for {', '.join(empty)}; check data.path / the split, or drop them from langs")
+    if s.min_position < 0 or (s.max_position is not None and s.max_position <= s.min_position):
+        raise UserError(f"need 0 <= analysis.min_position < analysis.max_position, got {s.min_position} and "
+                        f"{s.max_position}")
+
+
 @torch.inference_mode()
 def collect_stats(
     model: nn.Module,
     tokenizer,
     saes: dict[int, nn.Module],
     texts_by_lang: dict[str, list[str]],
-    batch_size: int = 16,
-    max_length: int = 128,
-    sae_chunk: int | None = None,
-    padding_side: str = "right",
-    progress: bool = True,
-    min_position: int = 0,
-    max_position: int | None = None,
-    sae_device: torch.device | str | None = None,
+    settings: EngineSettings = EngineSettings(),
+    *,
     feature_stats: dict | None = None,
     feature_ids: dict | None = None,
-    decode: str = "auto",
     token_recorders: dict | None = None,
     position_cap: int | None = None,
 ) -> dict[str, dict[int, SentenceSums]]:
     """Per-sentence SAE statistics for every (language, layer): `result[lang][layer]` is a `SentenceSums`.
 
     model: a HF causal LM (or bare decoder) in eval mode; its device is where everything is computed and summed.
-    tokenizer: adds BOS itself (Gemma, Llama); texts are truncated to `max_length` tokens including BOS.
+    tokenizer: adds BOS itself (Gemma, Llama); texts are truncated to `settings.max_length` tokens including BOS.
     saes: layer -> sae-lens SAE whose input is the output of that decoder layer (`blocks.L.hook_resid_post`).
     texts_by_lang: sentences per language; per-sentence arrays follow this order.
+    settings: batching, position window, SAE placement and decode (`EngineSettings`).
 
     One forward pass per batch captures every layer of the current chunk (`stop_after_last`: no later layers, no
     LM head). The kept positions (no BOS, no padding) of every layer of a group are encoded in one batched SAE step
-    (`saes.encode.StackedSAEs`; SAEs that cannot be stacked use their own `encode`/`decode`). With `sae_chunk=k`, at most k SAEs sit on the model's device at once and the corpus is run once per
-    chunk of k layers (k times fewer SAE bytes resident, ceil(L/k) times the forward passes); results are identical.
+    (`saes.encode.StackedSAEs`; SAEs that cannot be stacked use their own `encode`/`decode`). With `sae_chunk=k`, at
+    most k SAEs sit on the model's device at once and the corpus is run once per chunk of k layers (k times fewer SAE
+    bytes resident, ceil(L/k) times the forward passes); results are identical.
     SAEs are moved to the model's device for their chunk and returned to where they were afterwards.
     Batch size and padding side change no number beyond float rounding (positions are set from the mask).
     min_position / max_position: only tokens at positions min_position <= pos < max_position count (see
-    `analysed_positions`). sae_device: where SAEs encode and sums accumulate (default: the model's device; `cpu`
-    saves accelerator memory at the cost of one residual copy per layer and batch).
+    `analysed_positions`).
     BOS is checked (`check_bos`), and each sentence's truncation at `max_length` is recorded.
     feature_stats: a dict to fill with per-feature statistics, `feature_stats[lang][layer]` = `features.FeatureSums`
     (O(d_sae) each; off when None). feature_ids: {lang: {layer: [features]}} whose per-sentence sums those also keep
@@ -260,79 +361,79 @@ def collect_stats(
     read as `SentenceSums.position_matched()`), in the same pass: the summary's position-matched disparity, with the
     cap at the reference language's 90th-percentile position (`position_cap`). None keeps no window.
     """
-    _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
     token_recorders = token_recorders or {}
-    if token_recorders and (min_position != 0 or max_position is not None):
-        raise ValueError("the paired outcome pass covers every token but BOS; record it only with "
-                         "min_position=0 and max_position=None")
-    if decode not in DECODE_MODES:
-        raise UserError(f"analysis.decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-    empty = [lang for lang, texts in texts_by_lang.items() if not texts]
-    if empty:
-        raise UserError(f"no sentences for {', '.join(empty)}; check data.path / the split, or drop them from langs")
-    if min_position < 0 or (max_position is not None and max_position <= min_position):
-        raise UserError(f"need 0 <= analysis.min_position < analysis.max_position, got {min_position} and {max_position}")
-    device = _model_device(model)
-    sae_device = device if sae_device is None else torch.device(sae_device)
-    layers = sorted(int(layer) for layer in saes)
-    chunk = len(layers) if sae_chunk is None else int(sae_chunk)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    bos_id = tokenizer.bos_token_id
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-
+    _check_stats_inputs(model, saes, texts_by_lang, settings, token_recorders)
+    run = _Pass.of(model, tokenizer, saes, settings)
+    max_length = settings.max_length
     tokenized = {lang: tokenize_sorted(tokenizer, texts, max_length) for lang, texts in texts_by_lang.items()}
     truncated = {lang: truncated_flags(tokenizer, texts, max_length) for lang, texts in texts_by_lang.items()}
-    check_bos(tokenizer, saes, [ids for items in tokenized.values() for _, ids in items], min_position)
+    check_bos(tokenizer, saes, [ids for items in tokenized.values() for _, ids in items], settings.min_position)
     result: dict[str, dict[int, SentenceSums]] = {lang: {} for lang in texts_by_lang}
     if feature_ids is not None and feature_stats is None:
         feature_stats = {}
     if feature_stats is not None:
         for lang in texts_by_lang:
             feature_stats.setdefault(lang, {})
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(layers), chunk):
-            chunk_layers = layers[start : start + chunk]
-            with _saes_on(saes, chunk_layers, sae_device):
-                # Layers whose SAEs stack run as one batched step (saes.encode.StackedSAEs); the group size keeps the
-                # per-batch [layers, tokens, d_sae] work tensor bounded. feature_ids are per layer: no stacking then.
-                max_tokens = max(sum(len(ids) for _, ids in batch) for items in tokenized.values()
-                                 for batch in _batches(items, batch_size))
-                groups = ([[layer] for layer in chunk_layers] if feature_ids is not None
-                          else stack_groups(chunk_layers, saes, max_tokens, sae_device))
-                stacks = [StackedSAEs([saes[layer] for layer in group]) if StackedSAEs.stackable(
-                    [saes[layer] for layer in group]) else None for group in groups]
-                work = _work_buffer(groups, stacks, max_tokens, torch.device(sae_device))
+    layers = sorted(int(layer) for layer in saes)
+    with _eval_mode(model):
+        for chunk_layers in run.chunks(layers):
+            with _saes_on(saes, chunk_layers, run.sae_device):
+                chunk = _plan_chunk(run, chunk_layers, tokenized, per_layer=feature_ids is not None,
+                                    first=chunk_layers[0] == layers[0])
                 for lang, items in tokenized.items():
-                    accs = [
-                        LayerStats(len(items), saes[group[0]].cfg.d_in if hidden is None else hidden,
-                                   saes[group[0]].cfg.d_sae, sae_device, truncated=truncated[lang], n_layers=len(group),
-                                   decoder_norms=decoder_norms(saes, group), position_cap=position_cap)
-                        for group in groups
-                    ]
-                    faccs = None
-                    if feature_stats is not None:
-                        wanted = (feature_ids or {}).get(lang) or {}
-                        faccs = [FeatureStats(len(items), saes[group[0]].cfg.d_sae, sae_device,
-                                              feature_ids=wanted.get(group[0]) if len(group) == 1 else None,
-                                              n_layers=len(group)) for group in groups]
+                    accs, faccs = _language_accumulators(run, chunk, len(items), truncated[lang], position_cap,
+                                                         feature_stats, (feature_ids or {}).get(lang) or {})
                     desc = f"{lang} layers {chunk_layers[0]}-{chunk_layers[-1]}"
-                    batches = list(_batches(items, batch_size))
-                    recorder = token_recorders.get(lang)
-                    for number, batch in enumerate(_progress(batches, progress, desc=desc, leave=False)):
-                        _run_batch(model, saes, groups, stacks, accs, batch, pad_id, bos_id, padding_side, device,
-                                   sae_device, min_position, max_position, feature_accs=faccs, decode=decode,
-                                   recorder=recorder, batch_number=number, record_tokens=start == 0, work=work)
-                    for index, group in enumerate(groups):
-                        for layer, sums in zip(group, accs[index].finalize_layers()):
-                            result[lang][layer] = sums
-                        if faccs is not None:
-                            for layer, fsums in zip(group, faccs[index].finalize_layers()):
-                                feature_stats[lang][layer] = fsums
-    finally:
-        model.train(was_training)
+                    for number, batch in enumerate(run.batches(items, desc)):
+                        _run_batch(run, chunk, accs, batch, faccs, token_recorders.get(lang), number)
+                    _finalize_language(chunk, accs, faccs, result[lang],
+                                       None if feature_stats is None else feature_stats[lang])
     return result
+
+
+def _plan_chunk(run: _Pass, chunk_layers: list[int], tokenized: dict, per_layer: bool, first: bool) -> _Chunk:
+    """A layer chunk's groups, stacks and work buffer. Layers whose SAEs stack run as one batched step
+    (saes.encode.StackedSAEs); the group size keeps the per-batch [layers, tokens, d_sae] work tensor bounded.
+    per_layer (listed features, which are per layer): one layer per group, no stacking."""
+    saes = run.saes
+    max_tokens = max(sum(len(ids) for _, ids in batch) for items in tokenized.values()
+                     for batch in _batches(items, run.settings.batch_size))
+    groups = ([[layer] for layer in chunk_layers] if per_layer
+              else stack_groups(chunk_layers, saes, max_tokens, run.sae_device))
+    stacks = [StackedSAEs([saes[layer] for layer in group]) if StackedSAEs.stackable(
+        [saes[layer] for layer in group]) else None for group in groups]
+    work = _work_buffer(groups, stacks, max_tokens, torch.device(run.sae_device))
+    return _Chunk(chunk_layers, groups, stacks, work, first)
+
+
+def _language_accumulators(run: _Pass, chunk: _Chunk, n_sentences: int, truncated, position_cap,
+                           feature_stats, wanted: dict) -> tuple[list[LayerStats], list[FeatureStats] | None]:
+    """One language's streaming sums per group of the chunk, and (with `feature_stats`) its per-feature sums, keeping
+    per-sentence sums of the `wanted` {layer: [features]}."""
+    saes, sae_device = run.saes, run.sae_device
+    hidden = getattr(getattr(run.model, "config", None), "hidden_size", None)
+    accs = [
+        LayerStats(n_sentences, saes[group[0]].cfg.d_in if hidden is None else hidden,
+                   saes[group[0]].cfg.d_sae, sae_device, truncated=truncated, n_layers=len(group),
+                   decoder_norms=decoder_norms(saes, group), position_cap=position_cap)
+        for group in chunk.groups
+    ]
+    if feature_stats is None:
+        return accs, None
+    faccs = [FeatureStats(n_sentences, saes[group[0]].cfg.d_sae, sae_device,
+                          feature_ids=wanted.get(group[0]) if len(group) == 1 else None,
+                          n_layers=len(group)) for group in chunk.groups]
+    return accs, faccs
+
+
+def _finalize_language(chunk: _Chunk, accs, faccs, result: dict, feature_result: dict | None) -> None:
+    """One language's finished sums of the chunk's layers into `result[layer]` (and `feature_result[layer]`)."""
+    for index, group in enumerate(chunk.groups):
+        for layer, sums in zip(group, accs[index].finalize_layers()):
+            result[layer] = sums
+        if faccs is not None:
+            for layer, fsums in zip(group, faccs[index].finalize_layers()):
+                feature_result[layer] = fsums
 
 
 @torch.inference_mode()
@@ -342,14 +443,7 @@ def collect_listed_sums(
     saes: dict[int, nn.Module],
     texts_by_lang: dict[str, list[str]],
     feature_ids: dict[str, dict[int, list[int]]],
-    batch_size: int = 16,
-    max_length: int = 128,
-    sae_chunk: int | None = None,
-    padding_side: str = "right",
-    progress: bool = True,
-    min_position: int = 0,
-    max_position: int | None = None,
-    sae_device: torch.device | str | None = None,
+    settings: EngineSettings = EngineSettings(),
 ) -> dict[str, dict[int, ListedSums]]:
     """The features' second pass: per-sentence sums of only the listed features, `result[lang][layer]` for every
     (lang, layer) in `feature_ids` ({lang: {layer: [features]}}).
@@ -357,7 +451,7 @@ def collect_listed_sums(
     The same tokens and batches as `collect_stats` (so the sums equal its `feature_ids` path's to float rounding), but
     only the forward (up to the language's deepest listed layer) and the encoder columns of the listed features run
     (`encode_listed`): no decode, no `LayerStats`, no O(d_sae) per-feature totals, and only the layers a language has
-    listed features in. Arguments as in `collect_stats`.
+    listed features in. Arguments as in `collect_stats` (`settings.decode` is not used).
     """
     saes = {int(layer): sae for layer, sae in saes.items()}
     wanted = {lang: {int(layer): fs for layer, fs in (feature_ids.get(lang) or {}).items() if len(fs)}
@@ -369,39 +463,33 @@ def collect_listed_sums(
     missing = sorted({layer for by_layer in wanted.values() for layer in by_layer} - set(saes))
     if missing:
         raise ValueError(f"feature_ids name layers {missing} without an SAE")
-    _check_inputs(model, saes, batch_size, max_length, sae_chunk, padding_side)
-    device = _model_device(model)
-    sae_device = device if sae_device is None else torch.device(sae_device)
+    s = settings
+    _check_inputs(model, saes, s)
+    run = _Pass.of(model, tokenizer, saes, settings)
     layers = sorted({layer for by_layer in wanted.values() for layer in by_layer})
-    chunk = len(layers) if sae_chunk is None else int(sae_chunk)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    bos_id = tokenizer.bos_token_id
-    tokenized = {lang: tokenize_sorted(tokenizer, texts_by_lang[lang], max_length) for lang in wanted}
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(layers), chunk):
-            chunk_layers = layers[start : start + chunk]
-            with _saes_on(saes, chunk_layers, sae_device):
+    tokenized = {lang: tokenize_sorted(tokenizer, texts_by_lang[lang], s.max_length) for lang in wanted}
+    with _eval_mode(model):
+        for chunk_layers in run.chunks(layers):
+            with _saes_on(saes, chunk_layers, run.sae_device):
                 for lang, items in tokenized.items():
-                    accs = {layer: SentenceFeatureStats(len(items), wanted[lang][layer], sae_device)
+                    accs = {layer: SentenceFeatureStats(len(items), wanted[lang][layer], run.sae_device)
                             for layer in chunk_layers if layer in wanted[lang]}
-                    if not accs:
-                        continue
-                    desc = f"{lang} listed features, layers {min(accs)}-{max(accs)}"
-                    for batch in _progress(list(_batches(items, batch_size)), progress, desc=desc, leave=False):
-                        inputs, flat, sentence_index, _ = _batch_inputs(batch, pad_id, bos_id, padding_side, device,
-                                                                        sae_device, min_position, max_position)
-                        with ResidualCapture(model, list(accs), detach=True, stop_after_last=True) as capture:
-                            activations = capture.forward(**inputs, use_cache=False)
+                    if accs:
+                        _listed_language(run, items, accs, desc=f"{lang} listed features, layers {min(accs)}-{max(accs)}")
                         for layer, acc in accs.items():
-                            x = activations[layer].flatten(0, 1).index_select(0, flat).to(sae_device)
-                            acc.add(encode_listed(saes[layer], x, acc.feature_ids), sentence_index)
-                    for layer, acc in accs.items():
-                        result[lang][layer] = acc.finalize()
-    finally:
-        model.train(was_training)
+                            result[lang][layer] = acc.finalize()
     return result
+
+
+def _listed_language(run: _Pass, items: list, accs: dict[int, SentenceFeatureStats], desc: str) -> None:
+    """One language's batches through the forward (up to its deepest listed layer) and the listed encoder columns."""
+    for batch in run.batches(items, desc):
+        inputs, flat, sentence_index, _ = run.batch_inputs(batch)
+        with ResidualCapture(run.model, list(accs), detach=True, stop_after_last=True) as capture:
+            activations = capture.forward(**inputs, use_cache=False)
+        for layer, acc in accs.items():
+            x = activations[layer].flatten(0, 1).index_select(0, flat).to(run.sae_device)
+            acc.add(encode_listed(run.saes[layer], x, acc.feature_ids), sentence_index)
 
 
 def encode_listed(sae, x: torch.Tensor, feature_ids: torch.Tensor) -> torch.Tensor:
@@ -471,51 +559,36 @@ def _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device, min_p
     return inputs, flat, sentence_index, keep
 
 
-def _run_batch(model, saes, groups: list[list[int]], stacks: list, accs: list[LayerStats], batch, pad_id, bos_id,
-               padding_side, device, sae_device=None, min_position: int = 0, max_position: int | None = None,
-               feature_accs: list[FeatureStats] | None = None, decode: str = "auto", recorder=None,
-               batch_number: int = 0, record_tokens: bool = True, work: torch.Tensor | None = None) -> None:
-    """One batch: one forward capturing every layer of the groups, then one SAE step per group (stacked where the
-    group's SAEs stack, else the layer's own `encode`/`decode`) and the group's streaming sums.
+def _run_batch(run: _Pass, chunk: _Chunk, accs: list[LayerStats], batch, feature_accs: list[FeatureStats] | None = None,
+               recorder=None, batch_number: int = 0) -> None:
+    """One batch: one forward capturing every layer of the chunk's groups, then one SAE step per group (stacked where
+    the group's SAEs stack, else the layer's own `encode`/`decode`) and the group's streaming sums.
 
-    recorder: one of `collect_stats`' token_recorders, handed this batch's tokens (with `record_tokens`: their LM loss,
-    from a full forward) and, for its layers, residuals, SAE codes and reconstructions, as batch `batch_number`.
-    work: `_work_buffer`'s buffer, which every stacked group's codes are written into: each group's consumers (the
-    streaming sums, the recorder) are done with them before the next group's encode."""
-    sae_device = device if sae_device is None else sae_device
-    inputs, flat, sentence_index, keep = _batch_inputs(batch, pad_id, bos_id, padding_side, device, sae_device,
-                                                       min_position, max_position)
+    recorder: one of `collect_stats`' token_recorders, handed this batch's tokens (in the pass's first chunk: their LM
+    loss, from a full forward) and, for its layers, residuals, SAE codes and reconstructions, as batch `batch_number`.
+    The chunk's work buffer (`_work_buffer`) takes every stacked group's codes: each group's consumers (the streaming
+    sums, the recorder) are done with them before the next group's encode."""
+    sae_device = run.sae_device
+    inputs, flat, sentence_index, keep = run.batch_inputs(batch)
     width = keep.shape[1]
     positions = inputs["position_ids"].flatten().index_select(0, flat).to(sae_device)
     # Each kept token's row in the batch (a row is one whole sentence): per-sentence firing without host syncs.
     row_index = (flat // width).to(sae_device) if feature_accs is not None else None
     # The code's non-zero entries cost one host sync per group on an accelerator: only where the decode uses them.
-    sparse = sparse_decode_wanted(decode, torch.device(sae_device))
-    layers = [layer for group in groups for layer in group]
-    if recorder is not None and record_tokens:  # the LM loss needs the whole model, LM head included
-        with ResidualCapture(model, layers, detach=True) as capture:
-            logits = model(**inputs, use_cache=False).logits
-            activations = dict(capture.activations)
-        rows = torch.tensor([i for i, _ in batch], dtype=torch.long, device=device)
-        _, sentence, rank = token_order(keep, rows)
-        number = recorder.add_tokens(rows, *lm_loss_per_row(logits, inputs), sentence, rank)
-        if number != batch_number:
-            raise ValueError(f"the recorder numbered batch {batch_number} as {number}")
-    else:
-        with ResidualCapture(model, layers, detach=True, stop_after_last=True) as capture:
-            activations = capture.forward(**inputs, use_cache=False)
-    for index, group in enumerate(groups):
+    sparse = sparse_decode_wanted(run.settings.decode, torch.device(sae_device))
+    activations = _forward(run, chunk, inputs, keep, batch, recorder, batch_number)
+    for index, group in enumerate(chunk.groups):
         # Layer-major: layer position l's tokens are rows l*n ... (l+1)*n - 1.
         x = torch.cat([activations[layer].flatten(0, 1).index_select(0, flat) for layer in group]).to(sae_device)
-        stack = stacks[index]
+        stack = chunk.stacks[index]
         if stack is not None:
             # With the sparse code, only the recorders and listed-feature sums read the dense one.
             dense = not sparse or recorder is not None or (
                 feature_accs is not None and feature_accs[index].listed is not None)
-            feature_acts, code = stack.encode(x, with_code=sparse, out=work, dense=dense)
+            feature_acts, code = stack.encode(x, with_code=sparse, out=chunk.work, dense=dense)
             x_hat = stack.decode(feature_acts, code)
         else:  # a single SAE that does not stack (TopK, hooks, normalisation): its own encode and decode
-            sae = saes[group[0]]
+            sae = run.saes[group[0]]
             feature_acts = sae.encode(x)
             code, x_hat = None, sae.decode(feature_acts)
         if recorder is not None:  # before the streaming sums, which may reuse x̂'s memory
@@ -528,3 +601,21 @@ def _run_batch(model, saes, groups: list[list[int]], stacks: list, accs: list[La
         accs[index].update(x, feature_acts, x_hat, sentence_index, positions, code=code)
         if feature_accs is not None:
             feature_accs[index].update(feature_acts, row_index, len(batch), sentence_index, code=code)
+
+
+def _forward(run: _Pass, chunk: _Chunk, inputs, keep, batch, recorder, batch_number: int) -> dict:
+    """The batch's residuals at the chunk's layers: a forward that stops after the last of them, or, where a recorder
+    takes this batch's tokens (the pass's first chunk), the whole model, whose LM loss per row the recorder gets."""
+    layers = [layer for group in chunk.groups for layer in group]
+    if recorder is None or not chunk.first:
+        with ResidualCapture(run.model, layers, detach=True, stop_after_last=True) as capture:
+            return capture.forward(**inputs, use_cache=False)
+    with ResidualCapture(run.model, layers, detach=True) as capture:  # the LM loss needs the LM head
+        logits = run.model(**inputs, use_cache=False).logits
+        activations = dict(capture.activations)
+    rows = torch.tensor([i for i, _ in batch], dtype=torch.long, device=run.device)
+    _, sentence, rank = token_order(keep, rows)
+    number = recorder.add_tokens(rows, *lm_loss_per_row(logits, inputs), sentence, rank)
+    if number != batch_number:
+        raise ValueError(f"the recorder numbered batch {batch_number} as {number}")
+    return activations

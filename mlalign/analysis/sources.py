@@ -4,11 +4,13 @@ measurement and task=pipeline, below all of them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlalign.analysis.cache import StatsCache, cache_identity
-from mlalign.analysis.engine import collect_listed_sums, collect_stats, position_cap
+from mlalign.analysis.engine import EngineSettings, collect_listed_sums, collect_stats, position_cap
 from mlalign.analysis.features import FeatureSums
+from mlalign.config import AnalysisConfig, FeaturesConfig, typed
 from mlalign.data.corpus import load_corpus
 
 FEATURE_TOTALS = ("n_tokens", "n_sentences", "act_sum", "fire_count", "sentences_fired")
@@ -17,13 +19,10 @@ SENTENCE_FEATURES = ("feature_ids", "sentence_sums")
 """The second pass's per-sentence sums of listed features, cached as the "sentence_features" entry kind."""
 
 
-def feature_settings(acfg) -> dict:
-    """analysis.features with its defaults (configs composed without the key, e.g. older experiment files)."""
-    fcfg = acfg.get("features") or {}
-    return {"enabled": bool(fcfg.get("enabled", True)), "top_k": int(fcfg.get("top_k", 10)),
-            "min_sentences": int(fcfg.get("min_sentences", 5)),
-            "specific_threshold": float(fcfg.get("specific_threshold", 0.5)),
-            "intervals": bool(fcfg.get("intervals", True)), "csv_rows": str(fcfg.get("csv_rows", "fired"))}
+def feature_settings(acfg) -> FeaturesConfig:
+    """analysis.features as its schema's dataclass (`config.typed`: the schema's defaults for keys a hand-built or
+    older config lacks)."""
+    return typed(acfg, AnalysisConfig).features
 
 
 class LazyEngine:
@@ -44,25 +43,24 @@ class LazyEngine:
         saes, settings = self._prepare(layers)
         cap = None
         if self.reference_texts is not None:
-            cap = position_cap(self.tokenizer, self.reference_texts, settings["max_length"], settings["min_position"],
-                               settings["max_position"])
-        return collect_stats(self.model, self.tokenizer, saes, texts_by_lang, decode=str(self.cfg.analysis.get("decode") or "auto"),
-                             position_cap=cap, **settings, **kwargs)
+            cap = position_cap(self.tokenizer, self.reference_texts, settings.max_length, settings.min_position,
+                               settings.max_position)
+        return collect_stats(self.model, self.tokenizer, saes, texts_by_lang, settings, position_cap=cap, **kwargs)
 
     def collect_listed(self, texts_by_lang: dict, feature_ids: dict[str, dict[int, list[int]]]):
         """`collect_listed_sums`: the second pass, per-sentence sums of the listed features only."""
         layers = sorted({layer for by_layer in feature_ids.values() for layer in by_layer})
         saes, settings = self._prepare(layers)
-        return collect_listed_sums(self.model, self.tokenizer, saes, texts_by_lang, feature_ids, **settings)
+        return collect_listed_sums(self.model, self.tokenizer, saes, texts_by_lang, feature_ids, settings)
 
-    def _prepare(self, layers: list[int]) -> tuple[dict, dict]:
+    def _prepare(self, layers: list[int]) -> tuple[dict, EngineSettings]:
         """The SAEs of `layers` and the model loaded; the engine settings both passes share (the same tokens)."""
         from mlalign.models import hidden_size, num_layers, resolve_device
 
-        cfg, acfg = self.cfg, self.cfg.analysis
+        cfg, acfg = self.cfg, typed(self.cfg.analysis, AnalysisConfig)
         # Where SAEs live: sae.device if set (e.g. cpu to spare accelerator memory), else the CPU while waiting for
         # their chunk (sae_chunk), else the model's device.
-        compute_device = resolve_device(cfg.sae.get("device")) if cfg.sae.get("device") else None
+        compute_device = resolve_device(cfg.sae.device) if cfg.sae.device else None
         model_device = next(self.model.parameters()).device if self.model is not None else resolve_device(cfg.model.device)
         home = compute_device or ("cpu" if acfg.sae_chunk else model_device)
         todo = [layer for layer in layers if layer not in self.saes]
@@ -75,9 +73,9 @@ class LazyEngine:
             # A first download fixed the snapshot the key names: store under the key later runs will compute.
             self.cache.identity = cache_identity(cfg, self.ctx.testbed_dir, self.adapter, self.split, self.layers)
         self.ctx.layers(num_layers(self.model))  # the config's layer count must match the weights
-        settings = dict(batch_size=int(acfg.batch_size), max_length=int(cfg.data.max_length), sae_chunk=acfg.sae_chunk,
-                        progress=True, min_position=int(acfg.get("min_position") or 0),
-                        max_position=acfg.get("max_position"), sae_device=compute_device)
+        settings = EngineSettings(batch_size=acfg.batch_size, max_length=int(cfg.data.max_length),
+                                  sae_chunk=acfg.sae_chunk, progress=True, min_position=acfg.min_position,
+                                  max_position=acfg.max_position, sae_device=compute_device, decode=acfg.decode)
         return {layer: self.saes[layer] for layer in layers}, settings
 
     def release(self, model: bool = False) -> None:
@@ -121,16 +119,28 @@ def feature_sentence_sums(needed: dict[str, dict[int, list[int]]], corpus, cache
     return out
 
 
-def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, tokenizer=None, label: str = "",
-                 recording=None, saes: dict | None = None, computed_before=None):
-    """Every (language, layer)'s `SentenceSums` and (features on) `FeatureSums` for the model (+ adapter): from
-    `computed_before` (an `AdaptedPassRecording` of this pipeline: the same model, split and settings) or the cache
-    where they hold both, the rest computed in one engine run and cached. Returns (stats, feature_stats, cache,
-    engine); the engine loads the model only if something was missing. recording: a `training.shared_pass`
-    recording whose recorders the same engine run feeds (task=pipeline: the paired outcome pass's base or adapted
-    side). saes: SAEs already loaded (layer -> SAE), used instead of loading them again."""
+@dataclass
+class Loaded:
+    """What a caller already holds of the model whose statistics are wanted (the engine loads whatever is None, and
+    only if something must be computed): the model (+ adapter), its tokenizer, SAEs by layer."""
+
+    model: object = None
+    tokenizer: object = None
+    saes: dict | None = None
+
+
+def cached_stats(cfg, ctx, adapter, corpus, split: str, loaded: Loaded | None = None, *, label: str = "",
+                 recording=None, computed_before=None):
+    """Every (language, layer)'s `SentenceSums` and (analysis.features.enabled) `FeatureSums` for the model
+    (+ adapter): from `computed_before` (an `AdaptedPassRecording` of this pipeline: the same model, split and
+    settings) or the cache where they hold both, the rest computed in one engine run and cached. Returns (stats,
+    feature_stats, cache, engine); the engine loads the model only if something was missing (`loaded`: what the caller
+    already holds). recording: a `training.shared_pass` recording whose recorders the same engine run feeds
+    (task=pipeline: the paired outcome pass's base or adapted side)."""
     from mlalign.console import note, stage
 
+    loaded = loaded or Loaded()
+    fcfg = feature_settings(cfg.analysis)
     layers = ctx.layers()
     langs = ctx.langs
     cache = StatsCache(Path(cfg.paths.cache_dir) / "analysis",
@@ -142,26 +152,26 @@ def cached_stats(cfg, ctx, adapter, corpus, split: str, fcfg: dict, model=None, 
     before_features = computed_before.feature_stats if computed_before is not None else {}
     for lang in langs:
         for layer in layers:
-            if layer in before_stats.get(lang, {}) and (not fcfg["enabled"] or layer in before_features.get(lang, {})):
+            if layer in before_stats.get(lang, {}) and (not fcfg.enabled or layer in before_features.get(lang, {})):
                 stats[lang][layer] = before_stats[lang][layer]
-                if fcfg["enabled"]:
+                if fcfg.enabled:
                     feature_stats[lang][layer] = before_features[lang][layer]
                 continue
             hit = cache.load(lang, layer)
-            features_hit = cache.load_arrays(lang, layer, "features", FEATURE_TOTALS) if fcfg["enabled"] else {}
+            features_hit = cache.load_arrays(lang, layer, "features", FEATURE_TOTALS) if fcfg.enabled else {}
             if hit is None or features_hit is None:
                 missing.setdefault(lang, []).append(layer)
             else:
                 stats[lang][layer] = hit
-                if fcfg["enabled"]:
+                if fcfg.enabled:
                     feature_stats[lang][layer] = FeatureSums(**features_hit)
-    engine = LazyEngine(cfg, ctx, adapter, model, tokenizer, cache, split, layers,
+    engine = LazyEngine(cfg, ctx, adapter, loaded.model, loaded.tokenizer, cache, split, layers,
                         reference_texts=corpus[cfg.reference_lang])
-    engine.saes.update(saes or {})
+    engine.saes.update(loaded.saes or {})
     if missing:
         todo_layers = sorted({layer for ls in missing.values() for layer in ls})
         n_cached = sum(len(v) for v in stats.values())
-        computed_features = {} if fcfg["enabled"] else None
+        computed_features = {} if fcfg.enabled else None
         with stage(f"{label}analyzing {len(missing)} language(s) x {len(todo_layers)} layer(s)"
                    + (f" ({n_cached} (language, layer) results from the cache)" if n_cached else "")):
             texts = {lang: corpus[lang] for lang in missing}
@@ -197,8 +207,7 @@ def base_feature_stats(cfg, ctx, split: str | None = None) -> dict[str, dict[int
     where present (e.g. an earlier `task=analyze` without the adapter), computed and cached otherwise: what the
     adapter view compares against. The base model is loaded only for what is missing, and released after."""
     split = split or cfg.data.splits.analysis
-    fcfg = feature_settings(cfg.analysis)
     corpus = load_corpus(cfg.data, ctx.langs, split)
-    _, feature_stats, _, engine = cached_stats(cfg, ctx, None, corpus, split, fcfg, label="base model: ")
+    _, feature_stats, _, engine = cached_stats(cfg, ctx, None, corpus, split, label="base model: ")
     engine.release(model=True)
     return feature_stats

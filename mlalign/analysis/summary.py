@@ -14,10 +14,11 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from mlalign.analysis.bootstrap import bootstrap_p_value, holm, simultaneous_intervals
-from mlalign.analysis.decomposition import DENSE_THRESHOLD, decompose
+from mlalign.analysis.decomposition import decompose
 from mlalign.analysis.metrics import bootstrap_ci, check_metric, compute_metrics, corpus_stats, disparity, disparity_pct
 from mlalign.analysis.registry import check_aggregate, get_metric
 from mlalign.analysis.stats import POSITION_CAP_QUANTILE, SentenceSums
+from mlalign.config import AnalysisConfig
 from mlalign.errors import UserError
 from mlalign.languages import LANGUAGES
 
@@ -31,8 +32,6 @@ the SAE as fitting it markedly worse."""
 MAX_FVU = 1.0
 """Default `analysis.max_fvu`: a layer where the reference language's FVU reaches this is flagged as unfit (the SAE
 reconstructs worse than predicting the mean residual), and none of its numbers is read as a finding."""
-MAX_TRUNCATED_PCT = 5.0
-"""Default `analysis.max_truncated_pct`: a language with more of its sentences cut at max_length gets a warning."""
 MODEL_LEVEL_FRACTION = 0.5
 """A residual-norm gap at least this fraction of the metric's gap (same sign) flags the gap as possibly a scale effect."""
 
@@ -234,8 +233,8 @@ def headline_statements(values, disp, reference_lang: str, metric: str, bands: d
                         other: OtherAggregates | None = None) -> list[str]:
     """The texts of `headlines`, then the statement naming unfit layers if any."""
     unfit = Unfit.of(unfit)
-    texts = [h["text"] for h in headlines(values, disp, reference_lang, metric, bands, unfit, disparity_ci, ci,
-                                          disparity_samples, other=other)]
+    intervals = CellIntervals(disparity_ci, disparity_samples, ci)
+    texts = [h["text"] for h in headlines(values, disp, reference_lang, metric, bands, unfit, intervals, other=other)]
     return texts + unfit_statements(values, reference_lang, unfit)
 
 
@@ -246,8 +245,19 @@ def _simultaneous_words(interval, n_cells: int, adverse_sign: int, ci: float) ->
     return f"; {100 * ci:.0f}% simultaneous CI over the {n_cells} cells searched {low:.1f} to {high:.1f}%"
 
 
+@dataclass(frozen=True)
+class CellIntervals:
+    """What the bootstrap says of each (lang, layer) cell a headline quotes: its own interval (`disparity_ci`
+    [lang][layer] -> [low, high]) and its resampled disparities (`disparity_samples`, for the simultaneous interval
+    over the cells a headline searched), at confidence level `ci`."""
+
+    disparity_ci: dict | None = None
+    disparity_samples: dict | None = None
+    ci: float = 0.95
+
+
 def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]], unfit=(),
-              disparity_ci=None, ci: float = 0.95, disparity_samples=None, decomposition=None,
+              intervals: CellIntervals = CellIntervals(), decomposition=None,
               other: OtherAggregates | None = None) -> list[dict]:
     """The study's sentences, one per resource tier, reproduced from the numbers, as records {text, lang, layer,
     value (the cell's disparity_pct), ci (its own bootstrap CI), simultaneous_ci, n_cells_searched, value_sentence,
@@ -260,10 +270,10 @@ def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, l
 
     The adverse direction follows the metric: for activations a gap is a lower value than the reference's; for FVU
     (`lower_is_better` in the registry) it is a higher one, worded as a worse SAE fit. The worst cell's bootstrap CI
-    (`disparity_ci[lang][layer]`) is quoted where there is one, and flagged when it includes 0.
+    (`intervals.disparity_ci[lang][layer]`) is quoted where there is one, and flagged when it includes 0.
     "Up to X%" is the most extreme of `n_cells_searched` cells (the tier's languages x layers), so beside the cell's
-    own CI it carries a simultaneous one (max-t over those cells' bootstrap resamples, `disparity_samples`): the
-    interval that would hold whichever cell had come out most extreme.
+    own CI it carries a simultaneous one (max-t over those cells' bootstrap resamples,
+    `intervals.disparity_samples`): the interval that would hold whichever cell had come out most extreme.
     Layers in `unfit` (the SAE does not reconstruct the reference there, see `unfit_layers`), and a language's cells
     where it does not reconstruct that language (`unfit_cells`), give no finding: they are left out of every number and
     named by `headline_statements` instead.
@@ -272,6 +282,7 @@ def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, l
     """
     ref_name = LANGUAGES[reference_lang].name if reference_lang in LANGUAGES else reference_lang
     unfit = Unfit.of(unfit)
+    disparity_ci, disparity_samples, ci = intervals.disparity_ci, intervals.disparity_samples, intervals.ci
     what = get_metric(metric).words
     lower_is_better = get_metric(metric).lower_is_better
     # adverse < 0 is a gap: lower activation than the reference, or a higher FVU (a worse fit).
@@ -280,7 +291,6 @@ def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, l
     fit_words = " (a worse SAE fit)" if lower_is_better else ""
     records = []
     band_of = {layer: band for band, layers in bands.items() for layer in layers}
-    band_names = list(bands)
     for tier in TIER_ORDER[1:]:
         langs = [lang for lang in disp if lang != reference_lang and tier_of(lang) == tier]
         cells = [(sign * disp[lang][layer], lang, layer) for lang in langs for layer in disp[lang]
@@ -308,32 +318,46 @@ def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, l
         if own and record["simultaneous_ci"]:
             own = own[:-1] + _simultaneous_words(record["simultaneous_ci"], len(cells), sign, ci) + ")"
         parts = [f"{head} {verb} up to {-gap:.1f}%{own} {worse_words} "
-                 f"{what}{fit_words} than {ref_name} in {where} layers ({lang}, layer {layer})"]
-        for band in band_names:
-            if band == where:
-                continue
-            band_cells = [c[0] for c in cells if band_of[c[2]] == band]
-            if not band_cells:
-                continue
-            mean = float(np.mean(band_cells))
-            span = f"layer {bands[band][0]}" if len(bands[band]) == 1 else f"mean over layers {bands[band][0]}-{bands[band][-1]}"
-            if mean < 0:
-                later = "persists" if band_names.index(band) > band_names.index(where) else "is already present"
-                parts.append(f"a gap of {-mean:.1f}% {later} in {band} layers ({span})")
-            else:
-                parts.append(f"no gap remains on average in {band} layers ({sign * mean:+.1f}%, {span})")
-        context = _gap_context(values, disp, reference_lang, lang, layer)
-        # For FVU itself the statement already is the fidelity finding; the artefact verdict is about activations.
-        verdict = ("activation differences of this language at this layer partly reflect the SAE's fit"
-                   if lower_is_better else _verdict(context))
-        check = (
-            f"At {lang}, layer {layer} the residual norm differs by {context['resid_norm_disparity_pct']:+.1f}% and the "
-            f"FVU is {context['fvu']:.2f} vs {context['fvu_reference']:.2f} for {ref_name}{_raw_fvu_words(context)}: "
-            f"{verdict}."
-        )
+                 f"{what}{fit_words} than {ref_name} in {where} layers ({lang}, layer {layer})",
+                 *_other_band_words(cells, bands, band_of, where, sign)]
+        check = _check_words(values, disp, reference_lang, ref_name, lang, layer, lower_is_better)
         records.append({"text": "; ".join(parts) + ". " + check + _reshuffling_words(decomposition, lang, layer)
                                 + position, **record})
     return records
+
+
+def _other_band_words(cells: list, bands: dict[str, list[int]], band_of: dict, where: str, sign: int) -> list[str]:
+    """A headline's clauses on the bands other than the worst cell's (`where`): the mean gap of the searched `cells`
+    (adverse value, lang, layer) in each."""
+    band_names = list(bands)
+    parts = []
+    for band in band_names:
+        if band == where:
+            continue
+        band_cells = [c[0] for c in cells if band_of[c[2]] == band]
+        if not band_cells:
+            continue
+        mean = float(np.mean(band_cells))
+        span = f"layer {bands[band][0]}" if len(bands[band]) == 1 else f"mean over layers {bands[band][0]}-{bands[band][-1]}"
+        if mean < 0:
+            later = "persists" if band_names.index(band) > band_names.index(where) else "is already present"
+            parts.append(f"a gap of {-mean:.1f}% {later} in {band} layers ({span})")
+        else:
+            parts.append(f"no gap remains on average in {band} layers ({sign * mean:+.1f}%, {span})")
+    return parts
+
+
+def _check_words(values, disp, reference_lang: str, ref_name: str, lang: str, layer, lower_is_better: bool) -> str:
+    """The headline's sentence on the worst cell's residual norm and FVU, with the artefact verdict."""
+    context = _gap_context(values, disp, reference_lang, lang, layer)
+    # For FVU itself the statement already is the fidelity finding; the artefact verdict is about activations.
+    verdict = ("activation differences of this language at this layer partly reflect the SAE's fit"
+               if lower_is_better else _verdict(context))
+    return (
+        f"At {lang}, layer {layer} the residual norm differs by {context['resid_norm_disparity_pct']:+.1f}% and the "
+        f"FVU is {context['fvu']:.2f} vs {context['fvu_reference']:.2f} for {ref_name}{_raw_fvu_words(context)}: "
+        f"{verdict}."
+    )
 
 
 def _other_values(other: OtherAggregates | None, lang: str, layer) -> dict:
@@ -456,23 +480,19 @@ def _clean(obj):
 def summarize(
     stats: dict[str, dict[int, SentenceSums]],
     reference_lang: str,
-    metric: str = "mean_act",
-    aggregate: str = "token",
+    settings: AnalysisConfig | None = None,
+    *,
     ids_by_lang: dict[str, list] | None = None,
-    bootstrap: int = 1000,
-    ci: float = 0.95,
     seed: int = 0,
-    bands: dict | None = None,
     model: str | None = None,
     sae: str | None = None,
-    max_fvu: float | None = MAX_FVU,
-    max_truncated_pct: float | None = MAX_TRUNCATED_PCT,
     n_model_layers: int | None = None,
     feature_stats: dict | None = None,
-    dense_threshold: float = DENSE_THRESHOLD,
 ) -> dict:
     """The content of `analysis/summary.json` (strict JSON: NaN becomes null, layer keys are strings).
 
+    settings: the analysis group (`config.AnalysisConfig`; its defaults without one): metric, aggregate, bootstrap,
+    ci, bands, max_fvu, max_truncated_pct and dense_threshold are read here.
     Keys: model, sae, reference_lang, metric, aggregate, ci, bootstrap, layers (ints), n_model_layers (bands are
     thirds of these when given), langs (tier order),
     values[lang][layer][metric], values_ci[lang][layer][metric] = [low, high] | null, disparity_pct[lang][layer]
@@ -494,23 +514,64 @@ def summarize(
     dense features at `dense_threshold`, the disparity without them); headline statements then say how much of the
     activation moved between features (net vs gross).
     """
-    check_metric(metric)
-    check_aggregate(aggregate)
+    s = settings if settings is not None else AnalysisConfig()
+    layers = _checked_layers(stats, reference_lang, s)
+    metric, aggregate = s.metric, s.aggregate
+    values = compute_metrics(stats, aggregate)
+    disp = disparity(values, reference_lang, metric)
+    boot = bootstrap_ci(stats, reference_lang, metric, aggregate, ids_by_lang, s.bootstrap, s.ci, seed)
+    band_layers = layer_bands(layers, s.bands, n_model_layers)
+    langs = order_by_tier(list(stats))
+    unfit = Unfit(layers=frozenset(unfit_layers(values, reference_lang, s.max_fvu)),
+                  cells={lang: frozenset(layers) for lang, layers in unfit_cells(values, reference_lang, s.max_fvu).items()})
+    corpus = corpus_stats(stats)
+    warnings = _summary_warnings(values, reference_lang, unfit, corpus, langs, s.max_truncated_pct)
+    parts = decompose(feature_stats, reference_lang, s.dense_threshold) if feature_stats else None
+    disp_sentence = disparity(compute_metrics(stats, "sentence"), reference_lang, metric)
+    cap, matched = _position_matched(stats, reference_lang, s, ids_by_lang, seed, langs, layers, unfit)
+    other = OtherAggregates(sentence=disp_sentence, position_matched=matched["disparity"],
+                            position_matched_ci=matched["ci"], position_cap=cap)
+    heads = headlines(values, disp, reference_lang, metric, band_layers, unfit,
+                      CellIntervals(boot["disparity_ci"], boot["disparity_samples"], s.ci), parts, other)
+    p_holm = _holm_by_cell(boot["disparity_samples"], reference_lang, langs, layers, unfit)
+    return _clean({
+        "model": model, "sae": sae, "reference_lang": reference_lang, "metric": metric, "aggregate": aggregate,
+        "ci": s.ci, "bootstrap": int(s.bootstrap), "layers": [int(layer) for layer in layers],
+        "n_model_layers": n_model_layers, "langs": langs,
+        "values": {lang: values[lang] for lang in langs},
+        "values_ci": {lang: boot["values_ci"][lang] for lang in langs} if boot["values_ci"] else None,
+        "disparity_pct": {lang: disp[lang] for lang in langs},
+        "disparity_ci": {lang: boot["disparity_ci"][lang] for lang in langs} if boot["disparity_ci"] else None,
+        "bands": band_layers,
+        "band_summary": band_summary(values, disp, reference_lang, band_layers, unfit, metric),
+        "statements": [h["text"] for h in heads] + unfit_statements(values, reference_lang, unfit),
+        "headlines": heads,
+        **_other_aggregates(disp_sentence, p_holm, cap, matched, langs),
+        "dense_share": parts["dense_share"] if parts else None,
+        "gross_change_pct": parts["gross_change_pct"] if parts else None,
+        "decomposition": parts,
+        **_corpus_and_fit(stats, layers, langs, corpus, s.max_fvu, unfit),
+        "warnings": warnings,
+    })
+
+
+def _checked_layers(stats: dict, reference_lang: str, s: AnalysisConfig) -> list[int]:
+    """The analysed layers, after checking the metric, the aggregate, the reference language and that every
+    language was analysed at the same layers."""
+    check_metric(s.metric)
+    check_aggregate(s.aggregate)
     if reference_lang not in stats:
         raise UserError(f"reference language {reference_lang!r} was not analysed; add it to langs or set reference_lang")
     layer_sets = {lang: sorted(by_layer) for lang, by_layer in stats.items()}
     layers = layer_sets[reference_lang]
     if any(ls != layers for ls in layer_sets.values()):
         raise ValueError(f"languages were analysed at different layers: {layer_sets}")
-    values = compute_metrics(stats, aggregate)
-    disp = disparity(values, reference_lang, metric)
-    boot = bootstrap_ci(stats, reference_lang, metric, aggregate, ids_by_lang, bootstrap, ci, seed)
-    band_layers = layer_bands(layers, bands, n_model_layers)
-    langs = order_by_tier(list(stats))
-    first = {lang: stats[lang][layers[0]] for lang in langs}
-    unfit = Unfit(layers=frozenset(unfit_layers(values, reference_lang, max_fvu)),
-                  cells={lang: frozenset(layers) for lang, layers in unfit_cells(values, reference_lang, max_fvu).items()})
-    corpus = corpus_stats(stats)
+    return layers
+
+
+def _summary_warnings(values, reference_lang: str, unfit: Unfit, corpus: dict, langs: list[str],
+                      max_truncated_pct: float | None) -> list[str]:
+    """The summary's warnings (unfit layers and cells, languages cut at max_length too often), logged as well."""
     warnings = unfit_statements(values, reference_lang, unfit)
     for lang in langs:
         pct = corpus[lang]["truncated_pct"]
@@ -520,66 +581,53 @@ def summarize(
                             f"and compare disparity_pct_position_matched (or set analysis.max_position)")
     for warning in warnings:
         log.warning(warning)
-    parts = decompose(feature_stats, reference_lang, dense_threshold) if feature_stats else None
-    disp_sentence = disparity(compute_metrics(stats, "sentence"), reference_lang, metric)
+    return warnings
+
+
+def _position_matched(stats, reference_lang: str, s: AnalysisConfig, ids_by_lang, seed: int, langs: list[str],
+                      layers: list[int], unfit: Unfit) -> tuple[int | None, dict]:
+    """(position cap, {disparity, ci, p_holm, n_tokens}) of the position-matched window (all None without one)."""
     cap, window = position_matched_stats(stats)
-    matched = {"disparity": None, "ci": None, "p_holm": None, "n_tokens": None}
-    if window is not None:
-        boot_window = bootstrap_ci(window, reference_lang, metric, aggregate, ids_by_lang, bootstrap, ci, seed)
-        matched = {"disparity": disparity(compute_metrics(window, aggregate), reference_lang, metric),
-                   "ci": boot_window["disparity_ci"],
-                   "p_holm": _holm_by_cell(boot_window["disparity_samples"], reference_lang, langs, layers, unfit),
-                   "n_tokens": {lang: window[lang][layers[0]].total_tokens for lang in langs}}
-    other = OtherAggregates(sentence=disp_sentence, position_matched=matched["disparity"],
-                            position_matched_ci=matched["ci"], position_cap=cap)
-    heads = headlines(values, disp, reference_lang, metric, band_layers, unfit, boot["disparity_ci"], ci,
-                      boot["disparity_samples"], parts, other)
-    p_holm = _holm_by_cell(boot["disparity_samples"], reference_lang, langs, layers, unfit)
-    return _clean(
-        {
-            "model": model,
-            "sae": sae,
-            "reference_lang": reference_lang,
-            "metric": metric,
-            "aggregate": aggregate,
-            "ci": ci,
-            "bootstrap": int(bootstrap),
-            "layers": [int(layer) for layer in layers],
-            "n_model_layers": n_model_layers,
-            "langs": langs,
-            "values": {lang: values[lang] for lang in langs},
-            "values_ci": {lang: boot["values_ci"][lang] for lang in langs} if boot["values_ci"] else None,
-            "disparity_pct": {lang: disp[lang] for lang in langs},
-            "disparity_ci": {lang: boot["disparity_ci"][lang] for lang in langs} if boot["disparity_ci"] else None,
-            "bands": band_layers,
-            "band_summary": band_summary(values, disp, reference_lang, band_layers, unfit, metric),
-            "statements": [h["text"] for h in heads] + unfit_statements(values, reference_lang, unfit),
-            "headlines": heads,
-            # The same disparity with every sentence weighing the same (a language cut into more tokens per sentence
-            # counts no more), beside the token aggregate: a headline that holds in one and not the other says so.
-            "disparity_pct_sentence": {lang: disp_sentence[lang] for lang in langs},
-            "disparity_p_holm": p_holm,
-            # The same disparity over only the token positions the reference language reaches (<= its 90th-percentile
-            # position): a language cut into more tokens otherwise adds late positions English barely has.
-            "position_cap": cap,
-            "disparity_pct_position_matched": _by_lang(matched["disparity"], langs),
-            "disparity_ci_position_matched": _by_lang(matched["ci"], langs),
-            "disparity_p_holm_position_matched": matched["p_holm"],
-            "n_tokens_position_matched": matched["n_tokens"],
-            "dense_share": parts["dense_share"] if parts else None,
-            "gross_change_pct": parts["gross_change_pct"] if parts else None,
-            "decomposition": parts,
-            "n_tokens": {lang: first[lang].total_tokens for lang in langs},
-            "n_sentences": {lang: first[lang].n_sentences for lang in langs},
-            "corpus_stats": {lang: corpus[lang] for lang in langs},
-            "max_fvu": max_fvu,
-            "unfit_layers": sorted(int(layer) for layer in unfit.layers),
-            "unfit_cells": {lang: sorted(int(layer) for layer in unfit.cells[lang]) for lang in langs
-                            if unfit.cells.get(lang)},
-            "sae_fits": {layer: layer not in unfit.layers for layer in layers},
-            "warnings": warnings,
-        }
-    )
+    if window is None:
+        return cap, {"disparity": None, "ci": None, "p_holm": None, "n_tokens": None}
+    boot_window = bootstrap_ci(window, reference_lang, s.metric, s.aggregate, ids_by_lang, s.bootstrap, s.ci, seed)
+    return cap, {"disparity": disparity(compute_metrics(window, s.aggregate), reference_lang, s.metric),
+                 "ci": boot_window["disparity_ci"],
+                 "p_holm": _holm_by_cell(boot_window["disparity_samples"], reference_lang, langs, layers, unfit),
+                 "n_tokens": {lang: window[lang][layers[0]].total_tokens for lang in langs}}
+
+
+def _other_aggregates(disp_sentence: dict, p_holm, cap, matched: dict, langs: list[str]) -> dict:
+    """The summary's keys beside the headline disparity: the sentence aggregate's, its Holm p, the position-matched
+    window's."""
+    return {
+        # The same disparity with every sentence weighing the same (a language cut into more tokens per sentence
+        # counts no more), beside the token aggregate: a headline that holds in one and not the other says so.
+        "disparity_pct_sentence": {lang: disp_sentence[lang] for lang in langs},
+        "disparity_p_holm": p_holm,
+        # The same disparity over only the token positions the reference language reaches (<= its 90th-percentile
+        # position): a language cut into more tokens otherwise adds late positions English barely has.
+        "position_cap": cap,
+        "disparity_pct_position_matched": _by_lang(matched["disparity"], langs),
+        "disparity_ci_position_matched": _by_lang(matched["ci"], langs),
+        "disparity_p_holm_position_matched": matched["p_holm"],
+        "n_tokens_position_matched": matched["n_tokens"],
+    }
+
+
+def _corpus_and_fit(stats, layers: list[int], langs: list[str], corpus: dict, max_fvu, unfit: Unfit) -> dict:
+    """The summary's corpus counts per language and where the SAEs fit."""
+    first = {lang: stats[lang][layers[0]] for lang in langs}
+    return {
+        "n_tokens": {lang: first[lang].total_tokens for lang in langs},
+        "n_sentences": {lang: first[lang].n_sentences for lang in langs},
+        "corpus_stats": {lang: corpus[lang] for lang in langs},
+        "max_fvu": max_fvu,
+        "unfit_layers": sorted(int(layer) for layer in unfit.layers),
+        "unfit_cells": {lang: sorted(int(layer) for layer in unfit.cells[lang]) for lang in langs
+                        if unfit.cells.get(lang)},
+        "sae_fits": {layer: layer not in unfit.layers for layer in layers},
+    }
 
 
 def _by_lang(table: dict | None, langs: list[str]) -> dict | None:

@@ -104,14 +104,14 @@ def run_analyze(bench: Bench, features: bool = True, decode: str = "auto", windo
     default decode (only the active features' decoder rows) and the position-matched window at the reference
     language's 90th-percentile position (found from tokenization, as `analysis.sources.LazyEngine` does);
     `decode="dense"` times sae-lens's dense decode instead."""
-    from mlalign.analysis.engine import collect_stats, position_cap
+    from mlalign.analysis.engine import EngineSettings, collect_stats, position_cap
 
     s = bench.settings
     reference = "en" if "en" in bench.texts else next(iter(bench.texts))
     cap = position_cap(bench.tokenizer, bench.texts[reference], s.max_length) if window else None
-    return collect_stats(bench.model, bench.tokenizer, bench.saes, bench.texts, batch_size=s.batch_size,
-                         max_length=s.max_length, progress=False, feature_stats={} if features else None,
-                         decode=decode, position_cap=cap)
+    settings = EngineSettings(batch_size=s.batch_size, max_length=s.max_length, progress=False, decode=decode)
+    return collect_stats(bench.model, bench.tokenizer, bench.saes, bench.texts, settings,
+                         feature_stats={} if features else None, position_cap=cap)
 
 
 def run_analyze_nofeatures(bench: Bench):

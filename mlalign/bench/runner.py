@@ -33,6 +33,46 @@ def set_threads(requested: int, device: str) -> int:
 
 
 def run_benchmark(args) -> dict:
+    """build the workload -> warm up and check equality -> time every contender interleaved -> time the training
+    steps -> RSS probes -> latest.json's record."""
+    started = time.perf_counter()
+    settings, bench = _build(args)
+    s = settings
+    tl_model, saelens_error = _saelens_peer(bench, args)
+    equality, tl_model, saelens_error = _warm_up_and_check(bench, tl_model, saelens_error)
+    # Every naive pass is the same work (a full forward plus one layer's SAE), so its time is linear in the number of
+    # layers: timing a spread of them and scaling is exact up to noise, and keeps the benchmark to minutes.
+    measured_layers = naive_layers(s.shape.layers, s.naive_layers)
+    timings = _Timings(s.device)
+    for repeat in range(s.repeats):
+        _time_contenders(timings, bench, tl_model, naive=repeat < s.naive_repeats and not (args.analysis_only
+                                                                                         or args.no_naive),
+                         measured_layers=measured_layers)
+        print(f"repeat {repeat + 1}/{s.repeats}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in timings.times.items()
+                                                                if v), flush=True)
+    del tl_model
+    gc.collect()
+    steps, step_impl = _time_training(bench, s, args)
+    rss = run_rss_probes(args, settings) if not args.no_rss else None
+    result = _result(s, bench, timings, steps, measured_layers)
+    result.update({
+        "rss_growth_pct": None if rss is None else rss["rss_growth_pct"],
+        "rss": rss,
+        "saelens_error": saelens_error,
+        "train_step_impl": step_impl,
+        "equality": equality,
+        "minor_page_faults": {key: statistics.median(v) if v else None for key, v in timings.faults.items()},
+        "raw": {**timings.times, **steps, **timings.peaks, "minor_page_faults": timings.faults},
+        "total_s": time.perf_counter() - started,
+    })
+    if s.shape.name == "gemma2-2b":
+        result["whole_corpus_10_langs_estimate_s"] = 10 * 1004 * (bench.n_tokens / sum(
+            len(t) for t in bench.texts.values())) / result["tokens_per_s"]["analyze"]
+    return result
+
+
+def _build(args):
+    """(settings, bench): the workload the arguments describe, said on the console."""
     settings = settings_from_args(args)
     settings.threads = set_threads(args.threads, args.device)
     s = settings
@@ -42,15 +82,23 @@ def run_benchmark(args) -> dict:
     bench = build_bench(settings)
     print(f"built: {bench.n_tokens} analysed tokens, {s.shape.layers} layers, SAE width {s.shape.sae_width} "
           f"({time.perf_counter() - started:.1f}s)", flush=True)
+    return settings, bench
 
+
+def _saelens_peer(bench, args):
+    """(sae-lens's HookedSAETransformer or None, why not or None)."""
     tl_model, saelens_error = None, "skipped (--analysis-only)" if args.analysis_only else None
     try:
         tl_model = None if args.analysis_only else build_saelens_model(bench)
     except Exception as err:  # a peer that cannot be built is a finding, not a crash
         saelens_error = f"{type(err).__name__}: {err}"
         print(f"sae-lens HookedSAETransformer could not be built: {saelens_error}", flush=True)
+    return tl_model, saelens_error
 
-    # Warm-up (allocator, lazy inits) and the equality check.
+
+def _warm_up_and_check(bench, tl_model, saelens_error):
+    """Warm-up (allocator, lazy inits) of every contender and the equality check of the analysis against the
+    reference; returns (equality, the sae-lens peer or None where its run failed, why)."""
     run_forward(bench)
     run_trunk(bench)
     run_floor(bench)
@@ -68,48 +116,55 @@ def run_benchmark(args) -> dict:
             saelens_error = f"{type(err).__name__}: {err}"
             print(f"sae-lens run_with_cache_with_saes failed: {saelens_error}", flush=True)
             tl_model = None
+    return equality, tl_model, saelens_error
 
-    # Every naive pass is the same work (a full forward plus one layer's SAE), so its time is linear in the number of
-    # layers: timing a spread of them and scaling is exact up to noise, and keeps the benchmark to minutes.
-    measured_layers = naive_layers(s.shape.layers, s.naive_layers)
-    scale = s.shape.layers / len(measured_layers)
-    times: dict[str, list[float]] = {"forward_s": [], "trunk_s": [], "floor_s": [], "analyze_s": [],
-                                     "analyze_dense_s": [], "analyze_nofeatures_s": [], "analyze_nowindow_s": [], "naive_s": [],
-                                     "saelens_s": []}
-    peaks: dict[str, list[float]] = {"analyze_peak_mb": [], "saelens_peak_mb": [], "analyze_peak_abs_mb": [],
-                                     "saelens_peak_abs_mb": []}
-    faults: dict[str, list[int]] = {key: [] for key in times}
 
-    def measure(key: str, fn, *fn_args, scale: float = 1.0) -> None:
+class _Timings:
+    """Every contender's times per repeat, the analysis' and sae-lens's memory peaks, and the minor page faults each
+    timing took."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.times: dict[str, list[float]] = {"forward_s": [], "trunk_s": [], "floor_s": [], "analyze_s": [],
+                                              "analyze_dense_s": [], "analyze_nofeatures_s": [],
+                                              "analyze_nowindow_s": [], "naive_s": [], "saelens_s": []}
+        self.peaks: dict[str, list[float]] = {"analyze_peak_mb": [], "saelens_peak_mb": [], "analyze_peak_abs_mb": [],
+                                              "saelens_peak_abs_mb": []}
+        self.faults: dict[str, list[int]] = {key: [] for key in self.times}
+
+    def measure(self, key: str, fn, *fn_args, scale: float = 1.0) -> None:
         """Time one contender; also count the minor page faults it took (fresh memory from the kernel): they cost
         seconds on the CPU and depend on the allocator's state, not on the contender's arithmetic."""
         before = minor_page_faults()
-        times[key].append(scale * timed(s.device, fn, *fn_args)[0])
-        faults[key].append(minor_page_faults() - before)
+        self.times[key].append(scale * timed(self.device, fn, *fn_args)[0])
+        self.faults[key].append(minor_page_faults() - before)
 
-    for repeat in range(s.repeats):
-        measure("forward_s", run_forward, bench)
-        measure("trunk_s", run_trunk, bench)
-        measure("floor_s", run_floor, bench)
-        with PeakMemory(s.device) as mem:
-            measure("analyze_s", run_analyze, bench)
-        peaks["analyze_peak_mb"].append(mem.peak_mb)
-        peaks["analyze_peak_abs_mb"].append(mem.peak_abs_mb)
-        measure("analyze_dense_s", run_analyze_dense, bench)
-        measure("analyze_nofeatures_s", run_analyze_nofeatures, bench)
-        measure("analyze_nowindow_s", run_analyze_nowindow, bench)
-        if tl_model is not None:
-            with PeakMemory(s.device) as mem:
-                measure("saelens_s", run_saelens, bench, tl_model)
-            peaks["saelens_peak_mb"].append(mem.peak_mb)
-            peaks["saelens_peak_abs_mb"].append(mem.peak_abs_mb)
-        if repeat < s.naive_repeats and not (args.analysis_only or args.no_naive):
-            measure("naive_s", run_naive, bench, measured_layers, scale=scale)
-        print(f"repeat {repeat + 1}/{s.repeats}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in times.items() if v),
-              flush=True)
-    del tl_model
-    gc.collect()
+    def measure_peak(self, key: str, name: str, fn, *fn_args) -> None:
+        """`measure`, and the memory peak under `<name>_peak_mb` and `<name>_peak_abs_mb`."""
+        with PeakMemory(self.device) as mem:
+            self.measure(key, fn, *fn_args)
+        self.peaks[f"{name}_peak_mb"].append(mem.peak_mb)
+        self.peaks[f"{name}_peak_abs_mb"].append(mem.peak_abs_mb)
 
+
+def _time_contenders(timings: _Timings, bench, tl_model, naive: bool, measured_layers: list[int]) -> None:
+    """One repeat: every contender once, interleaved (the naive path on `measured_layers`, scaled to all)."""
+    timings.measure("forward_s", run_forward, bench)
+    timings.measure("trunk_s", run_trunk, bench)
+    timings.measure("floor_s", run_floor, bench)
+    timings.measure_peak("analyze_s", "analyze", run_analyze, bench)
+    timings.measure("analyze_dense_s", run_analyze_dense, bench)
+    timings.measure("analyze_nofeatures_s", run_analyze_nofeatures, bench)
+    timings.measure("analyze_nowindow_s", run_analyze_nowindow, bench)
+    if tl_model is not None:
+        timings.measure_peak("saelens_s", "saelens", run_saelens, bench, tl_model)
+    if naive:
+        timings.measure("naive_s", run_naive, bench, measured_layers,
+                        scale=bench.settings.shape.layers / len(measured_layers))
+
+
+def _time_training(bench, s, args) -> tuple[dict[str, list[float]], dict]:
+    """({plain,act,full}_step_s: times per step}, the objectives' implementations or why skipped)."""
     names = {"plain_step_s": "plain", "act_step_s": "act", "full_step_s": "full"}
     steps = {key: [] for key in names}
     step_impl = {"all": "skipped (--analysis-only / --no-train)"}
@@ -122,16 +177,18 @@ def run_benchmark(args) -> dict:
                     steps[key].append(timed(s.device, train_step, training, name, step + 1)[0])
         del training
         gc.collect()
+    return steps, step_impl
 
-    rss = run_rss_probes(args, settings) if not args.no_rss else None
 
-    med = {k: statistics.median(v) if v else None for k, v in {**times, **steps}.items()}
-    peak = {k: statistics.median(v) if v else None for k, v in peaks.items()}
+def _result(s, bench, timings: _Timings, steps: dict, measured_layers: list[int]) -> dict:
+    """latest.json's record up to the memory peaks: when and where it ran, the settings, the medians, their ratios
+    and the median peaks."""
+    med = {k: statistics.median(v) if v else None for k, v in {**timings.times, **steps}.items()}
 
     def ratio(a, b):
         return None if med.get(a) is None or med.get(b) is None else med[a] / med[b]
 
-    result = {
+    return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": _device_name(s.device),
         "torch": torch.__version__,
@@ -158,20 +215,8 @@ def run_benchmark(args) -> dict:
         "saelens_over_floor": ratio("saelens_s", "floor_s"),
         "act_over_plain_step": ratio("act_step_s", "plain_step_s"),
         "full_over_plain_step": ratio("full_step_s", "plain_step_s"),
-        **peak,
-        "rss_growth_pct": None if rss is None else rss["rss_growth_pct"],
-        "rss": rss,
-        "saelens_error": saelens_error,
-        "train_step_impl": step_impl,
-        "equality": equality,
-        "minor_page_faults": {key: statistics.median(v) if v else None for key, v in faults.items()},
-        "raw": {**times, **steps, **peaks, "minor_page_faults": faults},
-        "total_s": time.perf_counter() - started,
+        **{k: statistics.median(v) if v else None for k, v in timings.peaks.items()},
     }
-    if s.shape.name == "gemma2-2b":
-        result["whole_corpus_10_langs_estimate_s"] = 10 * 1004 * (bench.n_tokens / sum(
-            len(t) for t in bench.texts.values())) / result["tokens_per_s"]["analyze"]
-    return result
 
 
 def main(argv: list[str] | None = None) -> dict | None:

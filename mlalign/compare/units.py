@@ -113,7 +113,7 @@ def train_unit(bench: Bench, arm, lr: float, seed: int, directory: Path, tracker
 
     from mlalign.training.checkpoint import last_checkpoint
     from mlalign.training.data import load_parallel_stream
-    from mlalign.training.loop import ObjectiveFn, TrainingStopped, train_loop
+    from mlalign.training.loop import ObjectiveFn, Trainee, TrainingStopped, train_loop
 
     cfg, model = bench.cfg, bench.model
     if (directory / TRAINED).is_file():
@@ -136,10 +136,9 @@ def train_unit(bench: Bench, arm, lr: float, seed: int, directory: Path, tracker
     optimizer = bench.accelerator.prepare(optimizer)
     started = time.perf_counter()
     try:
-        state = train_loop(accelerator=bench.accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                           objective=objective, stream=bench.streams[seed], train_cfg=train_cfg,
-                           checkpoints=directory / "checkpoints", resume_from=last_checkpoint(directory / "checkpoints"),
-                           tracker=tracker)
+        state = train_loop(Trainee(bench.accelerator, model, optimizer, scheduler), objective=objective,
+                           stream=bench.streams[seed], train_cfg=train_cfg, checkpoints=directory / "checkpoints",
+                           resume_from=last_checkpoint(directory / "checkpoints"), tracker=tracker)
     except TrainingStopped as stop:  # a unit is continued by rerunning the comparison, not by task=train
         if stop.saved is None:
             raise
@@ -274,16 +273,10 @@ def measure_test(bench: Bench, for_lang, seed: int) -> tuple[dict, dict]:
 
 def benchmark_plan(cfg, langs: list[str], work_dir: Path):
     """`eval`'s benchmark plan in `langs` (task=eval's settings), every task name checked against lm-eval (UserError)."""
-    from omegaconf import OmegaConf
-
+    from mlalign.config import EvalConfig, typed
     from mlalign.evaluation.harness import plan_benchmarks
 
-    def plain(value):
-        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-    e = cfg.eval
-    return plan_benchmarks(langs, plain(e.benchmarks), e.suite, num_fewshot=plain(e.num_fewshot), limit=e.limit,
-                           batch_size=e.batch_size, seed=int(cfg.seed), work_dir=work_dir, tasks=plain(e.get("tasks")))
+    return plan_benchmarks(langs, typed(cfg.eval, EvalConfig), seed=int(cfg.seed), work_dir=work_dir)
 
 
 def _benchmarks(bench: Bench, for_lang, per_lang: dict, sums: dict) -> None:

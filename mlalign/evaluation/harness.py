@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlalign.config import EvalConfig
 from mlalign.errors import UserError
 from mlalign.evaluation.bundled import write_bundled_tasks
 from mlalign.evaluation.tasks import BENCHMARKS, check_benchmarks, check_suite, lookup_task
@@ -142,28 +143,20 @@ def _expand(name: str, lang: str) -> str:
     return name.replace("{lang}", lang).replace("{flores}", get_language(lang).flores_code)
 
 
-def plan_benchmarks(
-    langs: list[str],
-    benchmarks: list[str],
-    suite: str,
-    num_fewshot=0,
-    limit: int | None = None,
-    batch_size=8,
-    seed: int = 0,
-    work_dir: str | Path = ".",
-    task_manager=None,
-    tasks=None,
-) -> EvalPlan:
+def plan_benchmarks(langs: list[str], settings: EvalConfig, *, seed: int = 0, work_dir: str | Path = ".",
+                    task_manager=None) -> EvalPlan:
     """Resolve and check everything before any model or dataset loads; user mistakes are one UserError.
 
+    `settings` is the eval group; this reads suite, benchmarks, tasks, num_fewshot, limit and batch_size.
     `benchmarks` are table entries (arc_challenge, mmlu, hellaswag, belebele), run in every language. `tasks` are
     any lm-eval task, group or tag names; one with `{lang}` (or `{flores}`, the FLORES-200 code) runs in every
     language, e.g. `xnli_{lang}`, the others once under the language key `all`. A tag runs as its member tasks.
     `num_fewshot` is an int, null (each task's own default) or {benchmark or task name: int or null} (others: 0).
     """
+    suite, num_fewshot, limit, batch_size = settings.suite, settings.num_fewshot, settings.limit, settings.batch_size
     check_suite(suite)
-    benchmarks = check_benchmarks(benchmarks, allow_empty=True)
-    tasks = _check_tasks(tasks)
+    benchmarks = check_benchmarks(settings.benchmarks, allow_empty=True)
+    tasks = _check_tasks(settings.tasks)
     if not benchmarks and not tasks:
         raise UserError(f"nothing to evaluate: eval.benchmarks and eval.tasks are both empty; give e.g. "
                         f"eval.benchmarks=[{','.join(BENCHMARKS[:2])}] or eval.tasks=[belebele_hin_Deva]")
@@ -218,9 +211,9 @@ def plan_benchmarks(
     if suite == "bundled" and any(entry.num_fewshot for entry in entries):
         log.warning("bundled suite: the few-shot examples come from the same items as the test set "
                     "(the item being scored is left out)")
-    settings = {"suite": suite, "num_fewshot": _plain(num_fewshot), "limit": limit, "batch_size": batch_size,
+    recorded = {"suite": suite, "num_fewshot": _plain(num_fewshot), "limit": limit, "batch_size": batch_size,
                 "seed": seed}
-    return EvalPlan(suite, entries, skipped, task_manager, settings, benchmarks=[*benchmarks, *tasks])
+    return EvalPlan(suite, entries, skipped, task_manager, recorded, benchmarks=[*benchmarks, *tasks])
 
 
 def _plain(value):
@@ -339,29 +332,15 @@ def run_plan(model, tokenizer, plan: EvalPlan, output_dir: str | Path | None = N
     return {"results": results, "skipped": list(plan.skipped), "settings": dict(settings)}
 
 
-def run_benchmarks(
-    model,
-    tokenizer,
-    langs: list[str],
-    benchmarks: list[str],
-    suite: str,
-    num_fewshot=0,
-    limit: int | None = None,
-    batch_size=8,
-    seed: int = 0,
-    work_dir: str | Path = ".",
-    task_manager=None,
-    tasks=None,
-    output_dir: str | Path | None = None,
-    log_samples: bool = True,
-) -> dict:
-    """Evaluate `model` on each benchmark in each language (and on `tasks`); combinations that do not exist are
-    skipped and recorded. `plan_benchmarks` documents the arguments, `run_plan` the result.
+def run_benchmarks(model, tokenizer, langs: list[str], settings: EvalConfig, *, seed: int = 0,
+                   work_dir: str | Path = ".", task_manager=None, output_dir: str | Path | None = None) -> dict:
+    """Evaluate `model` on each benchmark in each language (and on `settings.tasks`); combinations that do not exist
+    are skipped and recorded. `settings` is the eval group: `plan_benchmarks` documents what it reads, `run_plan`
+    the result (and `settings.log_samples`).
 
     `work_dir` receives the bundled task YAMLs (`lm_eval_tasks/`) and their `datasets` cache; the bundled suite
     reads only local files. `task_manager` defaults to a process-wide one: lm-eval's built-in index for
     suite=harness, an index of `<work_dir>/lm_eval_tasks` alone for suite=bundled.
     """
-    plan = plan_benchmarks(langs, benchmarks, suite, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                           seed=seed, work_dir=work_dir, task_manager=task_manager, tasks=tasks)
-    return run_plan(model, tokenizer, plan, output_dir=output_dir, log_samples=log_samples)
+    plan = plan_benchmarks(langs, settings, seed=seed, work_dir=work_dir, task_manager=task_manager)
+    return run_plan(model, tokenizer, plan, output_dir=output_dir, log_samples=settings.log_samples)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -45,65 +46,92 @@ def activation_batches(acts: torch.Tensor, batch_size: int, seed: int, index: to
             yield acts[order[start:start + batch_size]].to(device=device, dtype=torch.float32)
 
 
-def _training_sae(d_in: int, layer: int, *, width: int, steps: int, l0_coefficient: float, target_l0: float | None,
-                  pre_act_loss: float, model_name: str, context_size: int, device: str):
-    """The untrained sae-lens JumpReLU training SAE of `train_sae` (its arguments, same meaning)."""
+@dataclass(frozen=True)
+class SAETrainSettings:
+    """One JumpReLU SAE's training recipe for `train_sae`: task=train_saes builds it from sae_train.*, the testbed
+    build from its spec."""
+
+    width: int
+    """Features (d_sae)."""
+    steps: int
+    """Optimiser steps (minibatches)."""
+    batch_size: int = 256
+    """Activation rows per step (at most the population)."""
+    lr: float | None = None
+    """Adam learning rate (constant after a 5% warm-up); None = `default_lr(steps)`."""
+    l0_coefficient: float = 1.0
+    """Weight of DeepMind's step L0 penalty (Gemma Scope), or of the quadratic one with `target_l0`."""
+    target_l0: float | None = None
+    """If set, Gemma Scope 2's quadratic penalty around this L0 instead of the step penalty."""
+    pre_act_loss: float = PRE_ACT_LOSS
+    """Weight of Anthropic's pre-activation loss, which pushes up the pre-activations of features that have not fired
+    for `dead_window` steps."""
+    dead_window: int | None = None
+    """Steps without firing after which a feature counts as dead; None = half the run (the testbed's historical
+    window: the push then starts only halfway through)."""
+    b_dec_init: str | None = None
+    """"mean" starts the decoder bias at the training activations' mean; None at zero (the testbed's historical
+    recipe)."""
+    model_name: str = ""
+    """Recorded in the SAE's metadata."""
+    context_size: int = 128
+    """Tokens per sentence the activations came from (metadata)."""
+    device: str = "cpu"
+    """Where the SAE trains, and where the returned SAE lives."""
+
+
+def _training_sae(d_in: int, layer: int, s: SAETrainSettings):
+    """The untrained sae-lens JumpReLU training SAE of `train_sae` (its settings, same meaning)."""
     from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
     return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
         d_in=d_in,
-        d_sae=int(width),
+        d_sae=int(s.width),
         # Residual norms grow with depth; scaling inputs to norm sqrt(d_in) lets one L0 coefficient suit every
         # layer. The trainer folds the scale back into the weights, so the saved SAE takes raw residuals.
         normalize_activations="expected_average_only_in",
-        l0_coefficient=l0_coefficient,
-        l0_warm_up_steps=steps // 10,
+        l0_coefficient=s.l0_coefficient,
+        l0_warm_up_steps=s.steps // 10,
         jumprelu_init_threshold=0.01,
         jumprelu_bandwidth=0.05,
-        pre_act_loss_coefficient=pre_act_loss,
+        pre_act_loss_coefficient=s.pre_act_loss,
         # DeepMind's step L0 loss, as Gemma Scope used for Gemma-2; quadratic around a target L0 as Gemma Scope 2.
-        jumprelu_sparsity_loss_mode="step" if target_l0 is None else "quadratic",
-        target_l0=target_l0,
-        device=str(device),
+        jumprelu_sparsity_loss_mode="step" if s.target_l0 is None else "quadratic",
+        target_l0=s.target_l0,
+        device=str(s.device),
         metadata=SAEMetadata(
-            model_name=model_name,
+            model_name=s.model_name,
             hook_name=resid_post_hook(layer),
             hook_layer=layer,
-            context_size=context_size,
+            context_size=s.context_size,
             prepend_bos=True,
             model_from_pretrained_kwargs={},
         ),
     ))
 
 
-def train_sae(acts: torch.Tensor, layer: int, *, width: int, steps: int, batch_size: int = 256,
-              lr: float | None = None, l0_coefficient: float = 1.0, target_l0: float | None = None,
-              seed: int = 0, index: torch.Tensor | None = None, model_name: str = "", context_size: int = 128,
-              device: str = "cpu", checkpoint_dir: str | None = None, progress: bool = False,
-              b_dec_init: str | None = None, pre_act_loss: float = PRE_ACT_LOSS,
-              dead_window: int | None = None):
-    """A JumpReLU SAE of `width` features for decoder layer `layer`, trained with sae-lens's SAETrainer on `acts`
-    ([tokens, d_in], BOS and padding already dropped) for `steps` minibatches of `batch_size` rows; returns its
-    inference form (a `JumpReLUSAE` in eval mode, on `device`) that takes raw residuals.
+def train_sae(acts: torch.Tensor, layer: int, settings: SAETrainSettings, *, seed: int = 0,
+              index: torch.Tensor | None = None, checkpoint_dir: str | None = None, progress: bool = False):
+    """A JumpReLU SAE of `settings.width` features for decoder layer `layer`, trained with sae-lens's SAETrainer on
+    `acts` ([tokens, d_in], BOS and padding already dropped) for `settings.steps` minibatches; returns its inference
+    form (a `JumpReLUSAE` in eval mode, on `settings.device`) that takes raw residuals.
 
-    Sparsity: DeepMind's step L0 penalty weighted by `l0_coefficient` (Gemma Scope), or, with `target_l0`, Gemma
-    Scope 2's quadratic penalty around that L0. The global torch RNG initialises the weights: seed it first.
-    `b_dec_init="mean"` starts the decoder bias at the training activations' mean (None: at zero, the testbed's
-    historical recipe). `pre_act_loss` weighs Anthropic's pre-activation loss, which pushes up the pre-activations of
-    features that have not fired for `dead_window` steps (None: half the run, the testbed's historical window: the
-    push then starts only halfway through).
+    The recipe (`SAETrainSettings`): sparsity from DeepMind's step L0 penalty weighted by `l0_coefficient` (Gemma
+    Scope), or, with `target_l0`, Gemma Scope 2's quadratic penalty around that L0; the decoder bias's start
+    (`b_dec_init`); Anthropic's pre-activation loss on dead features (`pre_act_loss`, `dead_window`). The global torch
+    RNG initialises the weights: seed it first. `seed` orders the minibatches; `index` (rows of `acts`, repeats
+    allowed) is each epoch's population when given.
     """
     from sae_lens import JumpReLUSAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
+    steps, device, dead_window, b_dec_init = settings.steps, settings.device, settings.dead_window, settings.b_dec_init
     population = len(acts) if index is None else len(index)
-    batch_size = min(batch_size, population)
-    lr = default_lr(steps) if lr is None else lr
-    sae = _training_sae(int(acts.shape[-1]), layer, width=width, steps=steps, l0_coefficient=l0_coefficient,
-                        target_l0=target_l0, pre_act_loss=pre_act_loss, model_name=model_name,
-                        context_size=context_size, device=device)
+    batch_size = min(settings.batch_size, population)
+    lr = default_lr(steps) if settings.lr is None else settings.lr
+    sae = _training_sae(int(acts.shape[-1]), layer, settings)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mlalign.analysis.sources import base_feature_stats, cached_stats, feature_sentence_sums, feature_settings
 from mlalign.analysis.summary import METRICS_CSV_COLUMNS, metrics_rows, summarize, summary_markdown
+from mlalign.config import AnalysisConfig, FeaturesConfig, typed
 from mlalign.data.corpus import load_corpus
 from mlalign.io import write_json_atomic, write_text_atomic
 from mlalign.languages import target_langs
@@ -20,7 +21,7 @@ OBJECTIVE = "mean_disparity_pct"
 
 
 def analyze_features_step(cfg, ctx, summary: dict, stats, feature_stats, corpus, cache, engine, out_dir: Path,
-                          fcfg: dict) -> dict[str, Path]:
+                          fcfg: FeaturesConfig) -> dict[str, Path]:
     """features.csv, feature_overlap.json, features_summary.json, features_top.md and the two plots (docs/method.md
     §8); adds `summary["features"]`; returns the plots by name."""
     from mlalign.analysis import features as feat
@@ -29,18 +30,18 @@ def analyze_features_step(cfg, ctx, summary: dict, stats, feature_stats, corpus,
 
     acfg = cfg.analysis
     langs = summary["langs"]
-    report = feat.analyze_features(feature_stats, cfg.reference_lang, langs, top_k=fcfg["top_k"],
-                                   min_sentences=fcfg["min_sentences"], specific_threshold=fcfg["specific_threshold"])
+    report = feat.analyze_features(feature_stats, cfg.reference_lang, langs, top_k=fcfg.top_k,
+                                   min_sentences=fcfg.min_sentences, specific_threshold=fcfg.specific_threshold)
     report.neuronpedia = neuronpedia_ids(cfg.sae, report.layers)
     n_resamples = int(acfg.bootstrap)
-    if fcfg["intervals"] and n_resamples > 0 and len(langs) > 1:
+    if fcfg.intervals and n_resamples > 0 and len(langs) > 1:
         sentence_sums = feature_sentence_sums(report.needed_features(), corpus, cache, engine)
         n_tokens = {lang: {layer: stats[lang][layer].n_tokens for layer in report.layers} for lang in langs}
         feat.add_intervals(report, sentence_sums, n_tokens, {lang: corpus.ids[lang] for lang in langs},
                            n_resamples=n_resamples, ci=float(acfg.ci), seed=int(cfg.seed))
     bands = {band: [int(layer) for layer in ls] for band, ls in summary["bands"].items()}
     title = f"{cfg.model.name}, {cfg.sae.name}"
-    rows = feature_rows(report, fcfg["csv_rows"])
+    rows = feature_rows(report, fcfg.csv_rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(FEATURES_CSV_COLUMNS))
     writer.writeheader()
@@ -67,24 +68,23 @@ def write_feature_changes(cfg, ctx, summary: dict, base: dict, adapted: dict, ou
 
     fcfg = feature_settings(cfg.analysis)
     langs = [lang for lang in dict.fromkeys([*target_langs(cfg, ctx.langs), cfg.reference_lang]) if lang in base]
-    changes = adapter_changes(base, adapted, langs, cfg.reference_lang, top_k=fcfg["top_k"],
-                              min_sentences=fcfg["min_sentences"], specific_threshold=fcfg["specific_threshold"])
+    changes = adapter_changes(base, adapted, langs, cfg.reference_lang, top_k=fcfg.top_k,
+                              min_sentences=fcfg.min_sentences, specific_threshold=fcfg.specific_threshold)
     json_path = write_json_atomic(out_dir / "feature_changes.json",
                                   {lang: {str(k): v for k, v in by.items()} for lang, by in changes.items()})
     layers = sorted(next(iter(base.values())))
     bands = {band: [int(layer) for layer in ls] for band, ls in summary["bands"].items()}
     md_path = write_text_atomic(out_dir / "feature_changes.md", adapter_changes_markdown(
-        changes, bands, fcfg["top_k"], neuronpedia_ids(cfg.sae, layers)))
+        changes, bands, fcfg.top_k, neuronpedia_ids(cfg.sae, layers)))
     ctx.tracker.log_table("analysis/feature_changes", [
         {"lang": lang, "layer": layer, "kind": kind, **item}
         for lang, by_layer in changes.items() for layer, cell in by_layer.items() for kind in ("up", "down")
         for item in cell[kind]])
-    return {"md": str(md_path), "json": str(json_path), "top_k": fcfg["top_k"],
+    return {"md": str(md_path), "json": str(json_path), "top_k": fcfg.top_k,
             "by_band": adapter_changes_by_band(changes, bands)}
 
 
-def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: Path | None = None,
-                  split: str | None = None, feature_stats_out: dict | None = None, base_features: dict | None = None,
+def analyze_model(cfg, ctx, adapter=None, out_dir: Path | None = None, split: str | None = None, feature_stats_out: dict | None = None, base_features: dict | None = None,
                   recording=None, computed_before=None) -> dict:
     """Statistics for every (language, layer), from the cache where possible; writes summary.json, metrics.csv and
     plots to `out_dir` (default `<run dir>/analysis`) and returns the summary dict. Reused by task=pipeline.
@@ -92,25 +92,21 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
     view: feature_changes.json/.md and `summary["feature_changes"]`. recording, computed_before: see `cached_stats`."""
     out_dir = Path(out_dir or ctx.run_dir / "analysis")
     split = split or cfg.data.splits.analysis
-    acfg = cfg.analysis
+    acfg = typed(cfg.analysis, AnalysisConfig)
     layers = ctx.layers()
     langs = ctx.langs
     corpus = load_corpus(cfg.data, langs, split)
     from mlalign.saes import check_sae_config
 
     check_sae_config(cfg.sae, layers)
-    fcfg = feature_settings(acfg)
-    stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, fcfg, model, tokenizer,
-                                                       recording=recording, computed_before=computed_before)
+    fcfg = acfg.features
+    stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, recording=recording,
+                                                       computed_before=computed_before)
 
-    summary = summarize(stats, cfg.reference_lang, metric=acfg.metric, aggregate=acfg.aggregate,
-                        ids_by_lang={lang: corpus.ids[lang] for lang in langs}, bootstrap=int(acfg.bootstrap),
-                        ci=float(acfg.ci), seed=int(cfg.seed), bands=acfg.bands, model=cfg.model.name,
-                        sae=cfg.sae.name, max_fvu=acfg.get("max_fvu", 1.0),
-                        max_truncated_pct=acfg.get("max_truncated_pct", 5.0),
-                        n_model_layers=cfg.model.get("num_layers"),
-                        feature_stats=feature_stats if fcfg["enabled"] else None,
-                        dense_threshold=float(acfg.dense_threshold))
+    summary = summarize(stats, cfg.reference_lang, acfg, ids_by_lang={lang: corpus.ids[lang] for lang in langs},
+                        seed=int(cfg.seed), model=cfg.model.name, sae=cfg.sae.name,
+                        n_model_layers=cfg.model.num_layers,
+                        feature_stats=feature_stats if fcfg.enabled else None)
     summary["adapter"] = str(adapter) if adapter else None
     report = ctx.run_dir / "corpus.json"
     summary["corpus"] = {"source": cfg.data.source, "split": split, "n_sentences": len(corpus.ids[cfg.reference_lang]),
@@ -126,13 +122,13 @@ def analyze_model(cfg, ctx, adapter=None, model=None, tokenizer=None, out_dir: P
         from mlalign.analysis.plots import make_plots
 
         images = {Path(path).stem: Path(path) for path in make_plots(summary, out_dir)}
-    if fcfg["enabled"]:
+    if fcfg.enabled:
         feature_images = analyze_features_step(cfg, ctx, summary, stats, feature_stats, corpus, cache, engine, out_dir, fcfg)
         images.update(feature_images)
     engine.release()
-    if adapter and base_features and fcfg["enabled"]:
+    if adapter and base_features and fcfg.enabled:
         summary["feature_changes"] = write_feature_changes(cfg, ctx, summary, base_features, feature_stats, out_dir)
-    if feature_stats_out is not None and fcfg["enabled"]:
+    if feature_stats_out is not None and fcfg.enabled:
         feature_stats_out.update(feature_stats)
     summary["plots"] = {name: str(path) for name, path in images.items()}
     write_json_atomic(out_dir / "summary.json", summary)
@@ -181,7 +177,7 @@ def run(cfg, ctx) -> dict[str, float]:
     from mlalign.console import headline, output, stage
 
     base_features = None
-    if cfg.adapter and feature_settings(cfg.analysis)["enabled"]:
+    if cfg.adapter and feature_settings(cfg.analysis).enabled:
         target_langs(cfg, ctx.langs)  # the adapter view's languages: a wrong train.target_langs fails before any work
         # The adapter view compares with the base model's per-feature statistics on the same sentences.
         with stage("base model's feature statistics (what the adapter changed)"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mlalign.config import EvalConfig, typed
 from mlalign.errors import UserError
 from mlalign.evaluation import compare_results, flat_metrics, write_eval_outputs
 from mlalign.evaluation.harness import plan_benchmarks, run_plan
@@ -26,10 +27,7 @@ def _as_plain(value):
 
 def make_plan(cfg, langs: list[str], work_dir: Path):
     """The evaluation plan of `cfg.eval` in `langs`: every task name checked against lm-eval's index (UserError)."""
-    ecfg = cfg.eval
-    return plan_benchmarks(langs, _as_plain(ecfg.benchmarks), ecfg.suite, num_fewshot=_as_plain(ecfg.num_fewshot),
-                           limit=ecfg.limit, batch_size=ecfg.batch_size, seed=int(cfg.seed), work_dir=work_dir,
-                           tasks=_as_plain(ecfg.get("tasks")))
+    return plan_benchmarks(langs, typed(cfg.eval, EvalConfig), seed=int(cfg.seed), work_dir=work_dir)
 
 
 def adapter_list(cfg) -> list[str]:
@@ -79,9 +77,9 @@ def evaluate_sides(cfg, ctx, plan, sides: list[tuple[str, str | None]], out_dir:
     from mlalign.evaluation.cache import EvalCache, entry_key, eval_identity
     from mlalign.models import swap_adapter
 
-    ecfg = cfg.eval
-    log_samples = bool(ecfg.get("log_samples", True))
-    cache = EvalCache(Path(cfg.paths.cache_dir) / "eval", enabled=bool(ecfg.get("cache", True)))
+    ecfg = typed(cfg.eval, EvalConfig)
+    log_samples = bool(ecfg.log_samples)
+    cache = EvalCache(Path(cfg.paths.cache_dir) / "eval", enabled=bool(ecfg.cache))
     source = model_source(cfg.model, ctx.testbed_dir)
     runs: dict[str, dict] = {}
     model = tokenizer = None
@@ -121,9 +119,8 @@ def evaluate_sides(cfg, ctx, plan, sides: list[tuple[str, str | None]], out_dir:
 
 
 def _compare(cfg, runs: dict, side: str, adapter: str | None) -> dict:
-    ecfg = cfg.eval
-    test_settings = dict(alpha=float(ecfg.get("alpha", 0.05)), ci=float(ecfg.get("ci", 0.95)),
-                         resamples=int(ecfg.get("bootstrap", 10000)), seed=int(cfg.seed))
+    ecfg = typed(cfg.eval, EvalConfig)
+    test_settings = dict(alpha=float(ecfg.alpha), ci=float(ecfg.ci), resamples=int(ecfg.bootstrap), seed=int(cfg.seed))
     if "base" in runs:
         return compare_results(runs["base"], runs.get(side), **test_settings)
     comparison = compare_results(runs[side], **test_settings)

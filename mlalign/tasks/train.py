@@ -123,7 +123,7 @@ def _plan(cfg: DictConfig, ctx) -> _Plan:
         raise UserError(f"task=train needs at least one target language besides {reference}; type e.g. langs=[hi]")
     return _Plan(reference=reference, targets=targets, metric=check_metric(str(cfg.analysis.metric)),
                  aggregate=check_aggregate(str(cfg.analysis.aggregate)),
-                 tolerance=float(cfg.train.get("fidelity_tolerance", 1.25)),
+                 tolerance=float(cfg.train.fidelity_tolerance),
                  resume_from=_resume_checkpoint(cfg, ctx.run_dir),
                  splits={"train": str(cfg.data.splits.train), "dev": str(cfg.data.splits.valid),
                          "headline": str(cfg.data.splits.heldout)})
@@ -184,7 +184,7 @@ def _fit(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data):
 
     from mlalign.console import stage
     from mlalign.training.checkpoint import run_settings
-    from mlalign.training.loop import train_loop
+    from mlalign.training.loop import Trainee, train_loop
 
     accelerator, objective = setup.accelerator, setup.objective
 
@@ -206,7 +206,7 @@ def _fit(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data):
     started = time.perf_counter()
     with stage(f"training the adapter ({int(cfg.train.max_steps)} steps, LoRA r={cfg.lora.r}, "
                f"{', '.join(plan.targets)})"):
-        state = train_loop(accelerator=accelerator, model=setup.model, optimizer=optimizer, scheduler=scheduler,
+        state = train_loop(Trainee(accelerator, setup.model, optimizer, scheduler),
                            objective=objective, stream=data.stream, train_cfg=cfg.train,
                            checkpoints=ctx.run_dir / "checkpoints", resume_from=plan.resume_from,
                            tracker=ctx.tracker, eval_fn=dev_losses, settings=run_settings(cfg))
@@ -243,8 +243,7 @@ def _measure(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, data: _Data,
                                                   recorded=recorded if role == "headline" else None, **passes)
             paired = None
             if role == "headline" and recorded is not None:
-                adapted = _adapted_by_analysis(cfg, ctx, accelerator, peft_model, setup.tokenizer, setup.saes,
-                                               analysed_saes, base_side, texts, plan.metric, split)
+                adapted = _adapted_by_analysis(cfg, ctx, setup, analysed_saes, base_side, texts, plan.metric, split)
                 paired = adapted.paired if adapted.complete() else None
             if paired is None:
                 paired = measure_adapted(peft_model, base_side, setup.tokenizer, analysed_saes, texts, plan.metric,
@@ -269,7 +268,7 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
     peft_model = accelerator.unwrap_model(setup.model)
     report = train_metrics(reports["headline"], reports["dev"], metric=plan.metric, aggregate=plan.aggregate,
                            reference_lang=plan.reference, targets=plan.targets, layers=setup.analysed, splits=splits,
-                           tolerance=plan.tolerance, floor_pct=float(cfg.train.get("retention_floor_pct", 90.0)),
+                           tolerance=plan.tolerance, floor_pct=float(cfg.train.retention_floor_pct),
                            spliced_tolerance=float(cfg.train.spliced_tolerance_nats), seed=int(cfg.seed))
     report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s, total_s=total_s,
                   trainable_params=setup.trainable, aligned_layers=setup.aligned)
@@ -280,7 +279,7 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
         peft_model.save_pretrained(str(ctx.run_dir / "adapter"))
         write_json_atomic(out / "history.json", state.history)
         write_json_atomic(out / "metrics.json", metrics)
-        if cfg.analysis.get("plots", True):
+        if cfg.analysis.plots:
             ctx.tracker.log_images({"train/activation_before_after": plot_before_after(
                 report, out / "activation_before_after.png")})
     accelerator.wait_for_everyone()
@@ -316,24 +315,26 @@ def _sweep_result(report: dict, dev: dict, state, train_s: float) -> dict[str, f
     }
 
 
-def _adapted_by_analysis(cfg, ctx, accelerator, peft_model, tokenizer, saes: dict, analysed_saes: dict, base_side,
-                         texts: dict, metric: str, split: str):
+def _adapted_by_analysis(cfg, ctx, setup: _Setup, analysed_saes: dict, base_side, texts: dict, metric: str,
+                         split: str):
     """The adapter's held-out measurement as an analysis pass (task=pipeline, docs/training.md#what-is-measured-where):
     one engine run over `split` computes the adapted model's analysis statistics (cached under the adapter's key, as
     `task=analyze adapter=...` would) and the paired outcome sums against `base_side`. The adapter is saved first:
     its weights' hash is part of that key."""
-    from mlalign.analysis.sources import cached_stats, feature_settings
+    from mlalign.analysis.sources import Loaded, cached_stats
     from mlalign.data.corpus import load_corpus
     from mlalign.training.shared_pass import AdaptedPassRecording
 
+    accelerator = setup.accelerator
+    peft_model = accelerator.unwrap_model(setup.model)
     adapter = ctx.run_dir / "adapter"
     if accelerator.is_main_process:
         peft_model.save_pretrained(str(adapter))
     accelerator.wait_for_everyone()
     recording = AdaptedPassRecording(base_side, texts, analysed_saes, metric, accelerator.device)
     corpus = load_corpus(cfg.data, ctx.langs, split)
-    cached_stats(cfg, ctx, adapter, corpus, split, feature_settings(cfg.analysis), model=peft_model,
-                 tokenizer=tokenizer, label="base + adapter: ", recording=recording, saes=saes)
+    cached_stats(cfg, ctx, adapter, corpus, split, Loaded(peft_model, setup.tokenizer, setup.saes),
+                 label="base + adapter: ", recording=recording)
     return recording
 
 

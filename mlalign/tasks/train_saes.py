@@ -7,6 +7,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,11 @@ import torch
 
 from mlalign.analysis.capture import ResidualCapture
 from mlalign.analysis.engine import analysed_positions, pad_batch
+from mlalign.config import SAETrainConfig, typed
 from mlalign.data.corpus import ParallelCorpus, load_corpus
 from mlalign.errors import UserError
 from mlalign.io import write_atomic, write_json_atomic, write_text_atomic
-from mlalign.saes.training import TRAINER_MODULE, default_lr, fidelity, train_sae
+from mlalign.saes.training import TRAINER_MODULE, SAETrainSettings, default_lr, fidelity, train_sae
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +125,11 @@ def capture_language(model, tokenizer, sentences: list[str], layers: list[int], 
                      desc: str = "", progress: bool = True, dtype: torch.dtype = torch.float32
                      ) -> dict[int, torch.Tensor]:
     """Residuals `{layer: [tokens, hidden]}` (`dtype`, CPU) at every position but BOS and padding, one forward pass
-    per batch for all `layers`, stopped after the last of them (the LM head never runs). With `quota`, sentences are taken in `rng`'s random order until that many tokens are
-    in (the last sentence's surplus is cut), else all of them in order."""
+    per batch for all `layers`, stopped after the last of them (the LM head never runs). With `quota`, sentences are
+    taken in `rng`'s random order until that many tokens are in (the last sentence's surplus is cut), else all of them
+    in order.
+    Why 11 parameters: the options travel in pairs (quota with rng, desc with progress) and experiments/
+    gemma3_270m_saes's scripts call it by these names; a settings object would buy one line."""
     from tqdm.auto import tqdm
 
     encoded = tokenizer(list(sentences), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
@@ -329,56 +334,108 @@ def layer_record(seed_records: list[dict], width: int, langs: list[str]) -> dict
     return record
 
 
+@dataclass
+class _Job:
+    """One task=train_saes run: its typed settings, what the SAEs train and are scored on, the recipe every SAE
+    shares, and where they go."""
+
+    st: SAETrainConfig
+    layers: list[int]
+    langs: list[str]
+    weights: dict[str, float]
+    quotas: dict[str, int]
+    train: ParallelCorpus
+    valid: ParallelCorpus
+    out_dir: Path
+    recipe: SAETrainSettings | None = None
+
+
 def run(cfg, ctx) -> dict[str, float]:
-    from mlalign.models import hidden_size, num_layers
+    """recipe -> training and held-out activations -> one SAE per layer and seed, each scored on held-out text ->
+    spliced-in LM loss -> fidelity.json/.md/.png and train_data.json -> the console's and the tracker's report."""
+    from mlalign.models import num_layers
 
     check_settings(cfg)
-    st = cfg.sae_train
-    layers = ctx.layers()
-    langs = ctx.langs
+    st = typed(cfg.sae_train, SAETrainConfig)
+    layers, langs = ctx.layers(), ctx.langs
     weights = mix_weights(str(st.lang_mix), langs, st.english_heavy_weights)
     quotas = token_quotas(weights, int(st.tokens))
-    train = load_corpus(cfg.data, langs, cfg.data.splits.train)
-    valid = load_corpus(cfg.data, langs, cfg.data.splits.valid)
-    seeds, spliced_sentences = int(st.seeds), int(st.spliced_sentences)
-    seconds: dict[str, float] = {}
+    job = _Job(st, layers, langs, weights, quotas, load_corpus(cfg.data, langs, cfg.data.splits.train),
+               load_corpus(cfg.data, langs, cfg.data.splits.valid), ctx.run_dir / "saes")
     started = time.perf_counter()
-
-    from mlalign.console import emit, note, stage, transient_bars
-
     model, tokenizer = ctx.load_model(), ctx.load_tokenizer()
     ctx.layers(num_layers(model))  # the config's layer count must match the weights
-    d_in = hidden_size(model)
-    width = int(st.width) if st.width is not None else int(st.width_multiple) * d_in
+    job.recipe = sae_recipe(cfg, job, model)
+    acts, index, data_info, heldout = _capture(cfg, job, model, tokenizer)
+    seconds = {"activations": round(time.perf_counter() - started, 2)}
+    records, trained, seconds["training"] = _train_saes(cfg, job, acts, index, heldout)
+    seconds.update(_add_spliced(cfg, job, model, tokenizer, trained, records))
+    table = {str(layer): layer_record(records[layer], job.recipe.width, langs) for layer in job.layers}
+    n_saes = len(job.layers) * int(st.seeds)
+    seconds["total"] = round(time.perf_counter() - started, 2)
+    seconds["training_per_sae"] = round(seconds["training"] / n_saes, 2)
+    if "spliced" in seconds:
+        seconds["spliced_per_sae"] = round(seconds["spliced"] / n_saes, 2)
+    markdown = _write_outputs(cfg, job, table, records, data_info, seconds)
+    _report(cfg, ctx, job, table, markdown)
+    return _results(table, seconds)
+
+
+def sae_recipe(cfg, job: _Job, model) -> SAETrainSettings:
+    """The recipe every SAE of the run shares (width, steps, learning rate, penalties, device), said on the console."""
+    from mlalign.console import emit
+    from mlalign.models import hidden_size
+
+    st = job.st
+    width = int(st.width) if st.width is not None else int(st.width_multiple) * hidden_size(model)
     if st.target_l0 is not None and float(st.target_l0) > width:
         raise UserError(f"sae_train.target_l0={st.target_l0} exceeds the width {width}; choose a smaller target")
     steps = int(st.steps) if st.steps is not None else max(1, math.ceil(float(st.epochs) * int(st.tokens) / int(st.batch_size)))
     lr = float(st.lr) if st.lr is not None else default_lr(steps, float(st.threshold_travel), max_lr=TASK_MAX_LR)
-    device = str(st.device or next(model.parameters()).device)
-    max_length, capture_batch = int(cfg.data.max_length), int(st.capture_batch_size)
-    emit(f"training {len(layers)} x {seeds} SAE(s) of {width} features on {int(st.tokens)} {cfg.data.splits.train}-"
-         f"split tokens per layer ({st.lang_mix} mix over {len(langs)} languages), {steps} steps of "
-         f"{int(st.batch_size)}, lr {lr:.2g}")
+    emit(f"training {len(job.layers)} x {int(st.seeds)} SAE(s) of {width} features on {int(st.tokens)} "
+         f"{cfg.data.splits.train}-split tokens per layer ({st.lang_mix} mix over {len(job.langs)} languages), {steps} "
+         f"steps of {int(st.batch_size)}, lr {lr:.2g}")
+    return SAETrainSettings(
+        width=width, steps=steps, batch_size=int(st.batch_size), lr=lr, l0_coefficient=float(st.l0_coefficient),
+        target_l0=None if st.target_l0 is None else float(st.target_l0),
+        pre_act_loss=float(st.pre_act_loss_coefficient),
+        dead_window=None if st.dead_window is None else int(st.dead_window), b_dec_init="mean",
+        model_name=str(cfg.model.name), context_size=int(cfg.data.max_length),
+        device=str(st.device or next(model.parameters()).device))
 
+
+def _capture(cfg, job: _Job, model, tokenizer):
+    """(training activations {layer: [rows, hidden]}, their index or None, data info, held-out activations
+    {lang: {layer: [tokens, hidden]}})."""
+    from mlalign.console import stage
+
+    st, layers, langs = job.st, job.layers, job.langs
+    max_length, capture_batch = job.recipe.context_size, int(st.capture_batch_size)
     rng = np.random.default_rng(int(cfg.seed))
     with stage(f"capturing training activations ({int(st.tokens)} tokens x {len(layers)} layer(s), "
                f"{cfg.data.splits.train} split, {st.buffer_dtype})"):
-        acts, index, data_info = collect_training_activations(model, tokenizer, train, quotas, layers, max_length,
+        acts, index, data_info = collect_training_activations(model, tokenizer, job.train, job.quotas, layers, max_length,
                                                               capture_batch, rng, dtype=BUFFER_DTYPES[str(st.buffer_dtype)])
     how_many = "all" if st.eval_sentences is None else f"up to {st.eval_sentences}"
     with stage(f"capturing held-out activations ({cfg.data.splits.valid} split, {how_many} sentences x "
                f"{len(langs)} languages)"):
-        heldout = {lang: capture_language(model, tokenizer, valid[lang][: st.eval_sentences], layers, max_length,
+        heldout = {lang: capture_language(model, tokenizer, job.valid[lang][: st.eval_sentences], layers, max_length,
                                           capture_batch, desc=f"held-out {lang}") for lang in langs}
-    seconds["activations"] = round(time.perf_counter() - started, 2)
+    return acts, index, data_info, heldout
 
-    out_dir = ctx.run_dir / "saes"
+
+def _train_saes(cfg, job: _Job, acts: dict, index, heldout: dict) -> tuple[dict, list, float]:
+    """Every layer's SAEs, seed after seed on the same activations, each saved and scored on the held-out ones:
+    (fidelity records {layer: [one per seed]}, the SAEs [seed][layer], seconds)."""
+    from mlalign.console import note, stage, transient_bars
+
+    seeds, layers, langs = int(job.st.seeds), job.layers, job.langs
     records: dict[int, list[dict]] = {layer: [] for layer in layers}
     trained: list[dict[int, object]] = [{} for _ in range(seeds)]
     train_started = time.perf_counter()
     transient_bars(TRAINER_MODULE)  # its per-SAE bar vanishes when done; each layer's line stays
     with tempfile.TemporaryDirectory(prefix="mlalign-sae-ckpt-") as checkpoints, \
-            stage(f"training {len(layers) * seeds} SAE(s) ({steps} steps each)"):
+            stage(f"training {len(layers) * seeds} SAE(s) ({job.recipe.steps} steps each)"):
         for layer in layers:
             layer_acts = acts.pop(layer)
             for s in range(seeds):
@@ -387,66 +444,75 @@ def run(cfg, ctx) -> dict[str, float]:
                 with stage(label, start_line=False):  # sae-lens's "Training SAE" bar shows it running
                     layer_started = time.perf_counter()
                     torch.manual_seed(torch_seed)
-                    sae = train_sae(layer_acts, layer, width=width, steps=steps, batch_size=int(st.batch_size),
-                                    lr=lr, l0_coefficient=float(st.l0_coefficient),
-                                    target_l0=None if st.target_l0 is None else float(st.target_l0),
-                                    seed=torch_seed, index=index, model_name=str(cfg.model.name),
-                                    context_size=max_length, device=device, checkpoint_dir=checkpoints,
-                                    progress=True, b_dec_init="mean",
-                                    pre_act_loss=float(st.pre_act_loss_coefficient),
-                                    dead_window=None if st.dead_window is None else int(st.dead_window))
+                    sae = train_sae(layer_acts, layer, job.recipe, seed=torch_seed, index=index,
+                                    checkpoint_dir=checkpoints, progress=True)
                     train_seconds = time.perf_counter() - layer_started
-                    sae.save_model(seed_dir(out_dir, s, seeds) / f"layer_{layer}")
+                    sae.save_model(seed_dir(job.out_dir, s, seeds) / f"layer_{layer}")
                     overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
                     per_lang = {lang: fidelity(sae, heldout[lang][layer]) for lang in langs}
                 records[layer].append(_seed_record(overall, per_lang, torch_seed, train_seconds))
                 trained[s][layer] = sae
                 note(f"  held-out FVU {overall['fvu']:.3f}, L0 {overall['l0']:.1f}, dead {overall['dead_pct']:.1f}%")
             del layer_acts
-    seconds["training"] = round(time.perf_counter() - train_started, 2)
+    return records, trained, round(time.perf_counter() - train_started, 2)
 
-    if spliced_sentences > 0:
-        spliced_started = time.perf_counter()
-        with stage(f"spliced-in LM loss ({spliced_sentences} {cfg.data.splits.valid} sentences x {len(langs)} "
-                   f"languages, {len(layers) * seeds} SAE(s))"):
-            for s in range(seeds):
-                by_layer = spliced_fidelity(model, tokenizer, valid, langs, trained[s], spliced_sentences,
-                                            max_length, capture_batch, device)
-                for layer in layers:
-                    record, spliced = records[layer][s], by_layer[layer]
-                    record.update({key: spliced[key] for key in ("spliced_dlm_loss", "clean_lm_loss",
-                                                                 "spliced_sentences")})
-                    for lang in langs:
-                        record["per_lang"][lang]["spliced_dlm_loss"] = spliced["per_lang"][lang]["spliced_dlm_loss"]
-        seconds["spliced"] = round(time.perf_counter() - spliced_started, 2)
-    else:
+
+def _add_spliced(cfg, job: _Job, model, tokenizer, trained: list, records: dict) -> dict[str, float]:
+    """Each record's spliced-in LM loss (None with sae_train.spliced_sentences=0); returns {"spliced": seconds} if
+    measured."""
+    from mlalign.console import stage
+
+    seeds, layers, langs, sentences = int(job.st.seeds), job.layers, job.langs, int(job.st.spliced_sentences)
+    if sentences <= 0:
         for layer in layers:
             for record in records[layer]:
                 record["spliced_dlm_loss"] = None
                 for lang in langs:
                     record["per_lang"][lang]["spliced_dlm_loss"] = None
-    table = {str(layer): layer_record(records[layer], width, langs) for layer in layers}
-    seconds["total"] = round(time.perf_counter() - started, 2)
-    seconds["training_per_sae"] = round(seconds["training"] / (len(layers) * seeds), 2)
-    if "spliced" in seconds:
-        seconds["spliced_per_sae"] = round(seconds["spliced"] / (len(layers) * seeds), 2)
+        return {}
+    spliced_started = time.perf_counter()
+    with stage(f"spliced-in LM loss ({sentences} {cfg.data.splits.valid} sentences x {len(langs)} "
+               f"languages, {len(layers) * seeds} SAE(s))"):
+        for s in range(seeds):
+            by_layer = spliced_fidelity(model, tokenizer, job.valid, langs, trained[s], sentences,
+                                        job.recipe.context_size, int(job.st.capture_batch_size), job.recipe.device)
+            for layer in layers:
+                record, spliced = records[layer][s], by_layer[layer]
+                record.update({key: spliced[key] for key in ("spliced_dlm_loss", "clean_lm_loss",
+                                                             "spliced_sentences")})
+                for lang in langs:
+                    record["per_lang"][lang]["spliced_dlm_loss"] = spliced["per_lang"][lang]["spliced_dlm_loss"]
+    return {"spliced": round(time.perf_counter() - spliced_started, 2)}
 
+
+def _write_outputs(cfg, job: _Job, table: dict, records: dict, data_info: dict, seconds: dict) -> str:
+    """fidelity.json, fidelity.md, fidelity.png and train_data.json in the SAEs' folder; returns the markdown."""
+    st, recipe, out_dir, seeds, langs = job.st, job.recipe, job.out_dir, int(job.st.seeds), job.langs
     header = (f"SAE fidelity on held-out text ({cfg.data.splits.valid} split), model {cfg.model.name}, "
-              f"{width} features, {int(st.tokens)} training tokens per layer ({st.lang_mix} mix)"
+              f"{recipe.width} features, {int(st.tokens)} training tokens per layer ({st.lang_mix} mix)"
               + (f", mean of {seeds} SAE seeds" if seeds > 1 else ""))
     markdown = fidelity_markdown(table, langs, header)
     write_json_atomic(out_dir / "fidelity.json", table)
     write_text_atomic(out_dir / "fidelity.md", markdown)
     plot_fidelity(table, langs, out_dir / "fidelity.png", header)
     write_json_atomic(out_dir / "train_data.json", {
-        "model": str(cfg.model.name), "layers": layers, "langs": langs, "lang_mix": str(st.lang_mix),
-        "weights": weights, **data_info, "train_split": str(cfg.data.splits.train),
-        "valid_split": str(cfg.data.splits.valid), "width": width, "steps": steps, "batch_size": int(st.batch_size),
-        "lr": lr, "l0_coefficient": float(st.l0_coefficient), "target_l0": st.target_l0, "seeds": seeds,
-        "pre_act_loss_coefficient": float(st.pre_act_loss_coefficient), "dead_window": st.dead_window,
-        "torch_seeds": {str(layer): [r["torch_seed"] for r in records[layer]] for layer in layers},
-        "buffer_dtype": str(st.buffer_dtype), "spliced_sentences": spliced_sentences, "seconds": seconds,
+        "model": str(cfg.model.name), "layers": job.layers, "langs": langs, "lang_mix": str(st.lang_mix),
+        "weights": job.weights, **data_info, "train_split": str(cfg.data.splits.train),
+        "valid_split": str(cfg.data.splits.valid), "width": recipe.width, "steps": recipe.steps,
+        "batch_size": int(st.batch_size), "lr": recipe.lr, "l0_coefficient": float(st.l0_coefficient),
+        "target_l0": st.target_l0, "seeds": seeds, "pre_act_loss_coefficient": float(st.pre_act_loss_coefficient),
+        "dead_window": st.dead_window,
+        "torch_seeds": {str(layer): [r["torch_seed"] for r in records[layer]] for layer in job.layers},
+        "buffer_dtype": str(st.buffer_dtype), "spliced_sentences": int(st.spliced_sentences), "seconds": seconds,
     })
+    return markdown
+
+
+def _report(cfg, ctx, job: _Job, table: dict, markdown: str) -> None:
+    """The fidelity table to the tracker and the console, and where the SAEs are."""
+    from mlalign.console import headline, output
+
+    out_dir = job.out_dir
     ctx.tracker.log_table("train_saes/fidelity", [{"layer": int(layer), **{k: v for k, v in row.items()
                                                                             if k not in ("per_lang", "seeds",
                                                                                          "seed_range")}}
@@ -454,14 +520,16 @@ def run(cfg, ctx) -> dict[str, float]:
     ctx.tracker.log_images({"train_saes/fidelity": out_dir / "fidelity.png"})
     print("\n" + markdown)
     ctx.tracker.summary(fidelity_scalars(table))
-    from mlalign.console import headline, output
-
     per_layer = ", ".join(f"{layer} {row['fvu']:.3f}" for layer, row in table.items())
     headline(f"held-out FVU per layer ({cfg.data.splits.valid} split): {per_layer}")
-    where = out_dir if seeds == 1 else out_dir / "seed_<s>"
+    where = out_dir if int(job.st.seeds) == 1 else out_dir / "seed_<s>"
     output("SAEs", f"{where} (analyse with: sae=local sae.path_template={where} "
-                   f"layers=[{','.join(map(str, layers))}])")
+                   f"layers=[{','.join(map(str, job.layers))}])")
     output("fidelity", out_dir / "fidelity.md")
+
+
+def _results(table: dict, seconds: dict) -> dict[str, float]:
+    """The task's numbers for the tracker and sweepers: fidelity over layers, and where the time went."""
     fvus = [row["fvu"] for row in table.values()]
     l0s = [row["l0"] for row in table.values()]
     spliced_values = [row["spliced_dlm_loss"] for row in table.values() if row.get("spliced_dlm_loss") is not None]

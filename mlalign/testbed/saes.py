@@ -7,7 +7,7 @@ import torch
 
 from mlalign.analysis.capture import ResidualCapture
 from mlalign.data.corpus import ParallelCorpus
-from mlalign.saes.training import fidelity, train_sae
+from mlalign.saes.training import SAETrainSettings, fidelity, train_sae
 from mlalign.testbed.spec import BOS_ID, TestbedSpec
 from mlalign.testbed.lm import encode, sample_sentences
 
@@ -49,9 +49,10 @@ def collect_residuals(model, tokenizer, spec: TestbedSpec, corpus: ParallelCorpu
 
 def train_layer_sae(acts: torch.Tensor, layer: int, spec: TestbedSpec, checkpoint_dir: str):
     """Train a JumpReLU SAE on one layer's residuals with mlalign's one SAE training path (sae-lens's SAETrainer)."""
-    return train_sae(acts, layer, width=spec.sae_width_multiple * spec.hidden_size, steps=spec.sae_train_steps,
-                     batch_size=SAE_BATCH_TOKENS, l0_coefficient=spec.sae_l0_coefficient, seed=spec.seed + layer,
-                     model_name="mlalign-testbed", context_size=spec.max_length, checkpoint_dir=checkpoint_dir)
+    settings = SAETrainSettings(width=spec.sae_width_multiple * spec.hidden_size, steps=spec.sae_train_steps,
+                                batch_size=SAE_BATCH_TOKENS, l0_coefficient=spec.sae_l0_coefficient,
+                                model_name="mlalign-testbed", context_size=spec.max_length)
+    return train_sae(acts, layer, settings, seed=spec.seed + layer, checkpoint_dir=checkpoint_dir)
 
 
 def sae_quality(sae, acts: torch.Tensor) -> dict[str, float]:

@@ -284,11 +284,21 @@ def _all_processes_agree(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
-def train_loop(*, accelerator, model, optimizer, scheduler, objective: ObjectiveFn, stream: ParallelStream,
-               train_cfg, checkpoints: Path, resume_from: Path | None, tracker, eval_fn=None,
-               settings: dict | None = None) -> TrainState:
+@dataclass
+class Trainee:
+    """What `train_loop` steps: the model (prepared by the accelerator) with its optimizer and scheduler."""
+
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+
+
+def train_loop(trainee: Trainee, *, objective: ObjectiveFn, stream: ParallelStream, train_cfg, checkpoints: Path,
+               resume_from: Path | None, tracker, eval_fn=None, settings: dict | None = None) -> TrainState:
     """Run optimizer steps up to train.max_steps (from a checkpoint if `resume_from`); returns the final state.
     `settings`: the run's `checkpoint.run_settings`, recorded in every checkpoint for a later resume to compare."""
+    accelerator, model, optimizer, scheduler = trainee.accelerator, trainee.model, trainee.optimizer, trainee.scheduler
     max_steps = int(train_cfg.max_steps)
     grad_accum = int(train_cfg.grad_accum)
     batch_size = int(train_cfg.batch_size)

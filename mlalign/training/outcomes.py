@@ -588,16 +588,10 @@ def language_outcome(sums: PairedSums, aggregate: str, tolerance: float, counts:
     }
     fvu_before, fvu_after = sums.fvu("before"), sums.fvu("after")
     fvu_b, fvu_a = float(np.nanmean(fvu_before)), float(np.nanmean(fvu_after))
-    # Valid, per layer and strictly: at every judged (aligned) layer the SAE's absolute reconstruction error of the
-    # same tokens and the spliced-in LM loss stay within tolerance (docs/training.md, "valid").
-    judged = set(sums.layers if judged_layers is None else (int(layer) for layer in judged_layers))
     recon_ratio = recon_error_ratio(sums)
     spliced_b, spliced_a = spliced_means(sums)
-    beyond = {layer for layer, r in zip(sums.layers, recon_ratio) if layer in judged and not r <= tolerance}
-    beyond |= {layer for layer, b, a in zip(sums.spliced_layers, spliced_b, spliced_a)
-               if layer in judged and not a - b <= spliced_tolerance}
-    valid = not beyond and any(layer in judged for layer in sums.layers)
-    layers = [str(layer) for layer in sums.layers]
+    valid, beyond, judged = _validity(sums, recon_ratio, spliced_b, spliced_a, tolerance, spliced_tolerance,
+                                      judged_layers)
     out = {
         "gain_pct": float(gain[0]),
         "gain_ci": percentile_interval(gain[1:], ci),
@@ -630,22 +624,40 @@ def language_outcome(sums: PairedSums, aggregate: str, tolerance: float, counts:
         "lm_loss_change_ci": percentile_interval(lm_change[1:], ci),
         "n_sentences": sums.n_sentences,
         "n_tokens": int(sums.n_tokens.sum()),
-        "per_layer": {
-            layer: {"gain_pct": float(_pct(point["level_after"][j], point["level_before"][j])),
-                    "norm_matched_gain_pct": float(_pct(matched[0][j], before[0][j])),
-                    "level_before": float(point["level_before"][j]), "level_after": float(point["level_after"][j]),
-                    "fvu_before": float(fvu_before[j]), "fvu_after": float(fvu_after[j]),
-                    "recon_error_ratio": float(recon_ratio[j]),
-                    "resid_norm_change_pct": float(_pct(point["resid_after"][j], point["resid_before"][j])),
-                    "l0_before": float(point["l0_before"][j]), "l0_after": float(point["l0_after"][j]),
-                    "code_cosine": float(point["cosine"][j])}
-            for j, layer in enumerate(layers)
-        },
+        "per_layer": _per_layer(sums, point, matched[0], before[0], fvu_before, fvu_after, recon_ratio),
     }
     if is_reference:
         out.update(retention_pct=float(retention[0]), retention_ci=percentile_interval(retention[1:], ci),
                    code_cosine=float(point["cosine"].mean()))
     return out
+
+
+def _validity(sums: PairedSums, recon_ratio, spliced_b, spliced_a, tolerance: float, spliced_tolerance: float,
+              judged_layers) -> tuple[bool, set, set]:
+    """(valid, layers beyond tolerance, judged layers). Valid, per layer and strictly: at every judged (aligned) layer
+    the SAE's absolute reconstruction error of the same tokens and the spliced-in LM loss stay within tolerance
+    (docs/training.md, "valid")."""
+    judged = set(sums.layers if judged_layers is None else (int(layer) for layer in judged_layers))
+    beyond = {layer for layer, r in zip(sums.layers, recon_ratio) if layer in judged and not r <= tolerance}
+    beyond |= {layer for layer, b, a in zip(sums.spliced_layers, spliced_b, spliced_a)
+               if layer in judged and not a - b <= spliced_tolerance}
+    return not beyond and any(layer in judged for layer in sums.layers), beyond, judged
+
+
+def _per_layer(sums: PairedSums, point: dict, matched, before, fvu_before, fvu_after, recon_ratio) -> dict:
+    """An outcome's per_layer block: each layer's point estimates (`matched`, `before`: the point rows of the
+    norm-matched and before levels)."""
+    return {
+        str(layer): {"gain_pct": float(_pct(point["level_after"][j], point["level_before"][j])),
+                     "norm_matched_gain_pct": float(_pct(matched[j], before[j])),
+                     "level_before": float(point["level_before"][j]), "level_after": float(point["level_after"][j]),
+                     "fvu_before": float(fvu_before[j]), "fvu_after": float(fvu_after[j]),
+                     "recon_error_ratio": float(recon_ratio[j]),
+                     "resid_norm_change_pct": float(_pct(point["resid_after"][j], point["resid_before"][j])),
+                     "l0_before": float(point["l0_before"][j]), "l0_after": float(point["l0_after"][j]),
+                     "code_cosine": float(point["cosine"][j])}
+        for j, layer in enumerate(sums.layers)
+    }
 
 
 def outcome_report(paired: dict[str, PairedSums], reference_lang: str, targets: list[str], aggregate: str,

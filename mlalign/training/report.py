@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 
-from mlalign.analysis.engine import collect_stats
+from mlalign.analysis.engine import EngineSettings, collect_stats
 from mlalign.analysis.metrics import compute_metrics
 
 
@@ -32,8 +32,8 @@ def activation_levels(model, tokenizer, saes: dict, texts_by_lang: dict[str, lis
                 stats[lang][layer] = hit
     if missing:
         todo = {lang: texts_by_lang[lang] for lang in texts_by_lang if lang in missing}
-        computed = collect_stats(model, tokenizer, saes, todo, batch_size=batch_size, max_length=max_length,
-                                 sae_chunk=sae_chunk, progress=False)
+        settings = EngineSettings(batch_size=batch_size, max_length=max_length, sae_chunk=sae_chunk, progress=False)
+        computed = collect_stats(model, tokenizer, saes, todo, settings)
         for lang, by_layer in computed.items():
             for layer, sums in by_layer.items():
                 stats[lang][layer] = sums
@@ -52,6 +52,8 @@ def train_metrics(test_report: dict, dev_report: dict, *, metric: str, aggregate
     """The train task's metrics.json: headline outcomes on the held-out (test) split, the same on dev for choices.
 
     Top level and `per_lang` come from `splits["headline"]`; `dev` (and `alignment_score`) from `splits["dev"]`.
+    Why 12 parameters: each keyword is one recorded key of metrics.json, named where tasks/train.py, the one caller,
+    passes it.
     """
     from mlalign.training.outcomes import alignment_score
 

@@ -82,6 +82,6 @@ def ids(corpus):
 @pytest.fixture(scope="session")
 def reference_stats(model, tokenizer, saes, texts):
     """The engine's result at batch size 8, right padding: what other settings are compared against."""
-    from mlalign.analysis.engine import collect_stats
+    from mlalign.analysis.engine import EngineSettings, collect_stats
 
-    return collect_stats(model, tokenizer, saes, texts, batch_size=8, max_length=48, progress=False)
+    return collect_stats(model, tokenizer, saes, texts, EngineSettings(batch_size=8, max_length=48, progress=False))

@@ -1,12 +1,14 @@
 """The engine against direct computations: capture points, hand-computable SAEs, BOS/padding exclusion, invariances."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from tests.analysis.testkit import D_MODEL, N_LAYERS, identity_sae
 from mlalign.analysis.capture import ResidualCapture
-from mlalign.analysis.engine import analysed_positions, collect_stats, pad_batch, position_cap
+from mlalign.analysis.engine import EngineSettings, analysed_positions, collect_stats, pad_batch, position_cap
 from mlalign.analysis.metrics import compute_metrics
 from mlalign.analysis.registry import REGISTRY as METRICS
 from mlalign.analysis.stats import LayerStats, per_sentence_sums
@@ -100,7 +102,8 @@ def test_every_metric_matches_numpy_for_a_jumprelu_sae(model, tokenizer, saes, t
 def test_identity_sae_gives_hand_computable_metrics(model, tokenizer, texts):
     """Features relu(x), relu(-x): mean_act = ||x||_1 / (2 d), l1 = ||x||_1, l0 = d, coverage = 1, FVU = 0."""
     sae = identity_sae(D_MODEL)
-    stats = collect_stats(model, tokenizer, {1: sae}, {"en": texts["en"][:8]}, batch_size=3, max_length=MAX_LENGTH, progress=False)
+    stats = collect_stats(model, tokenizer, {1: sae}, {"en": texts["en"][:8]},
+                          EngineSettings(batch_size=3, max_length=MAX_LENGTH, progress=False))
     values = compute_metrics(stats)["en"][1]
     x = np.concatenate([r[1][1:] for r in layer_outputs_one_by_one(model, tokenizer, texts["en"][:8])])
     l1 = np.abs(x).sum(axis=1).mean()
@@ -154,13 +157,15 @@ def _assert_same_stats(a, b, rtol=1e-5):
 
 @pytest.mark.parametrize("batch_size,padding_side", [(1, "right"), (16, "left"), (16, "right"), (5, "left")])
 def test_batch_size_and_padding_side_change_no_number(model, tokenizer, saes, texts, reference_stats, batch_size, padding_side):
-    stats = collect_stats(model, tokenizer, saes, texts, batch_size=batch_size, max_length=MAX_LENGTH, padding_side=padding_side, progress=False)
+    stats = collect_stats(model, tokenizer, saes, texts,
+                          EngineSettings(batch_size=batch_size, max_length=MAX_LENGTH, padding_side=padding_side, progress=False))
     _assert_same_stats(stats, reference_stats)
 
 
 @pytest.mark.parametrize("sae_chunk", [1, 3])
 def test_sae_chunk_gives_identical_results_and_restores_sae_devices(model, tokenizer, saes, texts, reference_stats, sae_chunk):
-    stats = collect_stats(model, tokenizer, saes, texts, batch_size=8, max_length=MAX_LENGTH, sae_chunk=sae_chunk, progress=False)
+    stats = collect_stats(model, tokenizer, saes, texts,
+                          EngineSettings(batch_size=8, max_length=MAX_LENGTH, sae_chunk=sae_chunk, progress=False))
     _assert_same_stats(stats, reference_stats, rtol=1e-12)
     assert all(sae.W_enc.device.type == "cpu" for sae in saes.values())
 
@@ -177,8 +182,9 @@ def test_the_reused_work_buffer_changes_no_number_across_groups_and_batches(mode
     for reuse in (True, False):
         monkeypatch.setattr(engine, "REUSE_WORK_BUFFER", reuse)
         features: dict = {}
-        runs[reuse] = (collect_stats(model, tokenizer, saes, texts, batch_size=5, max_length=MAX_LENGTH,
-                                     progress=False, feature_stats=features), features)
+        runs[reuse] = (collect_stats(model, tokenizer, saes, texts,
+                                     EngineSettings(batch_size=5, max_length=MAX_LENGTH, progress=False),
+                                     feature_stats=features), features)
     _assert_same_stats(runs[True][0], runs[False][0], rtol=0.0)
     for lang, by_layer in runs[True][1].items():
         for layer, sums in by_layer.items():
@@ -211,10 +217,12 @@ def test_streaming_equals_one_update_with_all_tokens(saes):
 
 def test_empty_sentence_counts_no_tokens_and_is_skipped_by_the_sentence_mean(model, tokenizer, saes, texts):
     sentences = ["", *texts["en"][:4]]
-    stats = collect_stats(model, tokenizer, {0: saes[0]}, {"en": sentences}, batch_size=2, max_length=MAX_LENGTH, progress=False)
+    stats = collect_stats(model, tokenizer, {0: saes[0]}, {"en": sentences},
+                          EngineSettings(batch_size=2, max_length=MAX_LENGTH, progress=False))
     assert stats["en"][0].n_tokens[0] == 0
     with_empty = compute_metrics(stats, "sentence")["en"][0]
-    without = compute_metrics(collect_stats(model, tokenizer, {0: saes[0]}, {"en": sentences[1:]}, batch_size=2, max_length=MAX_LENGTH, progress=False), "sentence")["en"][0]
+    without = compute_metrics(collect_stats(model, tokenizer, {0: saes[0]}, {"en": sentences[1:]},
+                                            EngineSettings(batch_size=2, max_length=MAX_LENGTH, progress=False)), "sentence")["en"][0]
     for metric in METRICS:
         assert with_empty[metric] == pytest.approx(without[metric], rel=1e-6)
 
@@ -222,11 +230,11 @@ def test_empty_sentence_counts_no_tokens_and_is_skipped_by_the_sentence_mean(mod
 def test_user_mistakes_raise_user_error(model, tokenizer, saes, texts):
     small = {"en": texts["en"][:2]}
     with pytest.raises(UserError, match="out of range"):
-        collect_stats(model, tokenizer, {N_LAYERS: saes[0]}, small, progress=False)
+        collect_stats(model, tokenizer, {N_LAYERS: saes[0]}, small, EngineSettings(progress=False))
     with pytest.raises(UserError, match="d_in"):
-        collect_stats(model, tokenizer, {0: identity_sae(D_MODEL + 1)}, small, progress=False)
+        collect_stats(model, tokenizer, {0: identity_sae(D_MODEL + 1)}, small, EngineSettings(progress=False))
     with pytest.raises(UserError, match="padding_side"):
-        collect_stats(model, tokenizer, {0: saes[0]}, small, padding_side="middle", progress=False)
+        collect_stats(model, tokenizer, {0: saes[0]}, small, EngineSettings(padding_side="middle", progress=False))
 
 
 def test_truncation_is_recorded_per_sentence(tokenizer, reference_stats, texts):
@@ -238,16 +246,17 @@ def test_truncation_is_recorded_per_sentence(tokenizer, reference_stats, texts):
 def test_position_window_keeps_only_positions_in_range(model, tokenizer, saes, texts, reference_stats):
     """max_position=10 keeps positions 1..9 of each sentence (0 is BOS); min_position=5 keeps positions >= 5."""
     n_all = reference_stats["en"][0].n_tokens
-    capped = collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"]}, batch_size=8, max_length=MAX_LENGTH,
-                           max_position=10, progress=False)["en"][0]
+    capped = collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"]},
+                           EngineSettings(batch_size=8, max_length=MAX_LENGTH, max_position=10, progress=False))["en"][0]
     np.testing.assert_array_equal(capped.n_tokens, np.minimum(n_all, 9))
-    late = collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"]}, batch_size=8, max_length=MAX_LENGTH,
-                         min_position=5, progress=False)["en"][0]
+    late = collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"]},
+                         EngineSettings(batch_size=8, max_length=MAX_LENGTH, min_position=5, progress=False))["en"][0]
     np.testing.assert_array_equal(late.n_tokens, np.maximum(n_all - 4, 0))
     n = late.n_tokens
     assert late.position.sum() == pytest.approx(((n_all * (n_all + 1) - 20) / 2 * (n > 0)).sum())
     with pytest.raises(UserError, match="min_position"):
-        collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"][:2]}, min_position=5, max_position=5, progress=False)
+        collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"][:2]},
+                      EngineSettings(min_position=5, max_position=5, progress=False))
 
 
 def test_missing_bos_is_caught_when_the_sae_was_trained_with_it(model, tokenizer, saes, texts):
@@ -261,11 +270,11 @@ def test_missing_bos_is_caught_when_the_sae_was_trained_with_it(model, tokenizer
     sae = copy.deepcopy(saes[0])
     sae.cfg.metadata.prepend_bos = True
     small = {"en": texts["en"][:4]}
-    collect_stats(model, tokenizer, {0: sae}, small, progress=False)  # BOS present: fine
+    collect_stats(model, tokenizer, {0: sae}, small, EngineSettings(progress=False))  # BOS present: fine
     with pytest.raises(UserError, match="prepend_bos"):
-        collect_stats(model, no_bos, {0: sae}, small, progress=False)
+        collect_stats(model, no_bos, {0: sae}, small, EngineSettings(progress=False))
     # Dropping every first token is the documented way to analyse without BOS.
-    stats = collect_stats(model, no_bos, {0: sae}, small, min_position=1, progress=False)["en"][0]
+    stats = collect_stats(model, no_bos, {0: sae}, small, EngineSettings(min_position=1, progress=False))["en"][0]
     lengths = np.array([len(no_bos(t)["input_ids"]) for t in small["en"]])
     np.testing.assert_array_equal(stats.n_tokens, lengths - 1)
 
@@ -279,10 +288,11 @@ def test_listed_sums_pass_equals_the_full_path(model, tokenizer, saes, texts, sa
 
     wanted = {"en": {0: [3, 1, 40], 2: [5]}, "hi": {2: [0, 7, 11, 47]}, "es": {}}
     sub = {lang: texts[lang][:10] for lang in wanted}
-    settings = dict(batch_size=4, max_length=MAX_LENGTH, sae_chunk=sae_chunk, progress=False, max_position=max_position)
+    settings = EngineSettings(batch_size=4, max_length=MAX_LENGTH, sae_chunk=sae_chunk, progress=False,
+                              max_position=max_position)
     full: dict = {}
-    collect_stats(model, tokenizer, {0: saes[0], 2: saes[2]}, sub, feature_stats=full, feature_ids=wanted, **settings)
-    light = collect_listed_sums(model, tokenizer, {0: saes[0], 2: saes[2]}, sub, wanted, **settings)
+    collect_stats(model, tokenizer, {0: saes[0], 2: saes[2]}, sub, settings, feature_stats=full, feature_ids=wanted)
+    light = collect_listed_sums(model, tokenizer, {0: saes[0], 2: saes[2]}, sub, wanted, settings)
     assert set(light) == {"en", "hi"} and set(light["en"]) == {0, 2} and set(light["hi"]) == {2}
     for lang, by_layer in light.items():
         for layer, sums in by_layer.items():
@@ -358,10 +368,10 @@ def test_the_position_window_kept_in_the_same_pass_equals_a_capped_pass(model, t
     small = {lang: texts[lang][:10] for lang in ("en", "hi")}
     layers = {0: saes[0], 2: saes[2]}
     cap = position_cap(tokenizer, small["en"], MAX_LENGTH)
-    kwargs = dict(batch_size=4, max_length=MAX_LENGTH, progress=False)
-    split = collect_stats(model, tokenizer, layers, small, position_cap=cap, **kwargs)
-    whole = collect_stats(model, tokenizer, layers, small, **kwargs)
-    capped = collect_stats(model, tokenizer, layers, small, max_position=cap + 1, **kwargs)
+    settings = EngineSettings(batch_size=4, max_length=MAX_LENGTH, progress=False)
+    split = collect_stats(model, tokenizer, layers, small, settings, position_cap=cap)
+    whole = collect_stats(model, tokenizer, layers, small, settings)
+    capped = collect_stats(model, tokenizer, layers, small, replace(settings, max_position=cap + 1))
     for lang in small:
         for layer in layers:
             got, window = split[lang][layer], split[lang][layer].position_matched()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlalign.analysis.engine import collect_stats
+from mlalign.analysis.engine import EngineSettings, collect_stats
 from mlalign.analysis.features import FeatureStats, add_intervals, analyze_features, weighted_jaccard
 from mlalign.analysis.metrics import compute_metrics
 from tests.analysis.test_engine import MAX_LENGTH, layer_outputs_one_by_one, numpy_jumprelu
@@ -176,9 +176,11 @@ def test_paired_intervals(synthetic):
 def test_engine_feature_stats_match_brute_force(model, tokenizer, saes, texts):
     sentences = texts["hi"][:6]
     feature_stats: dict = {}
-    stats = collect_stats(model, tokenizer, {1: saes[1]}, {"hi": sentences}, batch_size=4, max_length=MAX_LENGTH,
-                          progress=False, feature_stats=feature_stats, feature_ids={"hi": {1: [0, 7, 11]}})
-    plain = collect_stats(model, tokenizer, {1: saes[1]}, {"hi": sentences}, batch_size=4, max_length=MAX_LENGTH, progress=False)
+    stats = collect_stats(model, tokenizer, {1: saes[1]}, {"hi": sentences},
+                          EngineSettings(batch_size=4, max_length=MAX_LENGTH, progress=False),
+                          feature_stats=feature_stats, feature_ids={"hi": {1: [0, 7, 11]}})
+    plain = collect_stats(model, tokenizer, {1: saes[1]}, {"hi": sentences},
+                          EngineSettings(batch_size=4, max_length=MAX_LENGTH, progress=False))
     # Features on change no other number.
     for name, value in plain["hi"][1].to_dict().items():
         np.testing.assert_array_equal(value, stats["hi"][1].to_dict()[name])
@@ -195,8 +197,8 @@ def test_engine_feature_stats_match_brute_force(model, tokenizer, saes, texts):
     assert got.firing_rate.sum() == pytest.approx(values["l0"], rel=1e-9)
     # Batch size changes nothing.
     other: dict = {}
-    collect_stats(model, tokenizer, {1: saes[1]}, {"hi": sentences}, batch_size=1, max_length=MAX_LENGTH,
-                  progress=False, feature_stats=other)
+    collect_stats(model, tokenizer, {1: saes[1]}, {"hi": sentences},
+                  EngineSettings(batch_size=1, max_length=MAX_LENGTH, progress=False), feature_stats=other)
     np.testing.assert_array_equal(other["hi"][1].sentences_fired, got.sentences_fired)
     np.testing.assert_allclose(other["hi"][1].act_sum, got.act_sum, rtol=1e-6)
 
@@ -241,16 +243,16 @@ def test_planted_encoder_change_is_the_top_change(model, tokenizer, saes, texts)
 
     sub = {lang: texts[lang][:12] for lang in ("en", "hi")}
     base: dict = {}
-    collect_stats(model, tokenizer, {1: saes[1]}, sub, batch_size=4, max_length=MAX_LENGTH, progress=False,
-                  feature_stats=base)
+    collect_stats(model, tokenizer, {1: saes[1]}, sub,
+                  EngineSettings(batch_size=4, max_length=MAX_LENGTH, progress=False), feature_stats=base)
     planted = int(np.argmax(base["hi"][1].sentences_fired))
     raised = copy.deepcopy(saes[1])
     with torch.no_grad():
         raised.W_enc[:, planted] *= 3
         raised.b_enc[planted] *= 3
     adapted: dict = {}
-    collect_stats(model, tokenizer, {1: raised}, sub, batch_size=4, max_length=MAX_LENGTH, progress=False,
-                  feature_stats=adapted)
+    collect_stats(model, tokenizer, {1: raised}, sub,
+                  EngineSettings(batch_size=4, max_length=MAX_LENGTH, progress=False), feature_stats=adapted)
     changes = adapter_changes(base, adapted, ["hi", "en"], "en", top_k=1, min_sentences=2)
     for lang in ("hi", "en"):
         cell = changes[lang][1]

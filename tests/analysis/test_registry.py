@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mlalign.analysis import registry
-from mlalign.analysis.engine import collect_stats
+from mlalign.analysis.engine import EngineSettings, collect_stats
 from mlalign.analysis.metrics import bootstrap_ci, compute_metrics, disparity
 from mlalign.analysis.registry import REGISTRY, DenseView, Metric, SoftView, SparseView, get_metric, register_metric
 from mlalign.saes.encode import SparseCode
@@ -27,7 +27,7 @@ def test_a_metric_registered_once_reaches_statistics_metrics_bootstrap_and_loss(
     """Registering a record is all it takes: the engine keeps its per-sentence sums, compute_metrics and the bootstrap
     report it, the summary words come from it, and the loss can align it."""
     small = {lang: sentences[:6] for lang, sentences in texts.items()}
-    stats = collect_stats(model, tokenizer, saes, small, batch_size=3, max_length=48, progress=False)
+    stats = collect_stats(model, tokenizer, saes, small, EngineSettings(batch_size=3, max_length=48, progress=False))
     layer = next(iter(saes))
     sums = stats["en"][layer]
     assert sums.sum_of("mean_active_value").shape == (6,)

@@ -16,6 +16,7 @@ from mlalign.analysis.summary import (
     summarize,
     tier_of,
 )
+from mlalign.config import AnalysisConfig
 from mlalign.errors import UserError
 
 
@@ -76,7 +77,8 @@ def test_statements_flag_a_residual_scale_effect_and_an_sae_artefact():
 
 
 def test_summary_is_strict_json_with_the_documented_keys(reference_stats, ids):
-    summary = summarize(reference_stats, "en", ids_by_lang=ids, bootstrap=50, model="tiny", sae="rand")
+    summary = summarize(reference_stats, "en", AnalysisConfig(bootstrap=50), ids_by_lang=ids, model="tiny",
+                        sae="rand")
     text = json.dumps(summary, allow_nan=False)
     assert json.loads(text) == summary
     for key in ("model", "sae", "reference_lang", "metric", "aggregate", "layers", "langs", "values", "disparity_pct",
@@ -102,7 +104,7 @@ def test_summary_with_bootstrap_off_and_a_dead_reference_layer(reference_stats):
     dead = stats["en"][1]
     for name in ("mean_act", "l1", "l0"):
         dead.sum_of(name)[:] = 0.0
-    summary = summarize(stats, "en", bootstrap=0)
+    summary = summarize(stats, "en", AnalysisConfig(bootstrap=0))
     assert summary["values_ci"] is None and summary["disparity_ci"] is None
     assert summary["disparity_pct"]["hi"]["1"] is None  # 0 reference: undefined, not infinite
     json.dumps(summary, allow_nan=False)
@@ -110,9 +112,9 @@ def test_summary_with_bootstrap_off_and_a_dead_reference_layer(reference_stats):
 
 def test_bad_metric_or_aggregate_is_a_user_error(reference_stats):
     with pytest.raises(UserError, match="unknown metric"):
-        summarize(reference_stats, "en", metric="activation")
+        summarize(reference_stats, "en", AnalysisConfig(metric="activation"))
     with pytest.raises(UserError, match="aggregate"):
-        summarize(reference_stats, "en", aggregate="tokens")
+        summarize(reference_stats, "en", AnalysisConfig(aggregate="tokens"))
     with pytest.raises(UserError, match="reference language"):
         summarize(reference_stats, "ru")
 
@@ -150,13 +152,13 @@ def test_layers_where_the_sae_does_not_fit_the_reference_are_not_findings(refere
     assert band_summary(values, disp, "en", bands, unfit)["early"]["most_negative"]["layer"] == 1
     assert unfit_layers(values, "en", max_fvu=10.0) == []
 
-    summary = summarize(reference_stats, "en", bootstrap=0, max_fvu=0.0)  # every layer flagged
+    summary = summarize(reference_stats, "en", AnalysisConfig(bootstrap=0, max_fvu=0.0))  # every layer flagged
     assert summary["unfit_layers"] == [0, 1, 2, 3] and summary["sae_fits"] == {str(k): False for k in range(4)}
     assert any("does not reconstruct" in w for w in summary["warnings"])
     assert "does not reconstruct" in summary["statements"][-1]
     # The fixture's SAEs are random (FVU > 1 everywhere): flagged by default, not when the check is off.
-    assert summarize(reference_stats, "en", bootstrap=0)["unfit_layers"] == [0, 1, 2, 3]
-    off = summarize(reference_stats, "en", bootstrap=0, max_fvu=None)
+    assert summarize(reference_stats, "en", AnalysisConfig(bootstrap=0))["unfit_layers"] == [0, 1, 2, 3]
+    off = summarize(reference_stats, "en", AnalysisConfig(bootstrap=0, max_fvu=None))
     assert off["unfit_layers"] == [] and not any("does not reconstruct" in s for s in off["statements"] + off["warnings"])
 
 
@@ -189,7 +191,7 @@ def test_a_layer_the_sae_fits_for_english_but_not_for_the_language_is_no_finding
 
 
 def test_corpus_stats_report_length_truncation_and_position(reference_stats):
-    summary = summarize(reference_stats, "en", bootstrap=0, max_truncated_pct=0.0)
+    summary = summarize(reference_stats, "en", AnalysisConfig(bootstrap=0, max_truncated_pct=0.0))
     for lang, sums in ((lang, reference_stats[lang][0]) for lang in reference_stats):
         entry = summary["corpus_stats"][lang]
         assert set(entry) == {"tokens_per_sentence", "truncated_pct", "mean_position"}
@@ -230,7 +232,8 @@ def test_statements_quote_the_ci_and_word_fvu_as_a_worse_fit():
 
 
 def test_headline_records_carry_a_simultaneous_interval_over_the_cells_searched(reference_stats, ids):
-    summary = summarize(reference_stats, "en", bootstrap=300, ids_by_lang=ids, max_fvu=None)  # random SAEs: all "unfit"
+    # random SAEs: all "unfit"
+    summary = summarize(reference_stats, "en", AnalysisConfig(bootstrap=300, max_fvu=None), ids_by_lang=ids)
     layers = summary["layers"]
     assert summary["headlines"] and summary["statements"][: len(summary["headlines"])] == [
         h["text"] for h in summary["headlines"]]
@@ -279,13 +282,13 @@ def test_decomposition_separates_dense_features_and_reshuffling_from_the_net_gap
 
 
 def test_net_change_is_the_mean_act_disparity_on_real_feature_totals(model, tokenizer, saes, texts):
-    from mlalign.analysis.engine import collect_stats
+    from mlalign.analysis.engine import EngineSettings, collect_stats
 
     small = {lang: sentences[:8] for lang, sentences in texts.items()}
     features: dict = {}
-    stats = collect_stats(model, tokenizer, saes, small, batch_size=4, max_length=48, progress=False,
+    stats = collect_stats(model, tokenizer, saes, small, EngineSettings(batch_size=4, max_length=48, progress=False),
                           feature_stats=features)
-    summary = summarize(stats, "en", bootstrap=0, max_fvu=None, feature_stats=features)
+    summary = summarize(stats, "en", AnalysisConfig(bootstrap=0, max_fvu=None), feature_stats=features)
     for layer in summary["layers"]:
         assert summary["decomposition"]["net_change_pct"]["hi"][str(layer)] == pytest.approx(
             summary["disparity_pct"]["hi"][str(layer)], rel=1e-6)
@@ -331,7 +334,7 @@ def test_position_matched_disparity_removes_a_gap_carried_by_late_positions():
     the two disagree. A gap present at every position survives position matching."""
     stats, cap, within = _planted_late_gap()
     ids = {lang: list(range(40)) for lang in stats}
-    summary = summarize(stats, "en", ids_by_lang=ids, bootstrap=200, max_fvu=None)
+    summary = summarize(stats, "en", AnalysisConfig(bootstrap=200, max_fvu=None), ids_by_lang=ids)
     token = summary["disparity_pct"]["hi"]["0"]
     assert token == pytest.approx(100 * (within["hi"] - 1), rel=1e-9) and token < -10
     assert summary["disparity_pct_position_matched"]["hi"]["0"] == pytest.approx(0.0, abs=1e-9)
@@ -347,7 +350,7 @@ def test_position_matched_disparity_removes_a_gap_carried_by_late_positions():
     json.dumps(summary, allow_nan=False)
 
     stats, cap, within = _planted_late_gap(gap_everywhere=-0.3)  # a real gap, only stronger late
-    summary = summarize(stats, "en", ids_by_lang=ids, bootstrap=0, max_fvu=None)
+    summary = summarize(stats, "en", AnalysisConfig(bootstrap=0, max_fvu=None), ids_by_lang=ids)
     # (per-token activations are summed in float32: 0.7 is not exact there)
     assert summary["disparity_pct_position_matched"]["hi"]["0"] == pytest.approx(-30.0, rel=1e-6)
     assert summary["disparity_pct"]["hi"]["0"] == pytest.approx(100 * (0.7 * within["hi"] - 1), rel=1e-6)
@@ -358,7 +361,7 @@ def test_position_matched_sign_flip_is_named_in_the_statement():
     """hi above en within the cap and far below it past the cap: the token disparity is negative, the position-matched
     one positive, and the statement says they have the opposite sign."""
     stats, cap, within = _planted_late_gap(gap_everywhere=0.1)
-    summary = summarize(stats, "en", bootstrap=0, max_fvu=None)
+    summary = summarize(stats, "en", AnalysisConfig(bootstrap=0, max_fvu=None))
     assert summary["disparity_pct"]["hi"]["0"] < 0 < summary["disparity_pct_position_matched"]["hi"]["0"]
     assert "the opposite sign" in summary["statements"][0]
 
@@ -396,8 +399,8 @@ def test_summary_markdown_holds_the_position_matched_table(reference_stats):
     stats, cap, within = _planted_late_gap()
     from mlalign.analysis.summary import summary_markdown
 
-    summary = summarize(stats, "en", ids_by_lang={lang: list(range(40)) for lang in stats}, bootstrap=200,
-                        max_fvu=None)
+    summary = summarize(stats, "en", AnalysisConfig(bootstrap=200, max_fvu=None),
+                        ids_by_lang={lang: list(range(40)) for lang in stats})
     text = summary_markdown(summary)
     assert f"## Position-matched: only tokens at positions <= {cap}" in text
     assert f"hi {100 * within['hi']:.0f}%" in text

@@ -1,11 +1,13 @@
 """The evaluation cache: keys that follow what changes a score (not where a run's files are), and corrupt entries."""
 
+from mlalign.config import EvalConfig
 from mlalign.evaluation.cache import EvalCache, eval_identity, task_config_fingerprint
 from mlalign.evaluation.harness import plan_benchmarks
 
 
-def _plan(tmp_path, name, **kwargs):
-    return plan_benchmarks(["hi"], ["arc_challenge", "mmlu"], "bundled", work_dir=tmp_path / name, **kwargs)
+def _plan(tmp_path, name, seed=0, **settings):
+    return plan_benchmarks(["hi"], EvalConfig(suite="bundled", benchmarks=["arc_challenge", "mmlu"], **settings),
+                           seed=seed, work_dir=tmp_path / name)
 
 
 def test_key_ignores_the_run_folder_but_not_few_shot_limit_or_seed(tmp_path):

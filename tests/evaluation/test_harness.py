@@ -4,6 +4,7 @@ import socket
 
 import pytest
 
+from mlalign.config import EvalConfig
 from mlalign.errors import UserError
 from mlalign.evaluation.harness import run_benchmarks
 from mlalign.evaluation.report import compare_results
@@ -20,9 +21,10 @@ def bundled_run(tiny_model, tiny_tokenizer, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", _no_network)
         patch.setattr(socket, "create_connection", _no_network)
-        return run_benchmarks(tiny_model, tiny_tokenizer, langs=EVAL_LANGS,
-                              benchmarks=["arc_challenge", "mmlu", "hellaswag"], suite="bundled", num_fewshot=0,
-                              limit=LIMIT, batch_size=8, seed=0, work_dir=tmp_path_factory.mktemp("eval"))
+        settings = EvalConfig(suite="bundled", benchmarks=["arc_challenge", "mmlu", "hellaswag"], num_fewshot=0,
+                              limit=LIMIT, batch_size=8)
+        return run_benchmarks(tiny_model, tiny_tokenizer, EVAL_LANGS, settings, seed=0,
+                              work_dir=tmp_path_factory.mktemp("eval"))
 
 
 def test_bundled_run_scores_every_language(bundled_run):
@@ -64,9 +66,10 @@ def test_run_compares_with_itself_as_zero(bundled_run):
      ({"benchmarks": [], "tasks": []}, "nothing to evaluate"), ({"tasks": "arc_hi"}, "eval.tasks must be a list")],
 )
 def test_user_mistakes_fail_before_any_model_work(kwargs, expected, tmp_path):
-    arguments = {"langs": ["hi"], "benchmarks": ["mmlu"], "suite": "bundled", "work_dir": tmp_path} | kwargs
+    arguments = {"langs": ["hi"], "benchmarks": ["mmlu"], "suite": "bundled"} | kwargs
+    langs = arguments.pop("langs")
     with pytest.raises(UserError, match=expected):
-        run_benchmarks(None, None, **arguments)  # no model at all: validation must come first
+        run_benchmarks(None, None, langs, EvalConfig(**arguments), work_dir=tmp_path)  # no model: validation first
     assert not (tmp_path / "lm_eval_tasks").exists()
 
 
@@ -84,30 +87,34 @@ def test_items_are_kept_per_question_for_the_paired_tests(bundled_run):
 )
 def test_unknown_task_names_fail_with_close_matches_before_any_model_work(tasks, expected, tmp_path):
     with pytest.raises(UserError, match=expected):
-        run_benchmarks(None, None, langs=["hi"], benchmarks=[], suite="bundled", tasks=tasks, work_dir=tmp_path)
+        run_benchmarks(None, None, ["hi"], EvalConfig(suite="bundled", benchmarks=[], tasks=tasks), work_dir=tmp_path)
 
 
 def test_builtin_task_names_are_checked_against_lm_evals_index(builtin_task_manager, tmp_path):
     from mlalign.evaluation.harness import plan_benchmarks
 
-    plan = plan_benchmarks(["hi", "ml"], ["belebele"], "harness", tasks=["xnli_{lang}", "ai2_arc"],
-                           num_fewshot={"belebele": 5, "ai2_arc": 25}, task_manager=builtin_task_manager)
+    settings = EvalConfig(suite="harness", benchmarks=["belebele"], tasks=["xnli_{lang}", "ai2_arc"],
+                          num_fewshot={"belebele": 5, "ai2_arc": 25})
+    plan = plan_benchmarks(["hi", "ml"], settings, task_manager=builtin_task_manager)
     planned = {(e.benchmark, e.lang): (e.task, e.num_fewshot) for e in plan.entries}
     assert planned[("belebele", "ml")] == ("belebele_mal_Mlym", 5)
     assert planned[("xnli_{lang}", "hi")] == ("xnli_hi", 0)  # not in the mapping: 0 shots
     assert planned[("arc_challenge", "all")] == ("arc_challenge", 25)  # a tag runs as its member tasks
     assert {(s["benchmark"], s["lang"]) for s in plan.skipped} == {("xnli_{lang}", "ml")}  # XNLI has no Malayalam
     with pytest.raises(UserError, match="close matches: .*belebele_hin_Deva"):
-        plan_benchmarks(["hi"], [], "harness", tasks=["belebele_hin_Dev"], task_manager=builtin_task_manager)
+        plan_benchmarks(["hi"], EvalConfig(suite="harness", benchmarks=[], tasks=["belebele_hin_Dev"]),
+                        task_manager=builtin_task_manager)
 
 
 def test_a_language_beyond_the_ten_runs_its_table_tasks_and_skips_what_is_not_bundled(builtin_task_manager, tmp_path):
     from mlalign.evaluation.harness import plan_benchmarks
 
-    online = plan_benchmarks(["bn"], ["arc_challenge", "mmlu", "hellaswag", "belebele"], "harness",
+    online = plan_benchmarks(["bn"], EvalConfig(suite="harness", benchmarks=["arc_challenge", "mmlu", "hellaswag",
+                                                                          "belebele"]),
                              task_manager=builtin_task_manager)
     assert {e.task for e in online.entries} == {"arc_bn", "m_mmlu_bn", "hellaswag_bn", "belebele_ben_Beng"}
-    offline = plan_benchmarks(["en", "bn"], ["arc_challenge", "mmlu"], "bundled", work_dir=tmp_path)
+    offline = plan_benchmarks(["en", "bn"], EvalConfig(suite="bundled", benchmarks=["arc_challenge", "mmlu"]),
+                              work_dir=tmp_path)
     assert {(e.lang, e.task) for e in offline.entries} == {("en", "mlalign_arc_en"), ("en", "mlalign_mmlu_en")}
     assert {(s["benchmark"], s["lang"]) for s in offline.skipped} == {("arc_challenge", "bn"), ("mmlu", "bn")}
     assert all("eval=harness" in s["reason"] for s in offline.skipped)
@@ -117,9 +124,9 @@ def test_per_benchmark_fewshot_and_lm_evals_own_files(tiny_model, tiny_tokenizer
     import json
 
     out = tmp_path / "lm_eval"
-    run = run_benchmarks(tiny_model, tiny_tokenizer, langs=["hi"], benchmarks=["arc_challenge", "mmlu"],
-                         suite="bundled", num_fewshot={"arc_challenge": 2}, limit=3, batch_size=4,
-                         work_dir=tmp_path, tasks=["mlalign_mmlu_{lang}"], output_dir=out)
+    settings = EvalConfig(suite="bundled", benchmarks=["arc_challenge", "mmlu"], tasks=["mlalign_mmlu_{lang}"],
+                          num_fewshot={"arc_challenge": 2}, limit=3, batch_size=4)
+    run = run_benchmarks(tiny_model, tiny_tokenizer, ["hi"], settings, work_dir=tmp_path, output_dir=out)
     assert run["results"]["arc_challenge"]["hi"]["num_fewshot"] == 2
     assert run["results"]["mmlu"]["hi"]["num_fewshot"] == 0
     assert run["results"]["mlalign_mmlu_{lang}"]["hi"]["task"] == "mlalign_mmlu_hi"
@@ -134,6 +141,6 @@ def test_per_benchmark_fewshot_and_lm_evals_own_files(tiny_model, tiny_tokenizer
 
 
 def test_without_log_samples_only_results_files_are_written(tiny_model, tiny_tokenizer, tmp_path):
-    run_benchmarks(tiny_model, tiny_tokenizer, langs=["en"], benchmarks=["mmlu"], suite="bundled", limit=2,
-                   work_dir=tmp_path, output_dir=tmp_path / "out", log_samples=False)
+    settings = EvalConfig(suite="bundled", benchmarks=["mmlu"], limit=2, log_samples=False)
+    run_benchmarks(tiny_model, tiny_tokenizer, ["en"], settings, work_dir=tmp_path, output_dir=tmp_path / "out")
     assert [p.name.split("_")[0] for p in (tmp_path / "out").iterdir()] == ["results"]

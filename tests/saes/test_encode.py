@@ -7,7 +7,7 @@ import pytest
 import torch
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
-from mlalign.analysis.engine import collect_stats
+from mlalign.analysis.engine import EngineSettings, collect_stats
 from mlalign.analysis.stats import per_sentence_sums
 from mlalign.errors import UserError
 from mlalign.saes.encode import StackedSAEs, decode_active, elementwise_encoder, stack_groups, supports_sparse_decode
@@ -49,8 +49,10 @@ def test_saes_whose_decode_is_not_linear_fall_back_to_their_own_decode():
 
 def test_engine_numbers_do_not_depend_on_the_decode_path(model, tokenizer, saes, texts):
     small = {lang: sentences[:10] for lang, sentences in texts.items()}
-    sparse = collect_stats(model, tokenizer, saes, small, batch_size=4, max_length=48, progress=False, decode="sparse")
-    dense = collect_stats(model, tokenizer, saes, small, batch_size=4, max_length=48, progress=False, decode="dense")
+    sparse = collect_stats(model, tokenizer, saes, small,
+                           EngineSettings(batch_size=4, max_length=48, progress=False, decode="sparse"))
+    dense = collect_stats(model, tokenizer, saes, small,
+                          EngineSettings(batch_size=4, max_length=48, progress=False, decode="dense"))
     for lang in small:
         for layer in saes:
             for name in per_sentence_sums():
@@ -61,7 +63,8 @@ def test_engine_numbers_do_not_depend_on_the_decode_path(model, tokenizer, saes,
 
 def test_unknown_decode_mode_is_a_user_error(model, tokenizer, saes, texts):
     with pytest.raises(UserError, match="analysis.decode"):
-        collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"][:2]}, progress=False, decode="fast")
+        collect_stats(model, tokenizer, {0: saes[0]}, {"en": texts["en"][:2]},
+                      EngineSettings(progress=False, decode="fast"))
 
 
 
@@ -136,8 +139,10 @@ def test_engine_with_an_unstackable_sae_matches_its_own_encode_decode(model, tok
 
     topk = TopKSAE(TopKSAEConfig(d_in=saes[0].cfg.d_in, d_sae=48, k=3))
     small = {"en": texts["en"][:6]}
-    mixed = collect_stats(model, tokenizer, {0: saes[0], 1: topk}, small, batch_size=3, max_length=48, progress=False)
-    alone = collect_stats(model, tokenizer, {0: saes[0]}, small, batch_size=3, max_length=48, progress=False)
+    mixed = collect_stats(model, tokenizer, {0: saes[0], 1: topk}, small,
+                          EngineSettings(batch_size=3, max_length=48, progress=False))
+    alone = collect_stats(model, tokenizer, {0: saes[0]}, small,
+                          EngineSettings(batch_size=3, max_length=48, progress=False))
     for name in per_sentence_sums():
         np.testing.assert_allclose(mixed["en"][0].sum_of(name), alone["en"][0].sum_of(name), rtol=1e-6, atol=1e-9)
     assert compute_metrics(mixed)["en"][1]["l0"] == pytest.approx(3.0)  # TopK: exactly k active features per token
@@ -166,7 +171,8 @@ def test_engine_feature_stats_do_not_depend_on_the_code_path(model, tokenizer, s
     out = {}
     for mode in ("sparse", "dense"):
         features: dict = {}
-        collect_stats(model, tokenizer, saes, small, batch_size=3, max_length=48, progress=False, decode=mode,
+        collect_stats(model, tokenizer, saes, small,
+                      EngineSettings(batch_size=3, max_length=48, progress=False, decode=mode),
                       feature_stats=features)
         out[mode] = features
     for lang in small:

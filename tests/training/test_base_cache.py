@@ -141,15 +141,16 @@ def test_the_key_follows_the_split_and_max_length_and_analysis_cache_false_recom
 def test_the_analysis_pass_records_the_same_base_side_as_measuring_it(bed):
     """task=pipeline's step 1 records the paired pass's base side in its own forward passes (stacked SAE step, its own
     batches, left padding, one layer chunk at a time): the same tokens, codes and sums as `measure_base`."""
-    from mlalign.analysis.engine import collect_stats
+    from mlalign.analysis.engine import EngineSettings, collect_stats
     from mlalign.training.outcomes import BaseSideRecorder, sae_centres
 
     model, tokenizer, saes, texts, _ = bed
     measured = measure_base(model, tokenizer, saes, texts, batch_size=8, max_length=48, progress=False)
     # en: analysed, not recorded
     recorders = {"hi": BaseSideRecorder(len(texts["hi"]), LAYERS, "cpu", sae_centres(saes))}
-    collect_stats(model, tokenizer, saes, texts, batch_size=5, max_length=48, sae_chunk=1, padding_side="left",
-                  progress=False, token_recorders=recorders)
+    collect_stats(model, tokenizer, saes, texts,
+                  EngineSettings(batch_size=5, max_length=48, sae_chunk=1, padding_side="left", progress=False),
+                  token_recorders=recorders)
     side, expected = recorders["hi"].finalize(model.config.hidden_size), measured["hi"]
     for name in ("n_tokens", "ce", "ce_tokens"):
         np.testing.assert_allclose(getattr(side, name), getattr(expected, name), rtol=1e-5, err_msg=name)
@@ -163,12 +164,13 @@ def test_the_analysis_pass_records_the_same_base_side_as_measuring_it(bed):
 
 
 def test_recording_refuses_a_narrower_position_window(bed):
-    from mlalign.analysis.engine import collect_stats
+    from mlalign.analysis.engine import EngineSettings, collect_stats
     from mlalign.training.outcomes import BaseSideRecorder, sae_centres
 
     model, tokenizer, saes, texts, _ = bed
     with pytest.raises(ValueError, match="every token but BOS"):
-        collect_stats(model, tokenizer, saes, {"hi": texts["hi"]}, max_length=48, progress=False, min_position=2,
+        collect_stats(model, tokenizer, saes, {"hi": texts["hi"]},
+                      EngineSettings(max_length=48, progress=False, min_position=2),
                       token_recorders={"hi": BaseSideRecorder(len(texts["hi"]), LAYERS, "cpu", sae_centres(saes))})
 
 
@@ -176,7 +178,7 @@ def test_the_adapted_models_analysis_pass_gives_the_paired_sums_of_measure_adapt
     """task=pipeline's step 2 measures the adapter on the held-out split as the adapted model's analysis pass
     (`AdaptedSideRecorder` in the engine: stacked SAE step, its own batches, left padding, layer chunks): the same
     paired sums as `measure_adapted`, for an "adapter" that changes every number."""
-    from mlalign.analysis.engine import collect_stats
+    from mlalign.analysis.engine import EngineSettings, collect_stats
     from mlalign.training.outcomes import AdaptedSideRecorder
 
     model, tokenizer, saes, texts, _ = bed
@@ -187,8 +189,9 @@ def test_the_adapted_models_analysis_pass_gives_the_paired_sums_of_measure_adapt
         expected = measure_adapted(model, base, tokenizer, saes, texts, "l1", batch_size=8, max_length=48,
                                    progress=False)
         recorders = {lang: AdaptedSideRecorder(base[lang], saes, "l1", "cpu") for lang in texts}
-        collect_stats(model, tokenizer, saes, texts, batch_size=5, max_length=48, sae_chunk=1, padding_side="left",
-                      progress=False, token_recorders=recorders)
+        collect_stats(model, tokenizer, saes, texts,
+                      EngineSettings(batch_size=5, max_length=48, sae_chunk=1, padding_side="left", progress=False),
+                      token_recorders=recorders)
         got = {lang: recorder.finalize() for lang, recorder in recorders.items()}
     finally:
         state["handle"].remove()
@@ -197,13 +200,13 @@ def test_the_adapted_models_analysis_pass_gives_the_paired_sums_of_measure_adapt
 
 
 def test_an_adapted_pass_over_other_layers_is_refused(bed):
-    from mlalign.analysis.engine import collect_stats
+    from mlalign.analysis.engine import EngineSettings, collect_stats
     from mlalign.training.outcomes import AdaptedSideRecorder
 
     model, tokenizer, saes, texts, _ = bed
     base = measure_base(model, tokenizer, saes, {"hi": texts["hi"]}, batch_size=8, max_length=48, progress=False)
     recorder = AdaptedSideRecorder(base["hi"], saes, "l1", "cpu")
-    collect_stats(model, tokenizer, {LAYERS[0]: saes[LAYERS[0]]}, {"hi": texts["hi"]}, max_length=48, progress=False,
-                  token_recorders={"hi": recorder})
+    collect_stats(model, tokenizer, {LAYERS[0]: saes[LAYERS[0]]}, {"hi": texts["hi"]},
+                  EngineSettings(max_length=48, progress=False), token_recorders={"hi": recorder})
     with pytest.raises(ValueError, match="per layer"):
         recorder.finalize()
