@@ -11,7 +11,7 @@ from dataclasses import asdict
 import numpy as np
 from peft import PeftModel
 
-from mlalign.analysis.engine import collect_stats
+from mlalign.analysis.engine import EngineSettings, collect_stats
 from mlalign.data.corpus import load_flores
 from mlalign.training.outcomes import AdaptedSideRecorder, BaseSideRecorder, measure_adapted, measure_base
 from real_model import ADAPTER, load_real_model
@@ -26,7 +26,8 @@ t = time.time()
 with model.disable_adapter():
     base = measure_base(model, tok, saes, texts, batch_size=8, max_length=64, progress=False)
     recs = {lang: BaseSideRecorder(len(texts[lang]), layers, "cpu") for lang in texts}
-    collect_stats(model, tok, saes, texts, batch_size=5, max_length=64, progress=False, token_recorders=recs)
+    collect_stats(model, tok, saes, texts, EngineSettings(batch_size=5, max_length=64, progress=False),
+                  token_recorders=recs)
     recorded = {lang: r.finalize(model.config.hidden_size) for lang, r in recs.items()}
 worst = 0.0
 for lang in texts:
@@ -45,7 +46,8 @@ for lang in texts:
 print(f"base side: worst relative difference {worst:.2e}")
 expected = measure_adapted(model, base, tok, saes, texts, "mean_act", batch_size=8, max_length=64, progress=False)
 arecs = {lang: AdaptedSideRecorder(base[lang], saes, "mean_act", "cpu") for lang in texts}
-collect_stats(model, tok, saes, texts, batch_size=5, max_length=64, progress=False, token_recorders=arecs)
+collect_stats(model, tok, saes, texts, EngineSettings(batch_size=5, max_length=64, progress=False),
+              token_recorders=arecs)
 got = {lang: r.finalize() for lang, r in arecs.items()}
 worst = 0.0
 for lang in texts:

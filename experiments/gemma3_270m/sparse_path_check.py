@@ -12,7 +12,7 @@ from dataclasses import fields
 
 import numpy as np
 
-from mlalign.analysis.engine import collect_stats
+from mlalign.analysis.engine import EngineSettings, collect_stats
 from mlalign.data.corpus import load_flores
 from real_model import load_real_model
 
@@ -23,8 +23,8 @@ texts = {lang: corpus.sentences[lang] for lang in ("en", "hi", "ml")}
 out = {}
 for decode in ("sparse", "dense"):
     start, features = time.time(), {}
-    stats = collect_stats(model, tok, saes, texts, batch_size=8, max_length=128, progress=False, decode=decode,
-                          feature_stats=features)
+    stats = collect_stats(model, tok, saes, texts, EngineSettings(batch_size=8, max_length=128, progress=False,
+                                                                  decode=decode), feature_stats=features)
     out[decode] = (stats, features)
     print(f"decode={decode}: {time.time() - start:.1f} s")
 worst, where, active = 0.0, "", 0

@@ -116,7 +116,7 @@ def main() -> None:
     import numpy as np
     import torch
     from mlalign.data.corpus import load_flores
-    from mlalign.saes.training import PRE_ACT_LOSS, default_lr, fidelity, train_sae
+    from mlalign.saes.training import PRE_ACT_LOSS, SAETrainSettings, default_lr, fidelity, train_sae
     from mlalign.tasks.train_saes import (TASK_MAX_LR, capture_language, collect_training_activations, mix_weights,
                                           token_quotas)
 
@@ -162,9 +162,10 @@ def main() -> None:
                 continue
             torch.manual_seed(layer)
             t0 = time.perf_counter()
-            sae = train_sae(acts[layer], layer, width=width, steps=steps, batch_size=256, lr=lr, seed=layer,
-                            target_l0=target_l0, index=index, model_name="gemma3_270m_pypi", context_size=64,
-                            b_dec_init="mean", pre_act_loss=pre_act, dead_window=dead_window)
+            recipe = SAETrainSettings(width=width, steps=steps, batch_size=256, lr=lr, target_l0=target_l0,
+                                      model_name="gemma3_270m_pypi", context_size=64, b_dec_init="mean",
+                                      pre_act_loss=pre_act, dead_window=dead_window)
+            sae = train_sae(acts[layer], layer, recipe, seed=layer, index=index)
             seconds = time.perf_counter() - t0
             pooled = fidelity(sae, torch.cat([heldout[lang][layer] for lang in LANGS]))
             record = {"recipe": name, "width": width, "epochs": epochs, "steps": steps, "threshold_travel": travel,
