@@ -290,7 +290,7 @@ class _Chunk:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
     """The model in eval mode for the block, in its former mode afterwards."""
     was_training = model.training
     model.eval()
@@ -375,7 +375,7 @@ def collect_stats(
         for lang in texts_by_lang:
             feature_stats.setdefault(lang, {})
     layers = sorted(int(layer) for layer in saes)
-    with _eval_mode(model):
+    with eval_mode(model):
         for chunk_layers in run.chunks(layers):
             with _saes_on(saes, chunk_layers, run.sae_device):
                 chunk = _plan_chunk(run, chunk_layers, tokenized, per_layer=feature_ids is not None,
@@ -468,7 +468,7 @@ def collect_listed_sums(
     run = _Pass.of(model, tokenizer, saes, settings)
     layers = sorted({layer for by_layer in wanted.values() for layer in by_layer})
     tokenized = {lang: tokenize_sorted(tokenizer, texts_by_lang[lang], s.max_length) for lang in wanted}
-    with _eval_mode(model):
+    with eval_mode(model):
         for chunk_layers in run.chunks(layers):
             with _saes_on(saes, chunk_layers, run.sae_device):
                 for lang, items in tokenized.items():

@@ -24,7 +24,8 @@ import torch
 
 from mlalign.analysis.capture import ResidualCapture
 from mlalign.saes.encode import decode_active
-from mlalign.analysis.engine import analysed_positions, lm_loss_per_row, pad_batch, token_order, tokenize_sorted
+from mlalign.analysis.engine import (analysed_positions, eval_mode, lm_loss_per_row, pad_batch, token_order,
+                                    tokenize_sorted)
 from mlalign.analysis.bootstrap import percentile_interval, resample_counts
 from mlalign.training.losses import per_token_metric
 
@@ -148,15 +149,6 @@ def _inputs(tokenizer, batch, device):
     return rows, inputs, keep
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
 
 class BaseSideRecorder:
     """Builds one language's `BaseSide` from batches as they are run: what `measure_base` does per batch, and what the
@@ -261,7 +253,7 @@ def measure_base(model, tokenizer, saes: dict, texts_by_lang: dict[str, list[str
     layers = sorted(int(layer) for layer in saes)
     device = next(model.parameters()).device
     out = {}
-    with _eval_mode(model):
+    with eval_mode(model):
         for lang, texts in texts_by_lang.items():
             recorder = BaseSideRecorder(len(texts), layers, device, sae_centres(saes))
             for batch in tqdm(_batches(tokenizer, texts, batch_size, max_length), desc=f"held-out {lang}: base model",
@@ -323,7 +315,7 @@ def measure_adapted(model, base: dict[str, BaseSide], tokenizer, saes: dict, tex
     layers = sorted(int(layer) for layer in saes)
     device = next(model.parameters()).device
     out = {}
-    with _eval_mode(model):
+    with eval_mode(model):
         for lang, texts in texts_by_lang.items():
             side = base[lang]
             on_device = {layer: _OnDevice(side.layers[layer], device) for layer in layers}
@@ -409,7 +401,7 @@ def add_spliced(paired: dict[str, PairedSums], model, adapter_off: Callable[[], 
     device = next(model.parameters()).device
     for lang in tqdm(list(paired), desc="spliced-in LM loss", unit="lang", leave=False, disable=not progress):
         batches = token_batches(tokenizer, texts_by_lang[lang], batch_size, max_length)
-        with _eval_mode(model):
+        with eval_mode(model):
             with adapter_off():
                 before = spliced_dlm_loss(model, saes, batches, layers, device=device)
             after = spliced_dlm_loss(model, saes, batches, layers, device=device)
