@@ -16,7 +16,7 @@ from mlalign.analysis.capture import ResidualCapture
 from mlalign.analysis.engine import analysed_positions, pad_batch
 from mlalign.data.corpus import ParallelCorpus, load_corpus
 from mlalign.errors import UserError
-from mlalign.io import write_atomic, write_json_atomic, write_text_atomic
+from mlalign.io import write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
 from mlalign.saes.training import TRAINER_MODULE, default_lr, fidelity, train_sae
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,7 @@ def run(cfg, ctx) -> dict[str, float]:
                                     pre_act_loss=float(st.pre_act_loss_coefficient),
                                     dead_window=None if st.dead_window is None else int(st.dead_window))
                     train_seconds = time.perf_counter() - layer_started
-                    sae.save_model(seed_dir(out_dir, s, seeds) / f"layer_{layer}")
+                    write_dir_atomic(seed_dir(out_dir, s, seeds) / f"layer_{layer}", lambda tmp: sae.save_model(tmp))
                     overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
                     per_lang = {lang: fidelity(sae, heldout[lang][layer]) for lang in langs}
                 records[layer].append(_seed_record(overall, per_lang, torch_seed, train_seconds))
