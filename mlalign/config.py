@@ -406,6 +406,10 @@ def check_values(cfg) -> list[str]:
     ci = float(cfg.analysis.ci)
     if not 0.0 < ci < 1.0:
         raise UserError(f"analysis.ci={ci} must be a confidence level in (0, 1); type e.g. analysis.ci=0.95")
+    max_sentences = cfg.data.get("max_sentences")
+    if max_sentences is not None and int(max_sentences) < 1:  # -1 sliced the last sentence off, silently
+        raise UserError(f"data.max_sentences={max_sentences} must be a positive number of sentences per language; "
+                        "type e.g. data.max_sentences=200, or data.max_sentences=null for all of them")
     if str(cfg.get("task")) in TRAINING_TASKS:
         check_optimizer_and_scheduler(cfg.train)
     return warnings

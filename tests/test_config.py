@@ -81,6 +81,9 @@ def test_help_names_every_task_and_every_option_of_every_group():
     (["train.scheduler=cosine_forever"], r"unknown train.scheduler='cosine_forever'; use one of: linear, cosine"),
     (["analysis.bootstrap=-1"], r"analysis.bootstrap=-1 must be 0 \(no confidence intervals\)"),
     (["analysis.ci=95"], r"analysis.ci=95.0 must be a confidence level in \(0, 1\)"),
+    # issue 30 audit: -1 sliced the last sentence off every language without a word; 0 failed later, on the corpus
+    (["data.max_sentences=-1"], r"data.max_sentences=-1 must be a positive number .*data.max_sentences=null for all"),
+    (["data.max_sentences=0"], r"data.max_sentences=0 must be a positive number"),
 ])
 def test_bad_values_inside_groups_fail_before_anything_loads(overrides, message):
     from mlalign.config import check_values

@@ -431,7 +431,8 @@ def cases() -> list[Case]:
     bad("lr_negative", "train.optimizer.lr=-0.001", "train.optimizer.lr=-0.001")
     bad("max_steps_zero", "train.max_steps=0", "train.max_steps=0")
     bad("batch_size_zero", "train.batch_size=0", "train.batch_size=0")
-    bad("save_every_zero", "train.save_every=0", "train.save_every=0", "train.max_steps=2")
+    bad("save_every_negative", "train.save_every=-1 (0 is documented: no checkpoints)", "train.save_every=-1",
+        "train.max_steps=2")
     bad("grad_accum_zero", "train.grad_accum=0", "train.grad_accum=0")
     bad("mixed_precision_fp8", "train.mixed_precision=fp8", "train.mixed_precision=fp8")
     bad("lora_dropout_2", "lora.lora_dropout=2", "lora.lora_dropout=2")
@@ -440,6 +441,8 @@ def cases() -> list[Case]:
     bad("warmup_negative", "train.warmup_steps=-5", "train.warmup_steps=-5")
     bad("ci_out_of_range", "analysis.ci=1.5 (task=analyze)", "analysis.ci=1.5", task=["task=analyze", "langs=[hi]",
                                                                                     "layers=[0]", run])
+    bad("max_sentences_negative", "data.max_sentences=-1 (task=analyze; null means all)", "data.max_sentences=-1",
+        task=["task=analyze", "langs=[hi]", "layers=[0]", run])
     bad("max_sentences_zero", "data.max_sentences=0 (task=analyze)", "data.max_sentences=0",
         task=["task=analyze", "langs=[hi]", "layers=[0]", run])
 

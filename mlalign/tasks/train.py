@@ -92,6 +92,12 @@ class Trained:
     the pipeline's next analysis reuses; else None."""
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Settings that cannot train fail before any tokenizer or model loads and before config.yaml is written (as
+    task=pipeline and task=compare check them)."""
+    check_train_config(cfg)
+
+
 def run(cfg: DictConfig, ctx) -> dict[str, float]:
     """Train the adapter, measure base vs adapter on dev and on the held-out split; returns what sweeps see."""
     return train_adapter(cfg, ctx).result
