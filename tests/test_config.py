@@ -93,6 +93,32 @@ def test_bad_values_inside_groups_fail_before_anything_loads(overrides, message)
         check_values(compose_cfg(["task=train", *overrides]))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    # issue 30 audit: the paired tests read these only after every benchmark had run, then raised a traceback
+    (["eval.bootstrap=0"], r"eval.bootstrap=0 must be a positive number of bootstrap resamples"),
+    (["eval.bootstrap=-5"], r"eval.bootstrap=-5 must be a positive number"),
+    (["eval.ci=1.5"], r"eval.ci=1.5 must be in \(0, 1\); type e.g. eval.ci=0.95"),
+    (["eval.alpha=0"], r"eval.alpha=0.0 must be in \(0, 1\)"),
+])
+def test_bad_eval_values_fail_before_any_benchmark_runs(overrides, message):
+    from mlalign.config import check_values
+    from mlalign.errors import UserError
+
+    for task in ("task=eval", "task=pipeline"):
+        with pytest.raises(UserError, match=message):
+            check_values(compose_cfg([task, "model=testbed", *overrides]))
+    assert check_values(compose_cfg(["task=analyze", "model=testbed", *overrides])) == []  # analysis evaluates nothing
+
+
+def test_few_eval_items_or_resamples_warn():
+    from mlalign.config import MIN_EVAL_ITEMS, check_values
+
+    lines = check_values(compose_cfg(["task=eval", "model=testbed", "eval.limit=2", "eval.bootstrap=5"]))
+    assert len(lines) == 2 and "eval.bootstrap=5" in lines[0] and f"fewer than {MIN_EVAL_ITEMS} items" in lines[1]
+    assert check_values(compose_cfg(["task=eval", "model=testbed", f"eval.limit={MIN_EVAL_ITEMS}"])) == []
+    assert check_values(compose_cfg(["task=eval", "model=testbed", "eval.limit=null"])) == []
+
+
 def test_few_resamples_warn_and_the_defaults_pass_silently():
     from mlalign.config import check_values
 

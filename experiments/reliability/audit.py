@@ -500,6 +500,14 @@ def cases() -> list[Case]:
                   [*EVAL[:3], "eval.limit=2", "eval.cache=false", "adapter={setup}/train/adapter", run], (ERR, OK),
                   r"warning: .*eval\.limit", check=complete_and_warned))
 
+    eval_adapter = [*EVAL[:3], "eval.limit=8", "eval.cache=false", "adapter={setup}/train/adapter", run]
+    c.append(Case("eval_bootstrap_5", 6, "task=eval with eval.bootstrap=5", [*eval_adapter, "eval.bootstrap=5"],
+                  (ERR, OK), r"warning: .*eval\.bootstrap=5", check=complete_and_warned))
+    c.append(Case("eval_bootstrap_0", 4, "task=eval with eval.bootstrap=0", [*eval_adapter, "eval.bootstrap=0"],
+                  check=no_complete))
+    c.append(Case("eval_ci_out_of_range", 4, "task=eval with eval.ci=1.5", [*eval_adapter, "eval.ci=1.5"],
+                  check=no_complete))
+
     # 7. SIGTERM in every task
     for id_, args, trigger, delay in (
             ("sigterm_train", [*TRAIN[:3], "train.max_steps=40", "train.save_every=10", *TRAIN[5:], run],
@@ -581,7 +589,9 @@ def main() -> None:
         sys.exit(f"unknown case id(s): {sorted(unknown)}")
     setup(env)
     results = dict(stored)
-    todo = [case for case in all_cases if (case.id in chosen if chosen else case.id not in stored)]
+    by_id = {case.id: case for case in all_cases}
+    todo = ([by_id[id_] for id_ in dict.fromkeys(opts.only.split(","))] if chosen  # in the order given
+            else [case for case in all_cases if case.id not in stored])
     for num, case in enumerate(todo, 1):
         print(f"[{num}/{len(todo)}] class {case.klass} {case.id}: {case.what} ...", end=" ", flush=True)
         result = run_case(case, env)
