@@ -205,6 +205,9 @@ def _run_in_context(cfg: DictConfig, module, ctx, warnings: list[str]) -> dict:
 
 
 def _fail(cfg: DictConfig, line: str, record: bool = True) -> None:
+    from mlalign.console import end_progress_bars
+
+    end_progress_bars()  # the error line starts its own line, not the end of a bar the failure left open
     print(line, file=sys.stderr)
     if record:
         _record_failure(cfg, line)

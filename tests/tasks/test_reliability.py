@@ -320,6 +320,25 @@ def test_a_full_disk_is_one_error_an_error_file_and_no_complete(testbed_dir, tes
 
 
 @pytest.mark.slow
+def test_a_full_disk_at_a_training_checkpoint_is_an_error_line_of_its_own(testbed_dir, testbed_cache_dir, tmp_path):
+    """Issue 30 audit: the checkpoint's write failed inside the training loop and the error line was printed on the
+    end of the open progress bar's line, and the adapter was saved straight into adapter/ (a cut file there)."""
+    import resource
+
+    limit = 200000  # above corpus.json and config.yaml, below a checkpoint (~1.7 MB of LoRA weights and Adam state)
+    run_dir = tmp_path / "run"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), *_train_args(testbed_cache_dir, run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900, preexec_fn=small_files)
+    assert "no room to write" in _one_error_line(result)
+    assert (run_dir / "ERROR").is_file() and not (run_dir / "COMPLETE").exists()
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and p.stat().st_size == limit]
+
+
+@pytest.mark.slow
 def test_sigterm_during_evaluation_ends_with_a_message_and_an_error_file(testbed_dir, testbed_cache_dir, tmp_path):
     """Before: rc 143, no message, no ERROR file (training alone said where it stopped)."""
     run_dir = tmp_path / "run"
