@@ -144,11 +144,11 @@ def _warn(warnings: list[str], line: str) -> None:
 
 
 def _check_ci_splits(cfg: DictConfig, langs: list[str], warnings: list[str]) -> None:
-    """The splits that get bootstrap intervals need sentences to resample: refuse one, warn below MIN_CI_SENTENCES."""
+    """The splits that get bootstrap intervals need sentences to resample: refuse one, warn below MIN_CI_SENTENCES.
+    Without intervals (analysis.bootstrap=0) a split that small still warns: its point estimates are no better."""
     from mlalign.data.corpus import load_corpus
 
-    if int(cfg.analysis.bootstrap) <= 0:
-        return
+    intervals = int(cfg.analysis.bootstrap) > 0
     for key in CORPUS_TASKS[str(cfg.task)]:
         if key == "train":
             continue
@@ -157,6 +157,11 @@ def _check_ci_splits(cfg: DictConfig, langs: list[str], warnings: list[str]) -> 
         n = min(len(corpus[lang]) for lang in langs)
         what = (f"the {split} split (data.splits.{key}) holds {n} sentence(s) per language"
                 + (f" (data.max_sentences={cfg.data.max_sentences})" if cfg.data.max_sentences is not None else ""))
+        if not intervals:
+            if n < MIN_CI_SENTENCES:  # issue 30 audit: one sentence with analysis.bootstrap=0 passed without a word
+                _warn(warnings, f"{what}: its numbers rest on fewer than {MIN_CI_SENTENCES} sentences (and "
+                                "analysis.bootstrap=0 gives them no interval) and are not to be reported")
+            continue
         if n < 2:
             raise UserError(f"{what}: a bootstrap interval over one sentence has zero width and means nothing; give "
                             f"it at least {MIN_CI_SENTENCES} sentences (a larger corpus or data.max_sentences), or "

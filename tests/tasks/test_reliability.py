@@ -358,3 +358,20 @@ def test_sigterm_during_evaluation_ends_with_a_message_and_an_error_file(testbed
     assert process.returncode == 1 and "Traceback" not in err, err[-3000:]
     assert "error: stopped by SIGTERM during task=eval" in err
     assert (run_dir / "ERROR").read_text().startswith("error: stopped by SIGTERM") and not (run_dir / "COMPLETE").exists()
+
+
+def test_a_tiny_split_warns_without_intervals_too(tmp_path):
+    """Issue 30 audit: a one-sentence corpus with analysis.bootstrap=0 finished without a word (the check of tiny
+    splits returned early when no interval was asked for)."""
+    from mlalign.tasks import _check_ci_splits
+    from tests.helpers import compose_cfg
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "en.txt").write_text("Hello.\n", encoding="utf-8")
+    (corpus / "hi.txt").write_text("नमस्ते।\n", encoding="utf-8")
+    cfg = compose_cfg(["task=analyze", "langs=[hi]", "data=text_dir", f"data.path={corpus}", "analysis.bootstrap=0"])
+    warnings = []
+    _check_ci_splits(cfg, ["en", "hi"], warnings)
+    assert len(warnings) == 1 and "holds 1 sentence(s) per language" in warnings[0]
+    assert "not to be reported" in warnings[0]
