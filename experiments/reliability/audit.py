@@ -344,6 +344,12 @@ def cases() -> list[Case]:
     c.append(Case("rerun_train_resume_finished", 2, "train.resume=true into a finished training",
                   [*TRAIN, run, "train.resume=true"], (OK,), r"train\.resume continues it",
                   finished_copy("train"), completes))
+    c.append(Case("resume_into_finished_analyze", 2, "task=train train.resume=true into a finished analysis",
+                  [*TRAIN, run, "train.resume=true"], prepare=finished_copy("analyze"),
+                  check=finished_untouched("analyze"), error_file=False))
+    c.append(Case("resume_auto_into_finished_analyze", 2, "task=train train.resume=auto into a finished analysis",
+                  [*TRAIN, run, "train.resume=auto"], prepare=finished_copy("analyze"),
+                  check=finished_untouched("analyze"), error_file=False))
     c.append(Case("rerun_analyze_into_train_dir", 2, "task=analyze into a finished training's directory",
                   [*ANALYZE, run], prepare=finished_copy("train"), check=finished_untouched("train"), error_file=False))
 

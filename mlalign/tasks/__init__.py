@@ -92,12 +92,21 @@ def _claim_run_dir(cfg: DictConfig) -> str | None:
     run_dir = _run_dir(cfg)
     if run_dir is None or not is_complete(run_dir):
         return None
-    resuming = str(cfg.task) in TRAINING_TASKS and cfg.train.resume in (True, "auto") and not cfg.train.get("resume_from")
+    from mlalign.training.checkpoint import checkpoints_newest_first
+
+    training = str(cfg.task) in TRAINING_TASKS
+    asked = training and cfg.train.resume in (True, "auto") and not cfg.train.get("resume_from")
+    # Only a training run's checkpoints are continued. Issue 30 audit: train.resume=true into a finished analysis
+    # removed its COMPLETE and then failed (no checkpoint); resume=auto trained afresh among its files.
+    checkpoints = training and bool(checkpoints_newest_first(run_dir))
+    resuming = asked and checkpoints
     if not (resuming or cfg.get("overwrite")):
         raise FinishedRunDirectory(
-            f"{run_dir} holds a finished run (COMPLETE); a new run there would mix its files with that one's: choose a "
-            f"new directory (hydra.run.dir=<new dir>), or add overwrite=true to replace it"
-            + (", or train.resume=true to continue its training" if str(cfg.task) in TRAINING_TASKS else ""))
+            f"{run_dir} holds a finished run (COMPLETE)"
+            + (" and no training checkpoint to resume" if asked else "")
+            + "; a new run there would mix its files with that one's: choose a new directory (hydra.run.dir=<new "
+            "dir>), or add overwrite=true to replace it"
+            + (", or train.resume=true to continue its training" if checkpoints else ""))
     (run_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     (run_dir / "metrics.json").unlink(missing_ok=True)
     (run_dir / WARNINGS_FILE).unlink(missing_ok=True)

@@ -375,3 +375,22 @@ def test_a_tiny_split_warns_without_intervals_too(tmp_path):
     _check_ci_splits(cfg, ["en", "hi"], warnings)
     assert len(warnings) == 1 and "holds 1 sentence(s) per language" in warnings[0]
     assert "not to be reported" in warnings[0]
+
+
+@pytest.mark.parametrize("resume", ["true", "auto"])
+def test_resuming_into_a_finished_run_without_checkpoints_is_refused_and_leaves_it_whole(resume, tmp_path):
+    """Issue 30 audit: task=train train.resume=true aimed at a finished analysis removed its COMPLETE (as if continuing
+    a training) and then failed for want of a checkpoint; train.resume=auto trained afresh among the analysis' files."""
+    from mlalign.io import mark_complete
+    from mlalign.tasks import FinishedRunDirectory, _claim_run_dir
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg(["task=train", f"train.resume={resume}"], tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    mark_complete(run_dir, {"task": "analyze"})
+    (run_dir / "metrics.json").write_text("{}")
+    with pytest.raises(FinishedRunDirectory, match="holds a finished run \\(COMPLETE\\) and no training checkpoint to "
+                                                   "resume; .*overwrite=true to replace it$"):
+        _claim_run_dir(cfg)
+    assert (run_dir / "COMPLETE").is_file() and (run_dir / "metrics.json").is_file()
