@@ -311,7 +311,7 @@ def cases() -> list[Case]:
                    "train.max_steps=2")
     resume_refused("resume_lora_alpha", "lora.lora_alpha changed", "lora.lora_alpha=32")
     c.append(Case("typo_key_lora_alpha", 4, "lora.alpha=32 (the key is lora.lora_alpha)",
-                  [*TRAIN, run, "lora.alpha=32"]))
+                  [*TRAIN, run, "lora.alpha=32"], error_file=False))  # refused while composing: no run directory
     resume_refused("resume_lora_r", "lora.r changed", "lora.r=4")
     resume_refused("resume_loss_weight", "loss.act_align weight changed", "loss.act_align=2.5")
     resume_refused("resume_loss_ce", "loss.ce weight changed", "loss.ce=0.5")
@@ -427,8 +427,8 @@ def cases() -> list[Case]:
     # 4. bad values inside instantiated groups, checked at compose time
     train_bad = ["task=train", "langs=[hi]", "layers=[4]", "data.max_sentences=16", run]
 
-    def bad(id_, what, *values, task=train_bad):
-        c.append(Case(id_, 4, what, [*task, *values], check=no_complete))
+    def bad(id_, what, *values, task=train_bad, composing=False):
+        c.append(Case(id_, 4, what, [*task, *values], check=no_complete, error_file=not composing))
 
     bad("lr_text", "train.optimizer.lr=abc", "train.optimizer.lr=abc")
     bad("scheduler_unknown", "train.scheduler=cosine_forever", "train.scheduler=cosine_forever")
@@ -442,7 +442,7 @@ def cases() -> list[Case]:
     bad("grad_accum_zero", "train.grad_accum=0", "train.grad_accum=0")
     bad("mixed_precision_fp8", "train.mixed_precision=fp8", "train.mixed_precision=fp8")
     bad("lora_dropout_2", "lora.lora_dropout=2", "lora.lora_dropout=2")
-    bad("lora_alpha_text", "lora.lora_alpha=abc", "lora.lora_alpha=abc")
+    bad("lora_alpha_text", "lora.lora_alpha=abc", "lora.lora_alpha=abc", composing=True)
     bad("loss_weight_negative", "loss.act_align=-1", "loss.act_align=-1")
     bad("warmup_negative", "train.warmup_steps=-5", "train.warmup_steps=-5")
     bad("ci_out_of_range", "analysis.ci=1.5 (task=analyze)", "analysis.ci=1.5", task=["task=analyze", "langs=[hi]",
