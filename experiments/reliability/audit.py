@@ -369,6 +369,10 @@ def cases() -> list[Case]:
              lambda d: _edit_json(d / "cfg.json", lambda j: {k: v for k, v in j.items() if k != "d_sae"}))
     sae_case("sae_cfg_empty", "SAE cfg.json is an empty object", lambda d: (d / "cfg.json").write_text("{}"))
     sae_case("sae_cfg_list", "SAE cfg.json holds a list", lambda d: (d / "cfg.json").write_text("[1, 2]"))
+    sae_case("sae_cfg_missing_architecture", "SAE cfg.json lacks architecture",
+             lambda d: _edit_json(d / "cfg.json", lambda j: {k: v for k, v in j.items() if k != "architecture"}))
+    sae_case("sae_cfg_unknown_architecture", "SAE cfg.json names an unknown architecture",
+             lambda d: _edit_json(d / "cfg.json", lambda j: {**j, "architecture": "jumprelu_v9"}))
     sae_case("sae_d_in_mismatch", "SAE cfg.json d_in disagrees with its weights",
              lambda d: _edit_json(d / "cfg.json", lambda j: {**j, "d_in": 32}))
     sae_case("sae_d_sae_mismatch", "SAE cfg.json d_sae disagrees with its weights",
