@@ -307,6 +307,11 @@ def cases() -> list[Case]:
                   [*TRAIN, run, "train.resume=auto"], (OK,), RESUMED, interrupted_copy, completes))
     c.append(Case("resume_max_steps_raised", 1, "train.max_steps raised 4 -> 6", [*resume, "train.max_steps=6"],
                   (OK,), r"train\.max_steps changed from 4 to 6", interrupted_copy, completes))
+    c.append(Case("resume_save_every_changed", 1, "train.save_every and train.eval_every changed (not run-defining)",
+                  [*resume, "train.save_every=1", "train.eval_every=50"], (OK,), RESUMED, interrupted_copy, completes))
+    c.append(Case("resume_bootstrap_changed", 1, "analysis.bootstrap changed (measurement only)",
+                  [*TRAIN[:-1], "analysis.bootstrap=200", run, "train.resume=true"], (OK,), RESUMED,
+                  interrupted_copy, completes))
     resume_refused("resume_max_steps_lowered", "train.max_steps lowered to 2, below the checkpoint's step 4",
                    "train.max_steps=2")
     resume_refused("resume_lora_alpha", "lora.lora_alpha changed", "lora.lora_alpha=32")
@@ -386,6 +391,9 @@ def cases() -> list[Case]:
     def adapter_case(id_, what, damage, args=ana_adapter):
         c.append(Case(id_, 3, what, args, prepare=adapter_copy(damage), check=no_complete))
 
+    c.append(Case("adapter_run_dir", 3, "adapter=<a training run's directory> instead of its adapter/ folder",
+                  ["task=analyze", "langs=[hi]", "layers=[0]", "data.max_sentences=16", "adapter={setup}/train", run],
+                  check=no_complete))
     adapter_case("adapter_truncated", "adapter weights cut in half",
                  lambda d: truncate(d / "adapter_model.safetensors"))
     adapter_case("adapter_zero_bytes", "adapter weights of zero bytes",
