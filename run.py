@@ -14,4 +14,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from mlalign.errors import report_composition_errors_in_one_line
+
+    report_composition_errors_in_one_line()  # a mistyped key or value: one `error:` line, as every other mistake
     main()

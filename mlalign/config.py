@@ -401,6 +401,9 @@ def typed(node, schema: type):
 TRAINING_TASKS = ("train", "pipeline")
 MIN_BOOTSTRAP = 100
 """Fewer bootstrap resamples than this give rough interval ends: such a run says so (console, WARNINGS file)."""
+MIN_EVAL_ITEMS = 20
+"""Below this eval.limit (items per benchmark and language) a run says its accuracies and paired tests rest on too few
+items to report (console, WARNINGS file): a 0/1 accuracy over n items has a standard error up to 0.5 / sqrt(n)."""
 
 
 def check_values(cfg) -> list[str]:
@@ -420,8 +423,41 @@ def check_values(cfg) -> list[str]:
     ci = float(cfg.analysis.ci)
     if not 0.0 < ci < 1.0:
         raise UserError(f"analysis.ci={ci} must be a confidence level in (0, 1); type e.g. analysis.ci=0.95")
+    max_sentences = cfg.data.get("max_sentences")
+    if max_sentences is not None and int(max_sentences) < 1:  # -1 sliced the last sentence off, silently
+        raise UserError(f"data.max_sentences={max_sentences} must be a positive number of sentences per language; "
+                        "type e.g. data.max_sentences=200, or data.max_sentences=null for all of them")
     if str(cfg.get("task")) in TRAINING_TASKS:
         check_optimizer_and_scheduler(cfg.train)
+    task = str(cfg.get("task"))
+    if task in ("eval", "pipeline") or (task == "compare" and cfg.compare.get("benchmarks")):
+        warnings += check_eval_values(cfg.eval)
+    return warnings
+
+
+def check_eval_values(eval_cfg) -> list[str]:
+    """eval.bootstrap, eval.ci, eval.alpha and eval.limit, which the paired tests read only after every benchmark has
+    run (a bad one was a traceback at the end); returns warnings for values that work but weaken the comparison."""
+    from mlalign.errors import UserError
+
+    warnings = []
+    resamples = int(eval_cfg.get("bootstrap", 10000))
+    if resamples < 1:
+        raise UserError(f"eval.bootstrap={resamples} must be a positive number of bootstrap resamples (the interval "
+                        "of each accuracy difference); type e.g. eval.bootstrap=10000")
+    if resamples < MIN_BOOTSTRAP:
+        warnings.append(f"eval.bootstrap={resamples}: accuracy-difference intervals from fewer than {MIN_BOOTSTRAP} "
+                        "resamples have rough ends; use eval.bootstrap=10000 for intervals you report")
+    for key in ("ci", "alpha"):
+        value = float(eval_cfg.get(key, 0.05 if key == "alpha" else 0.95))
+        if not 0.0 < value < 1.0:
+            raise UserError(f"eval.{key}={value} must be in (0, 1); type e.g. "
+                            + ("eval.ci=0.95 (the interval's level)" if key == "ci" else
+                               "eval.alpha=0.05 (the tests' significance level)"))
+    limit = eval_cfg.get("limit")  # its type and sign are checked with the plan (evaluation.harness.make_plan)
+    if isinstance(limit, int) and 1 <= limit < MIN_EVAL_ITEMS:
+        warnings.append(f"eval.limit={limit}: accuracies and paired tests over fewer than {MIN_EVAL_ITEMS} items "
+                        "per benchmark and language are not to be reported (eval.limit=null evaluates all items)")
     return warnings
 
 

@@ -229,6 +229,21 @@ def _quiet_libraries(debug: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def end_progress_bars() -> None:
+    """Close every progress bar still drawn (a task that failed inside a loop leaves its bar open): the line printed
+    next starts a line of its own instead of continuing the bar's (`train:  50%|...error: ...`)."""
+    import sys
+
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:  # no bar was ever drawn
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar whose stream is gone: nothing to end
+            pass
+
+
 def transient_bars(*modules: str) -> None:
     """Progress bars of these modules, which do `from tqdm import tqdm` (or `from tqdm.auto import tqdm`), vanish when
     done instead of leaving a line each (lm-eval draws one per task and side: 40 lines in `make demo`; sae-lens one per

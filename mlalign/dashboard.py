@@ -164,8 +164,9 @@ def plot_language_bars(rows: list[dict], langs: list[str], path: Path) -> Path |
     axes.set_ylabel("dev activation gain (%)")
     axes.legend(fontsize="x-small", ncol=2)
     figure.tight_layout()
-    figure.savefig(path, format="png", dpi=120)
-    return path
+    from mlalign.io import save_figure
+
+    return save_figure(figure, path, format="png", dpi=120)  # atomic: no cut image under the final name
 
 
 def write_offline(spec: dict, rows: list[dict], out_dir: Path) -> list[Path]:

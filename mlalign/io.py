@@ -30,6 +30,30 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(temp_dir)` on a sibling temp folder (e.g. peft's `save_pretrained`, sae-lens's `save_model`), then
+    put it in place of `path`: a full disk or a kill mid-save leaves the previous folder (or none), never a folder
+    holding a cut weights file under the final name."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        write(tmp)
+        if path.exists():  # replaced whole: nothing of an older save stays beside the new files
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

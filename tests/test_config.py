@@ -81,6 +81,9 @@ def test_help_names_every_task_and_every_option_of_every_group():
     (["train.scheduler=cosine_forever"], r"unknown train.scheduler='cosine_forever'; use one of: linear, cosine"),
     (["analysis.bootstrap=-1"], r"analysis.bootstrap=-1 must be 0 \(no confidence intervals\)"),
     (["analysis.ci=95"], r"analysis.ci=95.0 must be a confidence level in \(0, 1\)"),
+    # issue 30 audit: -1 sliced the last sentence off every language without a word; 0 failed later, on the corpus
+    (["data.max_sentences=-1"], r"data.max_sentences=-1 must be a positive number .*data.max_sentences=null for all"),
+    (["data.max_sentences=0"], r"data.max_sentences=0 must be a positive number"),
 ])
 def test_bad_values_inside_groups_fail_before_anything_loads(overrides, message):
     from mlalign.config import check_values
@@ -88,6 +91,32 @@ def test_bad_values_inside_groups_fail_before_anything_loads(overrides, message)
 
     with pytest.raises(UserError, match=message):
         check_values(compose_cfg(["task=train", *overrides]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # issue 30 audit: the paired tests read these only after every benchmark had run, then raised a traceback
+    (["eval.bootstrap=0"], r"eval.bootstrap=0 must be a positive number of bootstrap resamples"),
+    (["eval.bootstrap=-5"], r"eval.bootstrap=-5 must be a positive number"),
+    (["eval.ci=1.5"], r"eval.ci=1.5 must be in \(0, 1\); type e.g. eval.ci=0.95"),
+    (["eval.alpha=0"], r"eval.alpha=0.0 must be in \(0, 1\)"),
+])
+def test_bad_eval_values_fail_before_any_benchmark_runs(overrides, message):
+    from mlalign.config import check_values
+    from mlalign.errors import UserError
+
+    for task in ("task=eval", "task=pipeline"):
+        with pytest.raises(UserError, match=message):
+            check_values(compose_cfg([task, "model=testbed", *overrides]))
+    assert check_values(compose_cfg(["task=analyze", "model=testbed", *overrides])) == []  # analysis evaluates nothing
+
+
+def test_few_eval_items_or_resamples_warn():
+    from mlalign.config import MIN_EVAL_ITEMS, check_values
+
+    lines = check_values(compose_cfg(["task=eval", "model=testbed", "eval.limit=2", "eval.bootstrap=5"]))
+    assert len(lines) == 2 and "eval.bootstrap=5" in lines[0] and f"fewer than {MIN_EVAL_ITEMS} items" in lines[1]
+    assert check_values(compose_cfg(["task=eval", "model=testbed", f"eval.limit={MIN_EVAL_ITEMS}"])) == []
+    assert check_values(compose_cfg(["task=eval", "model=testbed", "eval.limit=null"])) == []
 
 
 def test_few_resamples_warn_and_the_defaults_pass_silently():

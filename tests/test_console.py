@@ -129,3 +129,21 @@ def test_a_repeated_warning_is_shown_once(console_handler):
     for _ in range(2):
         logging.getLogger("mlalign.analysis.metrics").warning("36.3% of ml's sentences are cut at max_length")
     assert stream.getvalue().count("cut at max_length") == 1
+
+
+def test_an_error_after_a_failure_inside_a_loop_starts_its_own_line():
+    """Issue 30 audit: a full disk at a training checkpoint printed `train:  50%|...| error: no room to write ...`,
+    the error glued to the bar the failure left open (so not a line of its own)."""
+    import io
+
+    from tqdm import tqdm
+
+    from mlalign.console import end_progress_bars
+
+    stream = io.StringIO()
+    bar = tqdm(total=4, desc="train", file=stream)
+    bar.update(2)
+    end_progress_bars()
+    assert bar.disable or stream.getvalue().endswith("\n")  # closed: the next print starts a fresh line
+    print("error: x", file=stream)
+    assert stream.getvalue().splitlines()[-1] == "error: x"

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from mlalign.errors import UserError
-from mlalign.io import check_adapter_files, disk_full_error, read_json_file, safetensors_shapes
+from mlalign.io import check_adapter_files, disk_full_error, read_json_file, safetensors_shapes, write_dir_atomic
 from tests.helpers import REPO
 
 
@@ -34,6 +34,35 @@ def test_a_plot_that_does_not_fit_leaves_no_file_under_its_name(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "disk full" in result.stdout, result.stdout + result.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []  # neither a truncated curves.png nor its temp file
+
+
+def test_a_folder_save_that_fails_half_way_leaves_the_previous_folder_whole(tmp_path):
+    """Issue 30 audit: the trained adapter (peft save_pretrained) and the trained SAEs (sae-lens save_model) were
+    written straight into their final folders, so a full disk left a cut adapter_model.safetensors there."""
+    import errno
+
+    target = tmp_path / "adapter"
+
+    def save(files):
+        def write(folder):
+            for name, text in files.items():
+                (folder / name).write_text(text)
+        return write
+
+    write_dir_atomic(target, save({"adapter_config.json": "{}", "adapter_model.safetensors": "old"}))
+
+    def fails(folder):
+        (folder / "adapter_model.safetensors").write_text("cut")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_dir_atomic(target, fails)
+    assert (target / "adapter_model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp folder left
+    write_dir_atomic(target, save({"adapter_model.safetensors": "new"}))
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_model.safetensors"]  # replaced whole
+    assert (target / "adapter_model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
 def test_disk_full_is_recognised_behind_a_library_error():

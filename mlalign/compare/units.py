@@ -17,7 +17,7 @@ from mlalign.analysis.retrieval import retrieval_ranks, retrieval_scores
 from mlalign.analysis.spliced import spliced_dlm_loss, token_batches
 from mlalign.analysis.probes import probe_correct
 from mlalign.compare.passes import pooled_residuals, steering
-from mlalign.io import write_json_atomic
+from mlalign.io import write_dir_atomic, write_json_atomic
 from mlalign.training.outcomes import alignment_score, measure_adapted, outcome_report
 
 TRAINED = "TRAINED"
@@ -146,7 +146,7 @@ def train_unit(bench: Bench, arm, lr: float, seed: int, directory: Path, tracker
                               "kept and this one resumes from that checkpoint", saved=stop.saved) from None
     seconds = time.perf_counter() - started
     model.eval()
-    model.save_pretrained(str(directory / "adapter"))
+    write_dir_atomic(directory / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
     done = {"steps": state.step, "resumed_from_step": state.resumed_from, "train_s": seconds,
             "s_per_step": seconds / max(1, state.step - (state.resumed_from or 0)),
             "final": state.history[-1] if state.history else {}}

@@ -26,6 +26,7 @@ import yaml
 
 from mlalign.data.corpus import BUNDLED_DATA_DIR
 from mlalign.errors import UserError
+from mlalign.io import write_text_atomic
 from mlalign.languages import LANGUAGES
 
 OKAPI_DIR = BUNDLED_DATA_DIR / "okapi"
@@ -175,6 +176,6 @@ def write_bundled_tasks(
             path = task_dir / f"{config['task']}.yaml"
             text = "# Written by mlalign.evaluation.bundled; prompt format of lm-eval's Okapi tasks.\n"
             text += yaml.dump(config, Dumper=_TaskDumper, sort_keys=False, allow_unicode=True, width=1000)
-            path.write_text(text, encoding="utf-8")
+            write_text_atomic(path, text)
             written[config["task"]] = path
     return written

@@ -259,6 +259,11 @@ def _row(task: str, output: dict) -> dict:
     }
 
 
+HARNESS_OFFLINE = ("eval=harness downloads each task's dataset from the Hugging Face Hub once (offline here: "
+                   "HF_DATASETS_OFFLINE / HF_HUB_OFFLINE, or no network): run it once online to cache them, or use "
+                   "eval=bundled (ARC and MMLU items shipped with mlalign, offline)")
+
+
 def run_plan(model, tokenizer, plan: EvalPlan, output_dir: str | Path | None = None, log_samples: bool = True,
              model_args: dict | None = None) -> dict:
     """Evaluate `plan` on `model`; returns {"results": {benchmark: {lang: row}}, "skipped", "settings"}.
@@ -302,20 +307,24 @@ def run_plan(model, tokenizer, plan: EvalPlan, output_dir: str | Path | None = N
                 # per-call overhead (environment info) is paid once. Each task seeds its own few-shot sampler with
                 # fewshot_random_seed, so a score does not depend on its neighbours. Samples are always kept in
                 # memory: the paired tests need every item's score; `log_samples` decides whether they are written.
-                output = simple_evaluate(
-                    model=lm,
-                    model_args=model_args,
-                    tasks=tasks,
-                    num_fewshot=num_fewshot,
-                    limit=settings["limit"],
-                    task_manager=plan.task_manager,
-                    log_samples=True,
-                    evaluation_tracker=tracker,
-                    random_seed=settings["seed"],
-                    numpy_random_seed=settings["seed"],
-                    torch_random_seed=settings["seed"],
-                    fewshot_random_seed=settings["seed"],
-                )
+                try:
+                    output = simple_evaluate(
+                        model=lm,
+                        model_args=model_args,
+                        tasks=tasks,
+                        num_fewshot=num_fewshot,
+                        limit=settings["limit"],
+                        task_manager=plan.task_manager,
+                        log_samples=True,
+                        evaluation_tracker=tracker,
+                        random_seed=settings["seed"],
+                        numpy_random_seed=settings["seed"],
+                        torch_random_seed=settings["seed"],
+                        fewshot_random_seed=settings["seed"],
+                    )
+                except ConnectionError as err:  # issue 30 audit: a traceback when a task's dataset is not cached
+                    raise UserError(f"lm-eval cannot load the data of {', '.join(tasks)}: "
+                                    f"{(str(err).splitlines() or [type(err).__name__])[0]}; {HARNESS_OFFLINE}") from None
                 for entry in entries:
                     row = _row(entry.task, output)
                     results[entry.benchmark][entry.lang] = row

@@ -85,6 +85,12 @@ def check_local_sae(path: Path) -> dict:
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     except (KeyError, TypeError, ValueError):
         raise UserError(f"SAE config {cfg_file} has no integer d_in and d_sae; {LOCAL_SAE_FIX}") from None
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    architecture = cfg.get("architecture")
+    if architecture not in SAE_CLASS_REGISTRY:  # issue 30 audit: sae-lens raised KeyError from inside its loader
+        raise UserError(f"SAE config {cfg_file} has architecture={architecture!r}, which sae-lens does not know (it "
+                        f"knows {', '.join(sorted(SAE_CLASS_REGISTRY))}); {LOCAL_SAE_FIX}")
     weights = path / SAE_WEIGHTS_FILENAME
     shapes = safetensors_shapes(weights, "SAE weights", LOCAL_SAE_FIX)
     expected = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in]}
@@ -114,7 +120,12 @@ def load_sae(sae_cfg, layer: int, hidden_size: int, device: str = "cpu"):
     else:
         path = local_sae_path(sae_cfg.path_template, layer)
         check_local_sae(path)
-        sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
+        try:
+            sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
+        except (KeyError, ValueError, TypeError) as err:  # issue 30 audit: a cfg.json without a known "architecture"
+            detail = (f"missing {err}" if isinstance(err, KeyError)  # was a traceback (KeyError: 'architecture')
+                      else (str(err).splitlines() or [type(err).__name__])[0])
+            raise UserError(f"sae-lens cannot load the SAE at {path} ({detail}); {LOCAL_SAE_FIX}") from None
         where = str(path)
     d_in = int(sae.cfg.d_in)
     if d_in != hidden_size:

@@ -92,12 +92,21 @@ def _claim_run_dir(cfg: DictConfig) -> str | None:
     run_dir = _run_dir(cfg)
     if run_dir is None or not is_complete(run_dir):
         return None
-    resuming = str(cfg.task) in TRAINING_TASKS and cfg.train.resume in (True, "auto") and not cfg.train.get("resume_from")
+    from mlalign.training.checkpoint import checkpoints_newest_first
+
+    training = str(cfg.task) in TRAINING_TASKS
+    asked = training and cfg.train.resume in (True, "auto") and not cfg.train.get("resume_from")
+    # Only a training run's checkpoints are continued. Issue 30 audit: train.resume=true into a finished analysis
+    # removed its COMPLETE and then failed (no checkpoint); resume=auto trained afresh among its files.
+    checkpoints = training and bool(checkpoints_newest_first(run_dir))
+    resuming = asked and checkpoints
     if not (resuming or cfg.get("overwrite")):
         raise FinishedRunDirectory(
-            f"{run_dir} holds a finished run (COMPLETE); a new run there would mix its files with that one's: choose a "
-            f"new directory (hydra.run.dir=<new dir>), or add overwrite=true to replace it"
-            + (", or train.resume=true to continue its training" if str(cfg.task) in TRAINING_TASKS else ""))
+            f"{run_dir} holds a finished run (COMPLETE)"
+            + (" and no training checkpoint to resume" if asked else "")
+            + "; a new run there would mix its files with that one's: choose a new directory (hydra.run.dir=<new "
+            "dir>), or add overwrite=true to replace it"
+            + (", or train.resume=true to continue its training" if checkpoints else ""))
     (run_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     (run_dir / "metrics.json").unlink(missing_ok=True)
     (run_dir / WARNINGS_FILE).unlink(missing_ok=True)
@@ -144,11 +153,11 @@ def _warn(warnings: list[str], line: str) -> None:
 
 
 def _check_ci_splits(cfg: DictConfig, langs: list[str], warnings: list[str]) -> None:
-    """The splits that get bootstrap intervals need sentences to resample: refuse one, warn below MIN_CI_SENTENCES."""
+    """The splits that get bootstrap intervals need sentences to resample: refuse one, warn below MIN_CI_SENTENCES.
+    Without intervals (analysis.bootstrap=0) a split that small still warns: its point estimates are no better."""
     from mlalign.data.corpus import load_corpus
 
-    if int(cfg.analysis.bootstrap) <= 0:
-        return
+    intervals = int(cfg.analysis.bootstrap) > 0
     for key in CORPUS_TASKS[str(cfg.task)]:
         if key == "train":
             continue
@@ -157,6 +166,11 @@ def _check_ci_splits(cfg: DictConfig, langs: list[str], warnings: list[str]) -> 
         n = min(len(corpus[lang]) for lang in langs)
         what = (f"the {split} split (data.splits.{key}) holds {n} sentence(s) per language"
                 + (f" (data.max_sentences={cfg.data.max_sentences})" if cfg.data.max_sentences is not None else ""))
+        if not intervals:
+            if n < MIN_CI_SENTENCES:  # issue 30 audit: one sentence with analysis.bootstrap=0 passed without a word
+                _warn(warnings, f"{what}: its numbers rest on fewer than {MIN_CI_SENTENCES} sentences (and "
+                                "analysis.bootstrap=0 gives them no interval) and are not to be reported")
+            continue
         if n < 2:
             raise UserError(f"{what}: a bootstrap interval over one sentence has zero width and means nothing; give "
                             f"it at least {MIN_CI_SENTENCES} sentences (a larger corpus or data.max_sentences), or "
@@ -205,6 +219,9 @@ def _run_in_context(cfg: DictConfig, module, ctx, warnings: list[str]) -> dict:
 
 
 def _fail(cfg: DictConfig, line: str, record: bool = True) -> None:
+    from mlalign.console import end_progress_bars
+
+    end_progress_bars()  # the error line starts its own line, not the end of a bar the failure left open
     print(line, file=sys.stderr)
     if record:
         _record_failure(cfg, line)

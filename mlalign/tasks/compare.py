@@ -389,7 +389,9 @@ def _forest_plot(results: dict, path: Path) -> None:
     axes[0][0].invert_yaxis()
     fig.suptitle("A − B with 95% CI (seeds, then sentences); red: the CI excludes 0", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from mlalign.io import save_figure
+
+    save_figure(fig, path, dpi=120)  # atomic: a full disk leaves no cut image under the final name
     plt.close(fig)
 
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from mlalign.errors import UserError
-from mlalign.io import json_safe, write_json_atomic
+from mlalign.io import json_safe, write_dir_atomic, write_json_atomic
 from mlalign.languages import target_langs
 from mlalign.training.checks import check_train_config
 
@@ -90,6 +90,12 @@ class Trained:
     adapted: AdaptedPassRecording | None
     """With `recorded`: the adapter's held-out measurement, run as the adapted model's analysis pass, whose statistics
     the pipeline's next analysis reuses; else None."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Settings that cannot train fail before any tokenizer or model loads and before config.yaml is written (as
+    task=pipeline and task=compare check them)."""
+    check_train_config(cfg)
 
 
 def run(cfg: DictConfig, ctx) -> dict[str, float]:
@@ -276,7 +282,7 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
     out = ctx.run_dir / "train"
     metrics = json_safe(report)
     if accelerator.is_main_process:
-        peft_model.save_pretrained(str(ctx.run_dir / "adapter"))
+        write_dir_atomic(ctx.run_dir / "adapter", lambda tmp: peft_model.save_pretrained(str(tmp)))
         write_json_atomic(out / "history.json", state.history)
         write_json_atomic(out / "metrics.json", metrics)
         if cfg.analysis.plots:
@@ -329,7 +335,7 @@ def _adapted_by_analysis(cfg, ctx, setup: _Setup, analysed_saes: dict, base_side
     peft_model = accelerator.unwrap_model(setup.model)
     adapter = ctx.run_dir / "adapter"
     if accelerator.is_main_process:
-        peft_model.save_pretrained(str(adapter))
+        write_dir_atomic(adapter, lambda tmp: peft_model.save_pretrained(str(tmp)))
     accelerator.wait_for_everyone()
     recording = AdaptedPassRecording(base_side, texts, analysed_saes, metric, accelerator.device)
     corpus = load_corpus(cfg.data, ctx.langs, split)

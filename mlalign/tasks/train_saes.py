@@ -18,7 +18,7 @@ from mlalign.analysis.engine import analysed_positions, pad_batch
 from mlalign.config import SAETrainConfig, typed
 from mlalign.data.corpus import ParallelCorpus, load_corpus
 from mlalign.errors import UserError
-from mlalign.io import write_atomic, write_json_atomic, write_text_atomic
+from mlalign.io import write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
 from mlalign.saes.training import TRAINER_MODULE, SAETrainSettings, default_lr, fidelity, train_sae
 
 log = logging.getLogger(__name__)
@@ -447,7 +447,8 @@ def _train_saes(cfg, job: _Job, acts: dict, index, heldout: dict) -> tuple[dict,
                     sae = train_sae(layer_acts, layer, job.recipe, seed=torch_seed, index=index,
                                     checkpoint_dir=checkpoints, progress=True)
                     train_seconds = time.perf_counter() - layer_started
-                    sae.save_model(seed_dir(job.out_dir, s, seeds) / f"layer_{layer}")
+                    write_dir_atomic(seed_dir(job.out_dir, s, seeds) / f"layer_{layer}",
+                                     lambda tmp: sae.save_model(tmp))
                     overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
                     per_lang = {lang: fidelity(sae, heldout[lang][layer]) for lang in langs}
                 records[layer].append(_seed_record(overall, per_lang, torch_seed, train_seconds))

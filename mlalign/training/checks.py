@@ -15,6 +15,13 @@ def check_train_config(cfg: DictConfig) -> None:
     r = cfg.lora.get("r")
     if r is None or int(r) <= 0:
         raise UserError(f"lora.r={r} must be a positive integer (the LoRA rank); type e.g. lora.r=8")
+    dropout = cfg.lora.get("lora_dropout")
+    if dropout is not None and not 0.0 <= float(dropout) < 1.0:  # torch's Dropout raised it after the model loaded
+        raise UserError(f"lora.lora_dropout={dropout} must be a probability in [0, 1); type e.g. lora.lora_dropout=0.05")
+    alpha = cfg.lora.get("lora_alpha")
+    if alpha is not None and not float(alpha) > 0:  # 0 trains nothing (updates scaled by lora_alpha / r)
+        raise UserError(f"lora.lora_alpha={alpha} must be > 0 (updates are scaled by lora_alpha / r); type e.g. "
+                        "lora.lora_alpha=16")
     t = cfg.train
     for key in ("max_steps", "batch_size", "grad_accum"):
         if int(t[key]) < 1:

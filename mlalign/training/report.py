@@ -187,9 +187,10 @@ def plot_before_after(report: dict, path: Path) -> Path:
     for ax in (ax_level, ax_gain, ax_fvu):
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    from mlalign.io import save_figure
+
+    try:
+        save_figure(fig, path, dpi=120)  # atomic, and a failed write leaves no temp file behind
+    finally:
+        plt.close(fig)
     return path

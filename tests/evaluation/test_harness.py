@@ -144,3 +144,18 @@ def test_without_log_samples_only_results_files_are_written(tiny_model, tiny_tok
     settings = EvalConfig(suite="bundled", benchmarks=["mmlu"], limit=2, log_samples=False)
     run_benchmarks(tiny_model, tiny_tokenizer, ["en"], settings, work_dir=tmp_path, output_dir=tmp_path / "out")
     assert [p.name.split("_")[0] for p in (tmp_path / "out").iterdir()] == ["results"]
+
+
+def test_a_task_whose_data_cannot_be_downloaded_is_one_user_error(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    """Issue 30 audit: `eval=harness` offline (e.g. experiment=testbed_demo eval=harness) ended in a traceback from
+    datasets (ConnectionError: Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled))."""
+    import lm_eval
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    with pytest.raises(UserError, match=r"lm-eval cannot load the data of mlalign_arc_hi: Couldn't reach "
+                                        r"'allenai/ai2_arc'.*run it once online.*or use eval=bundled"):
+        run_benchmarks(tiny_model, tiny_tokenizer, langs=["hi"], benchmarks=["arc_challenge"], suite="bundled",
+                       num_fewshot=0, limit=2, batch_size=4, work_dir=tmp_path)

@@ -92,6 +92,9 @@ def _local_sae(folder: Path, d_in: int = 16) -> Path:
     ("d_in_disagrees", r"cfg.json says d_in=32, d_sae=32, but sae_weights.safetensors holds W_enc of shape \[16, 32\]"),
     ("weights_missing", r"SAE weights .*layer_0/sae_weights.safetensors is missing"),
     ("weights_truncated", r"SAE weights .*sae_weights.safetensors is truncated or damaged"),
+    # issue 30 audit: both were a traceback from inside sae-lens's loader (KeyError: 'architecture' / 'jumprelu_v9')
+    ("no_architecture", r"cfg.json has architecture=None, which sae-lens does not know \(it knows .*jumprelu"),
+    ("unknown_architecture", r"cfg.json has architecture='jumprelu_v9', which sae-lens does not know"),
 ])
 def test_a_damaged_local_sae_is_one_user_error_naming_the_file(tmp_path, damage, message):
     import json
@@ -103,6 +106,11 @@ def test_a_damaged_local_sae_is_one_user_error_naming_the_file(tmp_path, damage,
     elif damage == "d_in_disagrees":
         cfg = json.loads((folder / "cfg.json").read_text())
         (folder / "cfg.json").write_text(json.dumps({**cfg, "d_in": 32}))
+    elif damage in ("no_architecture", "unknown_architecture"):
+        cfg = json.loads((folder / "cfg.json").read_text())
+        cfg = {k: v for k, v in cfg.items() if k != "architecture"}
+        (folder / "cfg.json").write_text(json.dumps(cfg if damage == "no_architecture" else
+                                                    {**cfg, "architecture": "jumprelu_v9"}))
     elif damage == "weights_missing":
         weights.unlink()
     else:

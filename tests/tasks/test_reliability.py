@@ -326,6 +326,25 @@ def test_a_full_disk_is_one_error_an_error_file_and_no_complete(testbed_dir, tes
 
 
 @pytest.mark.slow
+def test_a_full_disk_at_a_training_checkpoint_is_an_error_line_of_its_own(testbed_dir, testbed_cache_dir, tmp_path):
+    """Issue 30 audit: the checkpoint's write failed inside the training loop and the error line was printed on the
+    end of the open progress bar's line, and the adapter was saved straight into adapter/ (a cut file there)."""
+    import resource
+
+    limit = 200000  # above corpus.json and config.yaml, below a checkpoint (~1.7 MB of LoRA weights and Adam state)
+    run_dir = tmp_path / "run"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), *_train_args(testbed_cache_dir, run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900, preexec_fn=small_files)
+    assert "no room to write" in _one_error_line(result)
+    assert (run_dir / "ERROR").is_file() and not (run_dir / "COMPLETE").exists()
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and p.stat().st_size == limit]
+
+
+@pytest.mark.slow
 def test_sigterm_during_evaluation_ends_with_a_message_and_an_error_file(testbed_dir, testbed_cache_dir, tmp_path):
     """Before: rc 143, no message, no ERROR file (training alone said where it stopped)."""
     run_dir = tmp_path / "run"
@@ -345,3 +364,39 @@ def test_sigterm_during_evaluation_ends_with_a_message_and_an_error_file(testbed
     assert process.returncode == 1 and "Traceback" not in err, err[-3000:]
     assert "error: stopped by SIGTERM during task=eval" in err
     assert (run_dir / "ERROR").read_text().startswith("error: stopped by SIGTERM") and not (run_dir / "COMPLETE").exists()
+
+
+def test_a_tiny_split_warns_without_intervals_too(tmp_path):
+    """Issue 30 audit: a one-sentence corpus with analysis.bootstrap=0 finished without a word (the check of tiny
+    splits returned early when no interval was asked for)."""
+    from mlalign.tasks import _check_ci_splits
+    from tests.helpers import compose_cfg
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "en.txt").write_text("Hello.\n", encoding="utf-8")
+    (corpus / "hi.txt").write_text("नमस्ते।\n", encoding="utf-8")
+    cfg = compose_cfg(["task=analyze", "langs=[hi]", "data=text_dir", f"data.path={corpus}", "analysis.bootstrap=0"])
+    warnings = []
+    _check_ci_splits(cfg, ["en", "hi"], warnings)
+    assert len(warnings) == 1 and "holds 1 sentence(s) per language" in warnings[0]
+    assert "not to be reported" in warnings[0]
+
+
+@pytest.mark.parametrize("resume", ["true", "auto"])
+def test_resuming_into_a_finished_run_without_checkpoints_is_refused_and_leaves_it_whole(resume, tmp_path):
+    """Issue 30 audit: task=train train.resume=true aimed at a finished analysis removed its COMPLETE (as if continuing
+    a training) and then failed for want of a checkpoint; train.resume=auto trained afresh among the analysis' files."""
+    from mlalign.io import mark_complete
+    from mlalign.tasks import FinishedRunDirectory, _claim_run_dir
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg(["task=train", f"train.resume={resume}"], tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    mark_complete(run_dir, {"task": "analyze"})
+    (run_dir / "metrics.json").write_text("{}")
+    with pytest.raises(FinishedRunDirectory, match="holds a finished run \\(COMPLETE\\) and no training checkpoint to "
+                                                   "resume; .*overwrite=true to replace it$"):
+        _claim_run_dir(cfg)
+    assert (run_dir / "COMPLETE").is_file() and (run_dir / "metrics.json").is_file()
