@@ -126,10 +126,10 @@ def _setup(cfg, ctx, settings):
             placebo[layer] = placebo_sae(saes[layer], pool[np.sort(take)], seed=settings.placebo_seed + layer)
     del tokens
     topics = None
-    if str(cfg.data.get("source", "flores")) == "flores":
+    if str(cfg.data.source) == "flores":
         from mlalign.data.topics import flores_topics
 
-        topics = flores_topics(cfg.data.get("path"))
+        topics = flores_topics(cfg.data.path)
     else:
         log.info("topic transfer not measured: data.source=%s carries no SIB-200 labels", cfg.data.source)
     pool_layers = sorted(set(aligned) | {n_layers - 1})
@@ -138,7 +138,7 @@ def _setup(cfg, ctx, settings):
                  analysed=analysed, aligned=aligned, pool_layers=pool_layers, targets=targets, reference=reference,
                  texts=texts, ids=ids, base_sides=base_sides, steer_vectors=vectors, topics=topics,
                  metric=check_metric(str(cfg.analysis.metric)), aggregate=check_aggregate(str(cfg.analysis.aggregate)),
-                 tolerance=float(cfg.train.get("fidelity_tolerance", 1.25)))
+                 tolerance=float(cfg.train.fidelity_tolerance))
 
 
 def _tracker(ctx, cfg, directory: Path, arm: str, setting: str, seed):

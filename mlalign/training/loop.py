@@ -130,11 +130,11 @@ class ObjectiveFn:
 
     def __init__(self, loss_cfg, saes: dict, layers: list[int], bos_id: int | None, accelerator,
                  metric: str = "mean_act", aggregate: str = "token"):
-        self.weights = {term: float(loss_cfg.get(term, 0.0)) for term in L.LOSS_TERMS}
+        self.weights = {term: float(loss_cfg[term]) for term in L.LOSS_TERMS}
         self.kind = str(loss_cfg.act_align_kind)
         self.margin = float(loss_cfg.margin)
         self.surrogate = str(loss_cfg.surrogate)
-        self.bandwidth = float(loss_cfg.get("ste_bandwidth", 0.1))
+        self.bandwidth = float(loss_cfg.ste_bandwidth)
         self.retain_kind = str(loss_cfg.retain_kind)
         self.metric = metric
         self.aggregate = aggregate

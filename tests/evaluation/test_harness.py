@@ -157,5 +157,6 @@ def test_a_task_whose_data_cannot_be_downloaded_is_one_user_error(tiny_model, ti
     monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
     with pytest.raises(UserError, match=r"lm-eval cannot load the data of mlalign_arc_hi: Couldn't reach "
                                         r"'allenai/ai2_arc'.*run it once online.*or use eval=bundled"):
-        run_benchmarks(tiny_model, tiny_tokenizer, langs=["hi"], benchmarks=["arc_challenge"], suite="bundled",
-                       num_fewshot=0, limit=2, batch_size=4, work_dir=tmp_path)
+        run_benchmarks(tiny_model, tiny_tokenizer, ["hi"], EvalConfig(suite="bundled", benchmarks=["arc_challenge"],
+                                                                     num_fewshot=0, limit=2, batch_size=4),
+                       work_dir=tmp_path)

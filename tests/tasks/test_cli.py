@@ -37,15 +37,16 @@ def test_build_testbed_twice_second_is_a_cache_hit(testbed_dir, testbed_cache_di
     args = ["task=build_testbed", "model=testbed", f"paths.cache_dir={testbed_cache_dir}",
             f"paths.root_dir={tmp_path}", *SMALL_TESTBED_OVERRIDES]
     started = time.time()
-    first = run_cli(args)
+    # Each run its own directory: the default one is named by the second, and two fast runs share a second.
+    first = run_cli([*args, f"hydra.run.dir={tmp_path / 'first'}"])
     assert first.returncode == 0, first.stderr
     assert str(testbed_dir) in first.stdout  # found the session's testbed: same spec, same hash
-    second = run_cli(args)
+    second = run_cli([*args, f"hydra.run.dir={tmp_path / 'second'}"])
     assert second.returncode == 0 and str(testbed_dir) in second.stdout
     marker = testbed_dir / "COMPLETE"
     assert marker.stat().st_mtime < started, "the cache hit rebuilt the testbed"
-    runs = sorted(tmp_path.glob("outputs/build_testbed/*/metrics.json"))
-    assert len(runs) == 2 and all(json.loads(p.read_text())["num_layers"] == 26 for p in runs)
+    runs = [tmp_path / name / "metrics.json" for name in ("first", "second")]
+    assert all(json.loads(p.read_text())["num_layers"] == 26 for p in runs)
 
 
 @pytest.mark.slow
