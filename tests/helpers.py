@@ -60,7 +60,11 @@ class _ForkServer:
         import tempfile
 
         if self.process is None or self.process.poll() is not None:
-            self.scratch = Path(tempfile.mkdtemp(prefix="cli-forks-"))
+            import atexit
+            import shutil
+
+            self.scratch = Path(tempfile.mkdtemp(prefix="cli-forks-"))  # each run's stdout/stderr files
+            atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
             self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_forks.py")], cwd=REPO,
                                             env={**os.environ, **CLI_ENV}, stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, text=True, bufsize=1)
