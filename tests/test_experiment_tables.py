@@ -1,0 +1,73 @@
+"""The real comparison's table generator (experiments/gemma3_270m_compare/tables.py) reads a results.json the way its
+README says: which way a difference goes (a CI that holds 0 is no difference; for a loss, lower is better), the
+tally, the seed mean ± SD and the seconds per step. Checked on a small results.json whose answers are known."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("compare_tables", REPO / "experiments/gemma3_270m_compare/tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _diff(estimate, low, high, verdict="v"):
+    return {"estimate": estimate, "ci": [low, high], "mde": 0.1, "n_seeds": [3, 3], "verdict": verdict}
+
+
+def _seed(lm_loss, retrieval, s_per_step):
+    per_lang = {"gain_pct": 1.0, "lm_loss": lm_loss, "spliced_dlm_loss": 0.5, "retrieval_at1": retrieval,
+                "topic_transfer_acc": 0.4}
+    return {"per_lang": {"hi": per_lang, "en": per_lang}, "training": {"s_per_step": s_per_step}}
+
+
+@pytest.fixture
+def results(tmp_path):
+    differences = {"a-b": {"hi": {
+        "lm_loss": _diff(-0.2, -0.3, -0.1, "hi lm_loss: a lower"),        # a loss that fell: better
+        "spliced_dlm_loss": _diff(0.2, 0.1, 0.3, "hi spliced: a higher"),  # a loss that rose: worse
+        "retrieval_at1": _diff(0.05, 0.01, 0.09, "hi retrieval: a higher"),  # a score that rose: better
+        "topic_transfer_acc": _diff(0.01, -0.02, 0.04, "hi topic: none"),  # CI holds 0: none
+        "gain_pct": _diff(9.0, 8.0, 10.0),                                  # optimised: not in the tally
+    }}}
+    arms = {"a": {"setting": "lr_0.001", "seeds": {"0": _seed(4.0, 0.5, 2.0), "1": _seed(4.2, 0.7, 4.0)}}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"targets": ["hi"], "reference_lang": "en", "differences": differences, "arms": arms}))
+    return path
+
+
+def test_a_ci_holding_zero_reads_as_none_and_a_loss_that_falls_reads_as_better(tables):
+    assert tables.direction("lm_loss", _diff(-1, -2, -0.5)) == "better"
+    assert tables.direction("lm_loss", _diff(1, 0.5, 2)) == "worse"
+    assert tables.direction("retrieval_at1", _diff(1, 0.5, 2)) == "better"
+    assert tables.direction("retrieval_at1", _diff(-1, -2, -0.5)) == "worse"
+    assert tables.direction("retrieval_at1", _diff(0, 0, 0)) == "none"
+    assert tables.direction("lm_loss", _diff(0.3, -0.1, 0.6)) == "none"
+
+
+def test_the_tally_counts_only_unoptimised_outcomes(tables, results):
+    assert tables.tally("a-b", results) == ("a is better in 2, worse in 1 and not detectably different in 1 of 4 "
+                                            "(language, outcome) cells")
+    assert tables.verdicts("a-b", results).splitlines() == [
+        "- hi lm_loss: a lower", "- hi spliced: a higher", "- hi retrieval: a higher", "- hi topic: none"]
+
+
+def test_the_arms_table_gives_the_seed_mean_and_sd_and_the_step_time_is_the_seed_mean(tables, results):
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in
+            tables.arms_table(results).splitlines()[2:]}
+    hi = rows[("hi", "a")]
+    assert "4.1000 ± 0.1414" in hi and "0.6000 ± 0.1414" in hi and "| lr_0.001 | 2 |" in hi
+    assert tables.s_per_step("a", results) == "3.0"
+    assert tables.chosen("a", results) == "lr_0.001"
+    table = tables.differences_table(results)
+    assert "| a-b | hi | lm_loss | -0.2000 | [-0.3000, -0.1000] | 0.1000 | a better | 3 vs 3 |" in table
+    assert "| a-b | hi | topic_transfer_acc | +0.0100 | [-0.0200, +0.0400] | 0.1000 | no detectable difference |" in table
