@@ -1,9 +1,13 @@
 """mlalign's one entry point: `python run.py task=analyze|train|eval|pipeline|build_testbed|summarize [overrides]`."""
 
-import hydra
+from mlalign.errors import stop_in_one_line_on_early_sigterm
+
+stop_in_one_line_on_early_sigterm()  # first: a SIGTERM while the libraries import is one line, not a silent -15
+
+import hydra  # noqa: E402
 from omegaconf import DictConfig
 
-import mlalign.config  # noqa: F401  (registers the typed config schemas)
+import mlalign.config  # noqa: F401,E402  (registers the typed config schemas)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

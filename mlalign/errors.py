@@ -71,3 +71,25 @@ def report_composition_errors_in_one_line() -> None:
 
     run_and_report.mlalign_one_line = True
     hydra_utils.run_and_report = run_and_report
+
+
+SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+
+
+def stop_in_one_line_on_early_sigterm() -> None:
+    """A SIGTERM that arrives before the task dispatcher installs its own handler (while torch, transformers and
+    Hydra import, or the config composes: seconds of a fresh run) ends the run with one `error:` line and exit status
+    143, as every other stop does, instead of Python's silent death by signal (-15, nothing printed). No task has
+    started then, so nothing in the run directory is marked complete. The dispatcher's handler (tasks._StopOnSigterm)
+    replaces this one while a task runs and puts it back after."""
+    import os
+    import signal
+    import sys
+
+    def stop(signum, frame):
+        sys.stderr.write("error: stopped by SIGTERM outside any task (while loading libraries, composing the config "
+                         "or exiting); no task result was written by this run after it: run the same command again\n")
+        sys.stderr.flush()
+        os._exit(SIGTERM_EXIT_STATUS)  # not SystemExit: an import half-done is no state to unwind through
+
+    signal.signal(signal.SIGTERM, stop)
