@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlalign.analysis.ablation import check_k
 from mlalign.analysis.features import FeatureReport, paired_counts, specific_features
 from mlalign.config import AnalysisConfig
 from mlalign.errors import UserError
@@ -61,8 +62,7 @@ def wanted_layers(acfg: AnalysisConfig, layers: list[int]) -> list[int]:
     for name in ("ablate", "steer", "dashboard"):
         step = getattr(fcfg, name)
         if step.enabled:
-            if int(step.k) < 1:
-                raise UserError(f"analysis.features.{name}.k must be >= 1 (features per language), got {step.k}")
+            check_k(step.k, f"analysis.features.{name}.k")
             out.add(resolve_layer(step.layer, layers, f"analysis.features.{name}.layer"))
     return sorted(out)
 
