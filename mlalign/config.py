@@ -107,6 +107,66 @@ class DataConfig:
 
 
 @dataclass
+class AblateConfig:
+    """Is a language's set of specific features causal for its LM loss? (docs/method.md §8c): analysis/ablation.json."""
+
+    enabled: bool = False
+    """Ablate each language's top-k specific features (and k firing-rate-matched random ones) at `layer` and measure
+    every language's LM-loss change on `split`. One clean and 2 x languages hooked forwards per batch."""
+    layer: Optional[int] = None
+    """The analysed layer whose SAE features are ablated; null = the middle one of the analysed layers."""
+    k: int = 10
+    """Specific features ablated per language (the top k by mean activation; fewer where a language has fewer)."""
+    split: str = "dev"
+    """Sentences the LM loss is measured on: a split other than the analysis split (where the features were chosen)."""
+    max_sentences: Optional[int] = None
+    """At most this many sentences per language of `split`; null = all."""
+
+
+@dataclass
+class SteerConfig:
+    """Does adding a language's feature direction make the model write that language? (docs/method.md §8c):
+    analysis/steering.json and steering.png."""
+
+    enabled: bool = False
+    """Greedy generation from English prompts with alpha x the language's feature direction added at `layer`."""
+    layer: Optional[int] = None
+    """The analysed layer steered; null = the middle one of the analysed layers."""
+    k: int = 10
+    """Top specific features whose mean unit decoder direction is the steering direction."""
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0])
+    """Steering strengths, in units of the reference language's mean residual norm at `layer`: alpha 1 adds a vector
+    as long as a typical residual. 0 (the unsteered English baseline) is always included."""
+    prompts: int = 24
+    """English sentences of `split` used as prompts (the first ones)."""
+    split: str = "dev"
+    """Split the English prompts come from."""
+    max_new_tokens: int = 24
+    """Tokens generated greedily per prompt; the language of these alone is identified."""
+
+
+@dataclass
+class DashboardConfig:
+    """An offline HTML page per layer of each language's top specific features: analysis/feature_dashboard.html, and
+    analysis/features_neuronpedia.json (Neuronpedia quick lists where Neuronpedia hosts the SAE)."""
+
+    enabled: bool = False
+    """Write the dashboard and the Neuronpedia export."""
+    layer: Optional[int] = None
+    """The analysed layer shown; null = the middle one of the analysed layers."""
+    k: int = 5
+    """Top specific features shown per language."""
+    contexts: int = 5
+    """Top-activating contexts shown per feature and language."""
+    split: str = "dev"
+    """Sentences the contexts and histograms come from."""
+    max_sentences: Optional[int] = 50
+    """At most this many sentences per language of `split`; null = all."""
+    logit_tokens: int = 8
+    """Tokens listed with the largest and smallest logit effects (decoder direction through the unembedding)."""
+
+
+@dataclass
 class FeaturesConfig:
     """Which SAE features carry the gap (docs/method.md §8): analysis/features.csv, features_top.md, overlap."""
 
@@ -123,6 +183,12 @@ class FeaturesConfig:
     keeps per-sentence sums of the listed features only (cached)."""
     csv_rows: str = "fired"
     """Rows of features.csv: fired (features that fire in that language and layer), all, or listed."""
+    ablate: AblateConfig = field(default_factory=AblateConfig)
+    """Ablation of each language's specific features and its matched-random control (docs/method.md §8c)."""
+    steer: SteerConfig = field(default_factory=SteerConfig)
+    """Steering generation with each language's feature direction (docs/method.md §8c)."""
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    """Offline feature dashboards and the Neuronpedia export (docs/method.md §8c)."""
 
 
 @dataclass

@@ -229,7 +229,7 @@ def weighted_jaccard(mean_acts: np.ndarray) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def _paired_counts(ids_by_lang, langs, reference_lang, sizes, n_resamples, seed):
+def paired_counts(ids_by_lang, langs, reference_lang, sizes, n_resamples, seed):
     from mlalign.analysis.bootstrap import resample_counts
     from mlalign.analysis.metrics import _paired_columns
 
@@ -328,7 +328,7 @@ def analyze_features(feature_stats: dict[str, dict[int, FeatureSums]], reference
         for i, lang in enumerate(langs):
             kinds = {}
             if n > 1:
-                specific = supported[i] & (np.nan_to_num(spec[i], nan=-1.0) >= specific_threshold - 1e-12)
+                specific = _specific_mask(spec[i], supported[i], specific_threshold)
                 counts[lang][layer] = int(specific.sum())
                 kinds["specific"] = _top(np.where(specific, mean_act[i], -np.inf), top_k)
             else:
@@ -348,6 +348,27 @@ def analyze_features(feature_stats: dict[str, dict[int, FeatureSums]], reference
             lists[lang][layer] = kinds
     return FeatureReport(reference_lang, langs, layers, top_k, min_sentences, specific_threshold, stats, lists,
                          counts, overlap, share)
+
+
+def _specific_mask(specificity_row: np.ndarray, supported_row: np.ndarray, threshold: float) -> np.ndarray:
+    """[F] bool: specific to the language (specificity >= threshold) and counting for it (enough support)."""
+    return supported_row & (np.nan_to_num(specificity_row, nan=-1.0) >= threshold - 1e-12)
+
+
+def specific_features(report: FeatureReport, lang: str, layer: int, k: int) -> list[int]:
+    """The top k features specific to `lang` at `layer` by mean activation: the "specific" list for any k (fewer
+    where the language has fewer specific features)."""
+    if lang not in report.langs:
+        raise UserError(f"language {lang!r} was not analysed (analysed: {', '.join(report.langs)}); add it to langs")
+    if layer not in report.stats:
+        raise UserError(f"layer {layer} was not analysed (analysed: {', '.join(map(str, report.layers))}); add it to "
+                        "layers=[...] or pick one of those")
+    if k < 1:
+        raise UserError(f"the number of features k must be >= 1, got {k}")
+    i, stats = report.langs.index(lang), report.stats[layer]
+    specific = _specific_mask(stats["specificity"][i], stats["sentences_fired"][i] >= report.min_sentences,
+                              report.specific_threshold)
+    return _top(np.where(specific, stats["mean_act"][i], -np.inf), k)
 
 
 def _top(scores: np.ndarray, k: int) -> list[int]:
@@ -373,7 +394,7 @@ def add_intervals(report: FeatureReport, sentence_sums: dict[str, dict[int, Feat
     if ref not in langs:
         return
     sizes = {lang: len(next(iter(n_tokens[lang].values()))) for lang in langs}
-    counts = _paired_counts(ids_by_lang, langs, ref, sizes, n_resamples, seed)
+    counts = paired_counts(ids_by_lang, langs, ref, sizes, n_resamples, seed)
     needed = report.needed_features()
     for lang in langs:
         if lang == ref:

@@ -53,6 +53,11 @@ class LazyEngine:
         saes, settings = self._prepare(layers)
         return collect_listed_sums(self.model, self.tokenizer, saes, texts_by_lang, feature_ids, settings)
 
+    def loaded(self, layers: list[int]) -> tuple:
+        """(model, tokenizer, {layer: SAE}) for `layers`, loading whatever is not loaded yet."""
+        saes, _ = self._prepare(layers)
+        return self.model, self.tokenizer, saes
+
     def _prepare(self, layers: list[int]) -> tuple[dict, EngineSettings]:
         """The SAEs of `layers` and the model loaded; the engine settings both passes share (the same tokens)."""
         from mlalign.models import hidden_size, num_layers, resolve_device

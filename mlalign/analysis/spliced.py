@@ -91,10 +91,12 @@ own layer only) while the copies' float32 logits stay under this: a small-vocabu
 whole group of layers per forward, a 262k-vocabulary one (Gemma 3) one layer at a time, as before."""
 
 
-def _layer_groups(layers: list[int], rows: int, positions: int, vocab: int) -> list[list[int]]:
+def copy_groups(items: list, rows: int, positions: int, vocab: int) -> list[list]:
+    """`items` (one copy of a [rows, positions] batch each) in groups whose stacked float32 logits fit
+    LOGITS_BUDGET_BYTES."""
     per_copy = max(1, rows * positions * vocab * 4)
-    size = max(1, min(len(layers), LOGITS_BUDGET_BYTES // per_copy))
-    return [layers[i:i + size] for i in range(0, len(layers), size)]
+    size = max(1, min(len(items), LOGITS_BUDGET_BYTES // per_copy))
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 @torch.no_grad()
@@ -124,7 +126,7 @@ def clean_and_spliced_loss(model: nn.Module, saes: dict, batches: list[TokenBatc
             clean_sum.index_add_(0, batch.rows, total.cpu())
             count.index_add_(0, batch.rows, predicted.cpu())
             rows, positions = inputs["input_ids"].shape
-            for group in _layer_groups(layers, rows, positions, logits.shape[-1]):
+            for group in copy_groups(layers, rows, positions, logits.shape[-1]):
                 # Copy j of the batch is spliced at group[j] only: its rows sit at j * rows.. in the stacked batch,
                 # so its flat positions are offset by j * rows * positions; the other copies pass that layer clean.
                 stacked = {key: value.repeat(len(group), 1) for key, value in inputs.items()}

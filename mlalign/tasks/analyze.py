@@ -12,6 +12,7 @@ from mlalign.analysis.sources import base_feature_stats, cached_stats, feature_s
 from mlalign.analysis.summary import METRICS_CSV_COLUMNS, metrics_rows, summarize, summary_markdown
 from mlalign.config import AnalysisConfig, FeaturesConfig, typed
 from mlalign.data.corpus import load_corpus
+from mlalign.errors import UserError
 from mlalign.io import write_json_atomic, write_text_atomic
 from mlalign.languages import target_langs
 
@@ -21,9 +22,9 @@ OBJECTIVE = "mean_disparity_pct"
 
 
 def analyze_features_step(cfg, ctx, summary: dict, stats, feature_stats, corpus, cache, engine, out_dir: Path,
-                          fcfg: FeaturesConfig) -> dict[str, Path]:
+                          fcfg: FeaturesConfig):
     """features.csv, feature_overlap.json, features_summary.json, features_top.md and the two plots (docs/method.md
-    §8); adds `summary["features"]`; returns the plots by name."""
+    §8); adds `summary["features"]`; returns the plots by name and the feature report."""
     from mlalign.analysis import features as feat
     from mlalign.analysis.features_outputs import (FEATURES_CSV_COLUMNS, feature_rows, features_markdown,
                                                    features_summary, neuronpedia_ids, overlap_json, plot_features)
@@ -56,7 +57,38 @@ def analyze_features_step(cfg, ctx, summary: dict, stats, feature_stats, corpus,
         images = {Path(path).stem: Path(path) for path in plot_features(report, bands, out_dir, title)}
     summary["features"] = {name: str(path) for name, path in files.items()}
     ctx.tracker.log_table("analysis/features_listed", [row for row in rows if row["listed"]])
-    return images
+    return images, report
+
+
+def causal_step(cfg, ctx, acfg: AnalysisConfig, summary: dict, report, engine, out_dir: Path) -> dict[str, Path]:
+    """Are the language-specific features causal? (docs/method.md §8c): ablation, steering and dashboards, each where
+    `analysis.features.<step>.enabled`; adds `summary["causal"]`; returns the plots by name."""
+    from mlalign.analysis.causal import Causal, ablation_step, dashboard_step, steering_step, wanted_layers
+    from mlalign.analysis.features_outputs import neuronpedia_ids
+    from mlalign.console import headline, stage
+
+    fcfg = acfg.features
+    layers = wanted_layers(acfg, report.layers)
+    model, tokenizer, saes = engine.loaded(layers)
+    ref = cfg.reference_lang
+    c = Causal(report=report, acfg=acfg, data_cfg=cfg.data, model=model, tokenizer=tokenizer, saes=saes,
+               device=next(model.parameters()).device, seed=int(cfg.seed), out_dir=out_dir,
+               title=f"{cfg.model.name}, {cfg.sae.name}", split=summary["corpus"]["split"],
+               resid_norm={layer: summary["values"][ref][str(layer)]["resid_norm"] for layer in report.layers})
+    out: dict = {}
+    if fcfg.ablate.enabled:
+        with stage("ablating each language's specific features (and matched random ones)"):
+            out["ablation"] = ablation_step(c)
+        headline(*(f"- {statement}" for statement in out["ablation"]["statements"]))
+    if fcfg.steer.enabled:
+        with stage("steering English generation with each language's feature direction"):
+            out["steering"] = steering_step(c, ref)
+    if fcfg.dashboard.enabled:
+        with stage("feature dashboards"):
+            out["dashboard"] = dashboard_step(c, neuronpedia_ids(cfg.sae, report.layers))
+    summary["causal"] = out
+    return {Path(path).stem: Path(path) for step in out.values() for path in step["files"].values()
+            if path.endswith(".png")}
 
 
 def write_feature_changes(cfg, ctx, summary: dict, base: dict, adapted: dict, out_dir: Path) -> dict:
@@ -100,6 +132,14 @@ def analyze_model(cfg, ctx, adapter=None, out_dir: Path | None = None, split: st
 
     check_sae_config(cfg.sae, layers)
     fcfg = acfg.features
+    causal = fcfg.ablate.enabled or fcfg.steer.enabled or fcfg.dashboard.enabled
+    if causal:  # a wrong layer or k fails before any work
+        if not fcfg.enabled:
+            raise UserError("analysis.features.ablate/steer/dashboard need the feature lists: set "
+                            "analysis.features.enabled=true")
+        from mlalign.analysis.causal import wanted_layers
+
+        wanted_layers(acfg, layers)
     stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, recording=recording,
                                                        computed_before=computed_before)
 
@@ -123,8 +163,11 @@ def analyze_model(cfg, ctx, adapter=None, out_dir: Path | None = None, split: st
 
         images = {Path(path).stem: Path(path) for path in make_plots(summary, out_dir)}
     if fcfg.enabled:
-        feature_images = analyze_features_step(cfg, ctx, summary, stats, feature_stats, corpus, cache, engine, out_dir, fcfg)
+        feature_images, report = analyze_features_step(cfg, ctx, summary, stats, feature_stats, corpus, cache, engine,
+                                                       out_dir, fcfg)
         images.update(feature_images)
+        if causal:
+            images.update(causal_step(cfg, ctx, acfg, summary, report, engine, out_dir))
     engine.release()
     if adapter and base_features and fcfg.enabled:
         summary["feature_changes"] = write_feature_changes(cfg, ctx, summary, base_features, feature_stats, out_dir)

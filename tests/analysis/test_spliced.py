@@ -111,7 +111,7 @@ def test_layers_spliced_in_one_stacked_forward_match_one_layer_at_a_time(bed, mo
 
     model, _, saes, _, batches = bed
     stacked = spliced_dlm_loss(model, saes, batches, LAYERS, device="cpu")
-    assert len(spliced._layer_groups(LAYERS, 5, 48, model.config.vocab_size)) == 1  # both layers in one forward
+    assert len(spliced.copy_groups(LAYERS, 5, 48, model.config.vocab_size)) == 1  # both layers in one forward
     monkeypatch.setattr(spliced, "LOGITS_BUDGET_BYTES", 1)
     one_by_one = spliced_dlm_loss(model, saes, batches, LAYERS, device="cpu")
     for layer in LAYERS:

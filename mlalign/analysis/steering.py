@@ -1,0 +1,147 @@
+"""Steering: greedy generation from English prompts with alpha x a language's SAE feature direction added to the
+residual stream at one layer, and the share of generations an offline identifier calls that language.
+
+The direction of a feature set S is the normalised mean of its unit decoder rows, d = mean_f (W_dec[f] / |W_dec[f]|),
+d̂ = d / |d|, so features with long decoder rows do not dominate it. The added vector is alpha x r x d̂ with r the
+reference language's mean residual norm at the layer (`resid_norm` of analysis/summary.json): **alpha is in units of a
+typical residual's length**, alpha 1 adds a vector as long as the residual itself, whatever the model's scale. It is
+added at every prompt position but BOS and padding (the positions every other statistic analyses) and at every
+generated token. Alpha 0 adds exact zeros, so it reproduces unsteered generation token for token (tested).
+docs/method.md §8c.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlalign.analysis.capture import decoder_layers
+from mlalign.analysis.engine import analysed_positions, pad_batch
+
+
+def feature_direction(sae, features: list[int]) -> torch.Tensor:
+    """[d_in] float32 unit vector: the normalised mean of the features' unit decoder rows (zeros for no feature)."""
+    if not features:
+        return torch.zeros(sae.W_dec.shape[1])
+    rows = sae.W_dec.detach().float().cpu()[torch.tensor(list(features), dtype=torch.long)]
+    mean = (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).mean(dim=0)
+    return mean / mean.norm().clamp_min(1e-12)
+
+
+class _Steer:
+    """Forward hook on one decoder layer: adds `vector` at the prompt's `mask`ed positions on the first (prefill) call
+    and at every position of the later (one-token) calls of generation."""
+
+    def __init__(self, vector: torch.Tensor, mask: torch.Tensor):
+        self.vector, self.mask, self.prefilled = vector, mask, False
+
+    def __call__(self, _module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        add = self.vector.to(device=hidden.device, dtype=hidden.dtype)
+        if not self.prefilled:
+            self.prefilled = True
+            steered = hidden + self.mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype) * add
+        else:
+            steered = hidden + add
+        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, *, max_length: int,
+                    device, layer: int | None = None, vector: torch.Tensor | None = None, batch_size: int = 16
+                    ) -> list[list[int]]:
+    """The greedily generated token ids after each prompt (prompts truncated to max_length tokens, left-padded),
+    with `vector` added at decoder layer `layer` (`_Steer`) when given. Stops at EOS or max_new_tokens."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    encoded = tokenizer(list(prompts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    out: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(encoded), batch_size):
+            inputs = pad_batch(encoded[start:start + batch_size], pad_id, "left", torch.device(device))
+            handle = None
+            if vector is not None:
+                mask = analysed_positions(inputs["input_ids"], inputs["attention_mask"], tokenizer.bos_token_id)
+                handle = decoder_layers(model)[layer].register_forward_hook(_Steer(vector, mask))
+            try:
+                generated = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                           max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            width = inputs["input_ids"].shape[1]
+            for row in generated[:, width:].tolist():
+                out.append(_until_eos(row, tokenizer.eos_token_id))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _until_eos(row: list[int], eos_id: int | None) -> list[int]:
+    return row[:row.index(eos_id)] if eos_id is not None and eos_id in row else row
+
+
+def steering_results(generate, identify, directions: dict[str, tuple[torch.Tensor, torch.Tensor]], alphas: list[float],
+                     scale: float, examples: int = 3) -> dict:
+    """results[lang] = [{alpha, share_in_lang, share_in_lang_random, examples}] for every alpha (0 first: the unsteered
+    English baseline, one generation shared by every language and both arms).
+
+    generate(vector or None) -> list of generated texts; identify(texts) -> their language codes; directions[lang] =
+    (unit direction of its specific features, of its matched random features); scale: the residual norm alpha is in
+    units of."""
+    alphas = sorted({0.0, *(float(a) for a in alphas)})
+    baseline = generate(None)
+    baseline_labels = identify(baseline)
+    results: dict[str, list[dict]] = {}
+    for lang, (direction, random_direction) in directions.items():
+        rows = []
+        for alpha in alphas:
+            if alpha == 0.0:
+                texts, labels, labels_random = baseline, baseline_labels, baseline_labels
+            else:
+                texts = generate(alpha * scale * direction)
+                labels = identify(texts)
+                labels_random = identify(generate(alpha * scale * random_direction))
+            rows.append({"alpha": alpha, "share_in_lang": _share(labels, lang),
+                         "share_in_lang_random": _share(labels_random, lang),
+                         "examples": texts[:examples]})
+        results[lang] = rows
+    return results
+
+
+def _share(labels: list[str], lang: str) -> float | None:
+    return float(np.mean([label == lang for label in labels])) if labels else None
+
+
+def plot_steering(results: dict, layer: int, path, title: str = ""):
+    """analysis/steering.png: per language the share of generations identified as it vs alpha, its specific features'
+    direction (solid) against the matched-random direction (dashed); alpha 0 is the unsteered English baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlalign.io import save_figure
+
+    langs = list(results)
+    cols = min(5, max(1, len(langs)))
+    n_rows = (len(langs) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(2.6 * cols, 2.2 * n_rows), squeeze=False, sharey=True)
+    for ax, lang in zip(axes.flat, langs):
+        alphas = [r["alpha"] for r in results[lang]]
+        ax.plot(alphas, [r["share_in_lang"] for r in results[lang]], "o-", label="its features")
+        ax.plot(alphas, [r["share_in_lang_random"] for r in results[lang]], "s--", label="matched random")
+        ax.set_title(lang, fontsize=9)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("alpha (x residual norm)", fontsize=8)
+    for ax in list(axes.flat)[len(langs):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("share identified as lang")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{title + ', ' if title else ''}steering at layer {layer} from English prompts", fontsize=10)
+    fig.tight_layout()
+    saved = save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return saved

@@ -1,0 +1,66 @@
+"""Steering on the testbed: alpha 0 reproduces unsteered greedy generation token for token (and a large alpha does
+change it, so the hook is live); the direction is a unit vector; the shares per alpha are counted as defined."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlalign.analysis.steering import feature_direction, greedy_generate, steering_results
+from tests.analysis.testkit import jumprelu_sae
+
+LAYER = 13
+
+
+@pytest.fixture(scope="module")
+def bed(testbed_dir):
+    from mlalign.data.corpus import load_corpus
+    from mlalign.models import load_model, load_tokenizer
+    from tests.helpers import compose_cfg
+    from tests.tasks.test_train import bed_overrides
+
+    cfg = compose_cfg(["model=testbed", *bed_overrides(testbed_dir)])
+    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+    prompts = load_corpus(cfg.data, ["en"], "dev")["en"][:6]
+    return model, tokenizer, prompts
+
+
+def test_alpha_zero_reproduces_unsteered_generation_token_for_token(bed):
+    model, tokenizer, prompts = bed
+    d = model.config.hidden_size
+    direction = feature_direction(jumprelu_sae(d, 32, seed=0), [1, 5, 7])
+    kwargs = dict(max_length=48, device="cpu", batch_size=4)
+    plain = greedy_generate(model, tokenizer, prompts, 10, **kwargs)
+    zero = greedy_generate(model, tokenizer, prompts, 10, layer=LAYER, vector=0.0 * direction, **kwargs)
+    assert zero == plain and all(len(row) > 0 for row in plain)
+    # A vector many residual norms long changes the generations: the hook is applied.
+    pushed = greedy_generate(model, tokenizer, prompts, 10, layer=LAYER, vector=200.0 * direction, **kwargs)
+    assert pushed != plain
+
+
+def test_the_direction_is_the_normalised_mean_of_unit_decoder_rows():
+    sae = jumprelu_sae(16, 32, seed=3)
+    direction = feature_direction(sae, [2, 9])
+    rows = sae.W_dec.detach()[[2, 9]]
+    expected = (rows / rows.norm(dim=1, keepdim=True)).mean(0)
+    torch.testing.assert_close(direction, expected / expected.norm())
+    assert torch.equal(feature_direction(sae, []), torch.zeros(16))
+
+
+def test_shares_per_alpha_with_the_baseline_shared_and_zero_always_first():
+    calls = []
+
+    def generate(vector):
+        calls.append(None if vector is None else float(vector.norm()))
+        if vector is None:
+            return ["en"] * 4
+        # The language's own direction (x axis) makes half the texts Hindi at alpha 1 and all at alpha 2.
+        return ["hi"] * min(4, int(2 * float(vector[0]))) + ["en"] * (4 - min(4, int(2 * float(vector[0]))))
+
+    directions = {"hi": (torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))}
+    results = steering_results(generate, lambda texts: list(texts), directions, [2.0, 1.0], scale=1.0)
+    rows = results["hi"]
+    assert [r["alpha"] for r in rows] == [0.0, 1.0, 2.0]
+    assert [r["share_in_lang"] for r in rows] == [0.0, 0.5, 1.0]
+    assert [r["share_in_lang_random"] for r in rows] == [0.0, 0.0, 0.0]
+    assert calls.count(None) == 1  # one unsteered baseline for every language and arm
