@@ -135,8 +135,9 @@ class SteerConfig:
     k: int = 10
     """Top specific features whose mean unit decoder direction is the steering direction."""
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0])
-    """Steering strengths, in units of the reference language's mean residual norm at `layer`: alpha 1 adds a vector
-    as long as a typical residual. 0 (the unsteered English baseline) is always included."""
+    """Steering strengths, in units of the English prompts' centred RMS residual at `layer` (sqrt(mean ||x - x̄||²)):
+    alpha 1 adds a vector as long as a typical residual's distance from the mean residual. 0 (the unsteered English
+    baseline) is always included."""
     prompts: int = 24
     """English sentences of `split` used as prompts (the first ones)."""
     split: str = "dev"

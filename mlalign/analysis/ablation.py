@@ -17,8 +17,8 @@ from torch import nn
 
 from mlalign.analysis.bootstrap import percentile_interval
 from mlalign.analysis.capture import decoder_layers
-from mlalign.analysis.engine import _progress, lm_loss_per_row
-from mlalign.analysis.spliced import TokenBatch, _n_sentences, _sae_device, copy_groups
+from mlalign.analysis.engine import progress_bar, lm_loss_per_row
+from mlalign.analysis.spliced import TokenBatch, n_sentences, sae_device, copy_groups
 from mlalign.errors import UserError
 
 
@@ -32,7 +32,7 @@ class _Ablate:
     def __call__(self, _module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
         flat_hidden = hidden.flatten(0, 1)
-        device = _sae_device(self.sae)
+        device = sae_device(self.sae)
         for j, features in enumerate(self.sets):
             if not features:  # nothing ablated: this copy stays the clean pass, bit for bit
                 continue
@@ -52,14 +52,14 @@ def ablated_dlm_loss(model: nn.Module, sae, layer: int, batches: list[TokenBatch
     """{name: [sentences]} mean next-token loss per sentence (nats/token) with `feature_sets[name]` ablated at `layer`
     minus the clean loss, sentences in `rows` order (NaN for a sentence with no predicted token)."""
     names = list(feature_sets)
-    n = _n_sentences(batches)
+    n = n_sentences(batches)
     sums = {name: torch.zeros(n, dtype=torch.float64) for name in [None, *names]}
     count = torch.zeros(n, dtype=torch.float64)
     block = decoder_layers(model)[layer]
     was_training = model.training
     model.eval()
     try:
-        for batch in _progress(batches, progress, desc=f"ablation at layer {layer}", unit="batch"):
+        for batch in progress_bar(batches, progress, desc=f"ablation at layer {layer}", unit="batch"):
             inputs = batch.inputs(device)
             flat = batch.keep.to(device).flatten().nonzero().squeeze(1)
             rows, positions = inputs["input_ids"].shape

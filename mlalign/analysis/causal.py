@@ -41,8 +41,6 @@ class Causal:
     title: str
     split: str
     """The analysis split: where the features were chosen."""
-    resid_norm: dict
-    """layer -> the reference language's mean residual norm (summary.json `values[ref][layer]["resid_norm"]`)."""
 
 
 def resolve_layer(requested: int | None, layers: list[int], key: str) -> int:
@@ -123,7 +121,8 @@ def ablation_step(c: Causal) -> dict:
 def steering_step(c: Causal, reference_lang: str) -> dict:
     """analysis/steering.json and steering.png."""
     from mlalign.analysis.langid import identify, table_candidates
-    from mlalign.analysis.steering import feature_direction, greedy_generate, plot_steering, steering_results
+    from mlalign.analysis.steering import (centred_residual_scale, feature_direction, greedy_generate, plot_steering,
+                                          steering_results)
 
     s, langs = c.acfg.features.steer, c.report.langs
     layer = resolve_layer(s.layer, c.report.layers, "analysis.features.steer.layer")
@@ -140,7 +139,8 @@ def steering_step(c: Causal, reference_lang: str) -> dict:
         if chosen[lang]:
             directions[lang] = (feature_direction(sae, chosen[lang]), feature_direction(sae, random[lang]))
     prompts = _texts(c, [reference_lang], s.split, int(s.prompts))[0][reference_lang]
-    scale = float(c.resid_norm[layer])
+    scale = centred_residual_scale(c.model, c.tokenizer, prompts, layer, max_length=int(c.data_cfg.max_length),
+                                   device=c.device, batch_size=c.acfg.batch_size)
 
     def generate(vector):
         ids = greedy_generate(c.model, c.tokenizer, prompts, int(s.max_new_tokens),
@@ -149,8 +149,8 @@ def steering_step(c: Causal, reference_lang: str) -> dict:
         return [c.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
     results = steering_results(generate, lambda texts: identify(texts, candidates), directions, list(s.alphas), scale)
-    out = {"layer": layer, "k": int(s.k), "alpha_unit": "the reference language's mean residual norm at the layer",
-           "resid_norm": scale, "prompts": len(prompts), "prompt_split": s.split, "reference_lang": reference_lang,
+    out = {"layer": layer, "k": int(s.k), "alpha_unit": "the centred RMS residual of the prompts at the layer, "
+           "sqrt(mean ||x - mean x||^2)", "alpha_scale": scale, "prompts": len(prompts), "prompt_split": s.split, "reference_lang": reference_lang,
            "max_new_tokens": int(s.max_new_tokens), "identifier": "py3langid, closed over the languages table",
            "candidates": list(candidates), "features": chosen, "random_features": random, "results": results,
            "no_specific_features": [lang for lang in steered if not chosen[lang]]}

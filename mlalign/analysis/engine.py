@@ -22,7 +22,7 @@ from mlalign.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def _progress(iterable, enabled: bool, **kwargs):
+def progress_bar(iterable, enabled: bool, **kwargs):
     if not enabled:
         return iterable
     try:
@@ -272,7 +272,7 @@ class _Pass:
 
     def batches(self, items: list, desc: str):
         """The language's batches, with a progress bar if the settings ask for one."""
-        return _progress(list(_batches(items, self.settings.batch_size)), self.settings.progress, desc=desc,
+        return progress_bar(list(_batches(items, self.settings.batch_size)), self.settings.progress, desc=desc,
                          leave=False)
 
 

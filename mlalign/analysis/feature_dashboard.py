@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mlalign.analysis.capture import ResidualCapture
-from mlalign.analysis.spliced import TokenBatch, _sae_device
+from mlalign.analysis.spliced import TokenBatch, sae_device
 
 NEURONPEDIA_DOMAIN = "https://neuronpedia.org"
 NOT_HOSTED = ("Neuronpedia does not host this SAE (a local, testbed or task=train_saes SAE, or a release without a "
@@ -59,11 +59,11 @@ def feature_activations(model: nn.Module, sae, layer: int, batches: list[TokenBa
     """Per sentence (in `rows` order): its token ids and [tokens, k] activations of `features` (0 where not analysed:
     BOS, padding)."""
     out: dict[int, tuple[list[int], np.ndarray]] = {}
-    index = torch.tensor(features, dtype=torch.long, device=_sae_device(sae))
+    index = torch.tensor(features, dtype=torch.long, device=sae_device(sae))
     with ResidualCapture(model, [layer], stop_after_last=True) as capture:
         for batch in batches:
             hidden = capture.forward(**batch.inputs(device), use_cache=False)[layer]
-            acts = sae.encode(hidden.flatten(0, 1).to(_sae_device(sae)).float()).index_select(1, index)
+            acts = sae.encode(hidden.flatten(0, 1).to(sae_device(sae)).float()).index_select(1, index)
             acts = acts.view(*hidden.shape[:2], -1).cpu() * batch.keep.unsqueeze(-1)
             for b, row in enumerate(batch.rows.tolist()):
                 n = int(batch.attention_mask[b].sum())

@@ -54,7 +54,7 @@ def token_batches(tokenizer, texts: list[str], batch_size: int, max_length: int)
     return out
 
 
-def _n_sentences(batches: list[TokenBatch]) -> int:
+def n_sentences(batches: list[TokenBatch]) -> int:
     rows = torch.cat([b.rows for b in batches]) if batches else torch.zeros(0, dtype=torch.long)
     n = len(rows)
     if n and not torch.equal(torch.sort(rows).values, torch.arange(n)):
@@ -62,14 +62,14 @@ def _n_sentences(batches: list[TokenBatch]) -> int:
     return n
 
 
-def _sae_device(sae) -> torch.device:
+def sae_device(sae) -> torch.device:
     param = next(iter(sae.parameters()), None)
     return param.device if param is not None else torch.device("cpu")
 
 
 def reconstruct(sae, x: torch.Tensor) -> torch.Tensor:
     """x̂ = the SAE's reconstruction of residuals x [tokens, d_model], in x's dtype and on x's device."""
-    x_in = x.to(_sae_device(sae)).float()
+    x_in = x.to(sae_device(sae)).float()
     return decode_active(sae, sae.encode(x_in)).to(device=x.device, dtype=x.dtype)
 
 
@@ -108,7 +108,7 @@ def clean_and_spliced_loss(model: nn.Module, saes: dict, batches: list[TokenBatc
     missing = [layer for layer in layers if layer not in saes]
     if missing:
         raise KeyError(f"no SAE for layer(s) {missing}")
-    n = _n_sentences(batches)
+    n = n_sentences(batches)
     clean_sum = torch.zeros(n, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.float64)
     spliced_sum = {layer: torch.zeros(n, dtype=torch.float64) for layer in layers}

@@ -73,8 +73,7 @@ def causal_step(cfg, ctx, acfg: AnalysisConfig, summary: dict, report, engine, o
     ref = cfg.reference_lang
     c = Causal(report=report, acfg=acfg, data_cfg=cfg.data, model=model, tokenizer=tokenizer, saes=saes,
                device=next(model.parameters()).device, seed=int(cfg.seed), out_dir=out_dir,
-               title=f"{cfg.model.name}, {cfg.sae.name}", split=summary["corpus"]["split"],
-               resid_norm={layer: summary["values"][ref][str(layer)]["resid_norm"] for layer in report.layers})
+               title=f"{cfg.model.name}, {cfg.sae.name}", split=summary["corpus"]["split"])
     out: dict = {}
     if fcfg.ablate.enabled:
         with stage("ablating each language's specific features (and matched random ones)"):

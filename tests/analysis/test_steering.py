@@ -64,3 +64,33 @@ def test_shares_per_alpha_with_the_baseline_shared_and_zero_always_first():
     assert [r["share_in_lang"] for r in rows] == [0.0, 0.5, 1.0]
     assert [r["share_in_lang_random"] for r in rows] == [0.0, 0.0, 0.0]
     assert calls.count(None) == 1  # one unsteered baseline for every language and arm
+
+
+def test_the_alpha_unit_is_the_centred_rms_residual_which_a_constant_offset_does_not_move(bed):
+    """A near-constant component (Gemma 3 270M: 93-98% of the norm) must not set steering's unit: the scale equals
+    sqrt(mean ||x - x̄||²) from a plain capture, and adding a huge constant vector at the layer leaves it unchanged."""
+    from mlalign.analysis.capture import ResidualCapture
+    from mlalign.analysis.engine import analysed_positions, pad_batch
+    from mlalign.analysis.steering import centred_residual_scale
+
+    model, tokenizer, prompts = bed
+    scale = centred_residual_scale(model, tokenizer, prompts, LAYER, max_length=48, device="cpu", batch_size=4)
+    rows = tokenizer(prompts, add_special_tokens=True, truncation=True, max_length=48)["input_ids"]
+    inputs = pad_batch(rows, tokenizer.pad_token_id or 0, "right", torch.device("cpu"))
+    keep = analysed_positions(inputs["input_ids"], inputs["attention_mask"], tokenizer.bos_token_id)
+    with ResidualCapture(model, [LAYER]) as capture:
+        x = capture.forward(**inputs)[LAYER][keep].double()
+    assert scale == pytest.approx(float(((x - x.mean(0)) ** 2).sum(1).mean().sqrt()), rel=1e-6)
+    uncentred = float(x.norm(dim=1).mean())
+
+    from mlalign.analysis.capture import decoder_layers
+
+    offset = torch.zeros(model.config.hidden_size)
+    offset[0] = 50.0 * uncentred  # a constant dimension far larger than anything that varies
+    handle = decoder_layers(model)[LAYER].register_forward_hook(
+        lambda _m, _i, out: (out[0] + offset, *out[1:]) if isinstance(out, tuple) else out + offset)
+    try:
+        shifted = centred_residual_scale(model, tokenizer, prompts, LAYER, max_length=48, device="cpu", batch_size=4)
+    finally:
+        handle.remove()
+    assert shifted == pytest.approx(scale, rel=1e-4)
