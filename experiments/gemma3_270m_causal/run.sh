@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Are Gemma-3-270M's language-specific SAE features causal? (issue 28, docs/method.md §8c): ablation, steering and
-# dashboards with the SAEs of experiments/gemma3_270m (part a: 1024 features per layer, balanced mix, all 18 layers).
+# dashboards with the SAEs of experiments/gemma3_270m_saes (sae_train=real_small, all 18 layers, ten languages).
 # Layers and k fixed before any result (README.md): layers 3 and 9 (the layers experiments/gemma3_270m's parts b-d
 # study), k = 10 (analysis.features.top_k's default). NOT RUN YET.
 # Usage: bash experiments/gemma3_270m_causal/run.sh [3|9 ...]   (default: 3 9)
-#   needs $SAES (default outputs/gemma3_270m/a_saes_balanced/saes): `bash experiments/gemma3_270m/run.sh a_saes`.
+#   needs $SAES (default outputs/gemma3_270m_saes/saes/saes): `bash experiments/gemma3_270m_saes/run.sh saes`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 OUT="${OUT:-outputs/gemma3_270m_causal}"
-SAES="${SAES:-outputs/gemma3_270m/a_saes_balanced/saes}"
+SAES="${SAES:-outputs/gemma3_270m_saes/saes/saes}"
 PY=".venv/bin/python"
 K=10
 # The features are chosen on the analysis split (test, 40 sentences per language); ablation and dashboards read dev,
