@@ -61,6 +61,10 @@ def wanted_layers(acfg: AnalysisConfig, layers: list[int]) -> list[int]:
         step = getattr(fcfg, name)
         if step.enabled:
             check_k(step.k, f"analysis.features.{name}.k")
+            if name == "ablate" and int(acfg.bootstrap) < 1:  # its verdict is a set of intervals: none, no verdict
+                raise UserError("analysis.features.ablate decides causality from paired-bootstrap intervals, but "
+                                "analysis.bootstrap=0 gives none: set analysis.bootstrap=1000 (or more), or "
+                                "analysis.features.ablate.enabled=false")
             out.add(resolve_layer(step.layer, layers, f"analysis.features.{name}.layer"))
     return sorted(out)
 

@@ -57,9 +57,11 @@ def test_the_three_steps_write_their_contract(testbed_dir, tmp_path):
     ("analysis.features.ablate.layer=5", "analysis.features.ablate.layer=5 is not an analysed layer"),
     ("analysis.features.steer.k=0", "analysis.features.steer.k must be >= 1"),
     ("analysis.features.dashboard.k=-3", "analysis.features.dashboard.k must be >= 1"),
+    ("analysis.bootstrap=0", "analysis.bootstrap=0 gives none"),
 ])
 def test_a_bad_setting_is_one_line_before_any_work(testbed_dir, tmp_path, override, message):
-    enabled = f"analysis.features.{override.split('.')[2]}.enabled=true"
+    step = override.split(".")[2] if override.startswith("analysis.features.") else "ablate"
+    enabled = f"analysis.features.{step}.enabled=true"
     with pytest.raises(UserError, match=message) as error:
         run_analyze(testbed_dir, tmp_path, enabled, override)
     assert "\n" not in str(error.value)
