@@ -62,6 +62,11 @@ class SAEConfig:
     """SAE weights dtype (bfloat16 halves memory on a GPU)."""
     device: Optional[str] = None
     """null = the model's device."""
+    seeds: Optional[list[int]] = None
+    """task=analyze with local SAEs trained by `task=train_saes sae_train.seeds=N`: `path_template` is that run's
+    `saes/` directory and the analysis runs once per listed seed's `seed_<s>/` folder, then reports the disparity's
+    spread across them and whether each cell's sign survives a different SAE seed (`analysis/sae_seeds.json`,
+    docs/method.md §9); e.g. [0,1,2]. null = `path_template` is one SAE set."""
 
 
 @dataclass
@@ -494,6 +499,10 @@ def check_values(cfg) -> list[str]:
     if max_sentences is not None and int(max_sentences) < 1:  # -1 sliced the last sentence off, silently
         raise UserError(f"data.max_sentences={max_sentences} must be a positive number of sentences per language; "
                         "type e.g. data.max_sentences=200, or data.max_sentences=null for all of them")
+    if cfg.sae.get("seeds") is not None and str(cfg.get("task")) != "analyze":
+        raise UserError(f"sae.seeds is read by task=analyze only (the disparity's spread across SAE seeds); for "
+                        f"task={cfg.get('task')} drop it and point sae.path_template at one seed's folder, e.g. "
+                        "sae.path_template=<dir>/seed_0")
     if str(cfg.get("task")) in TRAINING_TASKS:
         check_optimizer_and_scheduler(cfg.train)
     task = str(cfg.get("task"))

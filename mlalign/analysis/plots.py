@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 from mlalign.analysis.registry import get_metric  # noqa: E402
 from mlalign.analysis.summary import order_by_tier, tier_of  # noqa: E402
@@ -40,9 +41,12 @@ def _title(summary: dict, what: str) -> str:
     return f"{what} — {model}, {sae} ({summary['aggregate']} mean)"
 
 
-def plot_disparity_heatmap(summary: dict, path: str | Path) -> Path:
-    """Languages (rows, by tier) x layers (columns) of disparity_pct, diverging colours centred at 0, band edges marked."""
+def plot_disparity_heatmap(summary: dict, path: str | Path, marked: dict[str, set[int]] | None = None,
+                           what: str | None = None) -> Path:
+    """Languages (rows, by tier) x layers (columns) of disparity_pct, diverging colours centred at 0, band edges marked.
+    marked: {lang: layers} whose cells are hatched (the SAE seeds' sign-unstable cells); what: added to the title."""
     path = Path(path)
+    marked = marked or {}
     langs = [lang for lang in order_by_tier(summary["langs"]) if lang != summary["reference_lang"]]
     layers = summary["layers"]
     grid = np.array([[_nan(summary["disparity_pct"][lang][str(layer)]) for layer in layers] for lang in langs])
@@ -68,10 +72,16 @@ def plot_disparity_heatmap(summary: dict, path: str | Path) -> Path:
                 if np.isfinite(grid[r, c]):
                     ax.text(c, r, f"{grid[r, c]:.0f}", ha="center", va="center", fontsize=7,
                             color="white" if abs(grid[r, c]) > 0.6 * span else "black")
+    for r, lang in enumerate(langs):
+        for layer in marked.get(lang, ()):
+            if layer in layers:
+                ax.add_patch(Rectangle((layers.index(layer) - 0.5, r - 0.5), 1, 1, fill=False, hatch="///",
+                                       edgecolor="black", linewidth=0.0))
     ax.set_xlabel("layer")
     ref = summary["reference_lang"]
     fig.colorbar(image, ax=ax, label=f"disparity vs {ref} (%)")
-    ax.set_title(_title(summary, f"{get_metric(summary['metric']).words}: % difference from {ref}"), fontsize=10)
+    ax.set_title(_title(summary, f"{get_metric(summary['metric']).words}: % difference from {ref}"
+                        + (f" ({what})" if what else "")), fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=150)
     plt.close(fig)

@@ -71,7 +71,7 @@ class LazyEngine:
         todo = [layer for layer in layers if layer not in self.saes]
         if todo:
             hidden = int(cfg.model.hidden_size) if self.model is None else hidden_size(self.model)
-            self.saes.update(self.ctx.load_saes(todo, hidden, home))
+            self.saes.update(self.ctx.load_saes(todo, hidden, home, cfg.sae))
         if self.model is None:
             self.model = self.ctx.load_model(adapter=self.adapter)
             self.tokenizer = self.ctx.load_tokenizer()

@@ -7,10 +7,11 @@ trains one JumpReLU SAE with sae-lens's SAETrainer. `import mlalign.saes` stays 
 re-exports loading and the placebo, and the code that needs `encode`, `surrogates` or `training` imports that
 submodule."""
 
-from mlalign.saes.loading import (LOCAL_SAE_FIX, NO_SAE_OFFLINE, check_local_sae, check_sae_config, load_sae,
-                                  load_saes, local_sae_path, pretrained_release, registry_ids, resid_post_hook,
-                                  sae_id_for)
+from mlalign.saes.loading import (LOCAL_SAE_FIX, NO_SAE_OFFLINE, check_local_sae, check_sae_config, check_sae_seeds,
+                                  load_sae, load_saes, local_sae_path, pretrained_release, registry_ids,
+                                  resid_post_hook, sae_id_for, seed_folder)
 from mlalign.saes.placebo import placebo_sae
 
-__all__ = ["LOCAL_SAE_FIX", "NO_SAE_OFFLINE", "check_local_sae", "check_sae_config", "load_sae", "load_saes",
-           "local_sae_path", "placebo_sae", "pretrained_release", "registry_ids", "resid_post_hook", "sae_id_for"]
+__all__ = ["LOCAL_SAE_FIX", "NO_SAE_OFFLINE", "check_local_sae", "check_sae_config", "check_sae_seeds", "load_sae",
+           "load_saes", "local_sae_path", "placebo_sae", "pretrained_release", "registry_ids", "resid_post_hook",
+           "sae_id_for", "seed_folder"]

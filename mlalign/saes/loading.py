@@ -45,6 +45,58 @@ def local_sae_path(path_template: str, layer: int) -> Path:
     return Path(template.format(layer=layer))
 
 
+SEED_FOLDER = "seed_{seed}"
+"""Where SAE seed s's layer folders sit inside a `task=train_saes sae_train.seeds=N` run's `saes/` directory."""
+
+
+def seed_folder(directory: str | Path, seed: int) -> Path:
+    return Path(directory) / SEED_FOLDER.format(seed=seed)
+
+
+def seed_folders_in(directory: Path) -> list[int]:
+    """The seeds s whose `seed_<s>/` folder `directory` holds, in order."""
+    prefix = SEED_FOLDER.format(seed="")
+    names = [path.name[len(prefix):] for path in directory.glob(f"{prefix}*") if path.is_dir()] if directory.is_dir() else []
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def check_sae_seeds(sae_cfg, layers: list[int]) -> dict[int, Path]:
+    """`sae.seeds`' folders, {seed: <sae.path_template>/seed_<s>}, each checked as a single-seed directory for `layers`
+    before any weights load (a wrong seed, a non-local SAE set or a missing layer is one UserError); {} without
+    sae.seeds."""
+    seeds = sae_cfg.get("seeds")
+    if seeds is None:
+        return {}
+    seeds = [int(seed) for seed in seeds]
+    listed = f"sae.seeds=[{','.join(map(str, seeds))}]"
+    template = sae_cfg.get("path_template")
+    if sae_cfg.get("release") or not template or "{layer}" in str(template):
+        what = (f"sae.release={sae_cfg.release} is" if sae_cfg.get("release") else
+                f"sae.path_template={template} is" if template else f"sae={sae_cfg.name} has no SAE folder, nor")
+        raise UserError(f"{listed} analyses the seed_<s>/ folders that task=train_saes sae_train.seeds=N writes, with "
+                        f"sae=local sae.path_template=<that run dir>/saes; {what} one SAE per layer: drop sae.seeds")
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise UserError(f"{listed}: a spread needs two or more different seeds, e.g. sae.seeds=[0,1,2]; one seed's "
+                        "SAEs are sae.path_template=<dir>/seed_<s> without sae.seeds")
+    directory = Path(template)
+    present = seed_folders_in(directory)
+    missing = [seed for seed in seeds if seed not in present]
+    if missing:
+        if present:
+            holds = "it holds " + ", ".join(seed_folder("", seed).name for seed in present)
+        elif any(directory.glob("layer_*")):
+            holds = "it is a single-seed directory (layer_<L>/ folders): drop sae.seeds"
+        else:
+            holds = "it holds no seed_<s>/ folder: train them with task=train_saes sae_train.seeds=N"
+        raise UserError(f"{listed}: no folder {', '.join(seed_folder('', seed).name for seed in missing)} in "
+                        f"{directory}; {holds}")
+    folders = {seed: seed_folder(directory, seed) for seed in seeds}
+    for folder in folders.values():
+        for layer in layers:
+            check_local_sae(local_sae_path(folder, layer))
+    return folders
+
+
 def sae_id_for(sae_cfg, layer: int) -> str:
     return str(sae_cfg.id_template).format(layer=layer)
 
@@ -62,6 +114,13 @@ def check_sae_config(sae_cfg, layers: list[int]) -> None:
                         "train them with `python run.py task=train_saes` and the same model= settings, then add "
                         "sae=local sae.path_template=<that run dir>/saes")
     else:
+        template = str(sae_cfg.path_template)
+        seeds = seed_folders_in(Path(template)) if "{layer}" not in template else []
+        if seeds and layers and not local_sae_path(template, layers[0]).is_dir():
+            raise UserError(f"{template} holds SAE seeds ({', '.join(seed_folder('', s).name for s in seeds)}), not "
+                            f"layer_<L>/ folders: add sae.seeds=[{','.join(map(str, seeds))}] (task=analyze: the map "
+                            f"under every seed and its spread), or point sae.path_template at one, e.g. "
+                            f"{seed_folder(template, seeds[0])}")
         for layer in layers:
             check_local_sae(local_sae_path(sae_cfg.path_template, layer))
 

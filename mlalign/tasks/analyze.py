@@ -8,7 +8,8 @@ import logging
 import math
 from pathlib import Path
 
-from mlalign.analysis.sources import base_feature_stats, cached_stats, feature_sentence_sums, feature_settings
+from mlalign.analysis.sources import (Loaded, base_feature_stats, cached_stats, feature_sentence_sums,
+                                      feature_settings)
 from mlalign.analysis.summary import METRICS_CSV_COLUMNS, metrics_rows, summarize, summary_markdown
 from mlalign.config import AnalysisConfig, FeaturesConfig, typed
 from mlalign.data.corpus import load_corpus
@@ -116,11 +117,13 @@ def write_feature_changes(cfg, ctx, summary: dict, base: dict, adapted: dict, ou
 
 
 def analyze_model(cfg, ctx, adapter=None, out_dir: Path | None = None, split: str | None = None, feature_stats_out: dict | None = None, base_features: dict | None = None,
-                  recording=None, computed_before=None) -> dict:
+                  recording=None, computed_before=None, loaded: Loaded | None = None) -> dict:
     """Statistics for every (language, layer), from the cache where possible; writes summary.json, metrics.csv and
     plots to `out_dir` (default `<run dir>/analysis`) and returns the summary dict. Reused by task=pipeline.
     With an adapter and `base_features` (the base model's per-feature totals on the same split), also the adapter
-    view: feature_changes.json/.md and `summary["feature_changes"]`. recording, computed_before: see `cached_stats`."""
+    view: feature_changes.json/.md and `summary["feature_changes"]`. recording, computed_before: see `cached_stats`.
+    loaded: the model (+ adapter) and tokenizer a caller holds (`sources.Loaded`, no SAEs); one this call loads is
+    kept there for the caller's next call (the SAE seeds: one model load for all of them)."""
     out_dir = Path(out_dir or ctx.run_dir / "analysis")
     split = split or cfg.data.splits.analysis
     acfg = typed(cfg.analysis, AnalysisConfig)
@@ -139,7 +142,7 @@ def analyze_model(cfg, ctx, adapter=None, out_dir: Path | None = None, split: st
         from mlalign.analysis.causal import wanted_layers
 
         wanted_layers(acfg, layers)
-    stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, recording=recording,
+    stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, loaded, recording=recording,
                                                        computed_before=computed_before)
 
     summary = summarize(stats, cfg.reference_lang, acfg, ids_by_lang={lang: corpus.ids[lang] for lang in langs},
@@ -168,6 +171,8 @@ def analyze_model(cfg, ctx, adapter=None, out_dir: Path | None = None, split: st
         if causal:
             images.update(causal_step(cfg, ctx, acfg, summary, report, engine, out_dir))
     engine.release()
+    if loaded is not None and engine.model is not None:
+        loaded.model, loaded.tokenizer = engine.model, engine.tokenizer
     if adapter and base_features and fcfg.enabled:
         summary["feature_changes"] = write_feature_changes(cfg, ctx, summary, base_features, feature_stats, out_dir)
     if feature_stats_out is not None and fcfg.enabled:
@@ -215,17 +220,75 @@ def scalar_results(summary: dict) -> dict[str, float]:
     return out
 
 
-def run(cfg, ctx) -> dict[str, float]:
-    from mlalign.console import headline, output, stage
+def analyze_run(cfg, ctx, out_dir: Path | None = None, loaded: Loaded | None = None) -> dict:
+    """The run's model (+ `cfg.adapter`) analysed into `out_dir` (default `<run dir>/analysis`); with an adapter and
+    the feature lists, the base model's feature statistics first (the adapter view compares with them)."""
+    from mlalign.console import stage
 
     base_features = None
     if cfg.adapter and feature_settings(cfg.analysis).enabled:
         target_langs(cfg, ctx.langs)  # the adapter view's languages: a wrong train.target_langs fails before any work
-        # The adapter view compares with the base model's per-feature statistics on the same sentences.
         with stage("base model's feature statistics (what the adapter changed)"):
             base_features = base_feature_stats(cfg, ctx)
     with stage("analysing the base model" if not cfg.adapter else f"analysing base + adapter {cfg.adapter}"):
-        summary = analyze_model(cfg, ctx, adapter=cfg.adapter, base_features=base_features)
+        return analyze_model(cfg, ctx, adapter=cfg.adapter, out_dir=out_dir, base_features=base_features,
+                             loaded=loaded)
+
+
+def seed_config(cfg, folder: Path):
+    """The run's config with `sae.path_template` at one SAE seed's folder and no `sae.seeds`: what a single-seed run on
+    that folder composes (so its numbers and cache entries are that run's)."""
+    import copy
+
+    from omegaconf import open_dict
+
+    seeded = copy.deepcopy(cfg)
+    with open_dict(seeded):
+        seeded.sae.path_template = str(folder)
+        seeded.sae.seeds = None
+    return seeded
+
+
+def analyze_sae_seeds(cfg, ctx, folders: dict[int, Path]) -> dict[str, float]:
+    """sae.seeds (docs/method.md §9): the whole analysis once per SAE seed into `analysis/sae_seed_<s>/`, each what a
+    single-seed run on `<dir>/seed_<s>` writes (its own cache entries: the folder is part of their key), the model
+    loaded once for all; then their spread: `analysis/sae_seeds.json`, `.md` and `sae_seeds_heatmap.png`. Returns
+    each seed's scalars averaged over seeds, and the sign-stable count."""
+    import statistics
+
+    from mlalign.analysis.sae_seeds import write_seed_spread
+    from mlalign.console import headline, output, stage
+
+    out_dir = ctx.run_dir / "analysis"
+    loaded = Loaded()
+    summaries, analyses = {}, {}
+    for seed, folder in folders.items():
+        analyses[seed] = out_dir / f"sae_seed_{seed}"
+        with stage(f"SAE seed {seed} ({folder})"):
+            summaries[seed] = analyze_run(seed_config(cfg, folder), ctx, analyses[seed], loaded)
+    spread = write_seed_spread(summaries, {seed: path / "summary.json" for seed, path in analyses.items()}, out_dir,
+                               plots=bool(cfg.analysis.plots))
+    ctx.tracker.log_table("analysis/sae_seeds", [
+        {"lang": lang, "layer": int(layer), **{k: cell[k] for k in ("mean_disparity_pct", "seed_sd", "sign_stable",
+                                                                     "ci_sign_stable", "fit")}}
+        for lang, by_layer in spread["cells"].items() for layer, cell in by_layer.items()])
+    if "heatmap" in spread["files"]:
+        ctx.tracker.log_images({"analysis/sae_seeds_heatmap": Path(spread["files"]["heatmap"])})
+    headline(*(f"- {statement}" for statement in spread["statements"]))
+    output("SAE seeds", f"{spread['files']['md']}, {spread['files']['json']}")
+    per_seed = [scalar_results(summary) for summary in summaries.values()]
+    results = {key: statistics.mean(r[key] for r in per_seed) for key in per_seed[0] if all(key in r for r in per_seed)}
+    return {**results, "sae_seeds_n_cells": spread["n_cells"], "sae_seeds_n_sign_stable": spread["n_sign_stable"]}
+
+
+def run(cfg, ctx) -> dict[str, float]:
+    from mlalign.console import headline, output
+    from mlalign.saes import check_sae_seeds
+
+    folders = check_sae_seeds(cfg.sae, ctx.layers())  # every seed's folder and layer, before any work
+    if folders:
+        return analyze_sae_seeds(cfg, ctx, folders)
+    summary = analyze_run(cfg, ctx)
     out_dir = ctx.run_dir / "analysis"
     # The closing block (mlalign.console) prints these once, at the end of the run, with the plots.
     if summary["langs"] == [summary["reference_lang"]]:

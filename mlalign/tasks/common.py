@@ -170,9 +170,11 @@ class RunContext:
                    start_line=False):  # transformers' "Loading weights" bar shows it running
             return load_model(self.cfg.model, self.testbed_dir, adapter=adapter, **kwargs)
 
-    def load_saes(self, layers: list[int], hidden_size: int, device) -> dict:
+    def load_saes(self, layers: list[int], hidden_size: int, device, sae_cfg=None) -> dict:
+        """`layers`' SAEs from `sae_cfg` (default the run's `sae` group; task=analyze's SAE seeds pass each seed's)."""
         from mlalign.console import stage
         from mlalign.saes import load_saes
 
-        with stage(f"loading {len(layers)} SAE(s) ({self.cfg.sae.name})", start_line=False):  # with its own bar
-            return load_saes(self.cfg.sae, layers, hidden_size, device=str(device))
+        sae_cfg = self.cfg.sae if sae_cfg is None else sae_cfg
+        with stage(f"loading {len(layers)} SAE(s) ({sae_cfg.name})", start_line=False):  # with its own bar
+            return load_saes(sae_cfg, layers, hidden_size, device=str(device))

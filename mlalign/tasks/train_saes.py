@@ -19,6 +19,7 @@ from mlalign.config import SAETrainConfig, typed
 from mlalign.data.corpus import ParallelCorpus, load_corpus
 from mlalign.errors import UserError
 from mlalign.io import write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
+from mlalign.saes.loading import SEED_FOLDER, seed_folder
 from mlalign.saes.training import TRAINER_MODULE, SAETrainSettings, default_lr, fidelity, train_sae
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def fidelity_scalars(table: dict) -> dict[str, float]:
 
 def seed_dir(out_dir: Path, seed_index: int, seeds: int) -> Path:
     """Where SAE seed `seed_index`'s layer folders go: `saes/` for a single-seed run, else `saes/seed_<s>/`."""
-    return out_dir if seeds == 1 else out_dir / f"seed_{seed_index}"
+    return out_dir if seeds == 1 else seed_folder(out_dir, seed_index)
 
 
 def _mean_or_none(values) -> float | None:
@@ -523,8 +524,10 @@ def _report(cfg, ctx, job: _Job, table: dict, markdown: str) -> None:
     ctx.tracker.summary(fidelity_scalars(table))
     per_layer = ", ".join(f"{layer} {row['fvu']:.3f}" for layer, row in table.items())
     headline(f"held-out FVU per layer ({cfg.data.splits.valid} split): {per_layer}")
-    where = out_dir if int(job.st.seeds) == 1 else out_dir / "seed_<s>"
-    output("SAEs", f"{where} (analyse with: sae=local sae.path_template={where} "
+    seeds = int(job.st.seeds)
+    where = out_dir if seeds == 1 else out_dir / SEED_FOLDER.format(seed="<s>")
+    every_seed = "" if seeds == 1 else f" sae.seeds=[{','.join(map(str, range(seeds)))}]"
+    output("SAEs", f"{where} (analyse with: sae=local sae.path_template={out_dir}{every_seed} "
                    f"layers=[{','.join(map(str, job.layers))}])")
     output("fidelity", out_dir / "fidelity.md")
 

@@ -142,3 +142,51 @@ def test_importing_sae_lens_through_mlalign_raises_no_transformer_lens_deprecati
     assert ours.returncode == 0, ours.stderr[-2000:]
     bare = imports("import sae_lens")
     assert bare.returncode != 0 and "transformer_lens.utilities" in bare.stderr
+
+
+def test_sae_seeds_naming_a_missing_folder_is_one_line_naming_the_folders_that_exist(tmp_path):
+    from mlalign.saes import check_sae_seeds
+
+    for seed in (0, 1):
+        (tmp_path / f"seed_{seed}" / "layer_0").mkdir(parents=True)
+    cfg = compose_cfg(["sae=local", f"sae.path_template={tmp_path}", "sae.seeds=[0,1,2]"])
+    with pytest.raises(UserError) as err:
+        check_sae_seeds(cfg.sae, [0])
+    assert str(err.value) == f"sae.seeds=[0,1,2]: no folder seed_2 in {tmp_path}; it holds seed_0, seed_1"
+    single = tmp_path / "single"
+    (single / "layer_0").mkdir(parents=True)
+    cfg = compose_cfg(["sae=local", f"sae.path_template={single}", "sae.seeds=[0,1]"])
+    with pytest.raises(UserError, match="it is a single-seed directory .* drop sae.seeds"):
+        check_sae_seeds(cfg.sae, [0])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=gemma2_2b", "sae.seeds=[0,1]"], "sae.release=gemma-scope-2b-pt-res-canonical is one SAE per layer: "
+                                              "drop sae.seeds"),
+    (["model=testbed", "sae.seeds=[0,1]"], "/saes/layer_{layer} is one SAE per layer"),
+    (["sae=local", "sae.path_template=/x", "sae.seeds=[0]"], "a spread needs two or more different seeds"),
+    (["sae=local", "sae.path_template=/x", "sae.seeds=[1,1]"], "a spread needs two or more different seeds"),
+])
+def test_sae_seeds_without_local_seed_folders_is_one_line(overrides, message):
+    from mlalign.saes import check_sae_seeds
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        check_sae_seeds(compose_cfg(overrides).sae, [0])
+
+
+def test_sae_seeds_check_every_seeds_layers_and_a_seeds_directory_without_them_says_to_add_them(testbed_dir,
+                                                                                                tmp_path):
+    import shutil
+
+    from mlalign.saes import check_sae_seeds
+
+    for seed in (0, 1):
+        shutil.copytree(testbed_dir / "saes" / "layer_3", tmp_path / f"seed_{seed}" / "layer_3")
+    cfg = compose_cfg(["sae=local", f"sae.path_template={tmp_path}", "sae.seeds=[1,0]"])
+    assert check_sae_seeds(cfg.sae, [3]) == {1: tmp_path / "seed_1", 0: tmp_path / "seed_0"}
+    with pytest.raises(UserError, match=f"no SAE at {tmp_path / 'seed_1' / 'layer_4'}"):
+        check_sae_seeds(cfg.sae, [3, 4])
+    assert check_sae_seeds(compose_cfg(["sae=local", f"sae.path_template={tmp_path}"]).sae, [3]) == {}
+    with pytest.raises(UserError, match=r"holds SAE seeds \(seed_0, seed_1\), not layer_<L>/ folders: add "
+                                        r"sae.seeds=\[0,1\]"):
+        check_sae_config(compose_cfg(["sae=local", f"sae.path_template={tmp_path}"]).sae, [3])

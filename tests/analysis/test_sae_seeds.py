@@ -1,0 +1,74 @@
+"""The map across SAE seeds (analysis/sae_seeds.json): spread and sign verdicts on constructed per-seed summaries."""
+
+import pytest
+
+from mlalign.analysis.sae_seeds import seed_spread
+
+LAYERS = [0, 1, 2]
+BANDS = {"early": [0, 1], "deep": [2]}
+
+
+def summary(disparity: dict[str, list[float]], ci: dict[str, list[list[float]]] | None = None, unfit_layers=(),
+            bootstrap: int = 100) -> dict:
+    """A summary.json as `summarize` writes it, holding only what `seed_spread` reads."""
+    by_layer = {lang: {str(layer): value for layer, value in zip(LAYERS, values)} for lang, values in disparity.items()}
+    cis = None if ci is None else {lang: {str(layer): c for layer, c in zip(LAYERS, cs)} for lang, cs in ci.items()}
+    return {"reference_lang": "en", "metric": "mean_act", "aggregate": "token", "ci": 0.95, "bootstrap": bootstrap,
+            "layers": LAYERS, "langs": ["en", *disparity], "bands": BANDS,
+            "disparity_pct": {"en": {str(layer): 0.0 for layer in LAYERS}, **by_layer},
+            "disparity_ci": cis, "unfit_layers": list(unfit_layers), "unfit_cells": {}}
+
+
+def test_identical_seeds_have_zero_spread_and_every_cell_keeps_its_sign():
+    # 0.1 three times: a float mean would be 0.10000000000000002 and the SD ~1e-17; the spread must be exactly 0.
+    one = summary({"hi": [0.1, -7.3, 12.9], "zh": [-0.1, 3.3, -25.0]},
+                  ci={"hi": [[0.05, 0.2], [-9, -5], [10, 15]], "zh": [[-0.3, 0.1], [1, 5], [-30, -20]]})
+    spread = seed_spread({0: one, 1: one, 2: one})
+    cells = [cell for by_layer in spread["cells"].values() for cell in by_layer.values()]
+    assert len(cells) == 6 and all(cell["seed_sd"] == 0.0 for cell in cells)
+    assert all(cell["seed_range"][0] == cell["seed_range"][1] == cell["mean_disparity_pct"] for cell in cells)
+    assert spread["cells"]["hi"]["0"]["mean_disparity_pct"] == 0.1
+    assert (spread["n_cells"], spread["n_sign_stable"]) == (6, 6) and spread["sign_unstable"] == []
+    # zh layer 0's CI includes 0 under every seed: its point sign is stable, its CI sign is not.
+    assert spread["n_ci_sign_stable"] == 5 and spread["cells"]["zh"]["0"]["ci_sign_stable"] is False
+    assert spread["cells"]["hi"]["2"]["sentence_ci_halfwidth"] == 2.5
+    assert spread["statements"][0].startswith("6 of 6 (language, layer) cells keep the sign")
+
+
+def test_one_seed_flipping_a_cell_makes_that_cell_sign_unstable():
+    base = {"hi": [-10.0, -4.0, 6.0], "zh": [2.0, 3.0, -1.0]}
+    flipped = {"hi": [-11.0, 0.5, 6.5], "zh": [2.5, 3.5, -1.5]}  # hi layer 1 changes sign under seed 1
+    spread = seed_spread({0: summary(base), 1: summary(flipped), 2: summary(base)})
+    hi1 = spread["cells"]["hi"]["1"]
+    assert hi1["sign_stable"] is False and hi1["disparity_pct"] == {"0": -4.0, "1": 0.5, "2": -4.0}
+    assert hi1["seed_range"] == [-4.0, 0.5] and hi1["mean_disparity_pct"] == pytest.approx(-2.5)
+    assert hi1["seed_sd"] == pytest.approx(2.598076, rel=1e-6)  # sample SD (n - 1) of -4, 0.5, -4
+    assert spread["sign_unstable"] == [["hi", 1]]
+    assert (spread["n_cells"], spread["n_sign_stable"]) == (6, 5)
+    assert spread["by_band"]["early"]["n_sign_stable"] == 3 and spread["by_band"]["deep"]["n_sign_stable"] == 2
+    assert spread["n_ci_sign_stable"] is None  # no CIs: no CI verdict, and no words about one
+    assert any("depends on the SAE seed at hi layer 1 (-4.0 to +0.5%)" in line for line in spread["statements"])
+    assert not any("sentence CI" in line for line in spread["statements"])
+
+
+def test_a_zero_keeps_no_sign_and_a_ci_touching_zero_is_not_excluding_it():
+    spread = seed_spread({0: summary({"hi": [0.0, -2.0, -2.0]}, ci={"hi": [[-1, 1], [-3, 0.0], [-3, -1]]}),
+                          1: summary({"hi": [1.0, -2.5, -2.5]}, ci={"hi": [[0.5, 2], [-4, -1], [-4, -2]]})})
+    assert spread["cells"]["hi"]["0"]["sign_stable"] is False
+    assert spread["cells"]["hi"]["1"]["sign_stable"] is True and spread["cells"]["hi"]["1"]["ci_sign_stable"] is False
+    assert spread["cells"]["hi"]["2"]["ci_sign_stable"] is True
+
+
+def test_a_layer_some_seeds_sae_does_not_fit_is_left_out_of_the_counts():
+    values = {"hi": [-1.0, -2.0, 3.0]}
+    spread = seed_spread({0: summary(values), 1: summary({"hi": [-1.0, 2.0, 3.0]}, unfit_layers=[1])})
+    assert spread["cells"]["hi"]["1"]["fit"] is False and spread["cells"]["hi"]["1"]["sign_stable"] is False
+    assert spread["n_cells"] == 2 and spread["n_sign_stable"] == 2 and spread["sign_unstable"] == []
+    assert spread["n_cells_left_out"] == 1 and "1 cells left out" in spread["statements"][0]
+
+
+def test_seeds_that_analysed_different_layers_are_a_bug_not_a_spread():
+    other = summary({"hi": [1.0, 2.0, 3.0]})
+    other["layers"] = [0, 1]
+    with pytest.raises(ValueError, match="layers"):
+        seed_spread({0: summary({"hi": [1.0, 2.0, 3.0]}), 1: other})
