@@ -99,7 +99,7 @@ def seed_statements(spread: dict) -> list[str]:
              f"disparity vs {ref} ({words}) under all {len(seeds)} SAE seeds ({', '.join(map(str, seeds))})"
              + (f"; in {spread['n_ci_sign_stable']} every seed's {level} sentence CI excludes 0 on the same side"
                 if spread["n_ci_sign_stable"] is not None else "")
-             + (f" ({spread['n_cells_left_out']} cells left out: undefined, or an SAE that does not fit there)"
+             + (f" ({spread['n_cells_left_out']} cell(s) left out: undefined, or some seed's SAE does not fit there)"
                 if spread["n_cells_left_out"] else "") + "."]
     if len(spread["by_band"]) > 1:
         lines.append("Sign-stable by band: " + ", ".join(

@@ -64,7 +64,7 @@ def test_a_layer_some_seeds_sae_does_not_fit_is_left_out_of_the_counts():
     spread = seed_spread({0: summary(values), 1: summary({"hi": [-1.0, 2.0, 3.0]}, unfit_layers=[1])})
     assert spread["cells"]["hi"]["1"]["fit"] is False and spread["cells"]["hi"]["1"]["sign_stable"] is False
     assert spread["n_cells"] == 2 and spread["n_sign_stable"] == 2 and spread["sign_unstable"] == []
-    assert spread["n_cells_left_out"] == 1 and "1 cells left out" in spread["statements"][0]
+    assert spread["n_cells_left_out"] == 1 and "1 cell(s) left out" in spread["statements"][0]
 
 
 def test_seeds_that_analysed_different_layers_are_a_bug_not_a_spread():
