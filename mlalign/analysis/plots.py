@@ -80,8 +80,8 @@ def plot_disparity_heatmap(summary: dict, path: str | Path, marked: dict[str, se
     ax.set_xlabel("layer")
     ref = summary["reference_lang"]
     fig.colorbar(image, ax=ax, label=f"disparity vs {ref} (%)")
-    ax.set_title(_title(summary, f"{get_metric(summary['metric']).words}: % difference from {ref}"
-                        + (f" ({what})" if what else "")), fontsize=10)
+    ax.set_title(_title(summary, f"{get_metric(summary['metric']).words}: % difference from {ref}")
+                 + (f"\n{what}" if what else ""), fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=150)
     plt.close(fig)
