@@ -262,6 +262,9 @@ def analyze_sae_seeds(cfg, ctx, folders: dict[int, Path]) -> dict[str, float]:
     out_dir = ctx.run_dir / "analysis"
     loaded = Loaded()
     summaries, analyses = {}, {}
+    # One forward pass per seed (all layers each), not one shared by every seed's SAEs: the engine keys SAEs, stacks,
+    # recorders, the listed-feature pass and the cache by layer, and a (seed, layer) key through all of them would buy
+    # back only the forwards, while this way each seed's outputs are a single-seed run's by construction.
     for seed, folder in folders.items():
         analyses[seed] = out_dir / f"sae_seed_{seed}"
         with stage(f"SAE seed {seed} ({folder})"):
