@@ -369,12 +369,13 @@ def run(cfg, ctx) -> dict[str, float]:
     job.recipe = sae_recipe(cfg, job, model)
     acts, index, data_info, heldout = _capture(cfg, job, model, tokenizer)
     seconds = {"activations": round(time.perf_counter() - started, 2)}
-    records, trained, seconds["training"] = _train_saes(cfg, job, acts, index, heldout)
+    records, trained, seconds["training"], kept = _train_saes(cfg, job, acts, index, heldout)
     seconds.update(_add_spliced(cfg, job, model, tokenizer, trained, records))
     table = {str(layer): layer_record(records[layer], job.recipe.width, langs) for layer in job.layers}
     n_saes = len(job.layers) * int(st.seeds)
     seconds["total"] = round(time.perf_counter() - started, 2)
-    seconds["training_per_sae"] = round(seconds["training"] / n_saes, 2)
+    seconds["training_per_sae"] = round(seconds["training"] / max(1, n_saes - kept), 2)  # over the SAEs it trained
+    data_info = {**data_info, "saes_kept_from_an_earlier_try": kept}  # their training time is in their own records
     if "spliced" in seconds:
         seconds["spliced_per_sae"] = round(seconds["spliced"] / n_saes, 2)
     markdown = _write_outputs(cfg, job, table, records, data_info, seconds)
@@ -425,14 +426,56 @@ def _capture(cfg, job: _Job, model, tokenizer):
     return acts, index, data_info, heldout
 
 
-def _train_saes(cfg, job: _Job, acts: dict, index, heldout: dict) -> tuple[dict, list, float]:
-    """Every layer's SAEs, seed after seed on the same activations, each saved and scored on the held-out ones:
-    (fidelity records {layer: [one per seed]}, the SAEs [seed][layer], seconds)."""
+RECORD_FILE = "mlalign_record.json"
+"""Beside each trained SAE's sae-lens files: its fidelity record and the fingerprint of what made it (`sae_fingerprint`),
+so a rerun of a stopped run keeps every SAE already finished instead of training it again."""
+
+
+def sae_fingerprint(cfg, job: _Job, layer: int, torch_seed: int) -> str:
+    """What one SAE depends on: the model, the data settings, the run seed (it draws the training tokens), the mix, the
+    token quotas, the recipe (its device aside) and the SAE's own layer and torch seed. Equal fingerprints, equal SAE."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "device"}
+    recipe = {k: v for k, v in dataclasses.asdict(job.recipe).items() if k != "device"}
+    what = {"model": model, "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed),
+            "langs": job.langs, "quotas": job.quotas, "recipe": recipe, "eval_sentences": job.st.eval_sentences,
+            "buffer_dtype": str(job.st.buffer_dtype), "layer": int(layer), "torch_seed": int(torch_seed)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _finished_sae(folder: Path, fingerprint: str, device: str):
+    """(SAE, record) of an SAE an earlier try of this run finished with the same fingerprint, else None (nothing
+    there, another recipe, or damaged files: it is trained again)."""
+    import json
+
+    try:
+        kept = json.loads((folder / RECORD_FILE).read_text())
+        if kept.get("fingerprint") != fingerprint:
+            return None
+        from sae_lens import SAE
+
+        sae = SAE.load_from_disk(str(folder), device=str(device))
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    return sae.eval(), kept["record"]
+
+
+def _train_saes(cfg, job: _Job, acts: dict, index, heldout: dict) -> tuple[dict, list, float, int]:
+    """Every layer's SAEs, seed after seed on the same activations, each saved with its held-out fidelity record
+    (`RECORD_FILE`) as soon as it is trained: (fidelity records {layer: [one per seed]}, the SAEs [seed][layer],
+    seconds, how many SAEs were kept from an earlier try of this run). Rerun after a kill, an SAE whose folder holds
+    the same fingerprint is loaded, not trained again."""
     from mlalign.console import note, stage, transient_bars
 
     seeds, layers, langs = int(job.st.seeds), job.layers, job.langs
     records: dict[int, list[dict]] = {layer: [] for layer in layers}
     trained: list[dict[int, object]] = [{} for _ in range(seeds)]
+    kept = 0
     train_started = time.perf_counter()
     transient_bars(TRAINER_MODULE)  # its per-SAE bar vanishes when done; each layer's line stays
     with tempfile.TemporaryDirectory(prefix="mlalign-sae-ckpt-") as checkpoints, \
@@ -442,21 +485,34 @@ def _train_saes(cfg, job: _Job, acts: dict, index, heldout: dict) -> tuple[dict,
             for s in range(seeds):
                 torch_seed = int(cfg.seed) + layer + SEED_STRIDE * s
                 label = f"SAE of layer {layer}" + (f", seed {s}" if seeds > 1 else "")
-                with stage(label, start_line=False):  # sae-lens's "Training SAE" bar shows it running
-                    layer_started = time.perf_counter()
-                    torch.manual_seed(torch_seed)
-                    sae = train_sae(layer_acts, layer, job.recipe, seed=torch_seed, index=index,
-                                    checkpoint_dir=checkpoints, progress=True)
-                    train_seconds = time.perf_counter() - layer_started
-                    write_dir_atomic(seed_dir(job.out_dir, s, seeds) / f"layer_{layer}",
-                                     lambda tmp: sae.save_model(tmp))
-                    overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
-                    per_lang = {lang: fidelity(sae, heldout[lang][layer]) for lang in langs}
-                records[layer].append(_seed_record(overall, per_lang, torch_seed, train_seconds))
+                folder = seed_dir(job.out_dir, s, seeds) / f"layer_{layer}"
+                fingerprint = sae_fingerprint(cfg, job, layer, torch_seed)
+                finished = _finished_sae(folder, fingerprint, job.recipe.device)
+                if finished is not None:
+                    sae, record = finished
+                    kept += 1
+                    note(f"{label}: kept from an earlier try of this run (same recipe, data and seed)")
+                else:
+                    with stage(label, start_line=False):  # sae-lens's "Training SAE" bar shows it running
+                        layer_started = time.perf_counter()
+                        torch.manual_seed(torch_seed)
+                        sae = train_sae(layer_acts, layer, job.recipe, seed=torch_seed, index=index,
+                                        checkpoint_dir=checkpoints, progress=True)
+                        train_seconds = time.perf_counter() - layer_started
+                        overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
+                        per_lang = {lang: fidelity(sae, heldout[lang][layer]) for lang in langs}
+                        record = _seed_record(overall, per_lang, torch_seed, train_seconds)
+
+                        def save(tmp: Path, sae=sae, record=record, fingerprint=fingerprint) -> None:
+                            sae.save_model(tmp)
+                            write_json_atomic(tmp / RECORD_FILE, {"fingerprint": fingerprint, "record": record})
+
+                        write_dir_atomic(folder, save)
+                records[layer].append(record)
                 trained[s][layer] = sae
-                note(f"  held-out FVU {overall['fvu']:.3f}, L0 {overall['l0']:.1f}, dead {overall['dead_pct']:.1f}%")
+                note(f"  held-out FVU {record['fvu']:.3f}, L0 {record['l0']:.1f}, dead {record['dead_pct']:.1f}%")
             del layer_acts
-    return records, trained, round(time.perf_counter() - train_started, 2)
+    return records, trained, round(time.perf_counter() - train_started, 2), kept
 
 
 def _add_spliced(cfg, job: _Job, model, tokenizer, trained: list, records: dict) -> dict[str, float]:

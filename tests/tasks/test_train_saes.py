@@ -207,3 +207,51 @@ def test_bad_input_is_one_error_line(testbed_dir, testbed_cache_dir, tmp_path, o
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_run_rerun_keeps_its_finished_saes_and_trains_only_the_rest(testbed_dir, testbed_cache_dir,
+                                                                               tmp_path):
+    """Issue 27's 3-seed run takes hours: a kill must not lose the SAEs it finished. A run's directory after a kill
+    (some SAE folders written, no COMPLETE, no fidelity.json) is rerun with the same command: the finished SAEs are
+    loaded (their files untouched), the missing one is trained, and fidelity.json equals the uninterrupted run's. A
+    different recipe keeps nothing."""
+    run_dir = tmp_path / "run"
+    command = ["task=train_saes", *_common(tmp_path, testbed_cache_dir), "layers=[1,2]", "langs=[hi]",
+               "sae_train.tokens=1200", "sae_train.width=64", "sae_train.steps=20", "sae_train.eval_sentences=8",
+               "sae_train.seeds=2", "sae_train.spliced_sentences=4", f"hydra.run.dir={run_dir}"]
+    assert (first := run_cli(command)).returncode == 0, first.stderr[-3000:]
+    saes = run_dir / "saes"
+    uninterrupted = json.loads((saes / "fidelity.json").read_text())
+    weights = {p: p.read_bytes() for p in saes.glob("seed_*/layer_*/*.safetensors")}
+    stamps = {p: p.stat().st_mtime_ns for p in weights}
+    assert len(weights) == 4
+    # What a kill while training layer 2's second seed leaves: three SAEs, no outputs, no COMPLETE.
+    import shutil
+
+    shutil.rmtree(saes / "seed_1" / "layer_2")
+    for name in ("fidelity.json", "fidelity.md", "fidelity.png", "train_data.json"):
+        (saes / name).unlink()
+    (run_dir / "COMPLETE").unlink()
+
+    again = run_cli(command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("kept from an earlier try") + again.stderr.count("kept from an earlier try") == 3
+    retrained = saes / "seed_1" / "layer_2"
+    for path, data in weights.items():
+        assert path.read_bytes() == data  # the retrained one too: training is deterministic on CPU
+        if retrained not in path.parents:
+            assert path.stat().st_mtime_ns == stamps[path]  # loaded, not written again
+    kept = json.loads((saes / "fidelity.json").read_text())
+    for layer in ("1", "2"):
+        for s in ("0", "1"):
+            a, b = uninterrupted[layer]["seeds"][s], kept[layer]["seeds"][s]
+            assert {k: v for k, v in a.items() if k != "train_seconds"} == \
+                   {k: v for k, v in b.items() if k != "train_seconds"}, (layer, s)
+    assert json.loads((saes / "train_data.json").read_text())["saes_kept_from_an_earlier_try"] == 3
+
+    (run_dir / "COMPLETE").unlink()
+    changed = run_cli([*command, "sae_train.steps=21"])
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "kept from an earlier try" not in changed.stdout + changed.stderr
+    assert json.loads((saes / "train_data.json").read_text())["saes_kept_from_an_earlier_try"] == 0
