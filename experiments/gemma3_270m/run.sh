@@ -22,14 +22,7 @@ ANALYSIS="data.max_sentences=40 analysis.bootstrap=1000"
 TRAIN="langs=[hi,ml] layers=[3,9] train.max_steps=6 train.batch_size=1 train.max_length=48 train.warmup_steps=1 train.optimizer.lr=2e-3 train.save_every=0 train.eval_every=0 data.max_sentences=16 analysis.bootstrap=1000"
 EVAL="eval=bundled eval.limit=20 eval.batch_size=4 langs=[hi,ml]"
 
-timed() {  # name, then run.py arguments: the run goes to $OUT/<name>, its log to $OUT/<name>.log
-  local name=$1; shift
-  mkdir -p "$OUT"
-  local start=$SECONDS
-  echo "== $name: $PY run.py $*"
-  "$PY" run.py "$@" "hydra.run.dir=$OUT/$name" > "$OUT/$name.log" 2>&1
-  echo "== $name: $((SECONDS - start)) s" | tee -a "$OUT/times.txt"
-}
+source experiments/lib.sh  # timed NAME ARGS...: one run.py run into $OUT/NAME, its log and wall time
 
 part_a_saes() {
   timed a_saes_balanced task=train_saes $M $ALL_LANGS sae_train.lang_mix=balanced $SAE

@@ -22,14 +22,7 @@ MIX_LAYERS="layers=[3,9]"  # the layers experiments/gemma3_270m's (b) asked the 
 # The whole FLORES test split (204 sentences per language) for every analysis; 1000 sentence-bootstrap resamples.
 MAP="task=analyze $M $LANGS data.max_sentences=204 analysis.bootstrap=1000"
 
-timed() {  # name, then run.py arguments: the run goes to $OUT/<name>, its log to $OUT/<name>.log
-  local name=$1; shift
-  mkdir -p "$OUT"
-  local start=$SECONDS
-  echo "== $name: $PY run.py $*"
-  "$PY" run.py "$@" "hydra.run.dir=$OUT/$name" > "$OUT/$name.log" 2>&1
-  echo "== $name: $((SECONDS - start)) s" | tee -a "$OUT/times.txt"
-}
+source experiments/lib.sh  # timed NAME ARGS...: one run.py run into $OUT/NAME, its log and wall time
 
 part_seeds() { timed saes_balanced task=train_saes $M $LANGS $SEEDS sae_train.lang_mix=balanced; }
 part_map() { timed map $MAP sae=local "sae.path_template=$OUT/saes_balanced/saes" "sae.seeds=[0,1,2]"; }
