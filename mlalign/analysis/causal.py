@@ -66,6 +66,12 @@ def wanted_layers(acfg: AnalysisConfig, layers: list[int]) -> list[int]:
                                 "analysis.bootstrap=0 gives none: set analysis.bootstrap=1000 (or more), or "
                                 "analysis.features.ablate.enabled=false")
             out.add(resolve_layer(step.layer, layers, f"analysis.features.{name}.layer"))
+    if fcfg.steer.enabled and (int(fcfg.steer.prompts) < 1 or int(fcfg.steer.max_new_tokens) < 1):
+        raise UserError(f"analysis.features.steer.prompts and max_new_tokens must be >= 1, got {fcfg.steer.prompts} "
+                        f"and {fcfg.steer.max_new_tokens}")
+    if fcfg.dashboard.enabled and (int(fcfg.dashboard.contexts) < 1 or int(fcfg.dashboard.logit_tokens) < 1):
+        raise UserError(f"analysis.features.dashboard.contexts and logit_tokens must be >= 1, got "
+                        f"{fcfg.dashboard.contexts} and {fcfg.dashboard.logit_tokens}")
     return sorted(out)
 
 
@@ -130,9 +136,6 @@ def steering_step(c: Causal, reference_lang: str) -> dict:
 
     s, langs = c.acfg.features.steer, c.report.langs
     layer = resolve_layer(s.layer, c.report.layers, "analysis.features.steer.layer")
-    if int(s.prompts) < 1 or int(s.max_new_tokens) < 1:
-        raise UserError(f"analysis.features.steer.prompts and max_new_tokens must be >= 1, got {s.prompts} and "
-                        f"{s.max_new_tokens}")
     candidates = table_candidates()
     steered = [lang for lang in langs if lang != reference_lang]
     sae = c.saes[layer]
@@ -172,9 +175,6 @@ def dashboard_step(c: Causal, neuronpedia: dict[int, str | None]) -> dict:
 
     s, report = c.acfg.features.dashboard, c.report
     layer = resolve_layer(s.layer, report.layers, "analysis.features.dashboard.layer")
-    if int(s.contexts) < 1 or int(s.logit_tokens) < 1:
-        raise UserError(f"analysis.features.dashboard.contexts and logit_tokens must be >= 1, got {s.contexts} and "
-                        f"{s.logit_tokens}")
     lists = {lang: {layer_: specific_features(report, lang, layer_, int(s.k)) for layer_ in report.layers}
              for lang in report.langs}
     export = neuronpedia_export(lists, neuronpedia, c.title)

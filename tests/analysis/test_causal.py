@@ -58,6 +58,8 @@ def test_the_three_steps_write_their_contract(testbed_dir, tmp_path):
     ("analysis.features.steer.k=0", "analysis.features.steer.k must be >= 1"),
     ("analysis.features.dashboard.k=-3", "analysis.features.dashboard.k must be >= 1"),
     ("analysis.bootstrap=0", "analysis.bootstrap=0 gives none"),
+    ("analysis.features.steer.max_new_tokens=0", "steer.prompts and max_new_tokens must be >= 1"),
+    ("analysis.features.dashboard.contexts=0", "dashboard.contexts and logit_tokens must be >= 1"),
 ])
 def test_a_bad_setting_is_one_line_before_any_work(testbed_dir, tmp_path, override, message):
     step = override.split(".")[2] if override.startswith("analysis.features.") else "ablate"
