@@ -160,6 +160,14 @@ def check_local_sae(path: Path) -> dict:
     return cfg
 
 
+def load_sae_folder(folder: str | Path, device: str = "cpu"):
+    """The SAE sae-lens saved in `folder` (as `SAE.save_model` writes it), in eval mode; raises what sae-lens raises
+    on a missing or damaged folder (OSError, ValueError, KeyError, RuntimeError)."""
+    from sae_lens import SAE
+
+    return SAE.load_from_disk(str(folder), device=str(device)).eval()
+
+
 def load_sae(sae_cfg, layer: int, hidden_size: int, device: str = "cpu"):
     """The SAE of decoder layer `layer`, validated against the model's hidden size and the layer's residual hook."""
     import torch

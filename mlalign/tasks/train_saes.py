@@ -19,7 +19,7 @@ from mlalign.config import SAETrainConfig, typed
 from mlalign.data.corpus import ParallelCorpus, load_corpus
 from mlalign.errors import UserError
 from mlalign.io import write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
-from mlalign.saes.loading import SEED_FOLDER, seed_folder
+from mlalign.saes.loading import SEED_FOLDER, load_sae_folder, seed_folder
 from mlalign.saes.training import TRAINER_MODULE, SAETrainSettings, default_lr, fidelity, train_sae
 
 log = logging.getLogger(__name__)
@@ -457,12 +457,10 @@ def _finished_sae(folder: Path, fingerprint: str, device: str):
         kept = json.loads((folder / RECORD_FILE).read_text())
         if kept.get("fingerprint") != fingerprint:
             return None
-        from sae_lens import SAE
-
-        sae = SAE.load_from_disk(str(folder), device=str(device))
+        sae = load_sae_folder(folder, device)
     except (OSError, ValueError, KeyError, RuntimeError):
         return None
-    return sae.eval(), kept["record"]
+    return sae, kept["record"]
 
 
 def _train_saes(cfg, job: _Job, acts: dict, index, heldout: dict) -> tuple[dict, list, float, int]:
