@@ -1,0 +1,414 @@
+"""The write-up's numbers for experiments/gemma3_270m_map (the map under 3 SAE seeds, and the SAE-mix question), from
+the committed copies in results/ only.
+
+After the run: `python experiments/gemma3_270m_map/tables.py copy` copies exactly the files of `COPY` from
+outputs/gemma3_270m_map/ into results/ (and nothing else); `python experiments/gemma3_270m_map/tables.py > \
+experiments/gemma3_270m_map/results.md` writes every table; the README's marked blocks call the functions below
+(mlalign/docs_numbers.py). Each function takes the results folder as its one optional argument (tests pass their own).
+
+Why these files and not the per-seed `analysis/sae_seed_<s>/summary.json`: `sae_seeds.json` already holds every
+seed's `disparity_pct` and sentence CI per cell (docs/method.md §9), which is all the tables read, and each map
+summary is ~0.3 MB (18 layers x 10 languages x every metric with CIs); they stay in outputs/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+OUTPUTS = Path("outputs/gemma3_270m_map")
+"""run.sh's $OUT (relative to the repository root)."""
+
+COPY = {
+    "map/sae_seeds.json": "map/analysis/sae_seeds.json",
+    "map/sae_seeds_heatmap.png": "map/analysis/sae_seeds_heatmap.png",
+    "mix_english_heavy/sae_seeds.json": "mix_english_heavy/analysis/sae_seeds.json",
+    "saes_balanced/fidelity.json": "saes_balanced/saes/fidelity.json",
+    "saes_balanced/train_data.json": "saes_balanced/saes/train_data.json",
+    "saes_english_heavy/fidelity.json": "saes_english_heavy/saes/fidelity.json",
+    "saes_english_heavy/train_data.json": "saes_english_heavy/saes/train_data.json",
+}
+"""{destination under results/: source under outputs/gemma3_270m_map/}. The heatmap is for the README to show; no
+function reads it."""
+
+MIXES = {"balanced": "balanced", "english_heavy": "English-heavy"}
+MIX_LAYERS = ("3", "9")
+"""The layers the mix question is asked at (run.sh's MIX_LAYERS, fixed by experiments/gemma3_270m's (b))."""
+STARVED_LANG = "hi"
+STARVATION_BAR_FVU = 0.30
+"""Fixed in the README before any result: Hindi's held-out FVU at the mix layers is at most this for every seed of
+both mixes, else the English-heavy SAEs are retrained with sae_train.tokens=250000 before any mix result is read."""
+STUDY_TIER = "medium_low"
+"""The study's figures are about its medium-to-low resource languages (id, ca, mr, ml, hi); ours are taken over the
+same tier."""
+STUDY = {"early": "up to ~26% lower", "middle": "not reported", "deep": "~20% lower"}
+"""Gemma-2-2B with Gemma Scope; the study publishes no definition of the quantity."""
+
+
+# ------------------------------------------------------------------------------------------------------- files
+
+
+def _load(name: str, results: Path = RESULTS) -> dict:
+    path = Path(results) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: after the run, `python experiments/gemma3_270m_map/tables.py copy`"
+                                f" copies it from {OUTPUTS / COPY[name]}")
+    return json.loads(path.read_text())
+
+
+def seeds_map(results: Path = RESULTS) -> dict:
+    """The map's analysis/sae_seeds.json (all 18 layers, balanced SAEs, 3 seeds)."""
+    return _load("map/sae_seeds.json", results)
+
+
+def seeds_mix(results: Path = RESULTS) -> dict:
+    """The English-heavy SAEs' analysis/sae_seeds.json (layers 3 and 9, 3 seeds, the same sentences)."""
+    return _load("mix_english_heavy/sae_seeds.json", results)
+
+
+def fidelity(mix: str, results: Path = RESULTS) -> dict:
+    """task=train_saes's fidelity.json for one mix ('balanced' or 'english_heavy')."""
+    return _load(f"saes_{mix}/fidelity.json", results)
+
+
+def train_data(mix: str, results: Path = RESULTS) -> dict:
+    return _load(f"saes_{mix}/train_data.json", results)
+
+
+def copy(out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
+    """Copy every file of COPY from a finished run's folder into results/; copies nothing if any is missing."""
+    missing = [str(Path(out) / source) for source in COPY.values() if not (Path(out) / source).exists()]
+    if missing:
+        raise FileNotFoundError("not there (has every part of run.sh finished?): " + ", ".join(missing))
+    written = []
+    for destination, source in COPY.items():
+        target = Path(results) / destination
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(out) / source, target)
+        written.append(target)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def _tier(lang: str) -> str:
+    from mlalign.languages import LANGUAGES
+
+    return LANGUAGES[lang].tier if lang in LANGUAGES else "unknown"
+
+
+def _counted(cell: dict) -> bool:
+    """The cells sae_seeds.json counts: every seed's SAE fits there and every seed defines the disparity."""
+    return bool(cell["fit"]) and cell["sign_stable"] is not None
+
+
+def _band_layers(spread: dict, band: str) -> list[str]:
+    return [str(layer) for layer in spread["bands"][band]]
+
+
+def _band_label(spread: dict, band: str) -> str:
+    layers = spread["bands"][band]
+    return f"{band} ({min(layers)}-{max(layers)})" if len(layers) > 1 else f"{band} ({layers[0]})"
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return statistics.mean(values) if values else None
+
+
+def _pct(value: float | None, spec: str = "+.1f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _definition(spread: dict) -> str:
+    over = "over analysed tokens" if spread["aggregate"] == "token" else f"{spread['aggregate']} aggregate"
+    return f"no: study publishes none; ours is {spread['metric']} {over}, BOS dropped"
+
+
+# ------------------------------------------------------------------------------------------------- 1. the map
+
+
+def _band_cell(cells: list[dict]) -> str:
+    counted = [cell for cell in cells if _counted(cell)]
+    left_out = len(cells) - len(counted)
+    if not counted:
+        return f"n/a (0/0, {left_out} left out)"
+    mean = _mean(cell["mean_disparity_pct"] for cell in counted)
+    stable = sum(bool(cell["sign_stable"]) for cell in counted)
+    return f"{mean:+.1f} ({stable}/{len(counted)}" + (f", {left_out} left out)" if left_out else ")")
+
+
+def headline_table(results: Path = RESULTS) -> str:
+    """Per language and band: the seed-mean disparity averaged over the band's layers, and (k/n) how many of those
+    cells keep their sign under every SAE seed; then each tier over its languages' cells."""
+    spread = seeds_map(results)
+    bands, cells = list(spread["bands"]), spread["cells"]
+    lines = ["| lang | tier | " + " | ".join(_band_label(spread, band) for band in bands) + " |",
+             "| --- | --- |" + " --- |" * len(bands)]
+    for lang in spread["langs"]:
+        lines.append(f"| {lang} | {_tier(lang)} | " + " | ".join(
+            _band_cell([cells[lang][layer] for layer in _band_layers(spread, band)]) for band in bands) + " |")
+    for tier, name in (("high", "high"), ("medium_low", "medium-to-low")):
+        langs = [lang for lang in spread["langs"] if _tier(lang) == tier]
+        if langs:
+            lines.append(f"| {name}: {', '.join(langs)} | all cells | " + " | ".join(
+                _band_cell([cells[lang][layer] for lang in langs for layer in _band_layers(spread, band)])
+                for band in bands) + " |")
+    n = len(spread["seeds"])
+    lines += ["", f"`disparity_pct` of `{spread['metric']}` vs {spread['reference_lang']}, the mean over {n} SAE seeds "
+              f"averaged over the band's layers (tier rows: over all their languages' cells); (k/n): k of the n "
+              f"counted cells keep their sign under all {n} seeds; left out: some seed's SAE does not fit there or "
+              "leaves the value undefined."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- 2. sign stability
+
+
+def n_sign_stable(results: Path = RESULTS) -> str:
+    """'k of n': the map's cells whose sign holds under every SAE seed, of the cells counted."""
+    spread = seeds_map(results)
+    return f"{spread['n_sign_stable']} of {spread['n_cells']}"
+
+
+def sign_stability(results: Path = RESULTS) -> str:
+    """One paragraph: sign-stable cells of all, with CIs, by band, and where the sign depends on the seed."""
+    spread = seeds_map(results)
+    seeds = spread["seeds"]
+    text = (f"{spread['n_sign_stable']} of {spread['n_cells']} (language, layer) cells keep the sign of their "
+            f"disparity under all {len(seeds)} SAE seeds ({', '.join(map(str, seeds))})")
+    if spread["n_ci_sign_stable"] is not None:
+        text += (f"; in {spread['n_ci_sign_stable']} of them every seed's {100 * spread['ci']:.0f}% sentence CI "
+                 "excludes 0 on the same side")
+    if spread["n_cells_left_out"]:
+        text += (f"; {spread['n_cells_left_out']} cell(s) left out (some seed's SAE does not fit there, or leaves the "
+                 "value undefined)")
+    text += ". By band: " + ", ".join(f"{_band_label(spread, band)} {counts['n_sign_stable']} of {counts['n_cells']}"
+                                      for band, counts in spread["by_band"].items()) + "."
+    unstable = spread["sign_unstable"]
+    if unstable:
+        text += " The sign depends on the seed at " + ", ".join(
+            f"{lang} layer {layer} ({spread['cells'][lang][str(layer)]['seed_range'][0]:+.1f} to "
+            f"{spread['cells'][lang][str(layer)]['seed_range'][1]:+.1f}%)" for lang, layer in unstable) + "."
+    return text
+
+
+# -------------------------------------------------------------------------------------- 3. against the study
+
+
+def most_negative(spread: dict, band: str, tier: str = STUDY_TIER) -> tuple[str, str, dict] | None:
+    """(lang, layer, cell) of the lowest seed-mean disparity among the tier's counted cells in the band."""
+    found = [(lang, layer, spread["cells"][lang][layer]) for lang in spread["langs"] if _tier(lang) == tier
+             for layer in _band_layers(spread, band) if _counted(spread["cells"][lang][layer])]
+    return min(found, key=lambda item: item[2]["mean_disparity_pct"]) if found else None
+
+
+def study_table(results: Path = RESULTS) -> str:
+    """The study's figures beside ours per band: ours is the most negative seed-mean cell of the medium-to-low
+    languages (with its seed range and whether its sign holds under every seed) and the tier's mean over the band."""
+    spread = seeds_map(results)
+    n = len(spread["seeds"])
+    lines = ["| band | the study (Gemma-2-2B, Gemma Scope) | ours: most negative seed-mean cell, medium-to-low "
+             f"(Gemma 3 270M, {n} SAE seeds) | its seed range | its sign under every seed | ours: medium-to-low mean "
+             "over the band | same definition? |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for band in spread["bands"]:
+        worst = most_negative(spread, band)
+        tier_cells = [spread["cells"][lang][layer] for lang in spread["langs"] if _tier(lang) == STUDY_TIER
+                      for layer in _band_layers(spread, band) if _counted(spread["cells"][lang][layer])]
+        mean = _mean(cell["mean_disparity_pct"] for cell in tier_cells)
+        if worst is None:
+            ours, where, kept = "n/a", "n/a", "n/a"
+        else:
+            lang, layer, cell = worst
+            ours = f"{cell['mean_disparity_pct']:+.1f}% ({lang}, layer {layer})"
+            where = f"{cell['seed_range'][0]:+.1f} to {cell['seed_range'][1]:+.1f}%"
+            kept = "kept" if cell["sign_stable"] else "depends on the seed"
+        lines.append(f"| {_band_label(spread, band)} | {STUDY.get(band, 'not reported')} | {ours} | {where} | {kept} | "
+                     f"{_pct(mean)}% | {_definition(spread)} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- 4. the starvation bar
+
+
+def _seed_values(row: dict, lang: str) -> dict[str, float | None]:
+    """{seed: held-out FVU of lang} from one fidelity.json layer row (a single-seed row is its own seed 0)."""
+    records = row.get("seeds") or {"0": row}
+    return {seed: record["per_lang"][lang]["fvu"] for seed, record in records.items()}
+
+
+def starvation_rows(results: Path = RESULTS) -> list[dict]:
+    """One row per (mix, layer, seed): Hindi's held-out FVU and whether it meets the bar."""
+    rows = []
+    for mix in MIXES:
+        table = fidelity(mix, results)
+        for layer in MIX_LAYERS:
+            if layer not in table:
+                raise KeyError(f"saes_{mix}/fidelity.json has no layer {layer} (it has {', '.join(table)})")
+            for seed, fvu in _seed_values(table[layer], STARVED_LANG).items():
+                rows.append({"mix": mix, "layer": layer, "seed": seed, "fvu": fvu,
+                             "passed": fvu is not None and fvu <= STARVATION_BAR_FVU})
+    return rows
+
+
+def starvation_passed(results: Path = RESULTS) -> bool:
+    return all(row["passed"] for row in starvation_rows(results))
+
+
+def _hindi_tokens(mix: str, results: Path) -> str:
+    data = train_data(mix, results)
+    quota, unique = data["tokens_per_lang"][STARVED_LANG], data["unique_tokens_per_lang"][STARVED_LANG]
+    return f"{quota}" + (f" ({unique} distinct, repeated)" if unique < quota else "")
+
+
+def starvation_check(results: Path = RESULTS) -> str:
+    """'passed: ...' or 'FAILED: ...', one sentence, against the bar fixed before the run."""
+    rows = starvation_rows(results)
+    what = (f"{STARVED_LANG}'s held-out FVU at layers {' and '.join(MIX_LAYERS)}, every seed of both mixes "
+            f"(training tokens of {STARVED_LANG}: " + ", ".join(f"{name} {_hindi_tokens(mix, results)}"
+                                                             for mix, name in MIXES.items())
+            + f"), against the bar {STARVATION_BAR_FVU:.2f} fixed before the run")
+    misses = [row for row in rows if not row["passed"]]
+    if not misses:
+        worst = max(rows, key=lambda row: row["fvu"])
+        return (f"passed: {what}; the worst is {worst['fvu']:.3f} ({MIXES[worst['mix']]}, layer {worst['layer']}, "
+                f"seed {worst['seed']})")
+    named = ", ".join(f"{MIXES[row['mix']]} layer {row['layer']} seed {row['seed']}: "
+                      f"{'none' if row['fvu'] is None else format(row['fvu'], '.3f')}" for row in misses)
+    return (f"FAILED: {what}; over the bar: {named}. As fixed in advance, the English-heavy SAEs are retrained with "
+            "sae_train.tokens=250000 before any mix result is read")
+
+
+def starvation_table(results: Path = RESULTS) -> str:
+    """Per mix and mix layer: Hindi's held-out FVU under each seed, the worst, and whether it meets the bar."""
+    rows = starvation_rows(results)
+    seeds = sorted({row["seed"] for row in rows}, key=int)
+    lines = [f"| mix | {STARVED_LANG} training tokens | layer | " + " | ".join(f"seed {s}" for s in seeds)
+             + f" | worst | ≤ {STARVATION_BAR_FVU:.2f} |", "| --- | --- | --- |" + " --- |" * (len(seeds) + 2)]
+    for mix, name in MIXES.items():
+        for layer in MIX_LAYERS:
+            mine = {row["seed"]: row for row in rows if row["mix"] == mix and row["layer"] == layer}
+            values = [mine[s]["fvu"] for s in seeds if s in mine and mine[s]["fvu"] is not None]
+            lines.append(f"| {name} | {_hindi_tokens(mix, results)} | {layer} | " + " | ".join(
+                _pct(mine[s]["fvu"], ".3f") if s in mine else "–" for s in seeds) + f" | "
+                f"{_pct(max(values) if values else None, '.3f')} | "
+                f"{'yes' if all(row['passed'] for row in mine.values()) else 'no'} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ 5. the mixes
+
+
+def _check_comparable(balanced: dict, heavy: dict) -> None:
+    for key in ("reference_lang", "metric", "aggregate", "ci", "bootstrap", "seeds"):
+        if balanced[key] != heavy[key]:
+            raise ValueError(f"the map has {key}={balanced[key]!r} and the English-heavy analysis {heavy[key]!r}: "
+                             "the mix table compares like with like only")
+
+
+def mix_difference(balanced: dict, heavy: dict) -> dict | None:
+    """English-heavy minus balanced for one cell: the difference of the seed means and its range over every pairing
+    of a balanced seed with an English-heavy seed (the two mixes' seeds are not paired: same torch seed, other data)."""
+    if balanced["mean_disparity_pct"] is None or heavy["mean_disparity_pct"] is None:
+        return None
+    pairs = [h - b for h in heavy["disparity_pct"].values() for b in balanced["disparity_pct"].values()]
+    return {"difference": heavy["mean_disparity_pct"] - balanced["mean_disparity_pct"],
+            "pair_range": [min(pairs), max(pairs)], "n_pairs": len(pairs)}
+
+
+def _mean_sd(cell: dict) -> str:
+    if cell["mean_disparity_pct"] is None:
+        return "n/a"
+    return f"{cell['mean_disparity_pct']:+.1f} ± {cell['seed_sd']:.1f}" + ("" if cell["fit"] else " †")
+
+
+def mix_table(results: Path = RESULTS) -> str:
+    """Per language at the mix layers: the map's (balanced) cell beside the English-heavy one (seed mean ± seed SD),
+    their difference with its range over the seed pairs, each side's mean sentence-CI half-width and each mix's
+    held-out FVU of that language. Headed by a warning when the starvation bar failed."""
+    balanced, heavy = seeds_map(results), seeds_mix(results)
+    _check_comparable(balanced, heavy)
+    fvu = {mix: fidelity(mix, results) for mix in MIXES}
+    n = len(heavy["seeds"])
+    lines = [] if starvation_passed(results) else [
+        f"**Not to be read: the starvation bar failed** ({starvation_check(results)}).", ""]
+    lines += ["| layer | lang | balanced: seed mean ± SD | English-heavy: seed mean ± SD | "
+              f"English-heavy − balanced | its range over the {n * len(balanced['seeds'])} seed pairs | "
+              "mean sentence-CI half-width, balanced / English-heavy | held-out FVU, balanced / English-heavy |",
+              "| --- " * 8 + "|"]
+    for layer in MIX_LAYERS:
+        for lang in heavy["langs"]:
+            b, h = balanced["cells"][lang][layer], heavy["cells"][lang][layer]
+            diff = mix_difference(b, h)
+            spread = "n/a" if diff is None else f"{diff['pair_range'][0]:+.1f} to {diff['pair_range'][1]:+.1f}"
+            lines.append(
+                f"| {layer} | {lang} | {_mean_sd(b)} | {_mean_sd(h)} | "
+                f"{'n/a' if diff is None else format(diff['difference'], '+.1f')} | {spread} | "
+                f"{_pct(b['sentence_ci_halfwidth'], '.1f')} / {_pct(h['sentence_ci_halfwidth'], '.1f')} | "
+                f"{_pct(fvu['balanced'][layer]['per_lang'][lang]['fvu'], '.3f')} / "
+                f"{_pct(fvu['english_heavy'][layer]['per_lang'][lang]['fvu'], '.3f')} |")
+    lines += ["", f"`disparity_pct` of `{heavy['metric']}` vs {heavy['reference_lang']} in points, the same "
+              f"{heavy['bootstrap']}-resample sentence bootstrap on both sides; FVU: the mean over {n} SAE seeds on "
+              "the held-out (dev) text (fidelity.json); † some seed's SAE does not fit there. The difference has no "
+              "sentence CI of its own (that needs the per-sentence values of both runs): each side's CI half-width "
+              "is given beside it."]
+    return "\n".join(lines)
+
+
+def mix_hindi(layer: str | int, results: Path = RESULTS) -> str:
+    """One sentence on Hindi at one mix layer: both disparities, their difference and its seed-pair range, both FVUs,
+    and whether the English-heavy SAEs fit Hindi worse while showing a smaller deficit."""
+    layer = str(layer)
+    b, h = seeds_map(results)["cells"][STARVED_LANG][layer], seeds_mix(results)["cells"][STARVED_LANG][layer]
+    diff = mix_difference(b, h)
+    if diff is None:
+        return f"at layer {layer} {STARVED_LANG}'s disparity is undefined under some seed"
+    fb = fidelity("balanced", results)[layer]["per_lang"][STARVED_LANG]["fvu"]
+    fh = fidelity("english_heavy", results)[layer]["per_lang"][STARVED_LANG]["fvu"]
+    worse_fit, smaller_deficit = fh > fb, b["mean_disparity_pct"] < 0 and diff["difference"] > 0
+    every_pair = diff["pair_range"][0] > 0
+    reading = ("the English-heavy SAEs fit it worse and show a smaller deficit"
+               + (" under every seed pairing" if every_pair else ", though not under every seed pairing")
+               if worse_fit and smaller_deficit else
+               f"the English-heavy SAEs {'fit it worse' if worse_fit else 'do not fit it worse'} and "
+               f"{'show a smaller deficit' if smaller_deficit else 'show no smaller deficit'}")
+    return (f"at layer {layer} {STARVED_LANG}'s disparity is {b['mean_disparity_pct']:+.1f}% with balanced SAEs and "
+            f"{h['mean_disparity_pct']:+.1f}% with English-heavy ones (difference {diff['difference']:+.1f} points, "
+            f"{diff['pair_range'][0]:+.1f} to {diff['pair_range'][1]:+.1f} over the {diff['n_pairs']} seed pairs); "
+            f"held-out FVU {fb:.3f} balanced vs {fh:.3f} English-heavy: {reading}")
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def main(results: Path = RESULTS) -> None:
+    spread = seeds_map(results)
+    print("# The map of Gemma 3 270M under 3 SAE seeds, and the SAE mix: results (generated by tables.py from "
+          "results/)\n")
+    print(f"SAE seeds {', '.join(map(str, spread['seeds']))}; {spread['bootstrap']} sentence-bootstrap resamples.\n")
+    print("## The map per band\n")
+    print(headline_table(results) + "\n")
+    print(f"Sign stability: {sign_stability(results)}\n")
+    print("## Against the study\n")
+    print(study_table(results) + "\n")
+    print("## Was either mix starved of Hindi?\n")
+    print(f"Bar: {starvation_check(results)}.\n")
+    print(starvation_table(results) + "\n")
+    print("## Balanced vs English-heavy SAEs\n")
+    print(mix_table(results) + "\n")
+    for layer in MIX_LAYERS:
+        print(f"- {mix_hindi(layer, results)}.")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["copy"]:
+        for path in copy(Path(sys.argv[2]) if len(sys.argv) > 2 else OUTPUTS):
+            print(f"copied {path}")
+    else:
+        main()

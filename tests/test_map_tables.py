@@ -1,0 +1,202 @@
+"""The map experiment's write-up generator (experiments/gemma3_270m_map/tables.py) on result files with known answers,
+written by the real writers (`write_seed_spread` for sae_seeds.json, task=train_saes's record and output functions
+for fidelity.json and train_data.json) at the paths run.sh gives them, then copied by the generator's own `copy`:
+the band headline, the sign-stable count, the study table (its tier, not a more negative high-resource cell), the
+starvation bar passing and failing, and the mix table's differences and seed-pair ranges."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.helpers import REPO, compose_cfg
+
+LAYERS = list(range(18))
+BANDS = {"early": list(range(6)), "middle": list(range(6, 12)), "deep": list(range(12, 18))}
+HIGH, MEDIUM_LOW = ["zh", "ru", "es", "it"], ["id", "ca", "mr", "ml", "hi"]
+LANGS = ["en", *HIGH, *MEDIUM_LOW]
+OFFSET = [-1.0, 0.0, 1.0]  # seed s moves every unplanted cell by OFFSET[s]: seed mean = base, seed SD = 1
+MAP_PLANTED = {("hi", 3): [-30.0, -28.0, -26.0],  # the early medium-to-low worst cell
+               ("zh", 2): [-40.0, -40.0, -40.0],  # more negative, but high resource: not the study's languages
+               ("mr", 8): [-12.0, -10.0, -8.0],   # the middle medium-to-low worst cell
+               ("ml", 14): [-22.0, -21.0, -20.0],  # the deep medium-to-low worst cell
+               ("es", 10): [-1.0, 0.5, -1.0],     # sign depends on the seed
+               ("id", 16): [1.0, -1.0, 3.0]}      # sign depends on the seed
+MIX_PLANTED = {("hi", 3): [-20.0, -18.0, -16.0], ("hi", 9): [-6.0, -5.0, -4.0]}
+HINDI_FVU = {"balanced": {3: [0.10, 0.12, 0.14], 9: [0.15, 0.16, 0.17]},
+             "english_heavy": {3: [0.20, 0.22, 0.24], 9: [0.25, 0.28, 0.29]}}
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("map_tables", REPO / "experiments/gemma3_270m_map/tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(layers: list[int], bands: dict, values: dict, unfit_cells: dict) -> dict:
+    """One seed's summary.json, holding what `seed_spread` reads; each seed's CI is its value ± 2."""
+    return {"reference_lang": "en", "metric": "mean_act", "aggregate": "token", "ci": 0.95, "bootstrap": 1000,
+            "layers": layers, "langs": LANGS, "bands": bands,
+            "disparity_pct": {"en": {str(layer): 0.0 for layer in layers}, **values},
+            "disparity_ci": {lang: {layer: [v - 2, v + 2] for layer, v in by_layer.items()}
+                             for lang, by_layer in values.items()},
+            "unfit_layers": [], "unfit_cells": unfit_cells}
+
+
+def _write_seeds(run_dir, layers, bands, base, planted, unfit_cells_by_seed=None):
+    """`task=analyze sae.seeds=[0,1,2]`'s analysis/sae_seeds.json under run_dir, by the real writer."""
+    from mlalign.analysis.sae_seeds import write_seed_spread
+
+    summaries = {}
+    for s in range(3):
+        values = {lang: {str(layer): planted.get((lang, layer), [base[lang] + o for o in OFFSET])[s]
+                         for layer in layers} for lang in LANGS[1:]}
+        summaries[s] = _summary(layers, bands, values, (unfit_cells_by_seed or {}).get(s, {}))
+    analysis = run_dir / "analysis"
+    write_seed_spread(summaries, {s: analysis / f"sae_seed_{s}" / "summary.json" for s in summaries}, analysis,
+                      plots=False)
+    (analysis / "sae_seeds_heatmap.png").write_bytes(b"png")  # the map's heatmap: copied, never read
+
+
+def _write_saes(run_dir, mix: str, layers: list[int], hindi_fvu: dict):
+    """`task=train_saes sae_train=real_small sae_train.seeds=3`'s saes/fidelity.json and train_data.json, through the
+    task's own record, spliced, layer-record and output functions (no SAE trained, no plot drawn)."""
+    from mlalign.config import SAETrainConfig, typed
+    from mlalign.saes.training import SAETrainSettings
+    from mlalign.tasks import train_saes
+
+    cfg = compose_cfg(["task=train_saes", "sae_train=real_small", "sae_train.seeds=3", f"sae_train.lang_mix={mix}",
+                       "sae_train.spliced_sentences=0"])
+    st = typed(cfg.sae_train, SAETrainConfig)
+    weights = train_saes.mix_weights(mix, LANGS, st.english_heavy_weights)
+    quotas = train_saes.token_quotas(weights, int(st.tokens))
+    job = train_saes._Job(st, layers, LANGS, weights, quotas, None, None, run_dir / "saes",
+                          SAETrainSettings(width=1280, steps=2344, lr=1e-3))
+    records = {}
+    for layer in layers:
+        records[layer] = []
+        for s in range(3):
+            per_lang = {lang: {"fvu": hindi_fvu.get(layer, [0.5] * 3)[s] if lang == "hi" else 0.05, "l0": 96.0,
+                               "tokens": 3000} for lang in LANGS}
+            overall = {"fvu": 0.06, "l0": 96.0, "l0_pct": 7.5, "dead_pct": 1.0, "tokens": 30000}
+            records[layer].append(train_saes._seed_record(overall, per_lang, layer + 1000 * s, 60.0))
+    train_saes._add_spliced(cfg, job, None, None, [], records)
+    table = {str(layer): train_saes.layer_record(records[layer], 1280, LANGS) for layer in layers}
+    data_info = {"tokens_per_lang": quotas, "unique_tokens_per_lang": dict(quotas), "repeated_langs": [],
+                 "saes_kept_from_an_earlier_try": 0}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_saes, "plot_fidelity", lambda *args, **kwargs: None)
+        train_saes._write_outputs(cfg, job, table, records, data_info, {"activations": 1.0, "training": 2.0,
+                                                                         "total": 3.0, "training_per_sae": 0.1})
+
+
+def _build(tmp_path, tables, hindi_fvu=HINDI_FVU):
+    """A finished run's folder (what run.sh leaves) with known answers, copied into results/ by `tables.copy`."""
+    out = tmp_path / "outputs"
+    base = {**{lang: 2.0 for lang in HIGH}, **{lang: -5.0 for lang in MEDIUM_LOW}}
+    _write_seeds(out / "map", LAYERS, BANDS, base, MAP_PLANTED, {1: {"ca": [17]}})  # ca 17: seed 1's SAE misfits
+    mix_base = {**{lang: 1.0 for lang in HIGH}, **{lang: -4.0 for lang in MEDIUM_LOW}}
+    _write_seeds(out / "mix_english_heavy", [3, 9], {"early": [3], "middle": [9]}, mix_base, MIX_PLANTED)
+    _write_saes(out / "saes_balanced", "balanced", LAYERS, hindi_fvu["balanced"])
+    _write_saes(out / "saes_english_heavy", "english_heavy", [3, 9], hindi_fvu["english_heavy"])
+    results = tmp_path / "results"
+    copied = tables.copy(out, results)
+    assert sorted(p.relative_to(results).as_posix() for p in copied) == sorted(tables.COPY)
+    return results
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, tables):
+    return _build(tmp_path_factory.mktemp("map_run"), tables)
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """Markdown rows keyed by their first cell (data rows only)."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    return {row[0]: row[1:] for row in rows[1:]}
+
+
+def test_the_band_headline_is_the_seed_mean_over_the_bands_layers_with_its_sign_stable_count(tables, results):
+    table = tables.headline_table(results)
+    assert table.splitlines()[0] == "| lang | tier | early (0-5) | middle (6-11) | deep (12-17) |"
+    rows = _rows(table)
+    assert rows["hi"] == ["medium_low", "-8.8 (6/6)", "-5.0 (6/6)", "-5.0 (6/6)"]  # (5 x -5 - 28) / 6
+    assert rows["zh"][1] == "-5.0 (6/6)"                                             # (5 x 2 - 40) / 6
+    assert rows["es"][2] == "+1.6 (5/6)"                                             # (5 x 2 - 0.5) / 6; one flips
+    assert rows["ca"][3] == "-5.0 (5/5, 1 left out)"                                 # seed 1's SAE misfits ca 17
+    assert rows["id"][3] == "-4.0 (5/6)"                                             # (5 x -5 + 1) / 6; one flips
+    assert rows["medium-to-low: id, ca, mr, ml, hi"][1] == "-5.8 (30/30)"           # (29 x -5 - 28) / 30
+
+
+def test_the_sign_stable_count_is_the_seed_summarys_over_the_cells_it_counts(tables, results):
+    assert tables.n_sign_stable(results) == "159 of 161"
+    text = tables.sign_stability(results)
+    # CI = value ± 2: the medium-to-low cells (-6..-4) exclude 0, the high ones (1..3) do not; zh 2 (-40) does.
+    assert text.startswith("159 of 161 (language, layer) cells keep the sign of their disparity under all 3 SAE "
+                           "seeds (0, 1, 2); in 89 of them every seed's 95% sentence CI excludes 0 on the same side; "
+                           "1 cell(s) left out")
+    assert "By band: early (0-5) 54 of 54, middle (6-11) 53 of 54, deep (12-17) 52 of 53." in text
+    assert text.endswith("The sign depends on the seed at es layer 10 (-1.0 to +0.5%), id layer 16 (-1.0 to +3.0%).")
+
+
+def test_the_study_table_takes_the_most_negative_medium_to_low_cell_per_band(tables, results):
+    rows = _rows(tables.study_table(results))
+    definition = "no: study publishes none; ours is mean_act over analysed tokens, BOS dropped"
+    assert rows["early (0-5)"] == ["up to ~26% lower", "-28.0% (hi, layer 3)", "-30.0 to -26.0%", "kept", "-5.8%",
+                                   definition]  # zh 2 (-40) is high resource: not the study's comparison
+    assert rows["middle (6-11)"][:4] == ["not reported", "-10.0% (mr, layer 8)", "-12.0 to -8.0%", "kept"]
+    assert rows["deep (12-17)"][:5] == ["~20% lower", "-21.0% (ml, layer 14)", "-22.0 to -20.0%", "kept",
+                                        "-5.3%"]  # (27 x -5 - 21 + 1) / 29: ca 17 left out
+
+
+def test_the_starvation_bar_passes_when_every_seeds_hindi_fvu_is_under_it(tables, results):
+    assert tables.starvation_passed(results) is True
+    check = tables.starvation_check(results)
+    # conf/sae_train's English-heavy weights sum to 0.96 and are normalised: hi gets 0.04 / 0.96 of 100000 tokens.
+    assert check.startswith("passed: hi's held-out FVU at layers 3 and 9, every seed of both mixes (training tokens "
+                            "of hi: balanced 10000, English-heavy 4167)")
+    assert check.endswith("the worst is 0.290 (English-heavy, layer 9, seed 2)")
+    rows = [line for line in tables.starvation_table(results).splitlines() if line.startswith("| English-heavy")]
+    assert rows[1] == "| English-heavy | 4167 | 9 | 0.250 | 0.280 | 0.290 | 0.290 | yes |"
+
+
+def test_the_starvation_bar_fails_on_one_seed_over_it_and_the_mix_table_says_not_to_read_it(tables, tmp_path):
+    starved = {**HINDI_FVU, "english_heavy": {3: [0.20, 0.22, 0.24], 9: [0.25, 0.34, 0.29]}}
+    results = _build(tmp_path, tables, starved)
+    assert tables.starvation_passed(results) is False
+    check = tables.starvation_check(results)
+    assert check.startswith("FAILED: ") and "over the bar: English-heavy layer 9 seed 1: 0.340." in check
+    assert "retrained with sae_train.tokens=250000" in check
+    assert "| English-heavy | 4167 | 9 | 0.250 | 0.340 | 0.290 | 0.340 | no |" in tables.starvation_table(results)
+    assert tables.mix_table(results).startswith("**Not to be read: the starvation bar failed**")
+
+
+def test_the_mix_table_gives_the_difference_of_seed_means_and_its_range_over_seed_pairs(tables, results):
+    table = tables.mix_table(results)
+    assert not table.startswith("**")
+    lines = [line for line in table.splitlines()[2:] if line.startswith("| ")]
+    rows = {(row[0], row[1]): row[2:] for row in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+    # balanced hi 3: -30/-28/-26; English-heavy: -20/-18/-16; FVU: seed means of HINDI_FVU.
+    assert rows[("3", "hi")] == ["-28.0 ± 2.0", "-18.0 ± 2.0", "+10.0", "+6.0 to +14.0", "2.0 / 2.0", "0.120 / 0.220"]
+    assert rows[("9", "hi")][2:4] == ["+0.0", "-2.0 to +2.0"]
+    assert rows[("3", "zh")][:4] == ["+2.0 ± 1.0", "+1.0 ± 1.0", "-1.0", "-3.0 to +1.0"]
+    assert len(rows) == 18
+    assert tables.mix_hindi(3, results) == (
+        "at layer 3 hi's disparity is -28.0% with balanced SAEs and -18.0% with English-heavy ones (difference +10.0 "
+        "points, +6.0 to +14.0 over the 9 seed pairs); held-out FVU 0.120 balanced vs 0.220 English-heavy: the "
+        "English-heavy SAEs fit it worse and show a smaller deficit under every seed pairing")
+    assert tables.mix_hindi(9, results).endswith("the English-heavy SAEs fit it worse and show no smaller deficit")
+
+
+def test_copy_refuses_a_run_that_has_not_finished_and_the_tables_name_the_missing_file(tables, tmp_path):
+    (tmp_path / "out" / "map" / "analysis").mkdir(parents=True)
+    (tmp_path / "out" / "map" / "analysis" / "sae_seeds.json").write_text(json.dumps({}))
+    with pytest.raises(FileNotFoundError, match="saes_balanced/saes/fidelity.json"):
+        tables.copy(tmp_path / "out", tmp_path / "results")
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(FileNotFoundError, match="map/analysis/sae_seeds.json"):
+        tables.headline_table(tmp_path / "results")
