@@ -54,10 +54,38 @@ def resolve_layer(requested: int | None, layers: list[int], key: str) -> int:
     return int(requested)
 
 
-def wanted_layers(acfg: AnalysisConfig, layers: list[int]) -> list[int]:
-    """The layers whose SAEs the enabled steps need (checks every step's layer and k first: a mistake costs nothing)."""
+STEPS = ("ablate", "steer", "dashboard")
+"""The steps' names under analysis.features, in the order they run."""
+
+
+def check_settings(acfg: AnalysisConfig, layers: list[int] | None) -> None:
+    """Every enabled step's settings, one line before any work (task=analyze when its analysis starts, task=pipeline in
+    check_config before anything loads): the feature lists they read, each step's split, k, layer and sizes. layers
+    None: not known yet (model=hf with layers=null before its config.json is read); the layers are then checked when
+    the analysis starts."""
+    fcfg = acfg.features
+    enabled = [name for name in STEPS if getattr(fcfg, name).enabled]
+    if not enabled:
+        return
+    if not fcfg.enabled:
+        raise UserError("analysis.features.ablate/steer/dashboard need the feature lists: set "
+                        "analysis.features.enabled=true")
+    from mlalign.data.corpus import check_split
+
+    for name in enabled:
+        split = getattr(fcfg, name).split
+        try:
+            check_split(str(split))
+        except UserError as err:
+            raise UserError(f"analysis.features.{name}.split={split}: {err}") from None
+    wanted_layers(acfg, layers)
+
+
+def wanted_layers(acfg: AnalysisConfig, layers: list[int] | None) -> list[int]:
+    """The layers whose SAEs the enabled steps need (checks every step's layer and k first: a mistake costs nothing);
+    layers None (not known yet) checks all but the layers and returns none."""
     fcfg, out = acfg.features, set()
-    for name in ("ablate", "steer", "dashboard"):
+    for name in STEPS:
         step = getattr(fcfg, name)
         if step.enabled:
             check_k(step.k, f"analysis.features.{name}.k")
@@ -65,7 +93,8 @@ def wanted_layers(acfg: AnalysisConfig, layers: list[int]) -> list[int]:
                 raise UserError("analysis.features.ablate decides causality from paired-bootstrap intervals, but "
                                 "analysis.bootstrap=0 gives none: set analysis.bootstrap=1000 (or more), or "
                                 "analysis.features.ablate.enabled=false")
-            out.add(resolve_layer(step.layer, layers, f"analysis.features.{name}.layer"))
+            if layers is not None:
+                out.add(resolve_layer(step.layer, layers, f"analysis.features.{name}.layer"))
     if fcfg.steer.enabled and (int(fcfg.steer.prompts) < 1 or int(fcfg.steer.max_new_tokens) < 1):
         raise UserError(f"analysis.features.steer.prompts and max_new_tokens must be >= 1, got {fcfg.steer.prompts} "
                         f"and {fcfg.steer.max_new_tokens}")

@@ -13,7 +13,6 @@ from mlalign.analysis.sources import (Loaded, base_feature_stats, cached_stats, 
 from mlalign.analysis.summary import METRICS_CSV_COLUMNS, metrics_rows, summarize, summary_markdown
 from mlalign.config import AnalysisConfig, FeaturesConfig, typed
 from mlalign.data.corpus import load_corpus
-from mlalign.errors import UserError
 from mlalign.io import write_json_atomic, write_text_atomic
 from mlalign.languages import target_langs
 
@@ -135,13 +134,10 @@ def analyze_model(cfg, ctx, adapter=None, out_dir: Path | None = None, split: st
     check_sae_config(cfg.sae, layers)
     fcfg = acfg.features
     causal = fcfg.ablate.enabled or fcfg.steer.enabled or fcfg.dashboard.enabled
-    if causal:  # a wrong layer or k fails before any work
-        if not fcfg.enabled:
-            raise UserError("analysis.features.ablate/steer/dashboard need the feature lists: set "
-                            "analysis.features.enabled=true")
-        from mlalign.analysis.causal import wanted_layers
+    if causal:  # a wrong layer, split or k fails before any work
+        from mlalign.analysis.causal import check_settings
 
-        wanted_layers(acfg, layers)
+        check_settings(acfg, layers)
     stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, loaded, recording=recording,
                                                        computed_before=computed_before)
 
