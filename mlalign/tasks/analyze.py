@@ -78,7 +78,9 @@ def causal_step(cfg, ctx, acfg: AnalysisConfig, summary: dict, report, engine, o
     if fcfg.ablate.enabled:
         with stage("ablating each language's specific features (and matched random ones)"):
             out["ablation"] = ablation_step(c)
-        headline(*(f"- {statement}" for statement in out["ablation"]["statements"]))
+        # task=pipeline prints both models' verdicts: say whose the adapted model's are
+        who = "base + adapter: " if summary.get("adapter") else ""
+        headline(*(f"- {who}{statement}" for statement in out["ablation"]["statements"]))
     if fcfg.steer.enabled:
         with stage("steering English generation with each language's feature direction"):
             out["steering"] = steering_step(c, ref)
