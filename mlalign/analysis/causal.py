@@ -8,8 +8,10 @@ features were chosen there), steering English prompts.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,57 @@ def wanted_layers(acfg: AnalysisConfig, layers: list[int] | None) -> list[int]:
         raise UserError(f"analysis.features.dashboard.contexts and logit_tokens must be >= 1, got "
                         f"{fcfg.dashboard.contexts} and {fcfg.dashboard.logit_tokens}")
     return sorted(out)
+
+
+CAUSAL_VERSION = 1
+"""Bump when a step's files change meaning: a record written before then no longer matches."""
+
+RECORD = "causal_record.json"
+"""In the analysis folder: per finished step, a fingerprint of its inputs and its result (statements, files), written
+after the step's files. A rerun into the same folder with the same inputs (a task=pipeline resumed after a stop reruns
+both analyses) keeps those files instead of recomputing them (minutes of hooked forwards and generation on a real
+model); a step stopped halfway has no record and runs again."""
+
+
+def step_inputs(name: str, acfg: AnalysisConfig, identity: dict, context: dict) -> str:
+    """What decides step `name`'s files: the analysis cache's identity (model files, adapter weights, SAEs, corpus), the
+    analysis settings with this step's own (not the other steps'), and `context` (title, seed, languages, data)."""
+    settings = asdict(acfg)
+    for other in STEPS:
+        if other != name:
+            settings["features"].pop(other)
+    payload = {"step": name, "analysis": settings, "identity": identity, "context": context, "version": CAUSAL_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _record(out_dir: Path) -> dict:
+    try:
+        record = json.loads((out_dir / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def kept_result(out_dir: Path, name: str, inputs: str) -> dict | None:
+    """Step `name`'s result as recorded in `out_dir`, where its inputs were these and all its files are still there;
+    None (run it) otherwise."""
+    entry = _record(out_dir).get(name)
+    if not isinstance(entry, dict) or entry.get("inputs") != inputs:
+        return None
+    result = dict(entry.get("result") or {})
+    files = {key: out_dir / file for key, file in (result.get("files") or {}).items()}
+    if not files or not all(path.is_file() for path in files.values()):
+        return None
+    result["files"] = {key: str(path) for key, path in files.items()}
+    return result
+
+
+def record_result(out_dir: Path, name: str, inputs: str, result: dict) -> None:
+    """Step `name` finished with these inputs: its result into the folder's record (file names relative to it)."""
+    record = _record(out_dir)
+    kept = {**result, "files": {key: Path(path).name for key, path in result["files"].items()}}
+    record[name] = {"inputs": inputs, "result": kept}
+    write_json_atomic(out_dir / RECORD, record)
 
 
 def _texts(c: Causal, langs: list[str], split: str, max_sentences: int | None):

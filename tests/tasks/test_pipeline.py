@@ -1,9 +1,10 @@
 """task=pipeline's split choice (the adapter is analysed on held-out sentences only, and corpus.json says so) and its
-causal steps' settings (checked before anything is written)."""
+causal steps (settings checked before anything is written; outputs listed; kept across a resume)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,45 @@ def test_a_bad_causal_setting_is_one_line_before_the_pipeline_writes_anything(te
     assert "[1/4]" not in result.stdout
     written = {p.name for p in run_dir.iterdir()}
     assert not written & {"config.yaml", "corpus.json", "analysis_base", "COMPLETE"}, written
+
+
+@pytest.mark.slow
+def test_causal_outputs_are_listed_and_a_resumed_pipeline_keeps_them(testbed_dir, testbed_cache_dir, tmp_path):
+    """Both analyses write the causal files where task=analyze would (analysis_base/, analysis_adapter/), summary.json
+    and report.md list them; a resumed run keeps a step whose inputs are unchanged and reruns one whose are not.
+    Before: report.md named only the plots, and a resume ran ablation, steering and dashboards of both models again."""
+    from tests.helpers import run_cli
+
+    run_dir = tmp_path / "run"
+    first = run_cli(_pipeline_args(testbed_cache_dir, run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    files = {"ablation": {"ablation.json", "ablation.png"}, "steering": {"steering.json", "steering.png"},
+             "dashboard": {"features_neuronpedia.json", "feature_dashboard.html"}}
+    for folder in ("analysis_base", "analysis_adapter"):
+        causal = json.loads((run_dir / folder / "summary.json").read_text())["causal"]
+        assert {step: {Path(p).name for p in out["files"].values()} for step, out in causal.items()} == files
+        assert all(Path(p).parent == run_dir / folder for out in causal.values() for p in out["files"].values())
+    report = (run_dir / "report.md").read_text()
+    for folder in ("analysis_base", "analysis_adapter"):
+        assert all(f"`{folder}/{name}`" in report for names in files.values() for name in names), report
+    assert "- base + adapter: English (en)" in first.stdout  # the adapted model's verdicts say whose they are
+
+    kept = {p: p.stat().st_mtime_ns for folder in ("analysis_base", "analysis_adapter")
+            for name in ("ablation.json", "ablation.png", "steering.json", "steering.png")
+            for p in [run_dir / folder / name]}
+    dashboard = (run_dir / "analysis_base" / "features_neuronpedia.json").stat().st_mtime_ns
+    resumed = run_cli(_pipeline_args(testbed_cache_dir, run_dir, "train.resume=true",
+                                     "analysis.features.dashboard.k=2"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stdout + resumed.stderr
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # not rewritten
+    out = resumed.stdout
+    assert out.count("ablating each language's specific features (and matched random ones): kept from") == 2
+    assert out.count("steering English generation with each language's feature direction: kept from") == 2
+    assert "feature dashboards ..." in out and "feature dashboards: kept" not in out  # its k changed: redone
+    assert (run_dir / "analysis_base" / "features_neuronpedia.json").stat().st_mtime_ns != dashboard
+    report = (run_dir / "report.md").read_text()
+    for folder in ("analysis_base", "analysis_adapter"):
+        assert all(f"`{folder}/{name}`" in report for names in files.values() for name in names), report
+        causal = json.loads((run_dir / folder / "summary.json").read_text())["causal"]
+        assert all(Path(p).is_file() for step in causal.values() for p in step["files"].values())
