@@ -109,12 +109,30 @@ def _feature_changes_section(run_dir: Path, changes: dict | None) -> list[str]:
     return lines
 
 
+def _causal_section(run_dir: Path, before: dict, after: dict) -> list[str]:
+    """Each model's causal checks (analysis.features.ablate/steer/dashboard, docs/method.md §8c): the ablation verdicts
+    and every file the steps wrote (the plots are also under Plots)."""
+    models = [(name, summary["causal"]) for name, summary in (("base model", before), ("base + adapter", after))
+              if summary.get("causal")]
+    if not models:
+        return []
+    lines = ["", "## Are the language-specific features causal?", "",
+             "Ablation, steering and feature dashboards of each model's language-specific features (docs/method.md "
+             "§8c)."]
+    for name, causal in models:
+        files = ", ".join(f"`{_rel(path, run_dir)}`" for step in causal.values() for path in step["files"].values())
+        lines += ["", f"**{name}**: {files}", ""]
+        lines += [f"- {statement}" for statement in causal.get("ablation", {}).get("statements", [])]
+    return lines
+
+
 def render_report(run_dir: Path, before: dict, after: dict, train: dict, comparison: dict, command: str) -> str:
     """report.md: everything a reader needs to judge the run, in the study's terms: the base model's findings, the
-    band disparities before -> after, the adapter's outcomes, which features it changed, the benchmarks, the
-    activation gap against accuracy, the plots."""
+    band disparities before -> after, the adapter's outcomes, which features it changed, whether each model's
+    language-specific features are causal, the benchmarks, the activation gap against accuracy, the plots."""
     lines = [*_head_section(run_dir, before, command), *_band_section(before, after), *_outcome_section(train),
-             *_feature_changes_section(run_dir, after.get("feature_changes")), *_benchmark_section(comparison),
+             *_feature_changes_section(run_dir, after.get("feature_changes")),
+             *_causal_section(run_dir, before, after), *_benchmark_section(comparison),
              *_correlation_section(before, comparison), *_plots_section(run_dir, before, after)]
     return "\n".join(lines) + "\n"
 

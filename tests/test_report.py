@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from mlalign.analysis.features import adapter_changes_by_band
-from mlalign.report import _feature_changes_section
+from mlalign.report import _causal_section, _feature_changes_section
 
 
 def test_feature_changes_section_shows_the_band_numbers_and_links_the_file(tmp_path):
@@ -21,3 +21,18 @@ def test_feature_changes_section_shows_the_band_numbers_and_links_the_file(tmp_p
     assert "| hi | early | 4 | 1 | 0.80 | 0.60 | 0.10 | 6 / 2 |" in text
     assert "| hi | deep | 0 | 0.5 | n/a | n/a | n/a | 3 / 1 |" in text
     assert _feature_changes_section(Path("."), None) == []
+
+
+def test_causal_section_lists_each_models_files_and_verdicts(tmp_path):
+    def causal(folder, verdict):
+        d = tmp_path / folder
+        return {"ablation": {"statements": [verdict], "files": {"json": str(d / "ablation.json")}},
+                "dashboard": {"files": {"html": str(d / "feature_dashboard.html")}}}
+
+    before = {"causal": causal("analysis_base", "Hindi (hi): not shown")}
+    after = {"causal": causal("analysis_adapter", "Hindi (hi): these are Hindi's features")}
+    text = "\n".join(_causal_section(tmp_path, before, after))
+    base, adapted = text.index("**base model**"), text.index("**base + adapter**")
+    assert base < text.index("`analysis_base/ablation.json`") < text.index("- Hindi (hi): not shown") < adapted
+    assert adapted < text.index("`analysis_adapter/feature_dashboard.html`") < text.index("- Hindi (hi): these are")
+    assert _causal_section(tmp_path, {}, {"causal": {}}) == []  # steps off: no section

@@ -8,8 +8,10 @@ features were chosen there), steering English prompts.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +56,38 @@ def resolve_layer(requested: int | None, layers: list[int], key: str) -> int:
     return int(requested)
 
 
-def wanted_layers(acfg: AnalysisConfig, layers: list[int]) -> list[int]:
-    """The layers whose SAEs the enabled steps need (checks every step's layer and k first: a mistake costs nothing)."""
+STEPS = ("ablate", "steer", "dashboard")
+"""The steps' names under analysis.features, in the order they run."""
+
+
+def check_settings(acfg: AnalysisConfig, layers: list[int] | None) -> None:
+    """Every enabled step's settings, one line before any work (task=analyze when its analysis starts, task=pipeline in
+    check_config before anything loads): the feature lists they read, each step's split, k, layer and sizes. layers
+    None: not known yet (model=hf with layers=null before its config.json is read); the layers are then checked when
+    the analysis starts."""
+    fcfg = acfg.features
+    enabled = [name for name in STEPS if getattr(fcfg, name).enabled]
+    if not enabled:
+        return
+    if not fcfg.enabled:
+        raise UserError("analysis.features.ablate/steer/dashboard need the feature lists: set "
+                        "analysis.features.enabled=true")
+    from mlalign.data.corpus import check_split
+
+    for name in enabled:
+        split = getattr(fcfg, name).split
+        try:
+            check_split(str(split))
+        except UserError as err:
+            raise UserError(f"analysis.features.{name}.split={split}: {err}") from None
+    wanted_layers(acfg, layers)
+
+
+def wanted_layers(acfg: AnalysisConfig, layers: list[int] | None) -> list[int]:
+    """The layers whose SAEs the enabled steps need (checks every step's layer and k first: a mistake costs nothing);
+    layers None (not known yet) checks all but the layers and returns none."""
     fcfg, out = acfg.features, set()
-    for name in ("ablate", "steer", "dashboard"):
+    for name in STEPS:
         step = getattr(fcfg, name)
         if step.enabled:
             check_k(step.k, f"analysis.features.{name}.k")
@@ -65,7 +95,8 @@ def wanted_layers(acfg: AnalysisConfig, layers: list[int]) -> list[int]:
                 raise UserError("analysis.features.ablate decides causality from paired-bootstrap intervals, but "
                                 "analysis.bootstrap=0 gives none: set analysis.bootstrap=1000 (or more), or "
                                 "analysis.features.ablate.enabled=false")
-            out.add(resolve_layer(step.layer, layers, f"analysis.features.{name}.layer"))
+            if layers is not None:
+                out.add(resolve_layer(step.layer, layers, f"analysis.features.{name}.layer"))
     if fcfg.steer.enabled and (int(fcfg.steer.prompts) < 1 or int(fcfg.steer.max_new_tokens) < 1):
         raise UserError(f"analysis.features.steer.prompts and max_new_tokens must be >= 1, got {fcfg.steer.prompts} "
                         f"and {fcfg.steer.max_new_tokens}")
@@ -73,6 +104,57 @@ def wanted_layers(acfg: AnalysisConfig, layers: list[int]) -> list[int]:
         raise UserError(f"analysis.features.dashboard.contexts and logit_tokens must be >= 1, got "
                         f"{fcfg.dashboard.contexts} and {fcfg.dashboard.logit_tokens}")
     return sorted(out)
+
+
+CAUSAL_VERSION = 1
+"""Bump when a step's files change meaning: a record written before then no longer matches."""
+
+RECORD = "causal_record.json"
+"""In the analysis folder: per finished step, a fingerprint of its inputs and its result (statements, files), written
+after the step's files. A rerun into the same folder with the same inputs (a task=pipeline resumed after a stop reruns
+both analyses) keeps those files instead of recomputing them (minutes of hooked forwards and generation on a real
+model); a step stopped halfway has no record and runs again."""
+
+
+def step_inputs(name: str, acfg: AnalysisConfig, identity: dict, context: dict) -> str:
+    """What decides step `name`'s files: the analysis cache's identity (model files, adapter weights, SAEs, corpus), the
+    analysis settings with this step's own (not the other steps'), and `context` (title, seed, languages, data)."""
+    settings = asdict(acfg)
+    for other in STEPS:
+        if other != name:
+            settings["features"].pop(other)
+    payload = {"step": name, "analysis": settings, "identity": identity, "context": context, "version": CAUSAL_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _record(out_dir: Path) -> dict:
+    try:
+        record = json.loads((out_dir / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def kept_result(out_dir: Path, name: str, inputs: str) -> dict | None:
+    """Step `name`'s result as recorded in `out_dir`, where its inputs were these and all its files are still there;
+    None (run it) otherwise."""
+    entry = _record(out_dir).get(name)
+    if not isinstance(entry, dict) or entry.get("inputs") != inputs:
+        return None
+    result = dict(entry.get("result") or {})
+    files = {key: out_dir / file for key, file in (result.get("files") or {}).items()}
+    if not files or not all(path.is_file() for path in files.values()):
+        return None
+    result["files"] = {key: str(path) for key, path in files.items()}
+    return result
+
+
+def record_result(out_dir: Path, name: str, inputs: str, result: dict) -> None:
+    """Step `name` finished with these inputs: its result into the folder's record (file names relative to it)."""
+    record = _record(out_dir)
+    kept = {**result, "files": {key: Path(path).name for key, path in result["files"].items()}}
+    record[name] = {"inputs": inputs, "result": kept}
+    write_json_atomic(out_dir / RECORD, record)
 
 
 def _texts(c: Causal, langs: list[str], split: str, max_sentences: int | None):

@@ -13,7 +13,6 @@ from mlalign.analysis.sources import (Loaded, base_feature_stats, cached_stats, 
 from mlalign.analysis.summary import METRICS_CSV_COLUMNS, metrics_rows, summarize, summary_markdown
 from mlalign.config import AnalysisConfig, FeaturesConfig, typed
 from mlalign.data.corpus import load_corpus
-from mlalign.errors import UserError
 from mlalign.io import write_json_atomic, write_text_atomic
 from mlalign.languages import target_langs
 
@@ -63,29 +62,51 @@ def analyze_features_step(cfg, ctx, summary: dict, stats, feature_stats, corpus,
 
 def causal_step(cfg, ctx, acfg: AnalysisConfig, summary: dict, report, engine, out_dir: Path) -> dict[str, Path]:
     """Are the language-specific features causal? (docs/method.md §8c): ablation, steering and dashboards, each where
-    `analysis.features.<step>.enabled`; adds `summary["causal"]`; returns the plots by name."""
-    from mlalign.analysis.causal import Causal, ablation_step, dashboard_step, steering_step, wanted_layers
+    `analysis.features.<step>.enabled`; a step whose inputs match the record of an earlier run into `out_dir`
+    (`causal.RECORD`: a resumed task=pipeline) keeps that run's files. Adds `summary["causal"]`; returns the plots by
+    name."""
+    from omegaconf import OmegaConf
+
+    from mlalign.analysis.causal import (STEPS, Causal, ablation_step, dashboard_step, kept_result, record_result,
+                                         step_inputs, steering_step, wanted_layers)
     from mlalign.analysis.features_outputs import neuronpedia_ids
-    from mlalign.console import headline, stage
+    from mlalign.console import headline, note, stage
 
     fcfg = acfg.features
-    layers = wanted_layers(acfg, report.layers)
-    model, tokenizer, saes = engine.loaded(layers)
-    ref = cfg.reference_lang
-    c = Causal(report=report, acfg=acfg, data_cfg=cfg.data, model=model, tokenizer=tokenizer, saes=saes,
-               device=next(model.parameters()).device, seed=int(cfg.seed), out_dir=out_dir,
-               title=f"{cfg.model.name}, {cfg.sae.name}", split=summary["corpus"]["split"])
+    ref, title = cfg.reference_lang, f"{cfg.model.name}, {cfg.sae.name}"
+    steps = {"ablate": ("ablation", "ablating each language's specific features (and matched random ones)",
+                        ablation_step),
+             "steer": ("steering", "steering English generation with each language's feature direction",
+                       lambda c: steering_step(c, ref)),
+             "dashboard": ("dashboard", "feature dashboards",
+                           lambda c: dashboard_step(c, neuronpedia_ids(cfg.sae, report.layers)))}
+    context = {"title": title, "seed": int(cfg.seed), "reference_lang": ref, "langs": report.langs,
+               "layers": report.layers, "data": OmegaConf.to_container(cfg.data, resolve=True),
+               "languages": OmegaConf.to_container(cfg.languages, resolve=True) if cfg.get("languages") else None}
+    # Before anything loads: the identity the statistics were read or stored under.
+    inputs = {name: step_inputs(name, acfg, engine.cache.identity, context)
+              for name in STEPS if getattr(fcfg, name).enabled}
+    c = None
     out: dict = {}
-    if fcfg.ablate.enabled:
-        with stage("ablating each language's specific features (and matched random ones)"):
-            out["ablation"] = ablation_step(c)
-        headline(*(f"- {statement}" for statement in out["ablation"]["statements"]))
-    if fcfg.steer.enabled:
-        with stage("steering English generation with each language's feature direction"):
-            out["steering"] = steering_step(c, ref)
-    if fcfg.dashboard.enabled:
-        with stage("feature dashboards"):
-            out["dashboard"] = dashboard_step(c, neuronpedia_ids(cfg.sae, report.layers))
+    for name, fingerprint in inputs.items():
+        result_key, what, run_step = steps[name]
+        kept = kept_result(out_dir, name, fingerprint) if acfg.cache else None
+        if kept is not None:
+            note(f"{what}: kept from an earlier run into {out_dir} with the same inputs")
+            out[result_key] = kept
+            continue
+        if c is None:
+            model, tokenizer, saes = engine.loaded(wanted_layers(acfg, report.layers))
+            c = Causal(report=report, acfg=acfg, data_cfg=cfg.data, model=model, tokenizer=tokenizer, saes=saes,
+                       device=next(model.parameters()).device, seed=int(cfg.seed), out_dir=out_dir, title=title,
+                       split=summary["corpus"]["split"])
+        with stage(what):
+            out[result_key] = run_step(c)
+        record_result(out_dir, name, fingerprint, out[result_key])
+    if "ablation" in out:
+        # task=pipeline prints both models' verdicts: say whose the adapted model's are
+        who = "base + adapter: " if summary.get("adapter") else ""
+        headline(*(f"- {who}{statement}" for statement in out["ablation"]["statements"]))
     summary["causal"] = out
     return {Path(path).stem: Path(path) for step in out.values() for path in step["files"].values()
             if path.endswith(".png")}
@@ -135,13 +156,10 @@ def analyze_model(cfg, ctx, adapter=None, out_dir: Path | None = None, split: st
     check_sae_config(cfg.sae, layers)
     fcfg = acfg.features
     causal = fcfg.ablate.enabled or fcfg.steer.enabled or fcfg.dashboard.enabled
-    if causal:  # a wrong layer or k fails before any work
-        if not fcfg.enabled:
-            raise UserError("analysis.features.ablate/steer/dashboard need the feature lists: set "
-                            "analysis.features.enabled=true")
-        from mlalign.analysis.causal import wanted_layers
+    if causal:  # a wrong layer, split or k fails before any work
+        from mlalign.analysis.causal import check_settings
 
-        wanted_layers(acfg, layers)
+        check_settings(acfg, layers)
     stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, loaded, recording=recording,
                                                        computed_before=computed_before)
 

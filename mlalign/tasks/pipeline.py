@@ -15,12 +15,27 @@ OBJECTIVE = "alignment_score"
 
 def check_config(cfg) -> None:
     """Run by dispatch before anything loads: the training settings, then the evaluation's (task names included), then
-    the analysis split: the pipeline analyses held-out sentences only (`held_out_analysis`)."""
+    the causal steps' (`check_causal_config`), then the analysis split: the pipeline analyses held-out sentences only
+    (`held_out_analysis`)."""
     from mlalign.tasks import evaluate
 
     check_train_config(cfg)
     evaluate.check_config(cfg)
+    check_causal_config(cfg)
     held_out_analysis(cfg)
+
+
+def check_causal_config(cfg) -> None:
+    """analysis.features.ablate/steer/dashboard, which both analyses run: checked here, before config.yaml, the corpus
+    report or a resumed run's files are written, not when step 1's analysis starts. The layers where the config alone
+    names them (model=hf with layers=null: when the analysis starts, after its config.json is read)."""
+    from mlalign.analysis.causal import check_settings
+    from mlalign.config import AnalysisConfig, typed
+    from mlalign.tasks.common import resolve_layers
+
+    num_layers = cfg.model.get("num_layers")
+    layers = None if num_layers is None else resolve_layers(cfg.layers, int(num_layers))
+    check_settings(typed(cfg.analysis, AnalysisConfig), layers)
 
 
 def held_out_analysis(cfg) -> None:
