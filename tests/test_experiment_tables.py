@@ -71,3 +71,10 @@ def test_the_arms_table_gives_the_seed_mean_and_sd_and_the_step_time_is_the_seed
     table = tables.differences_table(results)
     assert "| a-b | hi | lm_loss | -0.2000 | [-0.3000, -0.1000] | 0.1000 | a better | 3 vs 3 |" in table
     assert "| a-b | hi | topic_transfer_acc | +0.0100 | [-0.0200, +0.0400] | 0.1000 | no detectable difference |" in table
+
+
+def test_inline_numbers_are_the_seed_mean_the_contrast_with_its_ci_and_the_step_time_range(tables, results):
+    assert tables.mean("a", "hi", "retrieval_at1", path=results) == "0.600"
+    assert tables.estimate("a-b", "hi", "retrieval_at1", path=results) == "+0.050 [+0.010, +0.090]"
+    assert tables.estimate("a-b", "hi", "gain_pct", "+.1f", path=results) == "+9.0 [+8.0, +10.0]"
+    assert tables.s_per_step_range("a", results) == "2.0-4.0"

@@ -30,14 +30,7 @@ DATA="data.max_sentences=204 data.max_length=48 analysis.bootstrap=1000"
 # cuts stated in advance apply, in their order: no benchmarks, then a two-value learning-rate grid for every arm.
 COMPARE="compare.seeds=3 compare.lrs=[5e-4,1e-3] compare.steer_alphas=[0,0.5,1,2] compare.bootstrap=2000 compare.benchmarks=false"
 
-timed() {  # name, then run.py arguments: the run goes to $OUT/<name>, its log to $OUT/<name>.log
-  local name=$1; shift
-  mkdir -p "$OUT"
-  local start=$SECONDS
-  echo "== $name: $PY run.py $*"
-  "$PY" run.py "$@" "hydra.run.dir=$OUT/$name" > "$OUT/$name.log" 2>&1
-  echo "== $name: $((SECONDS - start)) s" | tee -a "$OUT/times.txt"
-}
+source experiments/lib.sh  # timed NAME ARGS...: one run.py run into $OUT/NAME, its log and wall time
 
 part_saes() {
   [ -f "$SAE_DIR/fidelity.json" ] || bash experiments/gemma3_270m_saes/run.sh saes

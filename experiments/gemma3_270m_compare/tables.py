@@ -115,6 +115,49 @@ def s_per_step(arm: str, path: Path = RESULTS) -> str:
     return f"{sum(runs) / len(runs):.1f}"
 
 
+def s_per_step_range(arm: str, path: Path = RESULTS) -> str:
+    """'low-high' seconds per training step over one arm's seeds (the slow end: units trained on a shared box)."""
+    runs = [s["training"]["s_per_step"] for s in results(path)["arms"][arm]["seeds"].values() if s.get("training")]
+    return f"{min(runs):.1f}-{max(runs):.1f}"
+
+
 def chosen(arm: str, path: Path = RESULTS) -> str:
     """The arm's setting chosen on dev (e.g. lr_0.001)."""
     return results(path)["arms"][arm]["setting"]
+
+
+def mean(arm: str, lang: str, key: str, fmt: str = ".3f", path: Path = RESULTS) -> str:
+    """One arm's held-out outcome for one language: the mean over its seeds."""
+    values = [s["per_lang"][lang][key] for s in results(path)["arms"][arm]["seeds"].values()]
+    return format(sum(values) / len(values), fmt)
+
+
+def estimate(contrast: str, lang: str, outcome: str, fmt: str = "+.3f", path: Path = RESULTS) -> str:
+    """'estimate [low, high]' of one contrast's difference (95% CI, seeds then sentences)."""
+    d = results(path)["differences"][contrast][lang][outcome]
+    return f"{format(d['estimate'], fmt)} [{format(d['ci'][0], fmt)}, {format(d['ci'][1], fmt)}]"
+
+
+CHOICES = RESULTS.parent / "choices.json"
+
+
+def steer_dev_gains() -> str:
+    """The steer arm's dev activation gain and FVU ratio at every alpha it tried (choices.json), e.g.
+    'alpha 0.5: -5.5% (FVU x1.10), ...'."""
+    scores = json.loads(CHOICES.read_text())["steer"]["scores"]
+    return ", ".join(f"alpha {alpha}: {s['activation_gain_pct_mean']:+.1f}% (FVU x{s['fvu_ratio_max']:.2f})"
+                     for alpha, s in scores.items())
+
+
+STAGES = RESULTS.parent / "stages_final_resume.txt"
+"""The console's 'done in' lines of the last resume (2026-12-06, the box to itself but for two helpers' tests)."""
+
+
+def held_out_minutes() -> str:
+    """'a-b min' over the held-out units the last resume measured (the earlier sessions' logs were overwritten and
+    shared the box with other work)."""
+    import re
+
+    minutes = [int(m) + int(s) / 60 for m, s in re.findall(r"held-out outcomes .*: done in (\d+)m(\d+)s",
+                                                           STAGES.read_text())]
+    return f"{min(minutes):.1f}-{max(minutes):.1f} min over {len(minutes)} units"
