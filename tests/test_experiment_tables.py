@@ -78,3 +78,25 @@ def test_inline_numbers_are_the_seed_mean_the_contrast_with_its_ci_and_the_step_
     assert tables.estimate("a-b", "hi", "retrieval_at1", path=results) == "+0.050 [+0.010, +0.090]"
     assert tables.estimate("a-b", "hi", "gain_pct", "+.1f", path=results) == "+9.0 [+8.0, +10.0]"
     assert tables.s_per_step_range("a", results) == "2.0-4.0"
+
+
+def test_posthoc_diagnostics_read_the_step_one_ratio_over_every_unit_and_tabulate_each_unit(tables, tmp_path,
+                                                                                             monkeypatch):
+    def history(step1, median, active):
+        return {"steps": 100, "act_align_active_steps": active, "sae_fidelity_active_steps": 0,
+                "act_ratio_step1": step1, "act_ratio_median": median, "act_ratio_min": 0.9, "act_ratio_max": 1.2}
+
+    row = {"hi": {"retrieval_at1_L17": 0.5, "retrieval_at1_L3": 0.25, "spliced_dlm_loss": 0.8},
+           "ml": {"retrieval_at1_L17": 0.1, "retrieval_at1_L3": 0.05, "spliced_dlm_loss": 0.7},
+           "en": {"spliced_dlm_loss": 0.9}}
+    path = tmp_path / "posthoc.json"
+    path.write_text(json.dumps({"histories": {"ce/lr_0.001/seed_0": history(0.95, 1.07, 9),
+                                              "act_align/lr_0.0005/seed_0": history(1.04, 1.10, 5),
+                                              "ce_kl/lr_0.001/seed_1": history(1.01, 1.08, 7)},
+                                "dev": {"base": row, "ce_kl/lr_0.001": row}}))
+    monkeypatch.setattr(tables, "POSTHOC", path)
+    assert tables.base_ratio_step1() == "0.95-1.04"  # every unit, act_align's included
+    assert tables.untrained_ratio_median() == "1.07-1.08"  # ce and ce_kl only: their ratio is the exact metric's
+    assert tables.posthoc_value("ce_kl/lr_0.001", "ml", "retrieval_at1_L3") == "0.050"
+    lines = tables.posthoc_table().splitlines()
+    assert len(lines) == 4 and lines[3] == "| ce_kl/lr_0.001 | 0.500 | 0.100 | 0.250 | 0.050 | 0.800 | 0.700 | 0.900 |"

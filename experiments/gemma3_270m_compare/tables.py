@@ -161,3 +161,61 @@ def held_out_minutes() -> str:
     minutes = [int(m) + int(s) / 60 for m, s in re.findall(r"held-out outcomes .*: done in (\d+)m(\d+)s",
                                                            STAGES.read_text())]
     return f"{min(minutes):.1f}-{max(minutes):.1f} min over {len(minutes)} units"
+
+
+# ------------------------------------------------------------------------------------------- post-hoc diagnostics
+# results/posthoc.json, written by posthoc.py after the results were read (the review's questions; not the design).
+
+POSTHOC = RESULTS.parent / "posthoc.json"
+
+
+def _histories(arm: str | None = None, setting: str | None = None) -> list[dict]:
+    rows = json.loads(POSTHOC.read_text())["histories"]
+    return [h for key, h in rows.items() if (arm is None or key.split("/")[0] == arm)
+            and (setting is None or key.split("/")[1] == setting)]
+
+
+def hinge_active(arm: str = "act_align") -> str:
+    """'a-b of 100' steps on which the arm's act_align hinge was above 0, over its units at the chosen setting."""
+    rows = _histories(arm, chosen(arm))
+    counts = [h["act_align_active_steps"] for h in rows]
+    return f"{min(counts)}-{max(counts)} of {rows[0]['steps']}"
+
+
+def fidelity_active(arm: str = "act_align") -> str:
+    """'a-b of 100' steps on which the arm's SAE-fidelity term was above 0, over its units at the chosen setting."""
+    rows = _histories(arm, chosen(arm))
+    counts = [h["sae_fidelity_active_steps"] for h in rows]
+    return f"{min(counts)}-{max(counts)} of {rows[0]['steps']}"
+
+
+def base_ratio_step1() -> str:
+    """'low-high' of the target/English activation ratio at step 1 (adapter still zero: the base model) over every
+    trained unit's first batch."""
+    ratios = [h["act_ratio_step1"] for h in _histories()]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
+def untrained_ratio_median() -> str:
+    """'low-high' of the median target/English ratio over training of the arms that do not train on it (ce, ce_kl:
+    their logged ratio is the exact metric's), over their units."""
+    medians = [h["act_ratio_median"] for arm in ("ce", "ce_kl") for h in _histories(arm)]
+    return f"{min(medians):.2f}-{max(medians):.2f}"
+
+
+def posthoc_value(unit: str, lang: str, key: str, fmt: str = ".3f") -> str:
+    """One dev measure of one unit ('base' or 'arm/setting', seed 0) from posthoc.json."""
+    return format(json.loads(POSTHOC.read_text())["dev"][unit][lang][key], fmt)
+
+
+def posthoc_table() -> str:
+    """The post-hoc dev measures of seed 0 of every trained arm at both learning rates, and the base model."""
+    data = json.loads(POSTHOC.read_text())
+    keys = [("hi", "retrieval_at1_L17"), ("ml", "retrieval_at1_L17"), ("hi", "retrieval_at1_L3"),
+            ("ml", "retrieval_at1_L3"), ("hi", "spliced_dlm_loss"), ("ml", "spliced_dlm_loss"),
+            ("en", "spliced_dlm_loss")]
+    lines = ["| unit (seed 0) | " + " | ".join(f"{lang} {key}" for lang, key in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for unit, row in data["dev"].items():
+        lines.append(f"| {unit} | " + " | ".join(f"{row[lang][key]:.3f}" for lang, key in keys) + " |")
+    return "\n".join(lines)
