@@ -8,6 +8,7 @@ continues where it stopped."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from mlalign.analysis.probes import probe_correct
 from mlalign.compare.passes import pooled_residuals, steering
 from mlalign.io import write_dir_atomic, write_json_atomic
 from mlalign.training.outcomes import alignment_score, measure_adapted, outcome_report
+
+log = logging.getLogger(__name__)
 
 TRAINED = "TRAINED"
 
@@ -114,6 +117,7 @@ def train_unit(bench: Bench, arm, lr: float, seed: int, directory: Path, tracker
     from mlalign.training.checkpoint import last_checkpoint
     from mlalign.training.data import load_parallel_stream
     from mlalign.training.loop import ObjectiveFn, Trainee, TrainingStopped, train_loop
+    from mlalign.training.report import act_align_activity, idle_act_align_line
 
     cfg, model = bench.cfg, bench.model
     if (directory / TRAINED).is_file():
@@ -149,8 +153,11 @@ def train_unit(bench: Bench, arm, lr: float, seed: int, directory: Path, tracker
     write_dir_atomic(directory / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
     done = {"steps": state.step, "resumed_from_step": state.resumed_from, "train_s": seconds,
             "s_per_step": seconds / max(1, state.step - (state.resumed_from or 0)),
-            "final": state.history[-1] if state.history else {}}
+            "final": state.history[-1] if state.history else {},
+            "act_align_activity": act_align_activity(state.history, float(arm.loss.get("act_align", 0.0)))}
     write_json_atomic(directory / TRAINED, done)
+    if idle_act_align_line(done["act_align_activity"]):
+        log.warning("arm %s, seed %s: %s", arm.name, seed, idle_act_align_line(done["act_align_activity"]))
     return done
 
 

@@ -359,7 +359,27 @@ def _markdown(results: dict) -> str:
         if arm["dev_scores"]:
             shown = ", ".join(f"{v}: {s['alignment_score']:.3g}" for v, s in arm["dev_scores"].items())
             lines.append(f"- {name}: {arm['setting']} (alignment_score by grid value: {shown})")
+    lines += _activity_lines(results)
     return "\n".join(lines) + "\n"
+
+
+def _activity_lines(results: dict) -> list[str]:
+    """Per arm with an activation term: on how many steps of each seed's training it was above zero, and a warning
+    where it was nearly idle (mlalign.training.report.IDLE_ACT_ALIGN_PCT): such an arm trained mostly on its other
+    terms, so its contrasts do not test the activation objective."""
+    from mlalign.training.report import idle_act_align_line
+
+    lines = []
+    for name, arm in results["arms"].items():
+        runs = [(seed, (s.get("training") or {}).get("act_align_activity")) for seed, s in arm["seeds"].items()]
+        runs = [(seed, a) for seed, a in runs if a]
+        if not runs:
+            continue
+        steps = ", ".join(f"seed {seed}: {a['active_steps']} of {a['steps']}" for seed, a in runs)
+        idle = [idle_act_align_line(a) for _, a in runs if a["idle"]]
+        lines.append(f"- {name}: activation term above zero on {steps} steps"
+                     + (f". **Nearly idle**: {idle[0]}" if idle else ""))
+    return ["", "## The activation term during training", "", *lines] if lines else []
 
 
 def _forest_plot(results: dict, path: Path) -> None:

@@ -268,7 +268,8 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
     """train/metrics.json, the adapter, the plot, the tracker's values and the closing lines; returns what sweeps see
     and what metrics.json holds."""
     from mlalign.console import headline, output
-    from mlalign.training.report import outcome_lines, plot_before_after, train_metrics
+    from mlalign.training.report import (act_align_activity, idle_act_align_line, outcome_lines, plot_before_after,
+                                         train_metrics)
 
     accelerator, splits = setup.accelerator, plan.splits
     peft_model = accelerator.unwrap_model(setup.model)
@@ -277,7 +278,10 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
                            tolerance=plan.tolerance, floor_pct=float(cfg.train.retention_floor_pct),
                            spliced_tolerance=float(cfg.train.spliced_tolerance_nats), seed=int(cfg.seed))
     report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s, total_s=total_s,
-                  trainable_params=setup.trainable, aligned_layers=setup.aligned)
+                  trainable_params=setup.trainable, aligned_layers=setup.aligned,
+                  act_align_activity=act_align_activity(state.history, float(cfg.loss.act_align)))
+    if idle_act_align_line(report["act_align_activity"]):
+        log.warning("%s", idle_act_align_line(report["act_align_activity"]))
 
     out = ctx.run_dir / "train"
     metrics = json_safe(report)

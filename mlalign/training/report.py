@@ -107,6 +107,36 @@ def _beyond_text(o: dict, metrics: dict) -> str:
     return ("; ".join(parts) or "no aligned layer measured") + f" ({limits})"
 
 
+IDLE_ACT_ALIGN_PCT = 25.0
+"""Below this share of steps with the activation term above zero, a run says its adapter was trained mostly by its
+other terms (experiments/gemma3_270m_compare: 4-6 of 100 steps, the targets already at English's level)."""
+
+
+def act_align_activity(history: list[dict], weight: float) -> dict | None:
+    """How often the activation term pushed: the steps whose `act_align` loss was above zero (a relative hinge is zero
+    once the target reaches English's level), and the median target/English ratio the loop logged (`act_ratio`).
+    None where the objective has no activation term (weight 0) or no step ran."""
+    if weight <= 0 or not history:
+        return None
+    active = sum(float(row.get("act_align", 0.0)) > 0 for row in history)
+    ratios = sorted(float(row["act_ratio"]) for row in history if row.get("act_ratio") is not None)
+    pct = 100.0 * active / len(history)
+    return {"active_steps": active, "steps": len(history), "active_pct": pct,
+            "act_ratio_median": ratios[len(ratios) // 2] if ratios else None, "idle": pct < IDLE_ACT_ALIGN_PCT}
+
+
+def idle_act_align_line(activity: dict | None) -> str | None:
+    """One line where the activation term was nearly idle: what it means and what to do; None otherwise."""
+    if not activity or not activity["idle"]:
+        return None
+    ratio = activity["act_ratio_median"]
+    why = (f" (median target/English ratio {ratio:.2f}: the targets already reach English's level at the aligned "
+           f"layers)" if ratio is not None and ratio >= 1 else "")
+    return (f"the activation term was above zero on {activity['active_steps']} of {activity['steps']} steps{why}, so "
+            f"this adapter was trained mostly by its other terms; align layers where task=analyze shows a deficit "
+            f"(loss.layers=[...])")
+
+
 def outcome_lines(metrics: dict) -> list[str]:
     """Markdown bullet lines: per target language a result or an artefact verdict, then English, then the study."""
     tol = metrics["fidelity_tolerance"]
@@ -150,6 +180,9 @@ def outcome_lines(metrics: dict) -> list[str]:
                  f"the same features; signed change {_fmt(english['gain_pct'])}%, FVU {english['fvu_before']:.3f} -> "
                  f"{english['fvu_after']:.3f}, reconstruction error at most "
                  f"x{_fmt(english.get('recon_error_ratio_max'), '.2f')}).")
+    idle = idle_act_align_line(metrics.get("act_align_activity"))
+    if idle:
+        lines.append(f"- **Activation term nearly idle**: {idle}.")
     lines.append(f"- Seeds: {metrics['seeds']['note']}." if "seeds" in metrics else
                  "- Seeds: not recorded (a metrics.json from before seeds were recorded).")
     lines.append(f"- For comparison only: the study reports {STUDY_FIGURES} for its own, unpublished definition; "

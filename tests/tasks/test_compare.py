@@ -73,6 +73,11 @@ def test_results_follow_the_output_contract(full_run):
     base = arms["base"]["seeds"]["na"]["per_lang"]["hi"]
     assert base["gain_pct"] == 0.0 and base["lm_loss_change"] == 0.0
     assert any("no detectable difference (MDE" in line or "than" in line for line in results["verdicts"])
+    # How often each arm's activation term pushed: recorded for arms that train on it, not for ce / ce_kl.
+    activity = arms["act_align"]["seeds"]["0"]["training"]["act_align_activity"]
+    assert activity["steps"] == 2 and 0 <= activity["active_steps"] <= 2
+    assert arms["ce_kl"]["seeds"]["0"]["training"]["act_align_activity"] is None
+    assert "## The activation term during training" in (out / "results.md").read_text()
 
 
 @pytest.mark.slow
@@ -156,3 +161,19 @@ def test_benchmarks_are_compared_item_by_item(testbed_dir, tmp_path):
     assert d["n_sentences"] == 6 and d["n_seeds"] == [1, 1]
     assert "MDE" in d["verdict"] or "than" in d["verdict"]
     assert "one seed: the CI covers sentences" in d["verdict"]  # compare.seeds=1 and ce_kl is trained
+
+
+def test_results_md_says_which_arm_s_activation_term_was_nearly_idle():
+    from mlalign.tasks.compare import _activity_lines
+
+    def seed(active):
+        return {"training": {"act_align_activity": {"active_steps": active, "steps": 100, "active_pct": active,
+                                                    "act_ratio_median": 1.1, "idle": active < 25}}}
+
+    results = {"arms": {"ce_kl": {"seeds": {"0": {"training": {"act_align_activity": None}}}},
+                        "act_align": {"seeds": {"0": seed(5), "1": seed(6)}},
+                        "pushing": {"seeds": {"0": seed(90)}}, "base": {"seeds": {"na": {"training": None}}}}}
+    lines = _activity_lines(results)
+    assert lines[:3] == ["", "## The activation term during training", ""] and len(lines) == 5
+    assert lines[3].startswith("- act_align: activation term above zero on seed 0: 5 of 100, seed 1: 6 of 100 steps")
+    assert "**Nearly idle**" in lines[3] and "**Nearly idle**" not in lines[4]

@@ -181,6 +181,10 @@ def test_run_writes_adapter_metrics_plot_and_the_outcome_contract(aligned_run):
     assert r["seeds"]["n"] == 1 and "compare.seeds" in r["seeds"]["note"]
     from mlalign.training.report import outcome_lines
     assert any(line.startswith("- Seeds: one training run") for line in outcome_lines(r))
+    # How often the activation term pushed, over every step of the run (mlalign/training/report.py).
+    activity = r["act_align_activity"]
+    assert activity["steps"] == r["steps"] and 0 <= activity["active_steps"] <= activity["steps"]
+    assert any(line.startswith("- **Activation term nearly idle**") for line in outcome_lines(r)) == activity["idle"]
     for lang in ("hi", "en"):
         o = r["per_lang"][lang]
         for key in ("gain_pct", "norm_matched_gain_pct", "fvu_before", "fvu_after", "resid_norm_change_pct"):
