@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
 
+def load_experiment_module(relative: str, name: str):
+    """An experiment's script (e.g. experiments/x/tables.py, not a package) imported as module `name`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def compose_cfg(overrides: list[str] | None = None, tmp_path: Path | None = None):
     """The job config for `overrides`; with tmp_path, caches and outputs go there (no ${hydra:} lookups left)."""
     overrides = list(overrides or [])

@@ -4,20 +4,16 @@ tally, the seed mean ± SD and the seconds per step. Checked on a small results.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import load_experiment_module
 
 
 @pytest.fixture(scope="module")
 def tables():
-    spec = importlib.util.spec_from_file_location("compare_tables", REPO / "experiments/gemma3_270m_compare/tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment_module("experiments/gemma3_270m_compare/tables.py", "compare_tables")
 
 
 def _diff(estimate, low, high, verdict="v"):

@@ -6,12 +6,11 @@ starvation bar passing and failing, and the mix table's differences and seed-pai
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.helpers import REPO, compose_cfg
+from tests.helpers import compose_cfg, load_experiment_module
 
 LAYERS = list(range(18))
 BANDS = {"early": list(range(6)), "middle": list(range(6, 12)), "deep": list(range(12, 18))}
@@ -31,10 +30,7 @@ HINDI_FVU = {"balanced": {3: [0.10, 0.12, 0.14], 9: [0.15, 0.16, 0.17]},
 
 @pytest.fixture(scope="module")
 def tables():
-    spec = importlib.util.spec_from_file_location("map_tables", REPO / "experiments/gemma3_270m_map/tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment_module("experiments/gemma3_270m_map/tables.py", "map_tables")
 
 
 def _summary(layers: list[int], bands: dict, values: dict, unfit_cells: dict) -> dict:
