@@ -280,8 +280,8 @@ def _report(cfg: DictConfig, ctx, plan: _Plan, setup: _Setup, state, reports: di
     report.update(steps=state.step, resumed_from_step=state.resumed_from, train_s=train_s, total_s=total_s,
                   trainable_params=setup.trainable, aligned_layers=setup.aligned,
                   act_align_activity=act_align_activity(state.history, float(cfg.loss.act_align)))
-    if idle_act_align_line(report["act_align_activity"]):
-        log.warning("%s", idle_act_align_line(report["act_align_activity"]))
+    if accelerator.is_main_process and idle_act_align_line(report["act_align_activity"]):
+        log.warning("%s", idle_act_align_line(report["act_align_activity"]))  # once, not once per process
 
     out = ctx.run_dir / "train"
     metrics = json_safe(report)
