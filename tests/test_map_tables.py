@@ -24,6 +24,9 @@ MAP_PLANTED = {("hi", 3): [-30.0, -28.0, -26.0],  # the early medium-to-low wors
                ("es", 10): [-1.0, 0.5, -1.0],     # sign depends on the seed
                ("id", 16): [1.0, -1.0, 3.0]}      # sign depends on the seed
 MIX_PLANTED = {("hi", 3): [-20.0, -18.0, -16.0], ("hi", 9): [-6.0, -5.0, -4.0]}
+CONTROLS_PLANTED = {("hi", 3): {"sentence": 1.0},                    # the gap is not there sentence by sentence
+                    ("mr", 8): {"values": {"resid_norm": 94.0}},        # -6%: at least half of mr 8's -10
+                    ("ml", 14): {"values": {"fvu": 0.2}}}               # 2x English's FVU
 HINDI_FVU = {"balanced": {3: [0.10, 0.12, 0.14], 9: [0.15, 0.16, 0.17]},
              "english_heavy": {3: [0.20, 0.22, 0.24], 9: [0.25, 0.28, 0.29]}}
 
@@ -43,8 +46,29 @@ def _summary(layers: list[int], bands: dict, values: dict, unfit_cells: dict) ->
             "unfit_layers": [], "unfit_cells": unfit_cells}
 
 
-def _write_seeds(run_dir, layers, bands, base, planted, unfit_cells_by_seed=None):
-    """`task=analyze sae.seeds=[0,1,2]`'s analysis/sae_seeds.json under run_dir, by the real writer."""
+def _with_controls(summary: dict) -> dict:
+    """The control fields of one seed's summary.json that `tables.extract_controls` reads, with CONTROLS_PLANTED:
+    every companion equals the token disparity, every residual norm is English's (100) and every FVU 0.1, except
+    where planted."""
+    layers = [str(layer) for layer in summary["layers"]]
+    disp = summary["disparity_pct"]
+    values = {lang: {layer: {"fvu": 0.1, "fvu_raw": 0.01, "resid_norm": 100.0, "mean_act": 1.0} for layer in layers}
+              for lang in LANGS}
+    sentence = {lang: dict(by_layer) for lang, by_layer in disp.items()}
+    for (lang, layer), planted in CONTROLS_PLANTED.items():
+        values[lang][str(layer)].update(planted.get("values", {}))
+        if "sentence" in planted:
+            sentence[lang][str(layer)] = planted["sentence"]
+    stats = {lang: {"tokens_per_sentence": 60.0 if lang == "hi" else 30.0, "truncated_pct": 2.0 if lang == "hi" else 0.0,
+                    "mean_position": 15.0} for lang in LANGS}
+    return {**summary, "values": values, "disparity_pct_sentence": sentence,
+            "disparity_pct_position_matched": {lang: dict(by_layer) for lang, by_layer in disp.items()},
+            "position_cap": 40, "corpus_stats": stats, "n_sentences": {lang: 204 for lang in LANGS}}
+
+
+def _write_seeds(run_dir, layers, bands, base, planted, unfit_cells_by_seed=None, summaries_too=False):
+    """`task=analyze sae.seeds=[0,1,2]`'s analysis/sae_seeds.json under run_dir, by the real writer; with
+    `summaries_too`, each seed's analysis/sae_seed_<s>/summary.json with its control fields as well."""
     from mlalign.analysis.sae_seeds import write_seed_spread
 
     summaries = {}
@@ -53,8 +77,12 @@ def _write_seeds(run_dir, layers, bands, base, planted, unfit_cells_by_seed=None
                          for layer in layers} for lang in LANGS[1:]}
         summaries[s] = _summary(layers, bands, values, (unfit_cells_by_seed or {}).get(s, {}))
     analysis = run_dir / "analysis"
-    write_seed_spread(summaries, {s: analysis / f"sae_seed_{s}" / "summary.json" for s in summaries}, analysis,
-                      plots=False)
+    paths = {s: analysis / f"sae_seed_{s}" / "summary.json" for s in summaries}
+    write_seed_spread(summaries, paths, analysis, plots=False)
+    if summaries_too:
+        for s, path in paths.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_with_controls(summaries[s])))
     (analysis / "sae_seeds_heatmap.png").write_bytes(b"png")  # the map's heatmap: copied, never read
 
 
@@ -94,14 +122,15 @@ def _build(tmp_path, tables, hindi_fvu=HINDI_FVU):
     """A finished run's folder (what run.sh leaves) with known answers, copied into results/ by `tables.copy`."""
     out = tmp_path / "outputs"
     base = {**{lang: 2.0 for lang in HIGH}, **{lang: -5.0 for lang in MEDIUM_LOW}}
-    _write_seeds(out / "map", LAYERS, BANDS, base, MAP_PLANTED, {1: {"ca": [17]}})  # ca 17: seed 1's SAE misfits
+    _write_seeds(out / "map", LAYERS, BANDS, base, MAP_PLANTED, {1: {"ca": [17]}},  # ca 17: seed 1's SAE misfits
+                 summaries_too=True)
     mix_base = {**{lang: 1.0 for lang in HIGH}, **{lang: -4.0 for lang in MEDIUM_LOW}}
     _write_seeds(out / "mix_english_heavy", [3, 9], {"early": [3], "middle": [9]}, mix_base, MIX_PLANTED)
     _write_saes(out / "saes_balanced", "balanced", LAYERS, hindi_fvu["balanced"])
     _write_saes(out / "saes_english_heavy", "english_heavy", [3, 9], hindi_fvu["english_heavy"])
     results = tmp_path / "results"
     copied = tables.copy(out, results)
-    assert sorted(p.relative_to(results).as_posix() for p in copied) == sorted(tables.COPY)
+    assert sorted(p.relative_to(results).as_posix() for p in copied) == sorted([*tables.COPY, tables.CONTROLS])
     return results
 
 
@@ -137,6 +166,23 @@ def test_the_sign_stable_count_is_the_seed_summarys_over_the_cells_it_counts(tab
                            "1 cell(s) left out")
     assert "By band: early (0-5) 54 of 54, middle (6-11) 53 of 54, deep (12-17) 52 of 53." in text
     assert text.endswith("The sign depends on the seed at es layer 10 (-1.0 to +0.5%), id layer 16 (-1.0 to +3.0%).")
+
+
+def test_the_controls_table_puts_the_companions_norm_and_fit_beside_each_bands_disparity(tables, results):
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in tables.controls_table(results).splitlines()
+            if line.startswith("| ")][1:]
+    hi = rows[[row[0] for row in rows].index("hi"):][:3]
+    # early: token (5 x -5 - 28) / 6; sentence (5 x -5 + 1) / 6 (hi 3's sentence companion is +1); no norm gap.
+    assert hi[0] == ["hi", "60.0 (2%)", "early (0-5)", "-8.8%", "-4.0%", "-8.8%", "+0.0%", "0.100 / 0.100"]
+    mr_middle = rows[[row[0] for row in rows].index("mr") + 1]
+    assert mr_middle[2:7] == ["middle (6-11)", "-5.8%", "-5.8%", "-5.8%", "-1.0%"]  # (5 x -5 - 10) / 6; -6 / 6
+    ml_deep = rows[[row[0] for row in rows].index("ml") + 2]
+    assert ml_deep[-1] == "0.117 / 0.100"                                          # (5 x 0.1 + 0.2) / 6
+    # 89 sign-stable deficits: 5 medium-to-low x 18 - ca 17 (left out) - id 16 (sign flips) + zh 2 (-40).
+    assert tables.controls_summary(results) == (
+        "of the 89 cells with a deficit whose sign holds under every SAE seed, 88 keep it under both companions "
+        "(sentence aggregate and position-matched), the residual norm is lower by at least half as much in 1, and the "
+        "SAE's FVU on the language is more than 1.25x English's in 1")
 
 
 def test_the_study_table_takes_the_most_negative_medium_to_low_cell_per_band(tables, results):

@@ -7,8 +7,9 @@ experiments/gemma3_270m_map/results.md` writes every table; the README's marked 
 (mlalign/docs_numbers.py). Each function takes the results folder as its one optional argument (tests pass their own).
 
 Why these files and not the per-seed `analysis/sae_seed_<s>/summary.json`: `sae_seeds.json` already holds every
-seed's `disparity_pct` and sentence CI per cell (docs/method.md §9), which is all the tables read, and each map
-summary is ~0.3 MB (18 layers x 10 languages x every metric with CIs); they stay in outputs/.
+seed's `disparity_pct` and sentence CI per cell (docs/method.md §9), and each map summary is ~0.3 MB (18 layers x 10
+languages x every metric with CIs); they stay in outputs/. What the control tables read from them (the companions,
+residual norm, FVU, tokens per sentence) `copy` extracts into `map/controls.json`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ COPY = {
 }
 """{destination under results/: source under outputs/gemma3_270m_map/}. The heatmap is for the README to show; no
 function reads it."""
+CONTROLS = "map/controls.json"
+"""Written by `copy` from the per-seed summaries (`extract_controls`): the analysis's controls per cell and seed."""
 
 MIXES = {"balanced": "balanced", "english_heavy": "English-heavy"}
 MIX_LAYERS = ("3", "9")
@@ -80,17 +83,71 @@ def train_data(mix: str, results: Path = RESULTS) -> dict:
     return _load(f"saes_{mix}/train_data.json", results)
 
 
+def _seed_summaries(out: Path) -> list[Path]:
+    """The map's per-seed analysis summaries (analysis/sae_seed_<s>/summary.json), by seed."""
+    return sorted((Path(out) / "map" / "analysis").glob("sae_seed_*/summary.json"),
+                  key=lambda path: int(path.parent.name.rsplit("_", 1)[1]))
+
+
+def extract_controls(summaries: dict[int, dict]) -> dict:
+    """`map/controls.json`: the analysis's controls per cell and SAE seed, from each seed's summary.json ({seed:
+    summary}): the token disparity and its two companions (`sentence`: each sentence's mean first, so long
+    sentences weigh no more; `position_matched`: only positions every language reaches), the residual norm's
+    disparity vs the reference (uncentred mean ||x||), and the SAE's held-out FVU on the analysed text (`fvu`
+    centred on each language's mean; `fvu_raw` over ||x||²), the reference's included; plus each language's tokens
+    per sentence and share of truncated sentences (the same sentences under every seed: seed 0's)."""
+    from mlalign.analysis.metrics import disparity_pct
+
+    seeds = sorted(summaries)
+    first = summaries[seeds[0]]
+    ref, layers = first["reference_lang"], [str(layer) for layer in first["layers"]]
+
+    def per_seed(get):
+        return {str(s): get(summaries[s]) for s in seeds}
+
+    cells = {}
+    for lang in first["langs"]:
+        cells[lang] = {}
+        for layer in layers:
+            cell = {"fvu": per_seed(lambda d: d["values"][lang][layer].get("fvu")),
+                    "fvu_raw": per_seed(lambda d: d["values"][lang][layer].get("fvu_raw"))}
+            if lang != ref:
+                cell.update({
+                    "token": per_seed(lambda d: d["disparity_pct"][lang][layer]),
+                    "sentence": per_seed(lambda d: (d.get("disparity_pct_sentence") or {}).get(lang, {}).get(layer)),
+                    "position_matched": per_seed(
+                        lambda d: (d.get("disparity_pct_position_matched") or {}).get(lang, {}).get(layer)),
+                    "resid_norm_pct": per_seed(lambda d: disparity_pct(d["values"][lang][layer]["resid_norm"],
+                                                                       d["values"][ref][layer]["resid_norm"]))})
+            cells[lang][layer] = cell
+    stats = first["corpus_stats"]
+    return {"seeds": seeds, "reference_lang": ref, "metric": first["metric"], "layers": first["layers"],
+            "langs": first["langs"], "bands": first["bands"], "position_cap": first.get("position_cap"),
+            "n_sentences": first["n_sentences"],
+            "tokens_per_sentence": {lang: stats[lang]["tokens_per_sentence"] for lang in first["langs"]},
+            "truncated_pct": {lang: stats[lang]["truncated_pct"] for lang in first["langs"]}, "cells": cells}
+
+
 def copy(out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
-    """Copy every file of COPY from a finished run's folder into results/; copies nothing if any is missing."""
+    """Copy every file of COPY from a finished run's folder into results/, and write `map/controls.json` from the
+    map's per-seed summaries (`extract_controls`); writes nothing if any source is missing."""
     missing = [str(Path(out) / source) for source in COPY.values() if not (Path(out) / source).exists()]
+    summaries = _seed_summaries(out)
+    if not summaries:
+        missing.append(str(Path(out) / "map" / "analysis" / "sae_seed_<s>" / "summary.json"))
     if missing:
         raise FileNotFoundError("not there (has every part of run.sh finished?): " + ", ".join(missing))
+    controls = extract_controls({int(path.parent.name.rsplit("_", 1)[1]): json.loads(path.read_text())
+                                 for path in summaries})
     written = []
     for destination, source in COPY.items():
         target = Path(results) / destination
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(out) / source, target)
         written.append(target)
+    target = Path(results) / CONTROLS
+    target.write_text(json.dumps(controls, indent=1) + "\n")
+    written.append(target)
     return written
 
 
@@ -166,6 +223,79 @@ def headline_table(results: Path = RESULTS) -> str:
               f"counted cells keep their sign under all {n} seeds; left out: some seed's SAE does not fit there or "
               "leaves the value undefined."]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ 1b. the controls
+
+
+def controls(results: Path = RESULTS) -> dict:
+    return _load(CONTROLS, results)
+
+
+def _seed_mean(per_seed: dict) -> float | None:
+    values = list(per_seed.values())
+    return statistics.mean(values) if values and all(isinstance(v, (int, float)) and v == v for v in values) else None
+
+
+def _band_mean(ctl: dict, lang: str, layers: list[str], key: str) -> float | None:
+    means = [_seed_mean(ctl["cells"][lang][layer][key]) for layer in layers]
+    return _mean(means) if means and all(m is not None for m in means) else None
+
+
+def controls_table(results: Path = RESULTS) -> str:
+    """Per language and band (seed means, averaged over the band's layers): the token disparity beside its two
+    companions and the residual norm's disparity, and the SAE's FVU on that language's analysed text beside
+    English's: a gap the companions do not share is a length or position effect; a gap the residual norm shares is
+    scale; a gap where the SAE fits the language much worse may be the SAE's."""
+    ctl, spread = controls(results), seeds_map(results)
+    ref = ctl["reference_lang"]
+    lines = [f"| lang | tokens per sentence (truncated) | band | token (the map) | sentence aggregate | position-matched "
+             f"| residual norm | FVU, lang / {ref} |", "| --- " * 8 + "|"]
+    for lang in spread["langs"]:
+        for i, band in enumerate(spread["bands"]):
+            layers = _band_layers(spread, band)
+            length = (f"{ctl['tokens_per_sentence'][lang]:.1f} ({ctl['truncated_pct'][lang]:.0f}%)" if i == 0 else "")
+            fvu, fvu_ref = _band_mean(ctl, lang, layers, "fvu"), _band_mean(ctl, ref, layers, "fvu")
+            lines.append(f"| {lang if i == 0 else ''} | {length} | {_band_label(spread, band)} | "
+                         + " | ".join(f"{_pct(_band_mean(ctl, lang, layers, key))}%"
+                                      for key in ("token", "sentence", "position_matched", "resid_norm_pct"))
+                         + f" | {_pct(fvu, '.3f')} / {_pct(fvu_ref, '.3f')} |")
+    lines += ["", f"{ref}: {ctl['tokens_per_sentence'][ref]:.1f} tokens per sentence "
+              f"({ctl['truncated_pct'][ref]:.0f}% truncated). Disparities vs {ref} in %, the mean over "
+              f"{len(ctl['seeds'])} SAE seeds averaged over the band's layers. Sentence aggregate: each sentence's "
+              "mean first; position-matched: only token positions every language reaches"
+              + (f" (up to {ctl['position_cap']})" if ctl.get("position_cap") else "")
+              + "; residual norm: the uncentred mean ||x|| per token, which this model's few huge near-constant "
+              "dimensions dominate, so it moves little between languages; FVU: the SAE's on the analysed (test) "
+              "text, centred on each language's mean."]
+    return "\n".join(lines)
+
+
+def controls_summary(results: Path = RESULTS) -> str:
+    """Over the map's counted cells with a sign-stable seed-mean deficit (< 0): how many keep it under both
+    companions, how many the residual norm could explain (same direction, at least half as large: the analysis's
+    own flag), and how many the SAE fits markedly worse than English (FVU ratio above the analysis's flag)."""
+    from mlalign.analysis.summary import FVU_ARTEFACT_RATIO, MODEL_LEVEL_FRACTION
+
+    ctl, spread = controls(results), seeds_map(results)
+    ref = ctl["reference_lang"]
+    deficits = [(lang, layer) for lang in spread["langs"] for layer in map(str, spread["layers"])
+                if _counted(spread["cells"][lang][layer]) and spread["cells"][lang][layer]["sign_stable"]
+                and spread["cells"][lang][layer]["mean_disparity_pct"] < 0]
+    both, scale, worse_fit = 0, 0, 0
+    for lang, layer in deficits:
+        cell, gap = ctl["cells"][lang][layer], spread["cells"][lang][layer]["mean_disparity_pct"]
+        sentence, position = _seed_mean(cell["sentence"]), _seed_mean(cell["position_matched"])
+        both += sentence is not None and position is not None and sentence < 0 and position < 0
+        norm = _seed_mean(cell["resid_norm_pct"])
+        scale += norm is not None and norm < 0 and abs(norm) >= MODEL_LEVEL_FRACTION * abs(gap)
+        fvu, fvu_ref = _seed_mean(cell["fvu"]), _seed_mean(ctl["cells"][ref][layer]["fvu"])
+        worse_fit += fvu is not None and fvu_ref is not None and fvu_ref > 0 and fvu > FVU_ARTEFACT_RATIO * fvu_ref
+    n = len(deficits)
+    return (f"of the {n} cells with a deficit whose sign holds under every SAE seed, {both} keep it under both "
+            f"companions (sentence aggregate and position-matched), the residual norm is lower by at least half as "
+            f"much in {scale}, and the SAE's FVU on the language is more than {FVU_ARTEFACT_RATIO}x English's in "
+            f"{worse_fit}")
 
 
 # ------------------------------------------------------------------------------------------- 2. sign stability
@@ -395,6 +525,9 @@ def main(results: Path = RESULTS) -> None:
     print("## The map per band\n")
     print(headline_table(results) + "\n")
     print(f"Sign stability: {sign_stability(results)}\n")
+    print("## The controls\n")
+    print(f"Of the map's deficits: {controls_summary(results)}.\n")
+    print(controls_table(results) + "\n")
     print("## Against the study\n")
     print(study_table(results) + "\n")
     print("## Was either mix starved of Hindi?\n")
