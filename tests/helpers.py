@@ -44,16 +44,19 @@ CLI_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "off
 
 
 def run_cli(args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: int = 1800,
-            fresh: bool = False) -> subprocess.CompletedProcess:
+            fresh: bool = False, threads: int | None = None) -> subprocess.CompletedProcess:
     """`python run.py ARGS` from `cwd`: its exit status, stdout and stderr. Without `env` or `fresh`, the command line
     runs in a fork of this worker's fork server (tests/cli_forks.py), which has imported the libraries once; with them,
-    in a new interpreter (libraries read some variables only when imported)."""
+    in a new interpreter (libraries read some variables only when imported). threads: torch's CPU threads for the run
+    (OMP_NUM_THREADS in a new interpreter, torch.set_num_threads in a fork), e.g. 1 for the tiny testbed's matrices,
+    where a second thread only spins against the other jobs of a shared box."""
     # `timeout` guards against a hung run; it is not a timing check. Two xdist workers and their subprocesses on a
     # loaded 2-core box took a two-job sweep past the earlier 600 s.
     if env is None and not fresh:
-        return _FORK_SERVER.run(args, cwd, timeout)
+        return _FORK_SERVER.run(args, cwd, timeout, threads)
+    threads_env = {} if threads is None else {"OMP_NUM_THREADS": str(threads)}
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env={**os.environ, **CLI_ENV,
-                                                                                       **(env or {})},
+                                                                                       **threads_env, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -65,7 +68,7 @@ class _ForkServer:
         self.count = 0
         self.scratch: Path | None = None
 
-    def run(self, args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    def run(self, args: list[str], cwd: Path, timeout: int, threads: int | None = None) -> subprocess.CompletedProcess:
         import json
         import tempfile
 
@@ -81,7 +84,7 @@ class _ForkServer:
         self.count += 1
         prefix = self.scratch / str(self.count)
         self.process.stdin.write(json.dumps({"args": list(map(str, args)), "cwd": str(cwd), "out": str(prefix),
-                                             "timeout": timeout}) + "\n")
+                                             "timeout": timeout, "threads": threads}) + "\n")
         self.process.stdin.flush()
         for line in self.process.stdout:
             if line.startswith("@@cli_forks "):

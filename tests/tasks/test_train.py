@@ -154,7 +154,7 @@ def aligned_run(testbed_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("aligned") / "run"
     result = run_cli([*FAST, *bed_overrides(testbed_dir), f"train.max_steps={STEPS}", "train.save_every=10",
                       f"hydra.run.dir={run_dir}", f"paths.cache_dir={run_dir.parent / 'cache'}"],
-                     env={"OMP_NUM_THREADS": "1"})  # tiny matrices: a second thread only spins on a shared box
+                     threads=1)  # tiny matrices: a second thread only spins on a shared box
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -272,7 +272,7 @@ def test_a_second_run_takes_the_base_side_from_the_cache_with_identical_numbers(
             "train.save_every=0", "analysis.bootstrap=20", f"paths.cache_dir={cache}"]
     runs = []
     for name in ("first", "second"):
-        result = run_cli([*args, f"hydra.run.dir={tmp_path / name}"], env={"OMP_NUM_THREADS": "1"})
+        result = run_cli([*args, f"hydra.run.dir={tmp_path / name}"], threads=1)
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append(result.stdout)
     for split in ("dev", "test"):

@@ -16,11 +16,15 @@ from tests.wandb_offline import offline_runs
 def test_two_process_ddp_trains_checkpoints_and_writes_once(testbed_dir, testbed_cache_dir, tmp_path):
     """Both processes train; only the main one writes the run files and opens a W&B run (logger=wandb, offline)."""
     run_dir = tmp_path / "ddp"
+    # Sixteen sentences per split and no bootstrap: the test is about the two processes (gradients, checkpoints, who
+    # writes), not the numbers; measuring base vs adapter on the whole dev and test splits, in both processes, was
+    # most of its time (as in tests/test_sweeps.py's multirun).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "run.py"), "task=train",
          "model=testbed", "langs=[hi]", "layers=[4,20]", "train.max_steps=4", "train.save_every=2", "logger=wandb",
+         "data.max_sentences=16", "analysis.bootstrap=0",
          f"paths.cache_dir={testbed_cache_dir}", f"hydra.run.dir={run_dir}", *SMALL_TESTBED_OVERRIDES],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
