@@ -185,6 +185,20 @@ def test_the_controls_table_puts_the_companions_norm_and_fit_beside_each_bands_d
         "SAE's FVU on the language is more than 1.25x English's in 1")
 
 
+def test_the_answer_gives_each_bands_tier_mean_with_its_seed_range_the_worst_cell_and_the_scale_caveat(tables,
+                                                                                                      results):
+    # Per seed, the tier's early mean: (29 x (-5 + offset) + hi 3's planted value) / 30.
+    assert tables.answer(results) == (
+        "Against en, the medium-to-low resource languages' SAE activations differ by early (0-5) -5.8% (-6.8 to -4.7 "
+        "across seeds; 30 of 30 cells sign-stable), middle (6-11) -5.2% (-6.2 to -4.1 across seeds; 30 of 30 cells "
+        "sign-stable), deep (12-17) -5.3% (-6.3 to -4.3 across seeds; 28 of 29 cells sign-stable) on average over "
+        "each band's layers (3 SAE seeds), most negative at hi layer 3 (-28.0%, every seed's 95% sentence CI within "
+        "-32.0 to -24.0%); its weakest point: in 0 of the tier's 30 sign-stable early deficits the residual stream's "
+        "own norm is lower by at least half as much, so there the gap may be the residual's scale rather than what "
+        "its features represent")
+    assert tables.scale_explained("middle", results) == (1, 30)  # mr 8: norm -6% beside a -10% gap
+
+
 def test_the_study_table_takes_the_most_negative_medium_to_low_cell_per_band(tables, results):
     rows = _rows(tables.study_table(results))
     definition = "no: study publishes none; ours is mean_act over analysed tokens, BOS dropped"

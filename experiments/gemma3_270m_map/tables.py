@@ -265,9 +265,9 @@ def controls_table(results: Path = RESULTS) -> str:
               f"{len(ctl['seeds'])} SAE seeds averaged over the band's layers. Sentence aggregate: each sentence's "
               "mean first; position-matched: only token positions every language reaches"
               + (f" (up to {ctl['position_cap']})" if ctl.get("position_cap") else "")
-              + "; residual norm: the uncentred mean ||x|| per token, which this model's few huge near-constant "
-              "dimensions dominate, so it moves little between languages; FVU: the SAE's on the analysed (test) "
-              "text, centred on each language's mean."]
+              + "; residual norm: the disparity of the uncentred mean ||x|| per token (uncentred, so where a "
+              "near-constant component dominates the norm it barely moves even if the content does); FVU: the SAE's "
+              "on the analysed (test) text, centred on each language's mean."]
     return "\n".join(lines)
 
 
@@ -362,6 +362,63 @@ def study_table(results: Path = RESULTS) -> str:
         lines.append(f"| {_band_label(spread, band)} | {STUDY.get(band, 'not reported')} | {ours} | {where} | {kept} | "
                      f"{_pct(mean)}% | {_definition(spread)} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the answer
+
+
+def tier_band_seeds(spread: dict, band: str, tier: str = STUDY_TIER) -> dict | None:
+    """The tier's mean disparity over the band's counted cells: the mean over seeds, and each seed's own mean (the
+    whole band analysed with that seed's SAEs), whose range is the band mean's spread across SAE seeds."""
+    cells = [spread["cells"][lang][layer] for lang in spread["langs"] if _tier(lang) == tier
+             for layer in _band_layers(spread, band) if _counted(spread["cells"][lang][layer])]
+    if not cells:
+        return None
+    per_seed = {seed: statistics.mean(cell["disparity_pct"][seed] for cell in cells) for seed in cells[0]["disparity_pct"]}
+    return {"mean": statistics.mean(cell["mean_disparity_pct"] for cell in cells), "per_seed": per_seed,
+            "range": [min(per_seed.values()), max(per_seed.values())], "n_cells": len(cells),
+            "n_sign_stable": sum(bool(cell["sign_stable"]) for cell in cells)}
+
+
+def scale_explained(band: str, results: Path = RESULTS, tier: str = STUDY_TIER) -> tuple[int, int]:
+    """(k, n): of the tier's n sign-stable deficits in the band, k where the residual norm is lower by at least half
+    as much (the analysis's own scale flag, on the seed means)."""
+    from mlalign.analysis.summary import MODEL_LEVEL_FRACTION
+
+    ctl, spread = controls(results), seeds_map(results)
+    cells = [(lang, layer) for lang in spread["langs"] if _tier(lang) == tier for layer in _band_layers(spread, band)
+             if _counted(spread["cells"][lang][layer]) and spread["cells"][lang][layer]["sign_stable"]
+             and spread["cells"][lang][layer]["mean_disparity_pct"] < 0]
+    k = 0
+    for lang, layer in cells:
+        norm, gap = _seed_mean(ctl["cells"][lang][layer]["resid_norm_pct"]), spread["cells"][lang][layer]["mean_disparity_pct"]
+        k += norm is not None and norm < 0 and abs(norm) >= MODEL_LEVEL_FRACTION * abs(gap)
+    return k, len(cells)
+
+
+def answer(results: Path = RESULTS) -> str:
+    """The map's answer in one sentence: the medium-to-low tier's mean disparity per band with its range over SAE
+    seeds, the most negative cell with its sentence CIs, and the weakest point (how many of the worst band's deficits
+    the residual norm could explain)."""
+    spread = seeds_map(results)
+    bands = {band: tier_band_seeds(spread, band) for band in spread["bands"]}
+    bands = {band: value for band, value in bands.items() if value is not None}
+    worst_band = min(bands, key=lambda band: bands[band]["mean"])
+    parts = [f"{_band_label(spread, band)} {value['mean']:+.1f}% ({value['range'][0]:+.1f} to {value['range'][1]:+.1f} "
+             f"across seeds; {value['n_sign_stable']} of {value['n_cells']} cells sign-stable)"
+             for band, value in bands.items()]
+    text = (f"Against {spread['reference_lang']}, the medium-to-low resource languages' SAE activations differ by "
+            + ", ".join(parts) + f" on average over each band's layers ({len(spread['seeds'])} SAE seeds)")
+    worst = most_negative(spread, worst_band)
+    if worst is not None:
+        lang, layer, cell = worst
+        cis = [ci for ci in cell["disparity_ci"].values() if ci]
+        ci = f", every seed's 95% sentence CI within {min(c[0] for c in cis):+.1f} to {max(c[1] for c in cis):+.1f}%" if cis else ""
+        text += f", most negative at {lang} layer {layer} ({cell['mean_disparity_pct']:+.1f}%{ci})"
+    k, n = scale_explained(worst_band, results)
+    return (text + f"; its weakest point: in {k} of the tier's {n} sign-stable {worst_band} deficits the residual stream's own "
+            "norm is lower by at least half as much, so there the gap may be the residual's scale rather than what its "
+            "features represent")
 
 
 # --------------------------------------------------------------------------------------- 4. the starvation bar
@@ -522,6 +579,7 @@ def main(results: Path = RESULTS) -> None:
     print("# The map of Gemma 3 270M under 3 SAE seeds, and the SAE mix: results (generated by tables.py from "
           "results/)\n")
     print(f"SAE seeds {', '.join(map(str, spread['seeds']))}; {spread['bootstrap']} sentence-bootstrap resamples.\n")
+    print(f"**The answer.** {answer(results)}.\n")
     print("## The map per band\n")
     print(headline_table(results) + "\n")
     print(f"Sign stability: {sign_stability(results)}\n")

@@ -125,8 +125,8 @@ def _verdict(context: dict) -> str:
         reasons.append("the SAE reconstructs this language markedly worse, so part of the gap may be an SAE artefact")
     if _finite(resid) and _finite(gap) and gap != 0 and resid * gap > 0 and abs(resid) >= MODEL_LEVEL_FRACTION * abs(gap):
         reasons.append("the residual norm differs in the same direction by at least half as much, so part of the gap "
-                       "may be the residual's scale rather than what its features represent (see the norm-matched "
-                       "numbers)")
+                       "may be the residual's scale rather than what its features represent (the resid_norm values "
+                       "beside the metric's)")
     if reasons:
         return "; and ".join(reasons)
     return "the SAE fits both languages comparably and the residual norm does not explain the gap"
