@@ -246,6 +246,10 @@ def test_the_mix_table_gives_the_difference_of_seed_means_and_its_range_over_see
         "points, +6.0 to +14.0 over the 9 seed pairs); held-out FVU 0.120 balanced vs 0.220 English-heavy: the "
         "English-heavy SAEs fit it worse and show a smaller deficit under every seed pairing")
     assert tables.mix_hindi(9, results).endswith("the English-heavy SAEs fit it worse and show no smaller deficit")
+    # Unplanted cells: English-heavy base (1, -4) minus balanced base (2, -5) per tier; hi 3 +10, hi 9 (-5) - (-5) = 0.
+    assert tables.mix_shift(results) == (
+        "training the SAEs on an English-heavy mix instead of a balanced one moves every language's disparity at layers "
+        "3 and 9 by -1.0 to +10.0 points (medium-to-low: +0.0 to +10.0), with the same model, sentences and recipe")
 
 
 def test_copy_refuses_a_run_that_has_not_finished_and_the_tables_name_the_missing_file(tables, tmp_path):

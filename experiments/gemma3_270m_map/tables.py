@@ -548,6 +548,20 @@ def mix_table(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def mix_shift(results: Path = RESULTS) -> str:
+    """The mix's effect on the whole map at the mix layers, one clause: the range of English-heavy minus balanced over
+    every language and mix layer, and the medium-to-low tier's range."""
+    balanced, heavy = seeds_map(results), seeds_mix(results)
+    _check_comparable(balanced, heavy)
+    diffs = {(lang, layer): mix_difference(balanced["cells"][lang][layer], heavy["cells"][lang][layer])
+             for layer in MIX_LAYERS for lang in heavy["langs"]}
+    diffs = {key: value["difference"] for key, value in diffs.items() if value is not None}
+    tier = [value for (lang, _), value in diffs.items() if _tier(lang) == STUDY_TIER]
+    return (f"training the SAEs on an English-heavy mix instead of a balanced one moves every language's disparity at "
+            f"layers {' and '.join(MIX_LAYERS)} by {min(diffs.values()):+.1f} to {max(diffs.values()):+.1f} points "
+            f"(medium-to-low: {min(tier):+.1f} to {max(tier):+.1f}), with the same model, sentences and recipe")
+
+
 def mix_hindi(layer: str | int, results: Path = RESULTS) -> str:
     """One sentence on Hindi at one mix layer: both disparities, their difference and its seed-pair range, both FVUs,
     and whether the English-heavy SAEs fit Hindi worse while showing a smaller deficit."""
@@ -592,6 +606,7 @@ def main(results: Path = RESULTS) -> None:
     print(f"Bar: {starvation_check(results)}.\n")
     print(starvation_table(results) + "\n")
     print("## Balanced vs English-heavy SAEs\n")
+    print(f"In one line: {mix_shift(results)}.\n")
     print(mix_table(results) + "\n")
     for layer in MIX_LAYERS:
         print(f"- {mix_hindi(layer, results)}.")
