@@ -260,3 +260,10 @@ def test_copy_refuses_a_run_that_has_not_finished_and_the_tables_name_the_missin
     assert not (tmp_path / "results").exists()
     with pytest.raises(FileNotFoundError, match="map/analysis/sae_seeds.json"):
         tables.headline_table(tmp_path / "results")
+
+
+def test_wall_times_take_each_parts_last_try_from_times_txt(tables, tmp_path):
+    (tmp_path / "times.txt").write_text("== seeds: 600 s\n== map: 897 s\n== seeds: 3306 s\nnoise\n")
+    assert tables.wall_times(tmp_path) == "seeds 55 min, map 15 min"
+    with pytest.raises(FileNotFoundError, match="times.txt"):
+        tables.wall_times(tmp_path / "none")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 27 items 2-4 on Gemma 3 270M (offline, model=gemma3_270m_pypi), 2-core CPU: the 18-layer x 10-language map
 # on all 204 test sentences under 3 SAE seeds, and the SAE-mix question (balanced vs English-heavy, 3 seeds each, same
-# sentences). Design fixed before any result: README.md. NOT RUN YET. Every part is resumable: rerun the same command.
+# sentences). Design fixed before any result: README.md. Run on 2026-12-06 (results: README.md). Every part is resumable:
+# rerun the same command.
 # Usage: bash experiments/gemma3_270m_map/run.sh [seeds|map|mix_saes|mix ...]   default: seeds map mix_saes mix
 #   seeds     task=train_saes sae_train=real_small sae_train.seeds=3, all 18 layers, balanced mix (finished SAEs are
 #             kept on a rerun: docs/saes.md "Stopped and rerun")

@@ -585,6 +585,23 @@ def mix_hindi(layer: str | int, results: Path = RESULTS) -> str:
             f"held-out FVU {fb:.3f} balanced vs {fh:.3f} English-heavy: {reading}")
 
 
+# ------------------------------------------------------------------------------------------------------- cost
+
+
+def wall_times(results: Path = RESULTS) -> str:
+    """Each part's wall time as run.sh's `timed` logged it (results/times.txt, copied from outputs/ by hand: the last
+    line per part; a resumed part's time is that of its last try only)."""
+    path = Path(results) / "times.txt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: cp {OUTPUTS / 'times.txt'} {path}")
+    times = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("== ") and line.endswith(" s"):
+            name, seconds = line[3:-2].rsplit(": ", 1)
+            times[name] = int(seconds)
+    return ", ".join(f"{name} {seconds / 60:.0f} min" for name, seconds in times.items())
+
+
 # ------------------------------------------------------------------------------------------------------- main
 
 
