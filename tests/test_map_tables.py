@@ -267,3 +267,16 @@ def test_wall_times_take_each_parts_last_try_from_times_txt(tables, tmp_path):
     assert tables.wall_times(tmp_path) == "seeds 55 min, map 15 min"
     with pytest.raises(FileNotFoundError, match="times.txt"):
         tables.wall_times(tmp_path / "none")
+
+
+def test_the_sae_bar_names_every_seed_that_misses_it(tables, results, tmp_path):
+    # _write_saes: pooled FVU 0.06, dead 1%, other languages 0.05; Hindi 0.5 outside the mix layers (16 x 3 misses),
+    # its planted values (all <= 0.30) at layers 3 and 9.
+    bar = "(pooled FVU <= 0.2, every language <= 0.3, dead <= 10%)"
+    text = tables.sae_bar("balanced", results)
+    assert text.startswith(f"48 miss(es) of the bar {bar} over 54 SAEs: layer 0 seed 0 hi FVU 0.500; ")
+    assert "layer 3 " not in text and "layer 9 " not in text
+    missed = _build(tmp_path, tables, {**HINDI_FVU, "balanced": {**HINDI_FVU["balanced"], 3: [0.10, 0.31, 0.14]}})
+    text = tables.sae_bar("balanced", missed)
+    assert text.startswith(f"49 miss(es) of the bar {bar} over 54 SAEs: ")
+    assert "; layer 3 seed 1 hi FVU 0.310; " in text and "layer 3 seed 0" not in text
