@@ -1,0 +1,163 @@
+"""The write-up's numbers for experiments/gemma3_270m_causal (are Gemma-3-270M's language-specific SAE features
+causal?), from the committed copies in results/layer_<L>/ only.
+
+After a layer's run: `python experiments/gemma3_270m_causal/tables.py copy 3` copies that layer's files from
+outputs/gemma3_270m_causal/layer_3/analysis/ into results/layer_3/ (all of FILES, or none); `python
+experiments/gemma3_270m_causal/tables.py > experiments/gemma3_270m_causal/results.md` writes every table for every
+layer copied; the README's marked blocks call the functions below (mlalign/docs_numbers.py). Each function takes the
+layer and, optionally, the results folder (tests pass their own).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+OUTPUTS = Path("outputs/gemma3_270m_causal")
+"""run.sh's $OUT (relative to the repository root)."""
+FILES = ("ablation.json", "ablation.png", "steering.json", "steering.png", "features_neuronpedia.json",
+         "feature_dashboard.html")
+"""What task=analyze's causal steps write into analysis/ (docs/method.md §8c); the PNGs and the dashboard are shown,
+not read."""
+
+
+def _layer_dir(layer: str | int, results: Path) -> Path:
+    return Path(results) / f"layer_{layer}"
+
+
+def copy(layer: str | int, out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
+    """Copy FILES of one layer's finished run into results/layer_<L>/; copies nothing if any is missing."""
+    source = Path(out) / f"layer_{layer}" / "analysis"
+    missing = [str(source / name) for name in FILES if not (source / name).exists()]
+    if missing:
+        raise FileNotFoundError("not there (has that layer's run finished?): " + ", ".join(missing))
+    target = _layer_dir(layer, results)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        shutil.copyfile(source / name, target / name)
+    return [target / name for name in FILES]
+
+
+def _load(layer: str | int, name: str, results: Path) -> dict:
+    path = _layer_dir(layer, results) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: after layer {layer}'s run, `python "
+                                f"experiments/gemma3_270m_causal/tables.py copy {layer}`")
+    return json.loads(path.read_text())
+
+
+def layers(results: Path = RESULTS) -> list[str]:
+    """The layers whose results are committed, in order."""
+    found = [p.name.split("_", 1)[1] for p in Path(results).glob("layer_*") if (p / "ablation.json").exists()]
+    return sorted(found, key=int)
+
+
+def _ci(cell: dict, spec: str = "+.3f") -> str:
+    value, ci = cell.get("dlm_loss", cell.get("diff")), cell.get("ci")
+    if value is None:
+        return "n/a"
+    return format(value, spec) + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "")
+
+
+# --------------------------------------------------------------------------------------------------- ablation
+
+
+def ablation_table(layer: str | int, results: Path = RESULTS) -> str:
+    """Per ablated language: the LM-loss change on its own text, the weakest of its comparisons with another language
+    (diagonal minus that language's change, and which), the matched-random control on its own text and the diagonal
+    minus it, and the verdict (every interval above 0)."""
+    data = _load(layer, "ablation.json", results)
+    level = f"{100 * data['ci']:g}%"
+    lines = [f"| ablated (k = {data['k']}) | ΔLM loss on its own text [{level} CI] | the closest other language: "
+             f"own − its ΔLM [{level} CI] | matched random, own text | own − random [{level} CI] | causal |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for lang, comparison in data["comparisons"].items():
+        others = {e: c for e, c in comparison["vs_eval_lang"].items() if c["diff"] is not None}
+        closest = min(others, key=lambda e: others[e]["diff"]) if others else None
+        lines.append(f"| {lang} | {_ci(data['matrix'][lang][lang])} | "
+                     + (f"{closest}: {_ci(others[closest])}" if closest else "n/a")
+                     + f" | {_ci(data['random'][lang][lang])} | {_ci(comparison['vs_random'])} | "
+                     f"{'yes' if comparison['causal'] else 'no'} |")
+    lines += ["", f"ΔLM loss: nats/token on the {data['split']} split with the features removed from the residual "
+              f"stream at layer {data['layer']} (the SAE's error term kept), minus the clean loss; features chosen on "
+              f"the {data['features_chosen_on']} split; {data['bootstrap']} paired bootstrap resamples over sentences. "
+              "Causal: the own-text change and every comparison's interval lie above 0."]
+    return "\n".join(lines)
+
+
+def causal_verdict(layer: str | int, results: Path = RESULTS) -> str:
+    """One sentence: whose features are shown causal at the layer, whose are not, and which have none."""
+    data = _load(layer, "ablation.json", results)
+    causal = [lang for lang, verdict in data["causal"].items() if verdict]
+    not_shown = [lang for lang, verdict in data["causal"].items() if not verdict]
+    none = [lang for lang, features in data["features"].items() if not features]
+    text = (f"at layer {data['layer']}, removing a language's top {data['k']} specific features raises its own LM loss "
+            f"more than any other language's and more than {data['k']} matched random features do for "
+            f"{len(causal)} of {len(data['causal'])} languages" + (f" ({', '.join(causal)})" if causal else ""))
+    if not_shown:
+        text += f"; not shown for {', '.join(not_shown)}"
+    if none:
+        text += f"; {', '.join(none)} had no specific feature there"
+    return text
+
+
+# --------------------------------------------------------------------------------------------------- steering
+
+
+def steering_table(layer: str | int, results: Path = RESULTS) -> str:
+    """Per steered language and alpha: the share of generations identified as that language, along its features'
+    direction / along the matched random direction (alpha 0 is the unsteered English baseline)."""
+    data = _load(layer, "steering.json", results)
+    alphas = sorted({row["alpha"] for rows in data["results"].values() for row in rows})
+    lines = ["| lang | " + " | ".join(f"α = {a:g}" for a in alphas) + " |", "| --- |" + " --- |" * len(alphas)]
+    for lang, rows in data["results"].items():
+        by_alpha = {row["alpha"]: row for row in rows}
+        lines.append(f"| {lang} | " + " | ".join(
+            f"{by_alpha[a]['share_in_lang']:.2f} / {by_alpha[a]['share_in_lang_random']:.2f}" if a in by_alpha
+            else "–" for a in alphas) + " |")
+    lines += ["", f"Share of {data['prompts']} greedy generations ({data['max_new_tokens']} new tokens) from "
+              f"{data['reference_lang']} prompts ({data['prompt_split']} split) that {data['identifier']} labels as the "
+              f"language: along its top-{data['k']} features' mean decoder direction / along {data['k']} matched random "
+              f"features'; α in units of {data['alpha_unit']} ({data['alpha_scale']:.3g})."
+              + (f" No specific features to steer with: {', '.join(data['no_specific_features'])}."
+                 if data.get("no_specific_features") else "")]
+    return "\n".join(lines)
+
+
+def steering_best(layer: str | int, results: Path = RESULTS) -> str:
+    """One sentence: per language, the largest share its own direction reaches (and at which alpha) beside the random
+    direction's largest share."""
+    data = _load(layer, "steering.json", results)
+    parts = []
+    for lang, rows in data["results"].items():
+        best = max(rows, key=lambda row: (row["share_in_lang"], -row["alpha"]))
+        random = max(row["share_in_lang_random"] for row in rows)
+        parts.append(f"{lang} {best['share_in_lang']:.2f} (α {best['alpha']:g}) vs random {random:.2f}")
+    return f"at layer {data['layer']}, the largest share in the language, own direction vs random: " + "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def main(results: Path = RESULTS) -> None:
+    print("# Are Gemma-3-270M's language-specific SAE features causal? Results (generated by tables.py from "
+          "results/)\n")
+    for layer in layers(results):
+        print(f"## Layer {layer}\n")
+        print(f"**Ablation.** {causal_verdict(layer, results)}.\n")
+        print(ablation_table(layer, results) + "\n")
+        print(f"**Steering.** {steering_best(layer, results)}.\n")
+        print(steering_table(layer, results) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["copy"]:
+        for layer in sys.argv[2:]:
+            for path in copy(layer):
+                print(f"copied {path}")
+    else:
+        main()
