@@ -2,7 +2,7 @@
 # Are Gemma-3-270M's language-specific SAE features causal? (issue 28, docs/method.md §8c): ablation, steering and
 # dashboards with the SAEs of experiments/gemma3_270m_saes (sae_train=real_small, all 18 layers, ten languages).
 # Layers and k fixed before any result (README.md): layers 3 and 9 (the layers experiments/gemma3_270m's parts b-d
-# study), k = 10 (analysis.features.top_k's default). NOT RUN YET.
+# study), k = 10 (analysis.features.top_k's default). Started 2026-12-06.
 # Usage: bash experiments/gemma3_270m_causal/run.sh [3|9 ...]   (default: 3 9)
 #   needs $SAES (default outputs/gemma3_270m_saes/saes/saes): `bash experiments/gemma3_270m_saes/run.sh saes`.
 set -euo pipefail
@@ -21,6 +21,9 @@ CAUSAL="analysis.features.ablate.enabled=true analysis.features.ablate.k=$K anal
 for layer in "${@:-3 9}"; do
   for L in $layer; do
     mkdir -p "$OUT"
+    if [ -f "$OUT/layer_$L/COMPLETE" ]; then echo "== layer $L: finished earlier, kept"; continue; fi
+    # A stopped layer reruns into its folder: the analysis comes from its cache and every causal step that finished
+    # is kept (analysis/causal_record.json).
     start=$SECONDS
     echo "== layer $L"
     # shellcheck disable=SC2086
