@@ -237,7 +237,8 @@ def steering_step(c: Causal, reference_lang: str) -> dict:
                               batch_size=c.acfg.batch_size)
         return [c.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
-    results = steering_results(generate, lambda texts: identify(texts, candidates), directions, list(s.alphas), scale)
+    results = steering_results(generate, lambda texts: identify(texts, candidates), directions, list(s.alphas), scale,
+                               progress=True)
     out = {"layer": layer, "k": int(s.k), "alpha_unit": "the centred RMS residual of the prompts at the layer, "
            "sqrt(mean ||x - mean x||^2)", "alpha_scale": scale, "prompts": len(prompts), "prompt_split": s.split, "reference_lang": reference_lang,
            "max_new_tokens": int(s.max_new_tokens), "identifier": "py3langid, closed over the languages table",

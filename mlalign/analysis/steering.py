@@ -112,17 +112,21 @@ def _until_eos(row: list[int], eos_id: int | None) -> list[int]:
 
 
 def steering_results(generate, identify, directions: dict[str, tuple[torch.Tensor, torch.Tensor]], alphas: list[float],
-                     scale: float, examples: int = 3) -> dict:
+                     scale: float, examples: int = 3, *, progress: bool = False) -> dict:
     """results[lang] = [{alpha, share_in_lang, share_in_lang_random, examples}] for every alpha (0 first: the unsteered
     English baseline, one generation shared by every language and both arms).
 
     generate(vector or None) -> list of generated texts; identify(texts) -> their language codes; directions[lang] =
-    (unit direction of its specific features, of its matched random features); scale: alpha's unit (`centred_residual_scale`)."""
+    (unit direction of its specific features, of its matched random features); scale: alpha's unit (`centred_residual_scale`);
+    progress: a bar over the steered languages (each: two generations per non-zero alpha)."""
+    from mlalign.analysis.engine import progress_bar
+
     alphas = sorted({0.0, *(float(a) for a in alphas)})
     baseline = generate(None)
     baseline_labels = identify(baseline)
     results: dict[str, list[dict]] = {}
-    for lang, (direction, random_direction) in directions.items():
+    for lang, (direction, random_direction) in progress_bar(list(directions.items()), progress, unit="language",
+                                                            desc="steering"):
         rows = []
         for alpha in alphas:
             if alpha == 0.0:
