@@ -271,24 +271,36 @@ def controls_table(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def _stable_deficits(spread: dict, langs: list[str], layers: list[str]) -> list[tuple[str, str]]:
+    """(lang, layer) of the counted cells whose seed-mean disparity is below 0 under every seed's sign."""
+    return [(lang, layer) for lang in langs for layer in layers
+            if _counted(spread["cells"][lang][layer]) and spread["cells"][lang][layer]["sign_stable"]
+            and spread["cells"][lang][layer]["mean_disparity_pct"] < 0]
+
+
+def _scale_flag(ctl: dict, spread: dict, lang: str, layer: str) -> bool:
+    """The analysis's own scale flag on the seed means: the residual norm lower by at least half the gap."""
+    from mlalign.analysis.summary import MODEL_LEVEL_FRACTION
+
+    norm, gap = _seed_mean(ctl["cells"][lang][layer]["resid_norm_pct"]), spread["cells"][lang][layer]["mean_disparity_pct"]
+    return norm is not None and norm < 0 and abs(norm) >= MODEL_LEVEL_FRACTION * abs(gap)
+
+
 def controls_summary(results: Path = RESULTS) -> str:
     """Over the map's counted cells with a sign-stable seed-mean deficit (< 0): how many keep it under both
     companions, how many the residual norm could explain (same direction, at least half as large: the analysis's
     own flag), and how many the SAE fits markedly worse than English (FVU ratio above the analysis's flag)."""
-    from mlalign.analysis.summary import FVU_ARTEFACT_RATIO, MODEL_LEVEL_FRACTION
+    from mlalign.analysis.summary import FVU_ARTEFACT_RATIO
 
     ctl, spread = controls(results), seeds_map(results)
     ref = ctl["reference_lang"]
-    deficits = [(lang, layer) for lang in spread["langs"] for layer in map(str, spread["layers"])
-                if _counted(spread["cells"][lang][layer]) and spread["cells"][lang][layer]["sign_stable"]
-                and spread["cells"][lang][layer]["mean_disparity_pct"] < 0]
+    deficits = _stable_deficits(spread, spread["langs"], [str(layer) for layer in spread["layers"]])
     both, scale, worse_fit = 0, 0, 0
     for lang, layer in deficits:
-        cell, gap = ctl["cells"][lang][layer], spread["cells"][lang][layer]["mean_disparity_pct"]
+        cell = ctl["cells"][lang][layer]
         sentence, position = _seed_mean(cell["sentence"]), _seed_mean(cell["position_matched"])
         both += sentence is not None and position is not None and sentence < 0 and position < 0
-        norm = _seed_mean(cell["resid_norm_pct"])
-        scale += norm is not None and norm < 0 and abs(norm) >= MODEL_LEVEL_FRACTION * abs(gap)
+        scale += _scale_flag(ctl, spread, lang, layer)
         fvu, fvu_ref = _seed_mean(cell["fvu"]), _seed_mean(ctl["cells"][ref][layer]["fvu"])
         worse_fit += fvu is not None and fvu_ref is not None and fvu_ref > 0 and fvu > FVU_ARTEFACT_RATIO * fvu_ref
     n = len(deficits)
@@ -349,9 +361,8 @@ def study_table(results: Path = RESULTS) -> str:
              "over the band | same definition? |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for band in spread["bands"]:
         worst = most_negative(spread, band)
-        tier_cells = [spread["cells"][lang][layer] for lang in spread["langs"] if _tier(lang) == STUDY_TIER
-                      for layer in _band_layers(spread, band) if _counted(spread["cells"][lang][layer])]
-        mean = _mean(cell["mean_disparity_pct"] for cell in tier_cells)
+        tier = tier_band_seeds(spread, band)
+        mean = None if tier is None else tier["mean"]
         if worst is None:
             ours, where, kept = "n/a", "n/a", "n/a"
         else:
@@ -383,17 +394,10 @@ def tier_band_seeds(spread: dict, band: str, tier: str = STUDY_TIER) -> dict | N
 def scale_explained(band: str, results: Path = RESULTS, tier: str = STUDY_TIER) -> tuple[int, int]:
     """(k, n): of the tier's n sign-stable deficits in the band, k where the residual norm is lower by at least half
     as much (the analysis's own scale flag, on the seed means)."""
-    from mlalign.analysis.summary import MODEL_LEVEL_FRACTION
-
     ctl, spread = controls(results), seeds_map(results)
-    cells = [(lang, layer) for lang in spread["langs"] if _tier(lang) == tier for layer in _band_layers(spread, band)
-             if _counted(spread["cells"][lang][layer]) and spread["cells"][lang][layer]["sign_stable"]
-             and spread["cells"][lang][layer]["mean_disparity_pct"] < 0]
-    k = 0
-    for lang, layer in cells:
-        norm, gap = _seed_mean(ctl["cells"][lang][layer]["resid_norm_pct"]), spread["cells"][lang][layer]["mean_disparity_pct"]
-        k += norm is not None and norm < 0 and abs(norm) >= MODEL_LEVEL_FRACTION * abs(gap)
-    return k, len(cells)
+    cells = _stable_deficits(spread, [lang for lang in spread["langs"] if _tier(lang) == tier],
+                             _band_layers(spread, band))
+    return sum(_scale_flag(ctl, spread, lang, layer) for lang, layer in cells), len(cells)
 
 
 def answer(results: Path = RESULTS) -> str:
