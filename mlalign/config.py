@@ -422,6 +422,14 @@ class SAETrainConfig:
     device: Optional[str] = None
     """Where the SAEs train; null = the model's device. Activations are buffered in CPU memory
     (tokens x hidden size x 4 bytes per layer)."""
+    layer_overrides: Optional[Any] = None
+    """A recipe per depth: {layers: {key: value}}, layers one layer ("1") or an inclusive range ("15-17"), keys any of
+    epochs, steps, lr, threshold_travel, l0_coefficient, target_l0, pre_act_loss_coefficient, dead_window. Those
+    layers' SAEs train with these values instead of the ones above (the width, the data and the seeds stay shared).
+    Layers not trained in a run are ignored, so a recipe with overrides still serves any `layers=[...]`. E.g.
+    `sae_train.layer_overrides={15-17:{target_l0:128}}` on the command line (`+sae_train.layer_overrides.1=...`
+    adds an entry to a recipe that has some); fidelity.json's and train_data.json's records say
+    which recipe each layer got."""
 
 
 @dataclass

@@ -31,6 +31,10 @@ TASK_MAX_LR = 3e-2
 BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SEED_STRIDE = 1000
 """SAE seed s of layer L draws from torch seed `seed + L + SEED_STRIDE * s` (s = 0 is the single-seed run's SAE)."""
+OVERRIDABLE = ("epochs", "steps", "lr", "threshold_travel", "l0_coefficient", "target_l0", "pre_act_loss_coefficient",
+               "dead_window")
+"""The recipe keys `sae_train.layer_overrides` may set per depth; the width, the data, the mix and the seeds stay one
+per run (the fidelity table and the analysis compare layers on the same footing)."""
 
 
 def split_parts(source: str, split: str) -> set[str]:
@@ -64,6 +68,20 @@ def check_settings(cfg) -> None:
                         f"{st.batch_size}); give at least that many, e.g. sae_train.tokens=100000")
     if st.lang_mix not in LANG_MIXES:
         raise UserError(f"unknown sae_train.lang_mix={st.lang_mix!r}; use sae_train.lang_mix=balanced or english_heavy")
+    _check_recipe(st)
+    _check_overrides(st)
+    if str(st.buffer_dtype) not in BUFFER_DTYPES:
+        raise UserError(f"unknown sae_train.buffer_dtype={st.buffer_dtype!r}; use sae_train.buffer_dtype=float32 or "
+                        f"bfloat16")
+    if int(st.seeds) < 1:
+        raise UserError(f"sae_train.seeds={st.seeds} must be >= 1 SAE per layer, e.g. sae_train.seeds=3")
+    if int(st.spliced_sentences) < 0:
+        raise UserError(f"sae_train.spliced_sentences={st.spliced_sentences} must be >= 0 (0 skips the spliced-in "
+                        f"LM loss), e.g. sae_train.spliced_sentences=16")
+
+
+def _check_recipe(st) -> None:
+    """The recipe values a user can get wrong: run on `sae_train` and on it with each `layer_overrides` entry applied."""
     if st.steps is None and not float(st.epochs) > 0:
         raise UserError(f"sae_train.epochs={st.epochs} must be > 0 (or set sae_train.steps=N)")
     if st.steps is not None and int(st.steps) <= 0:
@@ -72,19 +90,83 @@ def check_settings(cfg) -> None:
         raise UserError(f"sae_train.threshold_travel={st.threshold_travel} must be > 0, e.g. 2.4 (or set sae_train.lr)")
     if st.target_l0 is not None and not float(st.target_l0) > 0:
         raise UserError(f"sae_train.target_l0={st.target_l0} must be > 0 features per token, or null")
-    if str(st.buffer_dtype) not in BUFFER_DTYPES:
-        raise UserError(f"unknown sae_train.buffer_dtype={st.buffer_dtype!r}; use sae_train.buffer_dtype=float32 or "
-                        f"bfloat16")
     if not float(st.pre_act_loss_coefficient) >= 0:
         raise UserError(f"sae_train.pre_act_loss_coefficient={st.pre_act_loss_coefficient} must be >= 0, e.g. 0.1")
     if st.dead_window is not None and int(st.dead_window) < 1:
         raise UserError(f"sae_train.dead_window={st.dead_window} must be >= 1 step (or null for half the run)")
-    if int(st.seeds) < 1:
-        raise UserError(f"sae_train.seeds={st.seeds} must be >= 1 SAE per layer, e.g. sae_train.seeds=3")
-    if int(st.spliced_sentences) < 0:
-        raise UserError(f"sae_train.spliced_sentences={st.spliced_sentences} must be >= 0 (0 skips the spliced-in "
-                        f"LM loss), e.g. sae_train.spliced_sentences=16")
 
+
+def _check_overrides(st) -> None:
+    """`sae_train.layer_overrides`: well-formed layer keys, each layer named once, recipe keys only, sound values."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    raw = getattr(st, "layer_overrides", None)
+    for spec, values in layer_override_entries(raw):
+        try:
+            _check_recipe(OmegaConf.merge(st, values) if OmegaConf.is_config(st) else dataclasses.replace(st, **values))
+        except (UserError, OmegaConfBaseException, ValueError, TypeError) as err:
+            message = str(err).splitlines()[0]
+            raise UserError(f"sae_train.layer_overrides[{spec!r}]: {message}") from None
+    layer_overrides(raw)
+
+
+def layer_override_entries(raw) -> list[tuple[str, dict]]:
+    """`sae_train.layer_overrides` as written: [(layer spec, {recipe key: value})], every key checked to be one of
+    `OVERRIDABLE`."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else (raw or {})
+    if not isinstance(raw, dict):
+        raise UserError(f"sae_train.layer_overrides={raw!r} must map layers to recipe values, e.g. "
+                        f"sae_train.layer_overrides={{15-17:{{target_l0:128}}}}")
+    entries = []
+    for spec, values in raw.items():
+        if not isinstance(values, dict) or not values:
+            raise UserError(f"sae_train.layer_overrides[{str(spec)!r}]={values!r} must be recipe values, e.g. "
+                            f"{{target_l0: 128}}")
+        unknown = sorted(set(map(str, values)) - set(OVERRIDABLE))
+        if unknown:
+            raise UserError(f"sae_train.layer_overrides[{str(spec)!r}] sets {', '.join(unknown)}, which is one per "
+                            f"run; a layer may override only {', '.join(OVERRIDABLE)}")
+        entries.append((str(spec), dict(values)))
+    return entries
+
+
+def _layer_spec(spec: str) -> list[int]:
+    """"7" -> [7]; "15-17" -> [15, 16, 17]."""
+    first, _, last = spec.strip().partition("-")
+    try:
+        first_layer, last_layer = int(first), int(last or first)
+    except ValueError:
+        first_layer = last_layer = -1
+    if first_layer < 0 or last_layer < first_layer:
+        raise UserError(f"sae_train.layer_overrides key {spec!r} is neither a layer nor a range of layers; write e.g. "
+                        f"\"1\" or \"15-17\"")
+    return list(range(first_layer, last_layer + 1))
+
+
+def layer_overrides(raw) -> dict[int, dict]:
+    """{layer: {recipe key: value}} from `sae_train.layer_overrides` (ranges expanded); a layer named twice is an
+    error."""
+    out: dict[int, dict] = {}
+    for spec, values in layer_override_entries(raw):
+        for layer in _layer_spec(spec):
+            if layer in out:
+                raise UserError(f"layer {layer} is named twice in sae_train.layer_overrides (again in {spec!r}); give "
+                                f"each layer one entry")
+            out[layer] = values
+    return out
+
+
+def layer_settings(st: SAETrainConfig, layer: int) -> SAETrainConfig:
+    """The settings layer `layer`'s SAEs train with: `st` with that layer's `layer_overrides` entry applied."""
+    import dataclasses
+
+    values = layer_overrides(getattr(st, "layer_overrides", None)).get(int(layer))
+    return dataclasses.replace(st, **values) if values else st
 
 def mix_weights(lang_mix: str, langs: list[str], english_heavy_weights) -> dict[str, float]:
     """Each language's share of the activation tokens, summing to 1."""
@@ -349,6 +431,8 @@ class _Job:
     valid: ParallelCorpus
     out_dir: Path
     recipe: SAETrainSettings | None = None
+    """The run's recipe (`sae_train` as given); `recipes[layer]` applies that layer's `layer_overrides`."""
+    recipes: dict[int, SAETrainSettings] | None = None
 
 
 def run(cfg, ctx) -> dict[str, float]:
@@ -367,11 +451,14 @@ def run(cfg, ctx) -> dict[str, float]:
     model, tokenizer = ctx.load_model(), ctx.load_tokenizer()
     ctx.layers(num_layers(model))  # the config's layer count must match the weights
     job.recipe = sae_recipe(cfg, job, model)
+    job.recipes = {layer: sae_recipe(cfg, job, model, layer) for layer in layers}
     acts, index, data_info, heldout = _capture(cfg, job, model, tokenizer)
     seconds = {"activations": round(time.perf_counter() - started, 2)}
     records, trained, seconds["training"], kept = _train_saes(cfg, job, acts, index, heldout)
     seconds.update(_add_spliced(cfg, job, model, tokenizer, trained, records))
     table = {str(layer): layer_record(records[layer], job.recipe.width, langs) for layer in job.layers}
+    for layer, values in _trained_overrides(job).items():
+        table[str(layer)]["layer_overrides"] = values
     n_saes = len(job.layers) * int(st.seeds)
     seconds["total"] = round(time.perf_counter() - started, 2)
     seconds["training_per_sae"] = round(seconds["training"] / max(1, n_saes - kept), 2)  # over the SAEs it trained
@@ -383,20 +470,27 @@ def run(cfg, ctx) -> dict[str, float]:
     return _results(table, seconds)
 
 
-def sae_recipe(cfg, job: _Job, model) -> SAETrainSettings:
-    """The recipe every SAE of the run shares (width, steps, learning rate, penalties, device), said on the console."""
+def sae_recipe(cfg, job: _Job, model, layer: int | None = None) -> SAETrainSettings:
+    """The run's recipe (width, steps, learning rate, penalties, device), or with `layer` that layer's (its
+    `layer_overrides` entry applied: the same settings when it has none); each said on the console."""
     from mlalign.console import emit
     from mlalign.models import hidden_size
 
-    st = job.st
+    st = job.st if layer is None else layer_settings(job.st, layer)
+    if layer is not None and st is job.st:
+        return job.recipe
     width = int(st.width) if st.width is not None else int(st.width_multiple) * hidden_size(model)
     if st.target_l0 is not None and float(st.target_l0) > width:
         raise UserError(f"sae_train.target_l0={st.target_l0} exceeds the width {width}; choose a smaller target")
     steps = int(st.steps) if st.steps is not None else max(1, math.ceil(float(st.epochs) * int(st.tokens) / int(st.batch_size)))
     lr = float(st.lr) if st.lr is not None else default_lr(steps, float(st.threshold_travel), max_lr=TASK_MAX_LR)
-    emit(f"training {len(job.layers)} x {int(st.seeds)} SAE(s) of {width} features on {int(st.tokens)} "
-         f"{cfg.data.splits.train}-split tokens per layer ({st.lang_mix} mix over {len(job.langs)} languages), {steps} "
-         f"steps of {int(st.batch_size)}, lr {lr:.2g}")
+    if layer is None:
+        emit(f"training {len(job.layers)} x {int(st.seeds)} SAE(s) of {width} features on {int(st.tokens)} "
+             f"{cfg.data.splits.train}-split tokens per layer ({st.lang_mix} mix over {len(job.langs)} languages), "
+             f"{steps} steps of {int(st.batch_size)}, lr {lr:.2g}")
+    else:
+        changed = ", ".join(f"{key} {value}" for key, value in layer_overrides(st.layer_overrides)[layer].items())
+        emit(f"  layer {layer}: {changed} (sae_train.layer_overrides): {steps} steps, lr {lr:.2g}")
     return SAETrainSettings(
         width=width, steps=steps, batch_size=int(st.batch_size), lr=lr, l0_coefficient=float(st.l0_coefficient),
         target_l0=None if st.target_l0 is None else float(st.target_l0),
@@ -441,7 +535,7 @@ def sae_fingerprint(cfg, job: _Job, layer: int, torch_seed: int) -> str:
     from omegaconf import OmegaConf
 
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "device"}
-    recipe = {k: v for k, v in dataclasses.asdict(job.recipe).items() if k != "device"}
+    recipe = {k: v for k, v in dataclasses.asdict(job.recipes[layer]).items() if k != "device"}
     what = {"model": model, "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed),
             "langs": job.langs, "quotas": job.quotas, "recipe": recipe, "eval_sentences": job.st.eval_sentences,
             "buffer_dtype": str(job.st.buffer_dtype), "layer": int(layer), "torch_seed": int(torch_seed)}
@@ -477,7 +571,7 @@ def _train_saes(cfg, job: _Job, acts: dict, index, heldout: dict) -> tuple[dict,
     train_started = time.perf_counter()
     transient_bars(TRAINER_MODULE)  # its per-SAE bar vanishes when done; each layer's line stays
     with tempfile.TemporaryDirectory(prefix="mlalign-sae-ckpt-") as checkpoints, \
-            stage(f"training {len(layers) * seeds} SAE(s) ({job.recipe.steps} steps each)"):
+            stage(f"training {len(layers) * seeds} SAE(s) ({_steps_said(job)} steps each)"):
         for layer in layers:
             layer_acts = acts.pop(layer)
             for s in range(seeds):
@@ -494,7 +588,7 @@ def _train_saes(cfg, job: _Job, acts: dict, index, heldout: dict) -> tuple[dict,
                     with stage(label, start_line=False):  # sae-lens's "Training SAE" bar shows it running
                         layer_started = time.perf_counter()
                         torch.manual_seed(torch_seed)
-                        sae = train_sae(layer_acts, layer, job.recipe, seed=torch_seed, index=index,
+                        sae = train_sae(layer_acts, layer, job.recipes[layer], seed=torch_seed, index=index,
                                         checkpoint_dir=checkpoints, progress=True)
                         train_seconds = time.perf_counter() - layer_started
                         overall = fidelity(sae, torch.cat([heldout[lang][layer] for lang in langs]))
@@ -511,6 +605,17 @@ def _train_saes(cfg, job: _Job, acts: dict, index, heldout: dict) -> tuple[dict,
                 note(f"  held-out FVU {record['fvu']:.3f}, L0 {record['l0']:.1f}, dead {record['dead_pct']:.1f}%")
             del layer_acts
     return records, trained, round(time.perf_counter() - train_started, 2), kept
+
+
+def _trained_overrides(job: _Job) -> dict[int, dict]:
+    """The `layer_overrides` entries of the layers this run trains."""
+    overrides = layer_overrides(job.st.layer_overrides)
+    return {layer: overrides[layer] for layer in job.layers if layer in overrides}
+
+
+def _steps_said(job: _Job) -> str:
+    steps = sorted({recipe.steps for recipe in job.recipes.values()})
+    return str(steps[0]) if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
 
 
 def _add_spliced(cfg, job: _Job, model, tokenizer, trained: list, records: dict) -> dict[str, float]:
@@ -558,6 +663,8 @@ def _write_outputs(cfg, job: _Job, table: dict, records: dict, data_info: dict, 
         "batch_size": int(st.batch_size), "lr": recipe.lr, "l0_coefficient": float(st.l0_coefficient),
         "target_l0": st.target_l0, "seeds": seeds, "pre_act_loss_coefficient": float(st.pre_act_loss_coefficient),
         "dead_window": st.dead_window,
+        "layer_overrides": {str(layer): {**values, "steps": job.recipes[layer].steps, "lr": job.recipes[layer].lr}
+                            for layer, values in _trained_overrides(job).items()},
         "torch_seeds": {str(layer): [r["torch_seed"] for r in records[layer]] for layer in job.layers},
         "buffer_dtype": str(st.buffer_dtype), "spliced_sentences": int(st.spliced_sentences), "seconds": seconds,
     })

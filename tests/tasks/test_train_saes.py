@@ -200,6 +200,11 @@ def test_the_guard_stops_sae_training_on_what_every_source_analyses(data):
     (["sae_train.buffer_dtype=float16"], "unknown sae_train.buffer_dtype='float16'"),
     (["sae_train.spliced_sentences=-1"], "sae_train.spliced_sentences=-1 must be >= 0"),
     (["sae_train.dead_window=0"], "sae_train.dead_window=0 must be >= 1 step"),
+    (["sae_train.layer_overrides={0:{width:10}}"], "sets width, which is one per run"),
+    (["sae_train.layer_overrides={3-1:{steps:5}}"], "key '3-1' is neither a layer nor a range"),
+    (["sae_train.layer_overrides={0:{dead_window:0}}"],
+     "sae_train.layer_overrides['0']: sae_train.dead_window=0 must be >= 1 step"),
+    (["sae_train.layer_overrides={0:{steps:5},0-2:{steps:6}}"], "layer 0 is named twice"),
 ])
 def test_bad_input_is_one_error_line(testbed_dir, testbed_cache_dir, tmp_path, overrides, message):
     result = run_cli(["task=train_saes", *_common(tmp_path, testbed_cache_dir), "layers=[0]", *overrides])
@@ -207,6 +212,47 @@ def test_bad_input_is_one_error_line(testbed_dir, testbed_cache_dir, tmp_path, o
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_layer_overrides_expand_ranges_and_apply_to_their_layers_only():
+    from mlalign.config import SAETrainConfig
+    from mlalign.tasks.train_saes import layer_overrides, layer_settings
+
+    st = SAETrainConfig(target_l0=96.0, layer_overrides={1: {"threshold_travel": 1.2}, "15-17": {"target_l0": 128}})
+    assert layer_overrides(st.layer_overrides) == {1: {"threshold_travel": 1.2}, **{layer: {"target_l0": 128}
+                                                                                     for layer in (15, 16, 17)}}
+    assert layer_settings(st, 16).target_l0 == 128 and layer_settings(st, 16).threshold_travel == 2.4
+    assert layer_settings(st, 1).threshold_travel == 1.2 and layer_settings(st, 1).target_l0 == 96.0
+    assert layer_settings(st, 14) is st and layer_settings(st, 18) is st
+    with pytest.raises(UserError, match="named twice"):
+        layer_overrides({"1-3": {"steps": 5}, 2: {"steps": 6}})
+
+
+@pytest.mark.slow
+def test_a_layer_override_retrains_that_layer_only_and_is_recorded(testbed_dir, testbed_cache_dir, tmp_path):
+    """A per-depth recipe changes the overridden layer's SAE and nothing else: rerun into the same directory with an
+    override for layer 2, layer 1's SAE is kept (its recipe, so its fingerprint, is unchanged) and layer 2's is
+    trained again with the overriding steps, which train_data.json and fidelity.json record."""
+    run_dir = tmp_path / "run"
+    command = ["task=train_saes", *_common(tmp_path, testbed_cache_dir), "layers=[1,2]", "langs=[hi]",
+               "sae_train.tokens=1200", "sae_train.width=64", "sae_train.steps=20", "sae_train.eval_sentences=8",
+               "sae_train.spliced_sentences=0", f"hydra.run.dir={run_dir}"]
+    assert (plain := run_cli(command)).returncode == 0, plain.stderr[-3000:]
+    saes = run_dir / "saes"
+    before = {layer: (saes / f"layer_{layer}" / "sae_weights.safetensors").read_bytes() for layer in (1, 2)}
+    assert json.loads((saes / "train_data.json").read_text())["layer_overrides"] == {}
+    (run_dir / "COMPLETE").unlink()
+
+    overridden = run_cli([*command, "sae_train.layer_overrides={2:{steps:35}}"])
+    assert overridden.returncode == 0, overridden.stderr[-3000:]
+    said = overridden.stdout + overridden.stderr
+    assert said.count("kept from an earlier try") == 1 and "layer 2: steps 35 (sae_train.layer_overrides)" in said
+    assert (saes / "layer_1" / "sae_weights.safetensors").read_bytes() == before[1]
+    assert (saes / "layer_2" / "sae_weights.safetensors").read_bytes() != before[2]
+    train_data = json.loads((saes / "train_data.json").read_text())
+    assert train_data["steps"] == 20 and train_data["layer_overrides"]["2"]["steps"] == 35
+    fidelity = json.loads((saes / "fidelity.json").read_text())
+    assert fidelity["2"]["layer_overrides"] == {"steps": 35} and "layer_overrides" not in fidelity["1"]
 
 
 @pytest.mark.slow
