@@ -66,18 +66,53 @@ def seed_spread(summaries: dict[int, dict]) -> dict:
         {str(s): summaries[s]["disparity_pct"][lang][layer] for s in seeds},
         {str(s): ((summaries[s].get("disparity_ci") or {}).get(lang) or {}).get(layer) for s in seeds},
         fit=not any(_unfit(summaries[s], lang, layer) for s in seeds)) for layer in layers} for lang in langs}
+    return _tallied({"seeds": seeds, "reference_lang": ref, "metric": first["metric"], "aggregate": first["aggregate"],
+                     "ci": first["ci"], "bootstrap": first["bootstrap"], "layers": first["layers"], "langs": langs,
+                     "bands": first["bands"], "cells": cells})
+
+
+def _tallied(spread: dict) -> dict:
+    """`spread` (its header and `cells`) with the counts over cells, `by_band`, `sign_unstable`, `n_cells_left_out`
+    and `statements` computed from its cells."""
+    cells, langs, layers = spread["cells"], spread["langs"], [str(layer) for layer in spread["layers"]]
     counted = [(lang, layer) for lang in langs for layer in layers
                if cells[lang][layer]["fit"] and cells[lang][layer]["sign_stable"] is not None]
     out = {
-        "seeds": seeds, "reference_lang": ref, "metric": first["metric"], "aggregate": first["aggregate"],
-        "ci": first["ci"], "bootstrap": first["bootstrap"], "layers": first["layers"], "langs": langs,
-        "bands": first["bands"], "cells": cells, **_counts(cells, counted),
+        **spread, **_counts(cells, counted),
         "by_band": {band: _counts(cells, [(lang, layer) for lang, layer in counted if int(layer) in band_layers])
-                    for band, band_layers in first["bands"].items()},
+                    for band, band_layers in spread["bands"].items()},
         "sign_unstable": [[lang, int(layer)] for lang, layer in counted if not cells[lang][layer]["sign_stable"]],
         "n_cells_left_out": len(langs) * len(layers) - len(counted),
     }
     out["statements"] = seed_statements(out)
+    return out
+
+
+SAME_FOOTING = ("seeds", "reference_lang", "metric", "aggregate", "ci", "bootstrap", "langs")
+"""What two seed spreads must share for one's layers to stand in for the other's (`replace_layers`)."""
+
+
+def replace_layers(spread: dict, other: dict) -> dict:
+    """`spread` (an analysis/sae_seeds.json) with every layer `other` covers taken from `other` instead: a map some of
+    whose layers were analysed again with other SAEs (a recipe per depth), on the same sentences, seeds, metric and
+    languages. Each cell stands alone, so the counts, bands and statements are recomputed over the merged cells;
+    `replaced_layers` lists the layers taken from `other` (and `replaced_from` its `files`, where it has them)."""
+    for key in SAME_FOOTING:
+        if other[key] != spread[key]:
+            raise ValueError(f"the replacing spread has {key}={other[key]!r}, the map {spread[key]!r}: not the same "
+                             f"footing")
+    layers, replacing = [str(layer) for layer in spread["layers"]], [str(layer) for layer in other["layers"]]
+    if not set(replacing) <= set(layers):
+        raise ValueError(f"the replacing spread covers layers {replacing}, not all among the map's {layers}")
+    cells = {lang: {layer: (other if layer in replacing else spread)["cells"][lang][layer] for layer in layers}
+             for lang in spread["langs"]}
+    header = {key: value for key, value in spread.items()
+              if key in ("seeds", "reference_lang", "metric", "aggregate", "ci", "bootstrap", "layers", "langs",
+                         "bands")}
+    out = _tallied({**header, "cells": cells})
+    out["replaced_layers"] = sorted(set(map(int, replacing)) | set(spread.get("replaced_layers") or []))
+    if other.get("files"):
+        out["replaced_from"] = other["files"]
     return out
 
 

@@ -72,3 +72,42 @@ def test_seeds_that_analysed_different_layers_are_a_bug_not_a_spread():
     other["layers"] = [0, 1]
     with pytest.raises(ValueError, match="layers"):
         seed_spread({0: summary({"hi": [1.0, 2.0, 3.0]}), 1: other})
+
+
+def _one_layer(layer: int, values: dict[str, float]) -> dict:
+    """A summary of one layer only, as a re-run at that layer writes it."""
+    out = summary({lang: [value] * len(LAYERS) for lang, value in values.items()})
+    out["layers"] = [layer]
+    out["disparity_pct"] = {"en": {str(layer): 0.0}, **{lang: {str(layer): value} for lang, value in values.items()}}
+    return out
+
+
+def test_replacing_a_layer_takes_its_cells_from_the_rerun_and_recounts_everything():
+    from mlalign.analysis.sae_seeds import replace_layers
+
+    base = {"hi": [-10.0, -4.0, 6.0], "zh": [2.0, 3.0, -1.0]}
+    flipped = {"hi": [-10.0, 0.5, 6.0], "zh": [2.0, 3.0, -1.0]}  # hi layer 1 flips under seed 1 ...
+    spread = seed_spread({0: summary(base), 1: summary(flipped)})
+    assert spread["sign_unstable"] == [["hi", 1]]
+    # ... and a re-run of layer 1 with other SAEs finds it stable under both seeds.
+    rerun = seed_spread({0: _one_layer(1, {"hi": -3.0, "zh": 4.0}), 1: _one_layer(1, {"hi": -5.0, "zh": 2.0})})
+    merged = replace_layers(spread, rerun)
+    assert merged["cells"]["hi"]["1"] == rerun["cells"]["hi"]["1"]
+    assert merged["cells"]["hi"]["1"]["disparity_pct"] == {"0": -3.0, "1": -5.0}
+    assert merged["cells"]["hi"]["0"] == spread["cells"]["hi"]["0"] and merged["cells"]["zh"]["2"] == spread["cells"]["zh"]["2"]
+    assert merged["sign_unstable"] == [] and (merged["n_cells"], merged["n_sign_stable"]) == (6, 6)
+    assert merged["by_band"]["early"]["n_sign_stable"] == 4 and merged["replaced_layers"] == [1]
+    assert merged["statements"][0].startswith("6 of 6 (language, layer) cells keep the sign")
+    assert merged["layers"] == LAYERS and spread["sign_unstable"] == [["hi", 1]]  # the map itself is untouched
+
+
+def test_a_rerun_on_other_seeds_or_layers_cannot_replace_the_maps_cells():
+    from mlalign.analysis.sae_seeds import replace_layers
+
+    spread = seed_spread({0: summary({"hi": [1.0, 2.0, 3.0]}), 1: summary({"hi": [1.0, 2.0, 3.0]})})
+    other_seeds = seed_spread({0: _one_layer(1, {"hi": 1.0}), 5: _one_layer(1, {"hi": 1.0})})
+    with pytest.raises(ValueError, match="seeds"):
+        replace_layers(spread, other_seeds)
+    outside = seed_spread({0: _one_layer(7, {"hi": 1.0}), 1: _one_layer(7, {"hi": 1.0})})
+    with pytest.raises(ValueError, match="layers"):
+        replace_layers(spread, outside)
