@@ -38,6 +38,22 @@ COPY = {
 function reads it."""
 CONTROLS = "map/controls.json"
 """Written by `copy` from the per-seed summaries (`extract_controls`): the analysis's controls per cell and seed."""
+DEPTH_COPY = {
+    "map_depth/sae_seeds.json": "map_depth/analysis/sae_seeds.json",
+    "saes_balanced_depth/fidelity.json": "saes_balanced_depth/saes/fidelity.json",
+    "saes_balanced_depth/train_data.json": "saes_balanced_depth/saes/train_data.json",
+}
+"""The depth re-run (run.sh's depth_saes and depth_map parts): the layers whose SAEs missed issue 27's bar, trained
+again with real_small's per-depth recipe (`sae_train.layer_overrides`) and analysed again on the same sentences and
+seeds. Where these files exist, `seeds_map`, `controls` and `fidelity('balanced')` take those layers from them
+(`replace_layers`): every other layer's cells and SAEs are the first run's."""
+DEPTH_CONTROLS = "map_depth/controls.json"
+DEPTH_HEATMAP = "map_depth/merged_heatmap.png"
+"""The map's heatmap redrawn by `copy depth` from the merged cells (results/map/sae_seeds_heatmap.png is the first
+run's)."""
+DEPTH_SWEEP = "depth_sweep"
+"""results/depth_sweep/<candidate>/{fidelity,train_data}.json: the dev-split sweep that chose the per-depth recipe
+(run.sh's depth_sweep part; `depth_sweep_table`)."""
 
 MIXES = {"balanced": "balanced", "english_heavy": "English-heavy"}
 MIX_LAYERS = ("3", "9")
@@ -64,9 +80,25 @@ def _load(name: str, results: Path = RESULTS) -> dict:
     return json.loads(path.read_text())
 
 
+def _has_depth_rerun(results: Path) -> bool:
+    return all((Path(results) / name).exists() for name in (*DEPTH_COPY, DEPTH_CONTROLS))
+
+
+def depth_layers(results: Path = RESULTS) -> list[int]:
+    """The layers the depth re-run replaced (none before it)."""
+    return [int(layer) for layer in _load("map_depth/sae_seeds.json", results)["layers"]] \
+        if _has_depth_rerun(results) else []
+
+
 def seeds_map(results: Path = RESULTS) -> dict:
-    """The map's analysis/sae_seeds.json (all 18 layers, balanced SAEs, 3 seeds)."""
-    return _load("map/sae_seeds.json", results)
+    """The map's analysis/sae_seeds.json (all 18 layers, balanced SAEs, 3 seeds), with the depth re-run's layers in
+    place of the first run's where it exists (`mlalign.analysis.sae_seeds.replace_layers`)."""
+    first = _load("map/sae_seeds.json", results)
+    if not _has_depth_rerun(results):
+        return first
+    from mlalign.analysis.sae_seeds import replace_layers
+
+    return replace_layers(first, _load("map_depth/sae_seeds.json", results))
 
 
 def seeds_mix(results: Path = RESULTS) -> dict:
@@ -75,17 +107,21 @@ def seeds_mix(results: Path = RESULTS) -> dict:
 
 
 def fidelity(mix: str, results: Path = RESULTS) -> dict:
-    """task=train_saes's fidelity.json for one mix ('balanced' or 'english_heavy')."""
-    return _load(f"saes_{mix}/fidelity.json", results)
+    """task=train_saes's fidelity.json for one mix ('balanced' or 'english_heavy'); the balanced mix's with the depth
+    re-run's layer records in place of the first run's where it exists."""
+    table = _load(f"saes_{mix}/fidelity.json", results)
+    if mix == "balanced" and _has_depth_rerun(results):
+        table = {**table, **_load("saes_balanced_depth/fidelity.json", results)}
+    return table
 
 
 def train_data(mix: str, results: Path = RESULTS) -> dict:
     return _load(f"saes_{mix}/train_data.json", results)
 
 
-def _seed_summaries(out: Path) -> list[Path]:
-    """The map's per-seed analysis summaries (analysis/sae_seed_<s>/summary.json), by seed."""
-    return sorted((Path(out) / "map" / "analysis").glob("sae_seed_*/summary.json"),
+def _seed_summaries(out: Path, part: str = "map") -> list[Path]:
+    """The map's (or another analysis part's) per-seed summaries (analysis/sae_seed_<s>/summary.json), by seed."""
+    return sorted((Path(out) / part / "analysis").glob("sae_seed_*/summary.json"),
                   key=lambda path: int(path.parent.name.rsplit("_", 1)[1]))
 
 
@@ -148,6 +184,59 @@ def copy(out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
     target = Path(results) / CONTROLS
     target.write_text(json.dumps(controls, indent=1) + "\n")
     written.append(target)
+    return written
+
+
+def copy_depth(out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
+    """The depth re-run's files (`DEPTH_COPY`, `DEPTH_CONTROLS` from its per-seed summaries) into results/, and the
+    merged map's heatmap (`DEPTH_HEATMAP`); writes nothing if any source is missing."""
+    missing = [str(Path(out) / source) for source in DEPTH_COPY.values() if not (Path(out) / source).exists()]
+    summaries = _seed_summaries(out, "map_depth")
+    if not summaries:
+        missing.append(str(Path(out) / "map_depth" / "analysis" / "sae_seed_<s>" / "summary.json"))
+    if missing:
+        raise FileNotFoundError("not there (have run.sh's depth_saes and depth_map finished?): " + ", ".join(missing))
+    controls_ = extract_controls({int(path.parent.name.rsplit("_", 1)[1]): json.loads(path.read_text())
+                                  for path in summaries})
+    written = []
+    for destination, source in DEPTH_COPY.items():
+        target = Path(results) / destination
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(out) / source, target)
+        written.append(target)
+    target = Path(results) / DEPTH_CONTROLS
+    target.write_text(json.dumps(controls_, indent=1) + "\n")
+    written.append(target)
+    written.append(merged_heatmap(results))
+    return written
+
+
+def merged_heatmap(results: Path = RESULTS) -> Path:
+    """The heatmap of the merged map (`seeds_map`), drawn as task=analyze draws sae_seeds_heatmap.png."""
+    from mlalign.analysis.plots import plot_disparity_heatmap
+    from mlalign.analysis.sae_seeds import heatmap_view
+
+    spread = seeds_map(results)
+    header = {"langs": [spread["reference_lang"], *spread["langs"]], "model": "gemma3_270m_pypi",
+              "sae": f"real_small (layers {', '.join(map(str, depth_layers(results)))}: per-depth recipe)"}
+    view, marked = heatmap_view(spread, {**spread, **header})
+    return plot_disparity_heatmap(view, Path(results) / DEPTH_HEATMAP, marked=marked,
+                                  what="mean over SAE seeds, hatched: sign depends on the seed")
+
+
+def copy_sweep(out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
+    """Every finished candidate of run.sh's depth_sweep part (its fidelity.json and train_data.json) into
+    results/depth_sweep/<candidate>/."""
+    written = []
+    for fidelity_file in sorted((Path(out) / DEPTH_SWEEP).glob("*/saes/fidelity.json")):
+        name = fidelity_file.parent.parent.name
+        for file in ("fidelity.json", "train_data.json"):
+            target = Path(results) / DEPTH_SWEEP / name / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(fidelity_file.parent / file, target)
+            written.append(target)
+    if not written:
+        raise FileNotFoundError(f"no finished candidate under {Path(out) / DEPTH_SWEEP}: run run.sh depth_sweep")
     return written
 
 
@@ -229,7 +318,18 @@ def headline_table(results: Path = RESULTS) -> str:
 
 
 def controls(results: Path = RESULTS) -> dict:
-    return _load(CONTROLS, results)
+    """map/controls.json, with the depth re-run's layers in place of the first run's where it exists."""
+    first = _load(CONTROLS, results)
+    if not _has_depth_rerun(results):
+        return first
+    rerun = _load(DEPTH_CONTROLS, results)
+    for key in ("seeds", "reference_lang", "metric", "langs", "n_sentences"):
+        if rerun[key] != first[key]:
+            raise ValueError(f"{DEPTH_CONTROLS} has {key}={rerun[key]!r}, {CONTROLS} {first[key]!r}")
+    replaced = {str(layer) for layer in rerun["layers"]}
+    cells = {lang: {layer: (rerun if layer in replaced else first)["cells"][lang][layer] for layer in by_layer}
+             for lang, by_layer in first["cells"].items()}
+    return {**first, "cells": cells}
 
 
 def _seed_mean(per_seed: dict) -> float | None:
@@ -617,6 +717,82 @@ def sae_bar(mix: str = "balanced", results: Path = RESULTS) -> str:
     return f"{len(misses)} miss(es) of the bar ({bar}) over {n} SAEs: " + "; ".join(misses)
 
 
+# ------------------------------------------------------------------------------------------- the depth re-run
+
+
+DEPTH_GROUPS = {"deep": ["deep_l0_128", "deep_e10"], "early": ["early_travel_1.2", "early_dw25"]}
+"""The depth sweep's candidates per group of layers (run.sh's depth_sweep part; README.md 'The depth re-run')."""
+
+
+def _bar_misses(record: dict) -> list[float]:
+    """How far one SAE's record exceeds each part of SAE_BAR it misses (empty: it meets the bar)."""
+    excess = [record["fvu"] - SAE_BAR["fvu"], *(stats["fvu"] - SAE_BAR["lang_fvu"]
+                                                for stats in record["per_lang"].values()),
+              (record["dead_pct"] - SAE_BAR["dead_pct"]) / 100]
+    return [x for x in excess if x > 0]
+
+
+def _seed_records(layer_record: dict) -> list[dict]:
+    return list((layer_record.get("seeds") or {"0": layer_record}).values())
+
+
+def depth_sweep(results: Path = RESULTS) -> dict[str, dict]:
+    """{candidate: {"layers", "records" (every SAE's record), "misses", "worst_excess", "target_l0", "steps",
+    "worst_dead_pct"}} for every committed candidate of the depth sweep."""
+    out = {}
+    for group in DEPTH_GROUPS.values():
+        for name in group:
+            folder = Path(results) / DEPTH_SWEEP / name
+            if not (folder / "fidelity.json").exists():
+                continue
+            table = json.loads((folder / "fidelity.json").read_text())
+            data = json.loads((folder / "train_data.json").read_text())
+            records = [(int(layer), r) for layer, row in table.items() for r in _seed_records(row)]
+            excess = [x for _, r in records for x in _bar_misses(r)]
+            out[name] = {"layers": sorted({layer for layer, _ in records}), "records": records,
+                         "misses": sum(bool(_bar_misses(r)) for _, r in records),
+                         "worst_excess": max(excess, default=0.0), "target_l0": data["target_l0"],
+                         "steps": data["steps"], "seconds": data["seconds"]["training_per_sae"],
+                         "worst_dead_pct": max(r["dead_pct"] for _, r in records)}
+    return out
+
+
+def depth_choice(group: str, results: Path = RESULTS) -> tuple[str, bool] | None:
+    """(the candidate the README's rule picks for the group, whether it meets the bar on every SAE it trained), or
+    None before the group's candidates are all committed."""
+    sweep = depth_sweep(results)
+    names = DEPTH_GROUPS[group]
+    if not all(name in sweep for name in names):
+        return None
+    passing = [name for name in names if sweep[name]["misses"] == 0]
+    if passing:
+        key = ((lambda n: (sweep[n]["target_l0"], sweep[n]["steps"])) if group == "deep"
+               else (lambda n: sweep[n]["worst_dead_pct"]))
+        return min(passing, key=key), True
+    return min(names, key=lambda n: (sweep[n]["misses"], sweep[n]["worst_excess"])), False
+
+
+def depth_sweep_table(results: Path = RESULTS) -> str:
+    """One row per candidate SAE of the depth sweep: layer, seed, FVU, its worst language, L0, dead %, the bar."""
+    lines = ["| candidate | layer | seed | FVU | worst language FVU | L0 | dead % | s per SAE | meets the bar |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, found in depth_sweep(results).items():
+        for layer, record in found["records"]:
+            worst = max(record["per_lang"], key=lambda lang: record["per_lang"][lang]["fvu"])
+            seed = (record["torch_seed"] - layer) // 1000 if "torch_seed" in record else 0
+            lines.append(f"| {name} | {layer} | {seed} | {record['fvu']:.3f} | "
+                         f"{record['per_lang'][worst]['fvu']:.3f} ({worst}) | {record['l0']:.1f} | "
+                         f"{record['dead_pct']:.1f} | {found['seconds']:.0f} | "
+                         f"{'no' if _bar_misses(record) else 'yes'} |")
+    for group in DEPTH_GROUPS:
+        pick = depth_choice(group, results)
+        if pick is not None:
+            lines += ["", f"Chosen for the {group} group by the README's rule: {pick[0]}"
+                          + ("" if pick[1] else " (no candidate meets the bar: the fewest misses, then the smallest "
+                                                "excess)") + "."]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------- cost
 
 
@@ -664,7 +840,9 @@ def main(results: Path = RESULTS) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["copy"]:
-        for path in copy(Path(sys.argv[2]) if len(sys.argv) > 2 else OUTPUTS):
+        how = {"depth": copy_depth, "sweep": copy_sweep}.get(sys.argv[2] if len(sys.argv) > 2 else "", copy)
+        rest = sys.argv[3:] if how is not copy else sys.argv[2:]
+        for path in how(Path(rest[0]) if rest else OUTPUTS):
             print(f"copied {path}")
     else:
         main()
