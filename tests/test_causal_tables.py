@@ -93,9 +93,13 @@ def test_the_steering_table_and_sentence_give_each_alphas_shares(tables, results
     table = tables.steering_table(3, results)
     assert table.splitlines()[0] == "| lang | α = 0 | α = 1 | α = 2 |"
     assert "| hi | 0.00 / 0.00 | 0.25 / 0.00 | 0.75 / 0.00 |" in table
+    # Wilson intervals over the 4 prompts: 0 of 4 has upper end z^2 / (n + z^2) = 3.84 / 7.84 = 0.49.
     assert tables.steering_best(3, results) == (
-        "at layer 3, the largest share in the language, own direction vs random: hi 0.75 (α 2) vs random 0.00; "
-        "zh 0.00 (α 0) vs random 0.00")
+        "at layer 3, the largest share of the 4 generations in the language (95% Wilson interval over prompts), own "
+        "direction vs the matched random one at the same α: hi 0.75 [0.30, 0.95] (α 2) vs random 0.00 [0.00, 0.49]; "
+        "zh 0.00 [0.00, 0.49] (α 0) vs random 0.00 [0.00, 0.49]")
+    low, high = tables.share_ci(0.0, 4)
+    assert low == 0.0 and abs(high - 1.96 ** 2 / (4 + 1.96 ** 2)) < 1e-3
 
 
 def test_copy_refuses_an_unfinished_layer_and_the_tables_name_the_missing_file(tables, tmp_path):

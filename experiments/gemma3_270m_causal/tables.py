@@ -128,16 +128,31 @@ def steering_table(layer: str | int, results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def share_ci(share: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson interval of a share of n generations (scipy's binomtest): n = 24 prompts makes it wide, and it says
+    so."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(round(share * n), n).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _share(share: float, n: int) -> str:
+    low, high = share_ci(share, n)
+    return f"{share:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def steering_best(layer: str | int, results: Path = RESULTS) -> str:
-    """One sentence: per language, the largest share its own direction reaches (and at which alpha) beside the random
-    direction's largest share."""
+    """One sentence: per language, the largest share its own direction reaches (and at which alpha), with its 95%
+    Wilson interval over the prompts, beside the random direction's share at the same alpha."""
     data = _load(layer, "steering.json", results)
-    parts = []
+    n, parts = int(data["prompts"]), []
     for lang, rows in data["results"].items():
         best = max(rows, key=lambda row: (row["share_in_lang"], -row["alpha"]))
-        random = max(row["share_in_lang_random"] for row in rows)
-        parts.append(f"{lang} {best['share_in_lang']:.2f} (α {best['alpha']:g}) vs random {random:.2f}")
-    return f"at layer {data['layer']}, the largest share in the language, own direction vs random: " + "; ".join(parts)
+        parts.append(f"{lang} {_share(best['share_in_lang'], n)} (α {best['alpha']:g}) vs random "
+                     f"{_share(best['share_in_lang_random'], n)}")
+    return (f"at layer {data['layer']}, the largest share of the {n} generations in the language (95% Wilson "
+            f"interval over prompts), own direction vs the matched random one at the same α: " + "; ".join(parts))
 
 
 # ------------------------------------------------------------------------------------------------------- main
