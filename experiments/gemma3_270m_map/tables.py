@@ -717,6 +717,22 @@ def sae_bar(mix: str = "balanced", results: Path = RESULTS) -> str:
     return f"{len(misses)} miss(es) of the bar ({bar}) over {n} SAEs: " + "; ".join(misses)
 
 
+def map_cell(lang: str, layer: int | str, key: str = "mean_disparity_pct", spec: str = "+.1f",
+             results: Path = RESULTS) -> str:
+    """One value of the (merged) map's cell, formatted: what the README quotes of single cells."""
+    return format(seeds_map(results)["cells"][lang][str(layer)][key], spec)
+
+
+def map_statement(index: int, results: Path = RESULTS) -> str:
+    """One of the (merged) map's statements (`seed_statements`)."""
+    return seeds_map(results)["statements"][index]
+
+
+def fidelity_value(layer: int | str, key: str, spec: str = "+.2f", results: Path = RESULTS) -> str:
+    """One value of a balanced SAE layer record (the depth re-run's where it replaced the layer), formatted."""
+    return format(fidelity("balanced", results)[str(layer)][key], spec)
+
+
 # ------------------------------------------------------------------------------------------- the depth re-run
 
 
