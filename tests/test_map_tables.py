@@ -56,6 +56,8 @@ def _with_controls(summary: dict) -> dict:
               for lang in LANGS}
     sentence = {lang: dict(by_layer) for lang, by_layer in disp.items()}
     for (lang, layer), planted in CONTROLS_PLANTED.items():
+        if str(layer) not in layers:
+            continue
         values[lang][str(layer)].update(planted.get("values", {}))
         if "sentence" in planted:
             sentence[lang][str(layer)] = planted["sentence"]
@@ -100,6 +102,7 @@ def _write_saes(run_dir, mix: str, layers: list[int], hindi_fvu: dict):
     quotas = train_saes.token_quotas(weights, int(st.tokens))
     job = train_saes._Job(st, layers, LANGS, weights, quotas, None, None, run_dir / "saes",
                           SAETrainSettings(width=1280, steps=2344, lr=1e-3))
+    job.recipes = {layer: job.recipe for layer in layers}
     records = {}
     for layer in layers:
         records[layer] = []
@@ -280,3 +283,63 @@ def test_the_sae_bar_names_every_seed_that_misses_it(tables, results, tmp_path):
     text = tables.sae_bar("balanced", missed)
     assert text.startswith(f"49 miss(es) of the bar {bar} over 54 SAEs: ")
     assert "; layer 3 seed 1 hi FVU 0.310; " in text and "layer 3 seed 0" not in text
+
+
+DEPTH_LAYERS = [1, 15, 16, 17]
+
+
+def test_the_depth_rerun_replaces_its_layers_in_the_map_the_controls_and_the_sae_bar(tables, tmp_path):
+    """The depth re-run's layers (every medium-to-low cell -9 instead of -5, no misfit, Hindi FVU 0.1) stand in for
+    the first run's; every other layer is the first run's."""
+    results = _build(tmp_path, tables)
+    assert tables.depth_layers(results) == []
+    out = tmp_path / "outputs"
+    base = {**{lang: 2.0 for lang in HIGH}, **{lang: -9.0 for lang in MEDIUM_LOW}}
+    _write_seeds(out / "map_depth", DEPTH_LAYERS, {"early": [1], "deep": [15, 16, 17]}, base, {}, summaries_too=True)
+    _write_saes(out / "saes_balanced_depth", "balanced", DEPTH_LAYERS, {layer: [0.1] * 3 for layer in DEPTH_LAYERS})
+    copied = tables.copy_depth(out, results)
+    assert sorted(p.relative_to(results).as_posix() for p in copied) == sorted(
+        [*tables.DEPTH_COPY, tables.DEPTH_CONTROLS, tables.DEPTH_HEATMAP])
+    assert tables.depth_layers(results) == DEPTH_LAYERS
+    spread = tables.seeds_map(results)
+    assert spread["cells"]["hi"]["15"]["mean_disparity_pct"] == -9.0 and spread["replaced_layers"] == DEPTH_LAYERS
+    assert spread["cells"]["hi"]["14"]["mean_disparity_pct"] == -5.0
+    assert spread["cells"]["hi"]["3"]["mean_disparity_pct"] == -28.0  # planted in the first run, kept
+    # id 16 flipped sign and ca 17 misfit in the first run; the re-run's cells are stable and fit: 161 of 162.
+    assert tables.n_sign_stable(results) == "161 of 162"
+    assert tables.sign_stability(results).endswith("The sign depends on the seed at es layer 10 (-1.0 to +0.5%).")
+    assert tables.map_cell("ml", 16, results=results) == "-9.0"
+    ctl = tables.controls(results)
+    assert ctl["cells"]["hi"]["15"]["token"] == {"0": -10.0, "1": -9.0, "2": -8.0}
+    assert ctl["cells"]["hi"]["3"]["sentence"] == {"0": 1.0, "1": 1.0, "2": 1.0}  # the first run's planted control
+    # The first run: 48 misses (Hindi 0.5 outside layers 3 and 9); the re-run's 12 SAEs meet the bar.
+    text = tables.sae_bar("balanced", results)
+    assert text.startswith("36 miss(es) of the bar") and "layer 15 " not in text and "layer 14 seed 0 hi" in text
+    assert tables.fidelity_value(15, "fvu", ".2f", results) == "0.06"
+    assert (results / tables.DEPTH_HEATMAP).stat().st_size > 1000
+
+
+def test_copy_depth_refuses_an_unfinished_rerun(tables, tmp_path):
+    (tmp_path / "out" / "map_depth" / "analysis").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="saes_balanced_depth/saes/fidelity.json"):
+        tables.copy_depth(tmp_path / "out", tmp_path / "results")
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_depth_sweeps_rule_takes_the_candidate_meeting_the_bar_else_the_fewest_misses(tables, tmp_path):
+    out, results = tmp_path / "outputs", tmp_path / "results"
+    ok = [0.1] * 3
+    _write_saes(out / "depth_sweep" / "deep_l0_128", "balanced", [15, 16, 17], {15: ok, 16: ok, 17: ok})
+    _write_saes(out / "depth_sweep" / "deep_e10", "balanced", [15, 16, 17], {15: ok, 16: [0.31, 0.1, 0.1], 17: ok})
+    _write_saes(out / "depth_sweep" / "early_travel_1.2", "balanced", [1], {1: [0.5, 0.5, 0.5]})
+    assert tables.depth_choice("early", results / "none") is None
+    tables.copy_sweep(out, results)
+    assert tables.depth_choice("deep", results) == ("deep_l0_128", True)
+    assert tables.depth_choice("early", results) is None  # one early candidate not run yet: no choice
+    _write_saes(out / "depth_sweep" / "early_dw25", "balanced", [1], {1: [0.1, 0.31, 0.1]})
+    tables.copy_sweep(out, results)
+    # Neither early candidate meets the bar: the fewer misses (1 of 3 against 3 of 3) wins, and the table says so.
+    assert tables.depth_choice("early", results) == ("early_dw25", False)
+    table = tables.depth_sweep_table(results)
+    assert "| deep_e10 | 16 | 0 | 0.060 | 0.310 (hi) | 96.0 | 1.0 | 0 | no |" in table
+    assert "Chosen for the early group by the README's rule: early_dw25 (no candidate meets the bar" in table
