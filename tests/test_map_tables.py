@@ -317,6 +317,12 @@ def test_the_depth_rerun_replaces_its_layers_in_the_map_the_controls_and_the_sae
     assert text.startswith("36 miss(es) of the bar") and "layer 15 " not in text and "layer 14 seed 0 hi" in text
     assert tables.fidelity_value(15, "fvu", ".2f", results) == "0.06"
     assert (results / tables.DEPTH_HEATMAP).stat().st_size > 1000
+    # Before: medium-to-low cells -5 (ca 17 left out, id 16 -1/+1/+3 -> +1); after: -9 everywhere.
+    assert tables.depth_shift(results) == (
+        "re-training layers 1, 15, 16, 17 moved their cells' seed-mean disparity by 4.0 points at the median cell "
+        "(largest -10.0, id layer 16, over 35 cells); the medium-to-low tier's mean: layer 1 -5.0% before, -9.0% "
+        "after; layers 15, 16, 17 -4.6% before, -9.0% after")
+    assert tables.sae_bar("balanced", results, merged=False).startswith("48 miss(es)")
 
 
 def test_copy_depth_refuses_an_unfinished_rerun(tables, tmp_path):

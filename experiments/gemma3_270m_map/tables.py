@@ -106,11 +106,11 @@ def seeds_mix(results: Path = RESULTS) -> dict:
     return _load("mix_english_heavy/sae_seeds.json", results)
 
 
-def fidelity(mix: str, results: Path = RESULTS) -> dict:
+def fidelity(mix: str, results: Path = RESULTS, merged: bool = True) -> dict:
     """task=train_saes's fidelity.json for one mix ('balanced' or 'english_heavy'); the balanced mix's with the depth
-    re-run's layer records in place of the first run's where it exists."""
+    re-run's layer records in place of the first run's where it exists (merged=False: the first run's alone)."""
     table = _load(f"saes_{mix}/fidelity.json", results)
-    if mix == "balanced" and _has_depth_rerun(results):
+    if mix == "balanced" and merged and _has_depth_rerun(results):
         table = {**table, **_load("saes_balanced_depth/fidelity.json", results)}
     return table
 
@@ -696,9 +696,10 @@ SAE_BAR = {"fvu": 0.20, "lang_fvu": 0.30, "dead_pct": 10.0}
 experiments/gemma3_270m_saes/tables.py's BAR), checked here for every seed of the map's balanced SAEs."""
 
 
-def sae_bar(mix: str = "balanced", results: Path = RESULTS) -> str:
-    """One sentence: how many of the mix's SAEs (layers x seeds) meet the bar, and every miss."""
-    table = fidelity(mix, results)
+def sae_bar(mix: str = "balanced", results: Path = RESULTS, merged: bool = True) -> str:
+    """One sentence: how many of the mix's SAEs (layers x seeds) meet the bar, and every miss (merged=False: the
+    first run's SAEs, before the depth re-run)."""
+    table = fidelity(mix, results, merged)
     misses, n = [], 0
     for layer in sorted(table, key=int):
         records = table[layer].get("seeds") or {"0": table[layer]}
@@ -786,6 +787,35 @@ def depth_choice(group: str, results: Path = RESULTS) -> tuple[str, bool] | None
                else (lambda n: sweep[n]["worst_dead_pct"]))
         return min(passing, key=key), True
     return min(names, key=lambda n: (sweep[n]["misses"], sweep[n]["worst_excess"])), False
+
+
+def depth_shift(results: Path = RESULTS) -> str:
+    """One sentence: how far re-training the depth layers' SAEs moved their cells' seed-mean disparity (every
+    language), and the medium-to-low tier's mean over those layers before and after."""
+    first = _load("map/sae_seeds.json", results)
+    rerun = _load("map_depth/sae_seeds.json", results)
+    layers = [str(layer) for layer in rerun["layers"]]
+    shifts = {(lang, layer): rerun["cells"][lang][layer]["mean_disparity_pct"]
+              - first["cells"][lang][layer]["mean_disparity_pct"]
+              for lang in first["langs"] for layer in layers
+              if _counted(first["cells"][lang][layer]) and _counted(rerun["cells"][lang][layer])}
+    (lang, layer), largest = max(shifts.items(), key=lambda item: abs(item[1]))
+    tier = [lang for lang in first["langs"] if _tier(lang) == STUDY_TIER]
+
+    def tier_mean(spread, at):
+        return _mean([spread["cells"][x][y]["mean_disparity_pct"] for x in tier for y in at
+                      if _counted(spread["cells"][x][y])])
+
+    parts = []
+    for band in first["bands"]:
+        at = [y for y in layers if y in _band_layers(first, band)]
+        if at:
+            label = f"layer {at[0]}" if len(at) == 1 else f"layers {', '.join(at)}"
+            parts.append(f"{label} {_pct(tier_mean(first, at))}% before, {_pct(tier_mean(rerun, at))}% after")
+    return (f"re-training layers {', '.join(layers)} moved their cells' seed-mean disparity by "
+            f"{statistics.median(abs(v) for v in shifts.values()):.1f} points at the median cell (largest "
+            f"{largest:+.1f}, {lang} layer {layer}, over {len(shifts)} cells); the medium-to-low tier's mean: "
+            + "; ".join(parts))
 
 
 def depth_sweep_table(results: Path = RESULTS) -> str:
