@@ -164,51 +164,41 @@ def extract_controls(summaries: dict[int, dict]) -> dict:
             "truncated_pct": {lang: stats[lang]["truncated_pct"] for lang in first["langs"]}, "cells": cells}
 
 
-def copy(out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
-    """Copy every file of COPY from a finished run's folder into results/, and write `map/controls.json` from the
-    map's per-seed summaries (`extract_controls`); writes nothing if any source is missing."""
-    missing = [str(Path(out) / source) for source in COPY.values() if not (Path(out) / source).exists()]
-    summaries = _seed_summaries(out)
+def _copy_part(out: Path, results: Path, files: dict[str, str], part: str, controls_file: str, parts_said: str
+               ) -> list[Path]:
+    """Copy `files` ({destination: source}) from a finished run's folder into results/ and write `controls_file` from
+    the analysis part's per-seed summaries (`extract_controls`); writes nothing if any source is missing."""
+    missing = [str(Path(out) / source) for source in files.values() if not (Path(out) / source).exists()]
+    summaries = _seed_summaries(out, part)
     if not summaries:
-        missing.append(str(Path(out) / "map" / "analysis" / "sae_seed_<s>" / "summary.json"))
+        missing.append(str(Path(out) / part / "analysis" / "sae_seed_<s>" / "summary.json"))
     if missing:
-        raise FileNotFoundError("not there (has every part of run.sh finished?): " + ", ".join(missing))
-    controls = extract_controls({int(path.parent.name.rsplit("_", 1)[1]): json.loads(path.read_text())
-                                 for path in summaries})
+        raise FileNotFoundError(f"not there ({parts_said}): " + ", ".join(missing))
+    controls_ = extract_controls({int(path.parent.name.rsplit("_", 1)[1]): json.loads(path.read_text())
+                                  for path in summaries})
     written = []
-    for destination, source in COPY.items():
+    for destination, source in files.items():
         target = Path(results) / destination
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(out) / source, target)
         written.append(target)
-    target = Path(results) / CONTROLS
-    target.write_text(json.dumps(controls, indent=1) + "\n")
-    written.append(target)
-    return written
+    target = Path(results) / controls_file
+    target.write_text(json.dumps(controls_, indent=1) + "\n")
+    return [*written, target]
+
+
+def copy(out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
+    """Copy every file of COPY from a finished run's folder into results/, and write `map/controls.json` from the
+    map's per-seed summaries (`extract_controls`); writes nothing if any source is missing."""
+    return _copy_part(out, results, COPY, "map", CONTROLS, "has every part of run.sh finished?")
 
 
 def copy_depth(out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
     """The depth re-run's files (`DEPTH_COPY`, `DEPTH_CONTROLS` from its per-seed summaries) into results/, and the
     merged map's heatmap (`DEPTH_HEATMAP`); writes nothing if any source is missing."""
-    missing = [str(Path(out) / source) for source in DEPTH_COPY.values() if not (Path(out) / source).exists()]
-    summaries = _seed_summaries(out, "map_depth")
-    if not summaries:
-        missing.append(str(Path(out) / "map_depth" / "analysis" / "sae_seed_<s>" / "summary.json"))
-    if missing:
-        raise FileNotFoundError("not there (have run.sh's depth_saes and depth_map finished?): " + ", ".join(missing))
-    controls_ = extract_controls({int(path.parent.name.rsplit("_", 1)[1]): json.loads(path.read_text())
-                                  for path in summaries})
-    written = []
-    for destination, source in DEPTH_COPY.items():
-        target = Path(results) / destination
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(out) / source, target)
-        written.append(target)
-    target = Path(results) / DEPTH_CONTROLS
-    target.write_text(json.dumps(controls_, indent=1) + "\n")
-    written.append(target)
-    written.append(merged_heatmap(results))
-    return written
+    written = _copy_part(out, results, DEPTH_COPY, "map_depth", DEPTH_CONTROLS,
+                         "have run.sh's depth_saes and depth_map finished?")
+    return [*written, merged_heatmap(results)]
 
 
 def merged_heatmap(results: Path = RESULTS) -> Path:
