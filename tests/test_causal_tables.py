@@ -110,3 +110,20 @@ def test_copy_refuses_an_unfinished_layer_and_the_tables_name_the_missing_file(t
     assert not (tmp_path / "results").exists()
     with pytest.raises(FileNotFoundError, match="tables.py copy 9"):
         tables.ablation_table(9, tmp_path / "results")
+
+
+def test_the_steering_verdict_needs_intervals_apart_and_names_a_random_direction_that_steers(tables, tmp_path):
+    """24 prompts: hi 18 of 24 along its own direction vs 0 along the random one ([0.55, 0.88] vs [0, 0.14]: apart);
+    zh 6 vs 14 of 24 (the random direction steers more, and past RANDOM_STEERS); it 4 vs 0 ([0.07, 0.36] vs
+    [0, 0.14]: overlapping, so not shown)."""
+    def rows(own, random):
+        return [{"alpha": 0.0, "share_in_lang": 0.0, "share_in_lang_random": 0.0, "examples": []},
+                {"alpha": 2.0, "share_in_lang": own / 24, "share_in_lang_random": random / 24, "examples": []}]
+
+    data = {**_steering(), "prompts": 24, "results": {"hi": rows(18, 0), "zh": rows(6, 14), "it": rows(4, 0)}}
+    (tmp_path / "layer_3").mkdir()
+    (tmp_path / "layer_3" / "steering.json").write_text(json.dumps(data))
+    assert tables.steering_verdict(3, tmp_path) == (
+        "at layer 3, steering along a language's top 10 features makes more of the 24 generations that language than "
+        "the matched random direction (95% Wilson intervals apart) for 1 of 3 languages: hi (α 2); not for zh, it; the "
+        "random direction alone makes at least 50% of generations the language for zh at α 2 (0.58)")

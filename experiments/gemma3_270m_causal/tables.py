@@ -155,6 +155,35 @@ def steering_best(layer: str | int, results: Path = RESULTS) -> str:
             f"interval over prompts), own direction vs the matched random one at the same α: " + "; ".join(parts))
 
 
+RANDOM_STEERS = 0.5
+"""A random direction that makes at least this share of generations a language is named: there, steering shows
+that a push of that size moves generation into the language whatever its direction."""
+
+
+def steering_verdict(layer: str | int, results: Path = RESULTS) -> str:
+    """One sentence: the languages whose own direction makes more generations that language than the matched random
+    direction at some alpha with non-overlapping 95% Wilson intervals (over the prompts; several alphas tried, no
+    correction), those where it does not, and where the random direction alone reaches RANDOM_STEERS."""
+    data = _load(layer, "steering.json", results)
+    n, steers, not_shown, random_alone = int(data["prompts"]), [], [], []
+    for lang, rows in data["results"].items():
+        separated = [row["alpha"] for row in rows
+                     if share_ci(row["share_in_lang"], n)[0] > share_ci(row["share_in_lang_random"], n)[1]]
+        (steers if separated else not_shown).append(lang + (f" (α {', '.join(f'{a:g}' for a in separated)})"
+                                                            if separated else ""))
+        random_alone += [f"{lang} at α {row['alpha']:g} ({row['share_in_lang_random']:.2f})" for row in rows
+                         if row["share_in_lang_random"] >= RANDOM_STEERS]
+    text = (f"at layer {data['layer']}, steering along a language's top {data['k']} features makes more of the {n} "
+            f"generations that language than the matched random direction (95% Wilson intervals apart) for "
+            f"{len(steers)} of {len(data['results'])} languages" + (f": {', '.join(steers)}" if steers else ""))
+    if not_shown:
+        text += f"; not for {', '.join(not_shown)}"
+    if random_alone:
+        text += (f"; the random direction alone makes at least {RANDOM_STEERS:.0%} of generations the language for "
+                 + ", ".join(random_alone))
+    return text
+
+
 # ------------------------------------------------------------------------------------------------------- main
 
 
@@ -165,7 +194,8 @@ def main(results: Path = RESULTS) -> None:
         print(f"## Layer {layer}\n")
         print(f"**Ablation.** {causal_verdict(layer, results)}.\n")
         print(ablation_table(layer, results) + "\n")
-        print(f"**Steering.** {steering_best(layer, results)}.\n")
+        print(f"**Steering.** {steering_verdict(layer, results)}.\n")
+        print(f"Largest shares: {steering_best(layer, results)}.\n")
         print(steering_table(layer, results) + "\n")
 
 
