@@ -92,7 +92,8 @@ def test_the_ablation_table_gives_the_closest_other_language_and_the_random_cont
 def test_the_steering_table_and_sentence_give_each_alphas_shares(tables, results):
     table = tables.steering_table(3, results)
     assert table.splitlines()[0] == "| lang | α = 0 | α = 1 | α = 2 |"
-    assert "| hi | 0.00 / 0.00 | 0.25 / 0.00 | 0.75 / 0.00 |" in table
+    assert "| hi | 0.00 / 0.00 (0.00; 0.00 / 0.00) | 0.25 / 0.00 (0.25; 0.00 / 0.00) | 0.75 / 0.00 (0.75; 0.00 / 0.00) |" \
+        in table
     # Wilson intervals over the 4 prompts: 0 of 4 has upper end z^2 / (n + z^2) = 3.84 / 7.84 = 0.49.
     assert tables.steering_best(3, results) == (
         "at layer 3, the largest share of the 4 generations in the language (95% Wilson interval over prompts), own "
@@ -127,3 +128,13 @@ def test_the_steering_verdict_needs_intervals_apart_and_names_a_random_direction
         "at layer 3, steering along a language's top 10 features makes more of the 24 generations that language than "
         "the matched random direction (95% Wilson intervals apart) for 1 of 3 languages: hi (α 2); not for zh, it; the "
         "random direction alone makes at least 50% of generations the language for zh at α 2 (0.58)")
+    # Measured repetition: hi's 18 become 3 not-repetitive ones ([0.04, 0.31] vs [0, 0.14]: no longer apart).
+    for lang, row in data["results"].items():
+        for r in row:
+            r.update(share_in_lang_not_repetitive=r["share_in_lang"] * (3 / 18 if lang == "hi" else 1),
+                     share_in_lang_not_repetitive_random=0.0, share_repetitive=0.0, share_repetitive_random=0.0)
+    (tmp_path / "layer_3" / "steering.json").write_text(json.dumps(data))
+    assert tables.steering_verdict(3, tmp_path).startswith(
+        "at layer 3, steering along a language's top 10 features makes more of the 24 generations that language, not "
+        "repetitive, than the matched random direction (95% Wilson intervals apart) for 0 of 3 languages; not for hi, "
+        "zh, it")

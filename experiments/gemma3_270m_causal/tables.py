@@ -114,15 +114,22 @@ def steering_table(layer: str | int, results: Path = RESULTS) -> str:
     data = _load(layer, "steering.json", results)
     alphas = sorted({row["alpha"] for rows in data["results"].values() for row in rows})
     lines = ["| lang | " + " | ".join(f"α = {a:g}" for a in alphas) + " |", "| --- |" + " --- |" * len(alphas)]
+    repetition = all("share_repetitive" in row for rows in data["results"].values() for row in rows)
+
+    def cell(row):
+        text = f"{row['share_in_lang']:.2f} / {row['share_in_lang_random']:.2f}"
+        return text + (f" ({row['share_in_lang_not_repetitive']:.2f}; {row['share_repetitive']:.2f} / "
+                       f"{row['share_repetitive_random']:.2f})" if repetition else "")
+
     for lang, rows in data["results"].items():
         by_alpha = {row["alpha"]: row for row in rows}
-        lines.append(f"| {lang} | " + " | ".join(
-            f"{by_alpha[a]['share_in_lang']:.2f} / {by_alpha[a]['share_in_lang_random']:.2f}" if a in by_alpha
-            else "–" for a in alphas) + " |")
+        lines.append(f"| {lang} | " + " | ".join(cell(by_alpha[a]) if a in by_alpha else "–" for a in alphas) + " |")
     lines += ["", f"Share of {data['prompts']} greedy generations ({data['max_new_tokens']} new tokens) from "
               f"{data['reference_lang']} prompts ({data['prompt_split']} split) that {data['identifier']} labels as the "
               f"language: along its top-{data['k']} features' mean decoder direction / along {data['k']} matched random "
               f"features'; α in units of {data['alpha_unit']} ({data['alpha_scale']:.3g})."
+              + (" In brackets: the share in the language and not repetitive along its own direction; the share of "
+                 "repetitive generations (zlib compression ratio above 2.4), own / random." if repetition else "")
               + (f" No specific features to steer with: {', '.join(data['no_specific_features'])}."
                  if data.get("no_specific_features") else "")]
     return "\n".join(lines)
@@ -166,15 +173,20 @@ def steering_verdict(layer: str | int, results: Path = RESULTS) -> str:
     correction), those where it does not, and where the random direction alone reaches RANDOM_STEERS."""
     data = _load(layer, "steering.json", results)
     n, steers, not_shown, random_alone = int(data["prompts"]), [], [], []
+    # Where the run measured repetition, only the own direction's generations that are not repetitive count for it.
+    own = ("share_in_lang_not_repetitive" if all("share_in_lang_not_repetitive" in row
+                                                  for rows in data["results"].values() for row in rows)
+           else "share_in_lang")
     for lang, rows in data["results"].items():
         separated = [row["alpha"] for row in rows
-                     if share_ci(row["share_in_lang"], n)[0] > share_ci(row["share_in_lang_random"], n)[1]]
+                     if share_ci(row[own], n)[0] > share_ci(row["share_in_lang_random"], n)[1]]
         (steers if separated else not_shown).append(lang + (f" (α {', '.join(f'{a:g}' for a in separated)})"
                                                             if separated else ""))
         random_alone += [f"{lang} at α {row['alpha']:g} ({row['share_in_lang_random']:.2f})" for row in rows
                          if row["share_in_lang_random"] >= RANDOM_STEERS]
+    counted = "generations that language, not repetitive," if own != "share_in_lang" else "generations that language"
     text = (f"at layer {data['layer']}, steering along a language's top {data['k']} features makes more of the {n} "
-            f"generations that language than the matched random direction (95% Wilson intervals apart) for "
+            f"{counted} than the matched random direction (95% Wilson intervals apart) for "
             f"{len(steers)} of {len(data['results'])} languages" + (f": {', '.join(steers)}" if steers else ""))
     if not_shown:
         text += f"; not for {', '.join(not_shown)}"

@@ -9,9 +9,16 @@ uncentred norm ||x||: where a near-constant component dominates it (Gemma 3 270M
 be several times everything that varies between tokens and languages. It is added at every prompt position but BOS and padding (the positions every other statistic analyses) and at every
 generated token. Alpha 0 adds exact zeros, so it reproduces unsteered generation token for token (tested).
 docs/method.md §8c.
+
+A large push can break generation into repetition ("iliiliili..."), which an identifier still labels with some
+language: each row also gives the share of generations that are repetitive (`compression_ratio` above
+REPETITIVE_COMPRESSION) and the share in the language *and* not repetitive, for both arms. Garbled text that does not
+repeat is not caught by this.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import torch
@@ -130,13 +137,19 @@ def steering_results(generate, identify, directions: dict[str, tuple[torch.Tenso
         rows = []
         for alpha in alphas:
             if alpha == 0.0:
-                texts, labels, labels_random = baseline, baseline_labels, baseline_labels
+                texts, labels, texts_random, labels_random = baseline, baseline_labels, baseline, baseline_labels
             else:
                 texts = generate(alpha * scale * direction)
                 labels = identify(texts)
-                labels_random = identify(generate(alpha * scale * random_direction))
+                texts_random = generate(alpha * scale * random_direction)
+                labels_random = identify(texts_random)
+            fluent, fluent_random = ([not r for r in _repetitive(t)] for t in (texts, texts_random))
             rows.append({"alpha": alpha, "share_in_lang": _share(labels, lang),
                          "share_in_lang_random": _share(labels_random, lang),
+                         "share_repetitive": 1.0 - float(np.mean(fluent)) if fluent else None,
+                         "share_repetitive_random": 1.0 - float(np.mean(fluent_random)) if fluent_random else None,
+                         "share_in_lang_not_repetitive": _share_where(labels, fluent, lang),
+                         "share_in_lang_not_repetitive_random": _share_where(labels_random, fluent_random, lang),
                          "examples": texts[:examples]})
         results[lang] = rows
     return results
@@ -144,6 +157,27 @@ def steering_results(generate, identify, directions: dict[str, tuple[torch.Tenso
 
 def _share(labels: list[str], lang: str) -> float | None:
     return float(np.mean([label == lang for label in labels])) if labels else None
+
+
+REPETITIVE_COMPRESSION = 2.4
+"""A generation whose UTF-8 bytes compress by more than this (zlib) counts as repetitive: the threshold Whisper uses
+to reject degenerate, looping decodes (`compression_ratio_threshold`). Unsteered Gemma 3 270M continuations of
+English FLORES sentences sit around 1.1-1.6."""
+
+
+def compression_ratio(text: str) -> float:
+    """len(UTF-8 bytes) / len(zlib-compressed bytes); 0 for an empty text."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _repetitive(texts: list[str]) -> list[bool]:
+    return [compression_ratio(text) > REPETITIVE_COMPRESSION for text in texts]
+
+
+def _share_where(labels: list[str], keep: list[bool], lang: str) -> float | None:
+    """The share of all generations that are in `lang` and kept."""
+    return float(np.mean([label == lang and k for label, k in zip(labels, keep)])) if labels else None
 
 
 def plot_steering(results: dict, layer: int, path, title: str = ""):
@@ -164,6 +198,9 @@ def plot_steering(results: dict, layer: int, path, title: str = ""):
         alphas = [r["alpha"] for r in results[lang]]
         ax.plot(alphas, [r["share_in_lang"] for r in results[lang]], "o-", label="its features")
         ax.plot(alphas, [r["share_in_lang_random"] for r in results[lang]], "s--", label="matched random")
+        if all("share_in_lang_not_repetitive" in r for r in results[lang]):
+            ax.plot(alphas, [r["share_in_lang_not_repetitive"] for r in results[lang]], "^:",
+                    label="its features, not repetitive")
         ax.set_title(lang, fontsize=9)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("alpha (x centred RMS residual)", fontsize=8)

@@ -66,6 +66,36 @@ def test_shares_per_alpha_with_the_baseline_shared_and_zero_always_first():
     assert calls.count(None) == 1  # one unsteered baseline for every language and arm
 
 
+def test_repetitive_generations_are_counted_and_left_out_of_the_not_repetitive_share():
+    """What a large push does on Gemma 3 270M: the identifier still labels a looping decode ("iliiliili...") with a
+    language. At alpha 2 the own direction gives 2 fluent and 2 looping Hindi texts: share in the language 1.0, of it
+    not repetitive 0.5; the random direction loops in English (repetitive 1.0, not Hindi)."""
+    from mlalign.analysis.steering import REPETITIVE_COMPRESSION, compression_ratio
+
+    fluent = "यह एक सामान्य वाक्य है जिसमें कई अलग शब्द हैं"
+    looping = "इलि" * 40
+
+    def generate(vector):
+        if vector is None:
+            return ["The police were not prepared to let the protesters go."] * 4
+        if float(vector[0]) > 0:
+            return [fluent, fluent, looping, looping]
+        return ["the the the the the the the the the the the the the the the the the the"] * 4
+
+    def identify(texts):
+        return ["hi" if text[0] in "यइ" else "en" for text in texts]
+
+    directions = {"hi": (torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))}
+    row = steering_results(generate, identify, directions, [2.0], scale=1.0)["hi"][1]
+    assert (row["share_in_lang"], row["share_in_lang_not_repetitive"], row["share_repetitive"]) == (1.0, 0.5, 0.5)
+    assert (row["share_in_lang_random"], row["share_repetitive_random"]) == (0.0, 1.0)
+    assert row["share_in_lang_not_repetitive_random"] == 0.0
+    baseline = steering_results(generate, identify, directions, [2.0], scale=1.0)["hi"][0]
+    assert baseline["share_repetitive"] == 0.0 == baseline["share_repetitive_random"]
+    assert compression_ratio(looping) > REPETITIVE_COMPRESSION > compression_ratio(fluent)
+    assert compression_ratio("") == 0.0
+
+
 def test_the_alpha_unit_is_the_centred_rms_residual_which_a_constant_offset_does_not_move(bed):
     """A near-constant component (Gemma 3 270M: 93-98% of the norm) must not set steering's unit: the scale equals
     sqrt(mean ||x - x̄||²) from a plain capture, and adding a huge constant vector at the layer leaves it unchanged."""
