@@ -686,21 +686,32 @@ SAE_BAR = {"fvu": 0.20, "lang_fvu": 0.30, "dead_pct": 10.0}
 experiments/gemma3_270m_saes/tables.py's BAR), checked here for every seed of the map's balanced SAEs."""
 
 
-def sae_bar(mix: str = "balanced", results: Path = RESULTS, merged: bool = True) -> str:
-    """One sentence: how many of the mix's SAEs (layers x seeds) meet the bar, and every miss (merged=False: the
-    first run's SAEs, before the depth re-run)."""
+def sae_bar_misses(mix: str = "balanced", results: Path = RESULTS, merged: bool = True) -> list[str]:
+    """Every miss of SAE_BAR among the mix's SAEs (layers x seeds), in words."""
     table = fidelity(mix, results, merged)
-    misses, n = [], 0
+    misses = []
     for layer in sorted(table, key=int):
-        records = table[layer].get("seeds") or {"0": table[layer]}
-        for seed, record in records.items():
-            n += 1
+        for seed, record in (table[layer].get("seeds") or {"0": table[layer]}).items():
             if record["fvu"] > SAE_BAR["fvu"]:
                 misses.append(f"layer {layer} seed {seed} pooled FVU {record['fvu']:.3f}")
             misses += [f"layer {layer} seed {seed} {lang} FVU {stats['fvu']:.3f}"
                        for lang, stats in record["per_lang"].items() if stats["fvu"] > SAE_BAR["lang_fvu"]]
             if record["dead_pct"] > SAE_BAR["dead_pct"]:
                 misses.append(f"layer {layer} seed {seed} {record['dead_pct']:.1f}% dead")
+    return misses
+
+
+def n_first_run_misses(results: Path = RESULTS) -> str:
+    """How many misses of the bar the first run's balanced SAEs had (before the depth re-run)."""
+    return str(len(sae_bar_misses("balanced", results, merged=False)))
+
+
+def sae_bar(mix: str = "balanced", results: Path = RESULTS, merged: bool = True) -> str:
+    """One sentence: how many of the mix's SAEs (layers x seeds) meet the bar, and every miss (merged=False: the
+    first run's SAEs, before the depth re-run)."""
+    table = fidelity(mix, results, merged)
+    n = sum(len(row.get("seeds") or {"0": row}) for row in table.values())
+    misses = sae_bar_misses(mix, results, merged)
     bar = (f"pooled FVU <= {SAE_BAR['fvu']:g}, every language <= {SAE_BAR['lang_fvu']:g}, dead <= "
            f"{SAE_BAR['dead_pct']:g}%")
     if not misses:
@@ -864,6 +875,12 @@ def main(results: Path = RESULTS) -> None:
     print("## Against the study\n")
     print(study_table(results) + "\n")
     print(f"SAEs (balanced, every layer and seed) against issue 27's bar: {sae_bar('balanced', results)}.\n")
+    if _has_depth_rerun(results):
+        print("## The depth re-run\n")
+        print(f"The first run's SAEs: {sae_bar('balanced', results, merged=False)}.\n")
+        print("The sweep that chose the per-depth recipe (dev split):\n")
+        print(depth_sweep_table(results) + "\n")
+        print(f"Its effect on the map: {depth_shift(results)}.\n")
     print("## Was either mix starved of Hindi?\n")
     print(f"Bar: {starvation_check(results)}.\n")
     print(starvation_table(results) + "\n")
