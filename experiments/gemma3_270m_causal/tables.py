@@ -82,7 +82,9 @@ def ablation_table(layer: str | int, results: Path = RESULTS) -> str:
                      + (f"{closest}: {_ci(others[closest])}" if closest else "n/a")
                      + f" | {_ci(data['random'][lang][lang])} | {_ci(comparison['vs_random'])} | "
                      f"{'yes' if comparison['causal'] else 'no'} |")
-    lines += ["", f"ΔLM loss: nats/token on the {data['split']} split with the features removed from the residual "
+    sizes = sorted(set(data["n_sentences"].values()))
+    lines += ["", f"ΔLM loss: nats/token on {'/'.join(map(str, sizes))} {data['split']}-split sentences per language "
+              f"with the features removed from the residual "
               f"stream at layer {data['layer']} (the SAE's error term kept), minus the clean loss; features chosen on "
               f"the {data['features_chosen_on']} split; {data['bootstrap']} paired bootstrap resamples over sentences. "
               "Causal: the own-text change and every comparison's interval lie above 0."]
