@@ -97,14 +97,17 @@ def causal_verdict(layer: str | int, results: Path = RESULTS) -> str:
     causal = [lang for lang, verdict in data["causal"].items() if verdict]
     not_shown = [lang for lang, verdict in data["causal"].items() if not verdict]
     none = [lang for lang, features in data["features"].items() if not features]
-    text = (f"at layer {data['layer']}, removing a language's top {data['k']} specific features raises its own LM loss "
-            f"more than any other language's and more than {data['k']} matched random features do for "
-            f"{len(causal)} of {len(data['causal'])} languages" + (f" ({', '.join(causal)})" if causal else ""))
-    if not_shown:
-        text += f"; not shown for {', '.join(not_shown)}"
-    if none:
-        text += f"; {', '.join(none)} had no specific feature there"
-    return text
+    return _verdict(f"at layer {data['layer']}, removing a language's top {data['k']} specific features raises its own "
+                    f"LM loss more than any other language's and more than {data['k']} matched random features do "
+                    f"for", causal, len(data["causal"]), f" ({', '.join(causal)})",
+                    [f"not shown for {', '.join(not_shown)}" if not_shown else "",
+                     f"{', '.join(none)} had no specific feature there" if none else ""])
+
+
+def _verdict(head: str, shown: list[str], total: int, listed: str, clauses: list[str]) -> str:
+    """'<head> k of n languages<listed>; <clause>; ...' (`listed` only where some are shown, empty clauses dropped)."""
+    return "; ".join([f"{head} {len(shown)} of {total} languages" + (listed if shown else ""),
+                      *[clause for clause in clauses if clause]])
 
 
 # --------------------------------------------------------------------------------------------------- steering
@@ -187,15 +190,12 @@ def steering_verdict(layer: str | int, results: Path = RESULTS) -> str:
         random_alone += [f"{lang} at α {row['alpha']:g} ({row['share_in_lang_random']:.2f})" for row in rows
                          if row["share_in_lang_random"] >= RANDOM_STEERS]
     counted = "generations that language, not repetitive," if own != "share_in_lang" else "generations that language"
-    text = (f"at layer {data['layer']}, steering along a language's top {data['k']} features makes more of the {n} "
-            f"{counted} than the matched random direction (95% Wilson intervals apart) for "
-            f"{len(steers)} of {len(data['results'])} languages" + (f": {', '.join(steers)}" if steers else ""))
-    if not_shown:
-        text += f"; not for {', '.join(not_shown)}"
-    if random_alone:
-        text += (f"; the random direction alone makes at least {RANDOM_STEERS:.0%} of generations the language for "
-                 + ", ".join(random_alone))
-    return text
+    return _verdict(f"at layer {data['layer']}, steering along a language's top {data['k']} features makes more of the "
+                    f"{n} {counted} than the matched random direction (95% Wilson intervals apart) for", steers,
+                    len(data["results"]), f": {', '.join(steers)}",
+                    [f"not for {', '.join(not_shown)}" if not_shown else "",
+                     f"the random direction alone makes at least {RANDOM_STEERS:.0%} of generations the language for "
+                     + ", ".join(random_alone) if random_alone else ""])
 
 
 # ------------------------------------------------------------------------------------------------------- main
