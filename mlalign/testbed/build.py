@@ -1,8 +1,9 @@
 """Build the offline testbed: a tiny 26-layer Gemma-2, its BPE tokenizer and one JumpReLU SAE per layer, cached by spec.
 
-Everything comes from the bundled corpus's train split, so the testbed builds offline and identically on every machine:
-the model is pretrained on an English-heavy language mix (which languages are "low-resource" is known by
-construction) and each SAE is trained with sae-lens on the testbed's own residual stream at `blocks.L.hook_resid_post`.
+Everything comes from the bundled corpus's train split, so the testbed builds offline and, on one kind of CPU, bit for
+bit the same (another CPU's vector kernels may round differently: tests assert what holds on any build). The model is
+pretrained on an English-heavy language mix (which languages are "low-resource" is known by construction) and each SAE
+is trained with sae-lens on the testbed's own residual stream at `blocks.L.hook_resid_post`.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def build_testbed(spec: TestbedSpec, out_dir: str | Path, progress: bool = True)
 
 @contextlib.contextmanager
 def _single_threaded() -> Iterator[None]:
-    """One intra-op thread: float reductions then run in one order, so a seed gives the same weights on any machine."""
+    """One intra-op thread: float reductions then run in one order, so a seed gives the same weights on every run on
+    one kind of CPU (not across CPUs: the kernels chosen for AVX2, AVX-512 or AMX may round differently)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

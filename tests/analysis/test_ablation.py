@@ -11,7 +11,8 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
 from mlalign.analysis.ablation import (ablated_dlm_loss, ablation_matrix, ablation_statements, check_k,
                                        matched_random_features)
-from mlalign.analysis.capture import ResidualCapture
+from mlalign.analysis.capture import ResidualCapture, decoder_layers
+from mlalign.analysis.engine import lm_loss_per_row
 from mlalign.analysis.spliced import token_batches
 from mlalign.errors import UserError
 
@@ -42,12 +43,41 @@ def _residuals(model, batches) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _loss_gradient_direction(model, batches, w: torch.Tensor, shift: float) -> torch.Tensor:
+    """The unit direction d along which removing a(x) d from layer LAYER's residual (a = relu(x.w - shift), at every
+    analysed position, as the ablation does) raises the summed per-sentence mean loss fastest: d = g / |g| with g the
+    loss's gradient w.r.t. d at d = 0. To first order the ablation then raises the loss by |g| times the scale."""
+    d = torch.zeros(w.shape[0], requires_grad=True)
+    block = decoder_layers(model)[LAYER]
+    total = torch.zeros((), dtype=torch.float64)
+    for batch in batches:
+        keep = batch.keep
+
+        def hook(_module, _inputs, output, keep=keep):
+            hidden = output[0] if isinstance(output, tuple) else output
+            a = (hidden @ w - shift).clamp_min(0) * keep
+            moved = hidden - a.unsqueeze(-1) * d
+            return (moved, *output[1:]) if isinstance(output, tuple) else moved
+
+        handle = block.register_forward_hook(hook)
+        try:
+            inputs = batch.inputs("cpu")
+            summed, predicted = lm_loss_per_row(model(**inputs, use_cache=False).logits, inputs)
+        finally:
+            handle.remove()
+        total = total + (summed / predicted).sum()
+    (g,) = torch.autograd.grad(total, d)
+    return g / g.norm()
+
+
 @pytest.fixture(scope="module")
 def hindi_only_sae(bed):
     """A 4-feature JumpReLU SAE whose feature 0 reads the Hindi-minus-English mean direction w, shifted so that it is
     positive only above every English token's projection (a = relu(x.w - max_en x.w), never firing on English), and
-    writes a fixed random unit direction scaled so that a typical activation writes a residual norm's worth: removing
-    it perturbs Hindi's residual by about its own size. Features 1-3 never fire."""
+    writes the direction along which removing it raises Hindi's loss fastest (`_loss_gradient_direction`), scaled so
+    that a typical activation writes a tenth of a residual norm. The answer is known by construction on any build of
+    the testbed: a random direction would leave the sign of the loss change to the weights (the build's numerics
+    differ across CPUs), the loss gradient fixes it. Features 1-3 never fire."""
     model, _, batches = bed
     x_en, x_hi = _residuals(model, batches["en"]), _residuals(model, batches["hi"])
     w = x_hi.mean(0) - x_en.mean(0)
@@ -55,7 +85,7 @@ def hindi_only_sae(bed):
     shift = float((x_en @ w).max()) + 1e-3
     acts = (x_hi @ w - shift).clamp_min(0)
     assert (acts > 0).float().mean() > 0.5  # it fires on most Hindi tokens
-    u = torch.randn(x_en.shape[1], generator=torch.Generator().manual_seed(0))
+    u = _loss_gradient_direction(model, batches["hi"], w, shift)
     sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=x_en.shape[1], d_sae=4))
     with torch.no_grad():
         sae.W_enc.zero_()
@@ -63,7 +93,7 @@ def hindi_only_sae(bed):
         sae.b_enc.zero_()
         sae.b_enc[0] = -shift
         sae.W_dec.zero_()
-        sae.W_dec[0] = u / u.norm() * x_hi.norm(dim=1).mean() / acts[acts > 0].mean()
+        sae.W_dec[0] = u * 0.1 * x_hi.norm(dim=1).mean() / acts[acts > 0].mean()
         sae.b_dec.zero_()
         sae.threshold.fill_(1e6)
         sae.threshold[0] = 1e-6

@@ -100,8 +100,10 @@ def test_per_sentence_values_match_a_hand_built_spliced_forward(bed):
             assert clean[i] == pytest.approx(hand_clean, abs=1e-5)
             assert spliced[layer][i] == pytest.approx(hand_spliced, abs=1e-5)
             assert delta[layer][i] == pytest.approx(hand_spliced - hand_clean, abs=1e-5)
-    # The testbed's SAEs are imperfect: splicing them in costs loss on average (the quantity is not trivially 0).
-    assert all(np.mean(delta[layer]) > 0 for layer in LAYERS)
+    # The testbed's SAEs are imperfect, so the matches above are not of zeros: the values are 100x the tolerance on
+    # average. Their sign is left to the build (its weights' numerics differ across CPUs: a mean cost > 0 held on one
+    # CPU and not on another); the known positive cost of a zero reconstruction is the test above.
+    assert all(np.abs(delta[layer]).mean() > 1e-3 for layer in LAYERS), delta
 
 
 def test_layers_spliced_in_one_stacked_forward_match_one_layer_at_a_time(bed, monkeypatch):
