@@ -235,6 +235,10 @@ class AnalysisConfig:
     """How x̂ (for FVU) is computed: sparse = only the decoder rows of the features that fired (a few percent of the
     dense work; faster on a CPU); dense = one dense matmul (faster on a GPU); auto = sparse on the CPU, dense elsewhere.
     The numbers agree to float rounding (tests/saes/test_encode.py)."""
+    norm_matched: bool = False
+    """Also the centred, norm-matched disparity (summary.json `disparity_pct_norm_matched`, docs/method.md §1c): every
+    token's residual rescaled about its SAE's b_dec to the reference language's centred RMS before encoding, so a gap
+    left is in the residual's direction, not its scale. One more pass (forward + one encode per layer), cached."""
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     """Per-feature statistics, language-specific features and overlap (docs/method.md §8)."""
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mlalign.analysis.cache import StatsCache, cache_identity
 from mlalign.analysis.engine import EngineSettings, collect_listed_sums, collect_stats, position_cap
 from mlalign.analysis.features import FeatureSums
+from mlalign.analysis.stats import SentenceSums
 from mlalign.config import AnalysisConfig, FeaturesConfig, typed
 from mlalign.data.corpus import load_corpus
 
@@ -58,9 +61,9 @@ class LazyEngine:
         saes, _ = self._prepare(layers)
         return self.model, self.tokenizer, saes
 
-    def _prepare(self, layers: list[int]) -> tuple[dict, EngineSettings]:
-        """The SAEs of `layers` and the model loaded; the engine settings both passes share (the same tokens)."""
-        from mlalign.models import hidden_size, num_layers, resolve_device
+    def load_saes(self, layers: list[int]) -> dict:
+        """The SAEs of `layers`, loaded where they wait for their chunk; the model is not loaded."""
+        from mlalign.models import hidden_size, resolve_device
 
         cfg, acfg = self.cfg, typed(self.cfg.analysis, AnalysisConfig)
         # Where SAEs live: sae.device if set (e.g. cpu to spare accelerator memory), else the CPU while waiting for
@@ -72,6 +75,23 @@ class LazyEngine:
         if todo:
             hidden = int(cfg.model.hidden_size) if self.model is None else hidden_size(self.model)
             self.saes.update(self.ctx.load_saes(todo, hidden, home, cfg.sae))
+        return {layer: self.saes[layer] for layer in layers}
+
+    def collect_norm_matched(self, texts_by_lang: dict, layers: list[int], targets: dict[int, float]):
+        """`collect_stats` with every layer's SAE reading norm-matched residuals (`norm_matched.NormMatchedSAE`):
+        the same tokens as `collect`, no position window."""
+        from mlalign.analysis.norm_matched import norm_matched_saes
+
+        saes, settings = self._prepare(layers)
+        return collect_stats(self.model, self.tokenizer, norm_matched_saes(saes, targets), texts_by_lang, settings)
+
+    def _prepare(self, layers: list[int]) -> tuple[dict, EngineSettings]:
+        """The SAEs of `layers` and the model loaded; the engine settings both passes share (the same tokens)."""
+        from mlalign.models import num_layers, resolve_device
+
+        cfg, acfg = self.cfg, typed(self.cfg.analysis, AnalysisConfig)
+        compute_device = resolve_device(cfg.sae.device) if cfg.sae.device else None
+        self.load_saes(layers)
         if self.model is None:
             self.model = self.ctx.load_model(adapter=self.adapter)
             self.tokenizer = self.ctx.load_tokenizer()
@@ -216,3 +236,42 @@ def base_feature_stats(cfg, ctx, split: str | None = None) -> dict[str, dict[int
     _, feature_stats, _, engine = cached_stats(cfg, ctx, None, corpus, split, label="base model: ")
     engine.release(model=True)
     return feature_stats
+
+
+NORM_MATCHED = "norm_matched"
+"""The cache's entry kind of a (language, layer)'s norm-matched statistics: its `SentenceSums` and the target norm."""
+
+
+def norm_matched_stats(stats: dict, corpus, cache, engine: LazyEngine, reference_lang: str, layers: list[int]
+                       ) -> tuple[dict[int, float], dict]:
+    """(targets, [lang][layer] -> `SentenceSums` of the norm-matched pass): each layer's target is the reference
+    language's centred RMS about the SAE's b_dec (`norm_matched.reference_targets`, from `stats`); the statistics
+    come from the cache where it holds them for the same target, the rest from one more engine pass (forward + one
+    encode per layer) over the languages missing, cached."""
+    from mlalign.analysis.norm_matched import reference_targets
+    from mlalign.console import note, stage
+
+    targets = reference_targets({reference_lang: stats[reference_lang]}, reference_lang, engine.load_saes(layers))
+    names = SentenceSums.array_names() | {"target"}
+    out: dict = {lang: {} for lang in stats}
+    missing: dict[str, list[int]] = {}
+    for lang in stats:
+        for layer in layers:
+            hit = cache.load_arrays(lang, layer, NORM_MATCHED, names)
+            if hit is not None and np.isclose(float(hit.pop("target")), targets[layer], rtol=1e-9, atol=0.0):
+                out[lang][layer] = SentenceSums.from_arrays(hit)
+            else:
+                missing.setdefault(lang, []).append(layer)
+    if not missing:
+        note(f"norm-matched: all {len(stats)} x {len(layers)} (language, layer) results come from the cache")
+        return targets, out
+    todo_layers = sorted({layer for ls in missing.values() for layer in ls})
+    with stage(f"norm-matched pass: {len(missing)} language(s) x {len(todo_layers)} layer(s), every token's centred "
+               "residual rescaled to the reference's centred RMS before its SAE"):
+        computed = engine.collect_norm_matched({lang: corpus[lang] for lang in missing}, todo_layers, targets)
+    for lang, by_layer in computed.items():
+        for layer, sums in by_layer.items():
+            cache.save_arrays(lang, layer, NORM_MATCHED, {**sums.to_dict(), "target": np.array(targets[layer])})
+            if layer in missing[lang]:
+                out[lang][layer] = sums
+    return targets, out

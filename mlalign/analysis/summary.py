@@ -488,6 +488,7 @@ def summarize(
     sae: str | None = None,
     n_model_layers: int | None = None,
     feature_stats: dict | None = None,
+    norm_matched: tuple[dict[int, float], dict[str, dict[int, SentenceSums]]] | None = None,
 ) -> dict:
     """The content of `analysis/summary.json` (strict JSON: NaN becomes null, layer keys are strings).
 
@@ -513,6 +514,10 @@ def summarize(
     gross_change_pct[lang][layer] beside the net disparity, and `decomposition` (analysis.decomposition.decompose:
     dense features at `dense_threshold`, the disparity without them); headline statements then say how much of the
     activation moved between features (net vs gross).
+    With `norm_matched` = (targets, statistics of the norm-matched pass, `sources.norm_matched_stats`):
+    disparity_pct_norm_matched[lang][layer] (the disparity with every token's residual rescaled about the SAE's b_dec
+    to the reference's centred RMS before encoding: its direction, not its scale), disparity_ci_norm_matched,
+    disparity_p_holm_norm_matched, norm_matched_target[layer] and norm_matched_centre (all null without it).
     """
     s = settings if settings is not None else AnalysisConfig()
     layers = _checked_layers(stats, reference_lang, s)
@@ -547,6 +552,7 @@ def summarize(
         "statements": [h["text"] for h in heads] + unfit_statements(values, reference_lang, unfit),
         "headlines": heads,
         **_other_aggregates(disp_sentence, p_holm, cap, matched, langs),
+        **_norm_matched_keys(norm_matched, reference_lang, s, ids_by_lang, seed, langs, layers, unfit),
         "dense_share": parts["dense_share"] if parts else None,
         "gross_change_pct": parts["gross_change_pct"] if parts else None,
         "decomposition": parts,
@@ -595,6 +601,27 @@ def _position_matched(stats, reference_lang: str, s: AnalysisConfig, ids_by_lang
                  "ci": boot_window["disparity_ci"],
                  "p_holm": _holm_by_cell(boot_window["disparity_samples"], reference_lang, langs, layers, unfit),
                  "n_tokens": {lang: window[lang][layers[0]].total_tokens for lang in langs}}
+
+
+def _norm_matched_keys(norm_matched, reference_lang: str, s: AnalysisConfig, ids_by_lang, seed: int,
+                       langs: list[str], layers: list[int], unfit: Unfit) -> dict:
+    """The summary's norm-matched keys (`summarize`), each null without the norm-matched pass."""
+    if norm_matched is None:
+        return {key: None for key in ("disparity_pct_norm_matched", "disparity_ci_norm_matched",
+                                      "disparity_p_holm_norm_matched", "norm_matched_target", "norm_matched_centre")}
+    from mlalign.analysis.norm_matched import CENTRE
+
+    targets, nm_stats = norm_matched
+    nm_stats = {lang: {layer: nm_stats[lang][layer] for layer in layers} for lang in langs}
+    boot = bootstrap_ci(nm_stats, reference_lang, s.metric, s.aggregate, ids_by_lang, s.bootstrap, s.ci, seed)
+    disp = disparity(compute_metrics(nm_stats, s.aggregate), reference_lang, s.metric)
+    return {
+        "disparity_pct_norm_matched": _by_lang(disp, langs),
+        "disparity_ci_norm_matched": _by_lang(boot["disparity_ci"], langs),
+        "disparity_p_holm_norm_matched": _holm_by_cell(boot["disparity_samples"], reference_lang, langs, layers, unfit),
+        "norm_matched_target": {int(layer): float(targets[layer]) for layer in layers},
+        "norm_matched_centre": CENTRE,
+    }
 
 
 def _other_aggregates(disp_sentence: dict, p_holm, cap, matched: dict, langs: list[str]) -> dict:
@@ -759,6 +786,12 @@ def summary_markdown(summary: dict) -> str:
                   f"{summary['position_cap']} is {ref}'s {100 * POSITION_CAP_QUANTILE:.0f}th-percentile analysed "
                   f"position; share of each language's analysed tokens it keeps: {shares}.", "",
                   *disparity_table(summary, "disparity_pct_position_matched", "disparity_p_holm_position_matched"), ""]
+    if summary.get("disparity_pct_norm_matched") is not None:
+        lines += ["## Norm-matched: every token's centred residual rescaled to one norm per layer", "",
+                  f"Each token's residual x becomes c + (x - c) r / ||x - c|| before its SAE encodes it: c the SAE's "
+                  f"b_dec, r {ref}'s centred RMS at the layer. A gap left here is in the residual's direction, not its "
+                  "scale (docs/method.md §1c).", "",
+                  *disparity_table(summary, "disparity_pct_norm_matched", "disparity_p_holm_norm_matched"), ""]
     if summary["aggregate"] == "token" and summary.get("disparity_pct_sentence") is not None:
         lines += ["## Sentence aggregate (every sentence weighs the same)", "",
                   *disparity_table(summary, "disparity_pct_sentence", None), ""]

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from mlalign.analysis.sources import (Loaded, base_feature_stats, cached_stats, feature_sentence_sums,
-                                      feature_settings)
+                                      feature_settings, norm_matched_stats)
 from mlalign.analysis.summary import METRICS_CSV_COLUMNS, metrics_rows, summarize, summary_markdown
 from mlalign.config import AnalysisConfig, FeaturesConfig, typed
 from mlalign.data.corpus import load_corpus
@@ -163,10 +163,11 @@ def analyze_model(cfg, ctx, adapter=None, out_dir: Path | None = None, split: st
     stats, feature_stats, cache, engine = cached_stats(cfg, ctx, adapter, corpus, split, loaded, recording=recording,
                                                        computed_before=computed_before)
 
+    matched = norm_matched_stats(stats, corpus, cache, engine, cfg.reference_lang, layers) if acfg.norm_matched else None
     summary = summarize(stats, cfg.reference_lang, acfg, ids_by_lang={lang: corpus.ids[lang] for lang in langs},
                         seed=int(cfg.seed), model=cfg.model.name, sae=cfg.sae.name,
                         n_model_layers=cfg.model.num_layers,
-                        feature_stats=feature_stats if fcfg.enabled else None)
+                        feature_stats=feature_stats if fcfg.enabled else None, norm_matched=matched)
     summary["adapter"] = str(adapter) if adapter else None
     report = ctx.run_dir / "corpus.json"
     summary["corpus"] = {"source": cfg.data.source, "split": split, "n_sentences": len(corpus.ids[cfg.reference_lang]),

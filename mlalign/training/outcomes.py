@@ -27,6 +27,7 @@ from mlalign.saes.encode import decode_active
 from mlalign.analysis.engine import (analysed_positions, eval_mode, lm_loss_per_row, pad_batch, token_order,
                                     tokenize_sorted)
 from mlalign.analysis.bootstrap import percentile_interval, resample_counts
+from mlalign.analysis.norm_matched import norm_matched, sae_centres
 from mlalign.training.losses import per_token_metric
 
 FIDELITY_TOLERANCE = 1.25
@@ -270,18 +271,6 @@ def measure_base(model, tokenizer, saes: dict, texts_by_lang: dict[str, list[str
                     recorder.add_layer(layer, number, x, f, decode_active(saes[layer], f))
             out[lang] = recorder.finalize(int(model.config.hidden_size))
     return out
-
-
-def sae_centres(saes: dict) -> dict[int, torch.Tensor]:
-    """Per layer the centre of the norm-matched control: the SAE's b_dec (what its code is read relative to)."""
-    return {int(layer): sae.b_dec.detach().float() for layer, sae in saes.items()}
-
-
-def norm_matched(x_after: torch.Tensor, centred_norm_before: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    """c + (x_A − c) · ‖x_B − c‖ / ‖x_A − c‖ per token: x_A with its centred part rescaled to the base token's."""
-    centred = x_after - centre
-    scale = centred_norm_before / centred.norm(dim=-1).clamp_min(1e-12)
-    return centre + centred * scale.unsqueeze(-1)
 
 
 class _OnDevice:

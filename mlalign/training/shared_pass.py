@@ -80,7 +80,7 @@ class BasePassRecording:
     def centres(self, layers: list[int]) -> dict:
         """Each layer's SAE b_dec (the norm-matched control's centre), read from the SAE files the analysis loads."""
         from mlalign.saes import load_sae
-        from mlalign.training.outcomes import sae_centres
+        from mlalign.analysis.norm_matched import sae_centres
 
         d_model = int(self.cfg.model.hidden_size)
         return sae_centres({layer: load_sae(self.cfg.sae, layer, d_model) for layer in layers})

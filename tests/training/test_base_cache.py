@@ -142,7 +142,8 @@ def test_the_analysis_pass_records_the_same_base_side_as_measuring_it(bed):
     """task=pipeline's step 1 records the paired pass's base side in its own forward passes (stacked SAE step, its own
     batches, left padding, one layer chunk at a time): the same tokens, codes and sums as `measure_base`."""
     from mlalign.analysis.engine import EngineSettings, collect_stats
-    from mlalign.training.outcomes import BaseSideRecorder, sae_centres
+    from mlalign.analysis.norm_matched import sae_centres
+    from mlalign.training.outcomes import BaseSideRecorder
 
     model, tokenizer, saes, texts, _ = bed
     measured = measure_base(model, tokenizer, saes, texts, batch_size=8, max_length=48, progress=False)
@@ -165,7 +166,8 @@ def test_the_analysis_pass_records_the_same_base_side_as_measuring_it(bed):
 
 def test_recording_refuses_a_narrower_position_window(bed):
     from mlalign.analysis.engine import EngineSettings, collect_stats
-    from mlalign.training.outcomes import BaseSideRecorder, sae_centres
+    from mlalign.analysis.norm_matched import sae_centres
+    from mlalign.training.outcomes import BaseSideRecorder
 
     model, tokenizer, saes, texts, _ = bed
     with pytest.raises(ValueError, match="every token but BOS"):

@@ -287,7 +287,8 @@ def test_norm_matched_gain_on_the_centred_residual_sees_through_a_constant_mean_
     around the SAE's b_dec = m removes the scale entirely: norm-matched gain ~0."""
     import torch
 
-    from mlalign.training.outcomes import AdaptedSideRecorder, BaseSideRecorder, norm_matched, sae_centres
+    from mlalign.analysis.norm_matched import norm_matched, sae_centres
+    from mlalign.training.outcomes import AdaptedSideRecorder, BaseSideRecorder
     from tests.analysis.testkit import identity_sae
 
     d, n = 640, 50
