@@ -17,6 +17,7 @@
 #   depth_saes   real_small (now with its per-depth recipe) at DEPTH_LAYERS, 3 seeds, balanced mix
 #   depth_map    task=analyze at DEPTH_LAYERS with those SAEs, the same 204 sentences and seeds; tables.py takes these
 #                layers from it and every other layer from the map (`tables.py copy depth`)
+#   norm_map     task=analyze analysis.norm_matched=true at layers 15-17 with the depth SAEs (scale or features?)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
@@ -55,6 +56,12 @@ part_depth_sweep() {
 }
 part_depth_saes() { timed saes_balanced_depth task=train_saes $M $LANGS $DEPTH_LAYERS $SEEDS sae_train.lang_mix=balanced; }
 part_depth_map() { timed map_depth $MAP $DEPTH_LAYERS sae=local "sae.path_template=$OUT/saes_balanced_depth/saes" "sae.seeds=[0,1,2]"; }
+# Scale or features (README.md): the centred, norm-matched disparity at the deep layers the depth re-run's SAEs cover.
+NORM_LAYERS="layers=[15,16,17]"
+part_norm_map() {
+  timed norm_map $MAP $NORM_LAYERS analysis.norm_matched=true sae=local \
+    "sae.path_template=$OUT/saes_balanced_depth/saes" "sae.seeds=[0,1,2]"
+}
 
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(seeds map mix_saes mix)
