@@ -349,3 +349,58 @@ def test_the_depth_sweeps_rule_takes_the_candidate_meeting_the_bar_else_the_fewe
     table = tables.depth_sweep_table(results)
     assert "| deep_e10 | 16 | 0 | 0.060 | 0.310 (hi) | 96.0 | 1.0 | 0 | no |" in table
     assert "Chosen for the early group by the README's rule: early_dw25 (no candidate meets the bar" in table
+
+
+# ------------------------------------------------------------------------- scale or features? (norm-matched)
+
+NORM_PLANTED = {  # (lang, layer): per seed (raw, norm-matched, its CI half-width)
+    ("hi", 15): [(-40.0, -30.0, 2.0)] * 3,                                    # beyond the scale
+    ("hi", 16): [(-40.0, -2.0, 3.0)] * 3,                                     # scale: every CI reaches 0
+    ("ml", 15): [(-40.0, -30.0, 2.0), (-40.0, -30.0, 2.0), (-40.0, -10.0, 2.0)],  # mixed: one seed under half
+    ("ml", 16): [(5.0, 4.0, 1.0)] * 3,                                        # no deficit
+    ("es", 15): [(-10.0, -9.0, 1.0)] * 3,                                     # high resource: not the tier's
+    ("es", 16): [(-10.0, -9.0, 1.0)] * 3,
+}
+
+
+def _norm_summary(seed: int) -> dict:
+    """One seed's summary.json of the norm_map part, holding what `extract_norm_matched` reads."""
+    layers, langs = ["15", "16"], ["en", "es", "ml", "hi"]
+    disparity, ci, matched, matched_ci = {}, {}, {}, {}
+    for lang in langs:
+        disparity[lang], ci[lang], matched[lang], matched_ci[lang] = {}, {}, {}, {}
+        for layer in layers:
+            raw, nm, half = NORM_PLANTED[(lang, int(layer))][seed] if lang != "en" else (0.0, 0.0, 0.0)
+            disparity[lang][layer], ci[lang][layer] = raw, [raw - 1, raw + 1]
+            matched[lang][layer], matched_ci[lang][layer] = nm, [nm - half, nm + half]
+    values = {lang: {layer: {"resid_norm": 100.0 if lang == "en" else 80.0} for layer in layers} for lang in langs}
+    return {"reference_lang": "en", "layers": [15, 16], "langs": langs, "metric": "mean_act", "bootstrap": 1000,
+            "n_sentences": {lang: 204 for lang in langs}, "norm_matched_centre": "sae_b_dec",
+            "norm_matched_target": {"15": 10.0 + seed, "16": 12.0}, "values": values, "disparity_pct": disparity,
+            "disparity_ci": ci, "disparity_pct_norm_matched": matched, "disparity_ci_norm_matched": matched_ci}
+
+
+def test_norm_matched_verdicts_counts_and_sentence_follow_the_rule(tables, tmp_path):
+    out, results = tmp_path / "outputs", tmp_path / "results"
+    for seed in range(3):
+        folder = out / "norm_map" / "analysis" / f"sae_seed_{seed}"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps(_norm_summary(seed)))
+    with pytest.raises(FileNotFoundError, match="norm_map"):
+        tables.copy_norm(tmp_path / "nowhere", results)
+    assert [p.name for p in tables.copy_norm(out, results)] == ["norm_matched.json"]
+    table = json.loads((results / tables.NORM).read_text())
+    assert table["seeds"] == [0, 1, 2] and table["targets"]["2"]["15"] == 12.0 and "en" not in table["cells"]
+    cells = table["cells"]
+    assert [tables.norm_verdict(cells["hi"]["15"]), tables.norm_verdict(cells["hi"]["16"]),
+            tables.norm_verdict(cells["ml"]["15"]), tables.norm_verdict(cells["ml"]["16"])] == [
+        "beyond the scale", "scale", "mixed", None]
+    assert tables.norm_counts(results=results) == {"beyond the scale": 1, "scale": 1, "mixed": 1}
+    sentence = tables.norm_summary(results)
+    assert "of the 3 medium-to-low resource deficits (ml, hi;" in sentence
+    assert "1 are beyond the scale" in sentence and "1 are scale" in sentence and "1 mixed" in sentence
+    # Means over languages, layers and seeds: raw (-40 x 3 + 5) / 4; norm-matched (-30 - 2 - 70/3 + 4) / 4.
+    assert "-28.8% raw and -12.8% norm-matched (3 SAE seeds, 204 sentences)" in sentence
+    rows = tables.norm_table(results).splitlines()
+    assert "| ml | medium_low | 15 | -40.0% | -23.3% (-32.0 to -8.0) | -20.0% | mixed |" in rows
+    assert "| es | high | 15 | -10.0% | -9.0% (-10.0 to -8.0) | -20.0% | beyond the scale |" in rows

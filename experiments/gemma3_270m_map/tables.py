@@ -860,6 +860,123 @@ def wall_times(results: Path = RESULTS) -> str:
 # ------------------------------------------------------------------------------------------------------- main
 
 
+
+# ------------------------------------------------------------------------- scale or features? (norm-matched)
+
+NORM = "norm_map/norm_matched.json"
+"""Written by `copy norm` from run.sh's norm_map part (each seed's summary.json, `extract_norm_matched`)."""
+NORM_PART = "norm_map"
+
+
+def extract_norm_matched(summaries: dict[int, dict]) -> dict:
+    """`norm_map/norm_matched.json`: per cell and SAE seed the raw disparity and the centred, norm-matched one
+    (docs/method.md §1c) with their 95% sentence CIs and the residual norm's disparity, plus each seed's target."""
+    from mlalign.analysis.metrics import disparity_pct
+
+    seeds = sorted(summaries)
+    first = summaries[seeds[0]]
+    ref, layers = first["reference_lang"], [str(layer) for layer in first["layers"]]
+    cells = {}
+    for lang in first["langs"]:
+        if lang == ref:
+            continue
+        cells[lang] = {layer: {str(s): {
+            "raw": d["disparity_pct"][lang][layer], "raw_ci": d["disparity_ci"][lang][layer],
+            "norm_matched": d["disparity_pct_norm_matched"][lang][layer],
+            "norm_matched_ci": d["disparity_ci_norm_matched"][lang][layer],
+            "resid_norm_pct": disparity_pct(d["values"][lang][layer]["resid_norm"], d["values"][ref][layer]["resid_norm"]),
+        } for s, d in ((s, summaries[s]) for s in seeds)} for layer in layers}
+    return {"seeds": seeds, "reference_lang": ref, "metric": first["metric"], "layers": first["layers"],
+            "langs": [lang for lang in first["langs"] if lang != ref], "n_sentences": first["n_sentences"][ref],
+            "bootstrap": first["bootstrap"], "centre": first["norm_matched_centre"],
+            "targets": {str(s): summaries[s]["norm_matched_target"] for s in seeds}, "cells": cells}
+
+
+def copy_norm(out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
+    """`NORM` from the norm_map part's per-seed summaries; writes nothing if they are missing."""
+    summaries = _seed_summaries(out, NORM_PART)
+    if not summaries:
+        raise FileNotFoundError(f"not there (has run.sh norm_map finished?): {Path(out) / NORM_PART}/analysis/"
+                                "sae_seed_<s>/summary.json")
+    table = extract_norm_matched({int(path.parent.name.rsplit("_", 1)[1]): json.loads(path.read_text())
+                                  for path in summaries})
+    target = Path(results) / NORM
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(table, indent=1) + "\n")
+    return [target]
+
+
+def norm_verdict(cell: dict) -> str | None:
+    """The README's rule for one deficit cell ({seed: record}): "beyond the scale" where under every seed the
+    norm-matched disparity is negative, its CI below 0, and at least half the raw one; "scale" where under every seed
+    its CI includes 0 or lies above it; "mixed" otherwise. None where the raw disparity is not a deficit under every
+    seed (the rule is about deficits)."""
+    records = list(cell.values())
+    if not all(r["raw"] < 0 for r in records):
+        return None
+    if all(r["norm_matched_ci"][1] < 0 and r["norm_matched"] <= 0.5 * r["raw"] for r in records):
+        return "beyond the scale"
+    if all(r["norm_matched_ci"][1] >= 0 for r in records):
+        return "scale"
+    return "mixed"
+
+
+def _seed_mean_of(cell: dict, key: str) -> float:
+    return statistics.mean(r[key] for r in cell.values())
+
+
+def norm_counts(tier: str = STUDY_TIER, results: Path = RESULTS) -> dict[str, int]:
+    """{verdict: number of the tier's deficit cells} at the norm_map layers."""
+    table = _load(NORM, results)
+    counts = {"beyond the scale": 0, "scale": 0, "mixed": 0}
+    for lang in table["langs"]:
+        if _tier(lang) == tier:
+            for cell in table["cells"][lang].values():
+                verdict = norm_verdict(cell)
+                if verdict is not None:
+                    counts[verdict] += 1
+    return counts
+
+
+def norm_summary(results: Path = RESULTS, tier: str = STUDY_TIER) -> str:
+    """One sentence: the tier's deficits at the norm_map layers by verdict, and its mean raw and norm-matched
+    disparity there (means over languages, layers and seeds)."""
+    table = _load(NORM, results)
+    langs = [lang for lang in table["langs"] if _tier(lang) == tier]
+    cells = [table["cells"][lang][str(layer)] for lang in langs for layer in table["layers"]]
+    counts = norm_counts(tier, results)
+    n = sum(counts.values())
+    layers = ", ".join(map(str, table["layers"]))
+    raw = statistics.mean(_seed_mean_of(cell, "raw") for cell in cells)
+    matched = statistics.mean(_seed_mean_of(cell, "norm_matched") for cell in cells)
+    return (f"at layers {layers}, of the {n} medium-to-low resource deficits ({', '.join(langs)}; every SAE seed's "
+            f"disparity negative), {counts['beyond the scale']} are beyond the scale (norm-matched still a deficit under"
+            f" every seed, CI below 0, at least half the raw), {counts['scale']} are scale (norm-matched CI reaching 0 "
+            f"or above under every seed) and {counts['mixed']} mixed; the tier's mean disparity there is {raw:+.1f}% "
+            f"raw and {matched:+.1f}% norm-matched ({len(table['seeds'])} SAE seeds, {table['n_sentences']} sentences)")
+
+
+def norm_table(results: Path = RESULTS) -> str:
+    """Per language and layer: the raw and the norm-matched disparity (means over SAE seeds, and the range of the
+    seeds' 95% sentence CIs), the residual norm's disparity, and the verdict."""
+    table = _load(NORM, results)
+    lines = ["| lang | tier | layer | raw | norm-matched (CI range over seeds) | residual norm | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for lang in table["langs"]:
+        for layer in map(str, table["layers"]):
+            cell = table["cells"][lang][layer]
+            lows = [r["norm_matched_ci"][0] for r in cell.values()]
+            highs = [r["norm_matched_ci"][1] for r in cell.values()]
+            lines.append(f"| {lang} | {_tier(lang)} | {layer} | {_seed_mean_of(cell, 'raw'):+.1f}% | "
+                         f"{_seed_mean_of(cell, 'norm_matched'):+.1f}% ({min(lows):+.1f} to {max(highs):+.1f}) | "
+                         f"{_seed_mean_of(cell, 'resid_norm_pct'):+.1f}% | {norm_verdict(cell) or 'no deficit'} |")
+    lines += ["", f"Disparity of `{table['metric']}` vs {table['reference_lang']} in %, the mean over SAE seeds "
+              f"{', '.join(map(str, table['seeds']))}; norm-matched: every token's residual rescaled about the SAE's "
+              f"b_dec to {table['reference_lang']}'s centred RMS at the layer before encoding (docs/method.md §1c); "
+              "residual norm: the uncentred mean ||x|| per token. The verdict applies README.md's rule."]
+    return "\n".join(lines)
+
+
 def main(results: Path = RESULTS) -> None:
     spread = seeds_map(results)
     print("# The map of Gemma 3 270M under 3 SAE seeds, and the SAE mix: results (generated by tables.py from "
@@ -889,11 +1006,15 @@ def main(results: Path = RESULTS) -> None:
     print(mix_table(results) + "\n")
     for layer in MIX_LAYERS:
         print(f"- {mix_hindi(layer, results)}.")
+    if (Path(results) / NORM).exists():
+        print("\n## Scale or features? The norm-matched deep band\n")
+        print(f"In one line: {norm_summary(results)}.\n")
+        print(norm_table(results))
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["copy"]:
-        how = {"depth": copy_depth, "sweep": copy_sweep}.get(sys.argv[2] if len(sys.argv) > 2 else "", copy)
+        how = {"depth": copy_depth, "sweep": copy_sweep, "norm": copy_norm}.get(sys.argv[2] if len(sys.argv) > 2 else "", copy)
         rest = sys.argv[3:] if how is not copy else sys.argv[2:]
         for path in how(Path(rest[0]) if rest else OUTPUTS):
             print(f"copied {path}")
