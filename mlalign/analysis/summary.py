@@ -17,7 +17,7 @@ from mlalign.analysis.bootstrap import bootstrap_p_value, holm, simultaneous_int
 from mlalign.analysis.decomposition import decompose
 from mlalign.analysis.metrics import bootstrap_ci, check_metric, compute_metrics, corpus_stats, disparity, disparity_pct
 from mlalign.analysis.registry import check_aggregate, get_metric
-from mlalign.analysis.stats import POSITION_CAP_QUANTILE, SentenceSums
+from mlalign.analysis.stats import POSITION_CAP_QUANTILE, SentenceSums, code_sum_names
 from mlalign.config import AnalysisConfig
 from mlalign.errors import UserError
 from mlalign.languages import LANGUAGES
@@ -226,6 +226,10 @@ class OtherAggregates:
     """[lang][layer] -> [low, high], its bootstrap CI."""
     position_cap: int | None = None
     """The last position of the window: the reference language's 90th-percentile analysed position."""
+    norm_matched: dict | None = None
+    """disparity_pct_norm_matched[lang][layer]: every token's centred residual rescaled to one norm (method §1c)."""
+    norm_matched_ci: dict | None = None
+    """[lang][layer] -> [low, high], its bootstrap CI."""
 
 
 def headline_statements(values, disp, reference_lang: str, metric: str, bands: dict[str, list[int]], unfit=(),
@@ -307,7 +311,8 @@ def headlines(values, disp, reference_lang: str, metric: str, bands: dict[str, l
                   "ci": ((disparity_ci or {}).get(lang) or {}).get(layer),
                   "simultaneous_ci": simultaneous.get((lang, layer)), "n_cells_searched": len(cells),
                   **_other_values(other, lang, layer)}
-        position = _position_words(record, other, ref_name, ci)
+        position = _position_words(record, other, ref_name, ci) + (
+            "" if gap >= 0 or lower_is_better else _norm_words(record, ref_name, ci))
         if gap >= 0:
             records.append({"text": f"{head} show no {worse_words} {what} than {ref_name} in any analysed layer "
                                     f"(smallest difference {sign * gap:+.1f}%, {lang}, layer {layer})." + position,
@@ -367,7 +372,8 @@ def _other_values(other: OtherAggregates | None, lang: str, layer) -> dict:
 
     other = other or OtherAggregates()
     return {"value_sentence": cell(other.sentence), "value_position_matched": cell(other.position_matched),
-            "ci_position_matched": cell(other.position_matched_ci)}
+            "ci_position_matched": cell(other.position_matched_ci), "value_norm_matched": cell(other.norm_matched),
+            "ci_norm_matched": cell(other.norm_matched_ci)}
 
 
 def _position_words(record: dict, other: OtherAggregates | None, ref_name: str, ci: float) -> str:
@@ -390,6 +396,27 @@ def _position_words(record: dict, other: OtherAggregates | None, ref_name: str, 
             f"{100 * POSITION_CAP_QUANTILE:.0f}th-percentile position), the disparity at {record['lang']}, layer "
             f"{record['layer']} is {matched:+.1f}%{own} against {token:+.1f}% over all tokens: {why}, so this "
             f"headline rests partly on positions beyond those that most {ref_name} tokens reach.")
+
+
+def _norm_words(record: dict, ref_name: str, ci: float) -> str:
+    """" Norm-matched (...), the disparity at hi, layer 3 is -2.0% (...) against -27.1%: <what that makes of the gap>."
+    for a headline gap whose cell has a norm-matched disparity (method §1c): the measurement that answers the residual
+    norm's "may be the residual's scale"; "" without one or without a gap."""
+    token, matched, own = record["value"], record["value_norm_matched"], record["ci_norm_matched"]
+    if not (_finite(token) and _finite(matched)) or token == 0:
+        return ""
+    excludes_zero = bool(own) and all(_finite(v) for v in own) and (max(own) < 0 if token < 0 else min(own) > 0)
+    if matched * token > 0 and excludes_zero and abs(matched) >= MODEL_LEVEL_FRACTION * abs(token):
+        why = "the gap is in the residual's direction, beyond its scale"
+    elif matched * token > 0 and excludes_zero:
+        why = "part of the gap is the residual's scale, part its direction"
+    else:
+        why = "the gap is the residual's scale, not what its features represent"
+    interval = (f" ({100 * ci:.0f}% CI {min(own):+.1f} to {max(own):+.1f}%)"
+                if own and all(_finite(v) for v in own) else "")
+    return (f" Norm-matched (every token's centred residual rescaled to the {ref_name} centred RMS before encoding), "
+            f"the disparity at {record['lang']}, layer {record['layer']} is {matched:+.1f}%{interval} against "
+            f"{token:+.1f}%: {why}.")
 
 
 def _holm_by_cell(disparity_samples, reference_lang: str, langs: list[str], layers: list[int], unfit) -> dict | None:
@@ -534,8 +561,11 @@ def summarize(
     parts = decompose(feature_stats, reference_lang, s.dense_threshold) if feature_stats else None
     disp_sentence = disparity(compute_metrics(stats, "sentence"), reference_lang, metric)
     cap, matched = _position_matched(stats, reference_lang, s, ids_by_lang, seed, langs, layers, unfit)
+    norm = _norm_matched_keys(norm_matched, reference_lang, s, ids_by_lang, seed, langs, layers, unfit)
     other = OtherAggregates(sentence=disp_sentence, position_matched=matched["disparity"],
-                            position_matched_ci=matched["ci"], position_cap=cap)
+                            position_matched_ci=matched["ci"], position_cap=cap,
+                            norm_matched=norm["disparity_pct_norm_matched"],
+                            norm_matched_ci=norm["disparity_ci_norm_matched"])
     heads = headlines(values, disp, reference_lang, metric, band_layers, unfit,
                       CellIntervals(boot["disparity_ci"], boot["disparity_samples"], s.ci), parts, other)
     p_holm = _holm_by_cell(boot["disparity_samples"], reference_lang, langs, layers, unfit)
@@ -552,7 +582,7 @@ def summarize(
         "statements": [h["text"] for h in heads] + unfit_statements(values, reference_lang, unfit),
         "headlines": heads,
         **_other_aggregates(disp_sentence, p_holm, cap, matched, langs),
-        **_norm_matched_keys(norm_matched, reference_lang, s, ids_by_lang, seed, langs, layers, unfit),
+        **norm,
         "dense_share": parts["dense_share"] if parts else None,
         "gross_change_pct": parts["gross_change_pct"] if parts else None,
         "decomposition": parts,
@@ -606,6 +636,11 @@ def _position_matched(stats, reference_lang: str, s: AnalysisConfig, ids_by_lang
 def _norm_matched_keys(norm_matched, reference_lang: str, s: AnalysisConfig, ids_by_lang, seed: int,
                        langs: list[str], layers: list[int], unfit: Unfit) -> dict:
     """The summary's norm-matched keys (`summarize`), each null without the norm-matched pass."""
+    if norm_matched is not None and s.metric not in code_sum_names():
+        # The pass's x̂ reconstructs the rescaled residual: only SAE-code metrics mean what their names say there.
+        log.warning("analysis.norm_matched: %s is not an SAE-code metric (%s), so it has no norm-matched disparity",
+                    s.metric, ", ".join(code_sum_names()))
+        norm_matched = None
     if norm_matched is None:
         return {key: None for key in ("disparity_pct_norm_matched", "disparity_ci_norm_matched",
                                       "disparity_p_holm_norm_matched", "norm_matched_target", "norm_matched_centre")}

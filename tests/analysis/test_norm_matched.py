@@ -42,9 +42,9 @@ def sums_of(x: torch.Tensor, sae) -> "object":
 
 @pytest.fixture(scope="module")
 def languages():
-    """en: residuals along e0 about c with random lengths and a little noise; scaled: en's, 0.6x about c (a pure scale
-    gap); turned: en's with the same centred norms but their e0 part turned 53 degrees towards e2 (0.6 e0 + 0.8 e2,
-    a gap in direction)."""
+    """en: residuals along e0 about c with random lengths and a little noise; hi ("scaled"): en's, 0.6x about c (a
+    pure scale gap); es ("turned"): en's with the same centred norms but their e0 part turned 53 degrees towards e2
+    (0.6 e0 + 0.8 e2, a gap in direction). Real codes of two tiers, so each is its tier's headline."""
     g = torch.Generator().manual_seed(0)
     centre = 5.0 * torch.randn(D, generator=g)  # far from 0, like a real model's near-constant component
     n = N_SENTENCES * PER_SENTENCE
@@ -56,7 +56,7 @@ def languages():
     en = centre + length[:, None] * e0 + noise
     scaled = centre + 0.6 * (en - centre)
     turned = centre + length[:, None] * (0.6 * e0 + 0.8 * e2) + noise
-    return centre, {"en": en, "scaled": scaled, "turned": turned}
+    return centre, {"en": en, "hi": scaled, "es": turned}
 
 
 def test_norm_matched_sets_every_tokens_centred_norm_and_keeps_its_direction():
@@ -94,15 +94,32 @@ def test_a_scale_gap_vanishes_norm_matched_and_a_direction_gap_stays(languages):
     summary = summarize(stats, "en", AnalysisConfig(bootstrap=200, max_fvu=None), norm_matched=(targets, matched))
     raw, nm = summary["disparity_pct"], summary["disparity_pct_norm_matched"]
     # The feature reads (x - c) . e0: 0.6x the length gives 0.6x the activation, the turned e0 part 0.6x too.
-    assert raw["scaled"]["0"] == pytest.approx(-40.0, abs=0.01)
-    assert raw["turned"]["0"] == pytest.approx(-40.0, abs=0.5)
+    assert raw["hi"]["0"] == pytest.approx(-40.0, abs=0.01)
+    assert raw["es"]["0"] == pytest.approx(-40.0, abs=0.5)
     # Norm-matched, the scaled language's tokens are en's exactly; the turned one's still read 0.6 of their length.
-    assert abs(nm["scaled"]["0"]) < 1e-4  # float32 rounding about a centre of norm ~14
-    assert nm["turned"]["0"] == pytest.approx(-40.0, abs=1.0)
-    low, high = summary["disparity_ci_norm_matched"]["turned"]["0"]
-    assert low <= nm["turned"]["0"] <= high and high < -30
+    assert abs(nm["hi"]["0"]) < 1e-4  # float32 rounding about a centre of norm ~14
+    assert nm["es"]["0"] == pytest.approx(-40.0, abs=1.0)
+    low, high = summary["disparity_ci_norm_matched"]["es"]["0"]
+    assert low <= nm["es"]["0"] <= high and high < -30
     assert nm["en"]["0"] == 0 and summary["norm_matched_target"] == {"0": pytest.approx(targets[0])}
     assert summary["norm_matched_centre"] == "sae_b_dec"
+    # Each tier's headline says what the norm-matched pass makes of its gap.
+    by_lang = {h["lang"]: h for h in summary["headlines"]}
+    assert by_lang["hi"]["value_norm_matched"] == nm["hi"]["0"]
+    assert "the gap is the residual's scale, not what its features represent" in by_lang["hi"]["text"]
+    assert "the gap is in the residual's direction, beyond its scale" in by_lang["es"]["text"]
+    assert "Norm-matched" in by_lang["es"]["text"] and "against -40.0%" in by_lang["es"]["text"]
+
+
+def test_a_metric_that_is_not_read_from_the_code_gets_no_norm_matched_disparity(languages):
+    centre, langs = languages
+    sae = one_feature_sae(centre)
+    stats = {lang: {0: sums_of(x, sae)} for lang, x in langs.items()}
+    targets = reference_targets(stats, "en", {0: sae})
+    matched = {lang: {0: sums_of(x, norm_matched_saes({0: sae}, targets)[0])} for lang, x in langs.items()}
+    summary = summarize(stats, "en", AnalysisConfig(metric="fvu", bootstrap=0, max_fvu=None),
+                        norm_matched=(targets, matched))
+    assert summary["disparity_pct_norm_matched"] is None  # the pass's x̂ is of the rescaled residual
 
 
 def test_without_the_pass_the_keys_are_null(languages):

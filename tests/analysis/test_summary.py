@@ -239,9 +239,11 @@ def test_headline_records_carry_a_simultaneous_interval_over_the_cells_searched(
         h["text"] for h in summary["headlines"]]
     for head in summary["headlines"]:
         assert set(head) == {"text", "lang", "layer", "value", "ci", "simultaneous_ci", "n_cells_searched",
-                             "value_sentence", "value_position_matched", "ci_position_matched"}
+                             "value_sentence", "value_position_matched", "ci_position_matched", "value_norm_matched",
+                             "ci_norm_matched"}
         assert head["value_sentence"] == summary["disparity_pct_sentence"][head["lang"]][str(head["layer"])]
         assert head["value_position_matched"] is None  # the fixture's pass kept no position window
+        assert head["value_norm_matched"] is None and "Norm-matched" not in head["text"]  # no norm-matched pass
         tier_langs = [lang for lang in summary["langs"] if lang != "en" and tier_of(lang) == tier_of(head["lang"])]
         assert head["n_cells_searched"] == len(tier_langs) * len(layers)
         assert head["value"] == summary["disparity_pct"][head["lang"]][str(head["layer"])]
