@@ -51,7 +51,9 @@ def seed_spread(summaries: dict[int, dict]) -> dict:
     """`analysis/sae_seeds.json` from each seed's summary.json content ({seed: summary}, same languages, layers and
     metric): `cells[lang][layer]` (`cell_record`, the primary metric's disparity_pct), the counts over cells that
     every seed's SAE fits and that every seed defines (`n_cells`, `n_sign_stable`, `n_ci_sign_stable`, per band in
-    `by_band`), `sign_unstable` ([lang, layer] pairs) and `statements`."""
+    `by_band`), `sign_unstable` ([lang, layer] pairs) and `statements`. Where every seed's summary has the
+    norm-matched disparity (analysis.norm_matched=true), each cell also holds `norm_matched`: the same record of it
+    (per-seed values and CIs, mean, SD, range, sign verdicts)."""
     seeds = sorted(summaries)
     first = summaries[seeds[0]]
     for seed in seeds[1:]:
@@ -66,6 +68,16 @@ def seed_spread(summaries: dict[int, dict]) -> dict:
         {str(s): summaries[s]["disparity_pct"][lang][layer] for s in seeds},
         {str(s): ((summaries[s].get("disparity_ci") or {}).get(lang) or {}).get(layer) for s in seeds},
         fit=not any(_unfit(summaries[s], lang, layer) for s in seeds)) for layer in layers} for lang in langs}
+    if all(summaries[s].get("disparity_pct_norm_matched") for s in seeds):
+        # The centred, norm-matched disparity (method §1c) across the same seeds: does "direction, not scale" hold
+        # under every seed's SAEs?
+        for lang in langs:
+            for layer in layers:
+                cell = cells[lang][layer]
+                cell["norm_matched"] = {key: value for key, value in cell_record(
+                    {str(s): summaries[s]["disparity_pct_norm_matched"][lang][layer] for s in seeds},
+                    {str(s): ((summaries[s].get("disparity_ci_norm_matched") or {}).get(lang) or {}).get(layer)
+                     for s in seeds}, fit=cell["fit"]).items() if key != "fit"}
     return _tallied({"seeds": seeds, "reference_lang": ref, "metric": first["metric"], "aggregate": first["aggregate"],
                      "ci": first["ci"], "bootstrap": first["bootstrap"], "layers": first["layers"], "langs": langs,
                      "bands": first["bands"], "cells": cells})

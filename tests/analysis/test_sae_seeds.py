@@ -111,3 +111,24 @@ def test_a_rerun_on_other_seeds_or_layers_cannot_replace_the_maps_cells():
     outside = seed_spread({0: _one_layer(7, {"hi": 1.0}), 1: _one_layer(7, {"hi": 1.0})})
     with pytest.raises(ValueError, match="layers"):
         replace_layers(spread, outside)
+
+
+def test_the_norm_matched_disparity_gets_its_own_record_across_seeds():
+    base, matched = {"hi": [-30.0, -20.0, -40.0]}, [{"hi": [-2.0, -15.0, 1.0]}, {"hi": [1.0, -14.0, -1.0]}]
+    summaries = {}
+    for seed, nm in enumerate(matched):
+        one = summary(base)
+        one["disparity_pct_norm_matched"] = {"en": {str(layer): 0.0 for layer in LAYERS},
+                                             "hi": {str(layer): v for layer, v in zip(LAYERS, nm["hi"])}}
+        one["disparity_ci_norm_matched"] = {"hi": {str(layer): [v - 1, v + 1] for layer, v in zip(LAYERS, nm["hi"])}}
+        summaries[seed] = one
+    spread = seed_spread(summaries)
+    cells = spread["cells"]["hi"]
+    # layer 0: a scale gap whose sign turns with the seed; layer 1: a direction gap every seed keeps.
+    assert cells["0"]["norm_matched"]["sign_stable"] is False and cells["0"]["sign_stable"] is True
+    assert cells["1"]["norm_matched"]["mean_disparity_pct"] == pytest.approx(-14.5)
+    assert cells["1"]["norm_matched"]["ci_sign_stable"] is True
+    assert cells["1"]["norm_matched"]["disparity_pct"] == {"0": -15.0, "1": -14.0} and "fit" not in cells["1"]["norm_matched"]
+    # Counts and statements stay the primary disparity's.
+    assert (spread["n_cells"], spread["n_sign_stable"]) == (3, 3)
+    assert "norm_matched" not in seed_spread({0: summary(base), 1: summary(base)})["cells"]["hi"]["0"]
