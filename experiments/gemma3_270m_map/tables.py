@@ -493,7 +493,7 @@ def scale_explained(band: str, results: Path = RESULTS, tier: str = STUDY_TIER) 
 def answer(results: Path = RESULTS) -> str:
     """The map's answer in one sentence: the medium-to-low tier's mean disparity per band with its range over SAE
     seeds, the most negative cell with its sentence CIs, and the weakest point (how many of the worst band's deficits
-    the residual norm could explain)."""
+    the residual norm could explain, and where the norm-matched run measured it, what it found)."""
     spread = seeds_map(results)
     bands = {band: tier_band_seeds(spread, band) for band in spread["bands"]}
     bands = {band: value for band, value in bands.items() if value is not None}
@@ -510,9 +510,18 @@ def answer(results: Path = RESULTS) -> str:
         ci = f", every seed's 95% sentence CI within {min(c[0] for c in cis):+.1f} to {max(c[1] for c in cis):+.1f}%" if cis else ""
         text += f", most negative at {lang} layer {layer} ({cell['mean_disparity_pct']:+.1f}%{ci})"
     k, n = scale_explained(worst_band, results)
-    return (text + f"; its weakest point: in {k} of the tier's {n} sign-stable {worst_band} deficits the residual stream's own "
-            "norm is lower by at least half as much, so there the gap may be the residual's scale rather than what its "
-            "features represent")
+    text += (f"; its weakest point: in {k} of the tier's {n} sign-stable {worst_band} deficits the residual stream's own "
+             "norm is lower by at least half as much, so there the gap may be the residual's scale rather than what its "
+             "features represent")
+    if (Path(results) / NORM).exists():
+        table = _load(NORM, results)
+        counts = norm_counts(results=results)
+        layers = f"{min(table['layers'])}-{max(table['layers'])}"
+        text += (f"; measured with the centred, norm-matched disparity at layers {layers}, {counts['beyond the scale']} of "
+                 f"the tier's {sum(counts.values())} deficits there are beyond the scale ({counts['mixed']} mixed, "
+                 f"{counts['scale']} scale alone), so there the gap is in the residual's direction; the band's other "
+                 "layers were not measured this way")
+    return text
 
 
 # --------------------------------------------------------------------------------------- 4. the starvation bar
@@ -843,8 +852,8 @@ def depth_sweep_table(results: Path = RESULTS) -> str:
 # ------------------------------------------------------------------------------------------------------- cost
 
 
-def wall_times(results: Path = RESULTS) -> str:
-    """Each part's wall time as run.sh's `timed` logged it (results/times.txt, copied from outputs/ by hand: the last
+def _times(results: Path = RESULTS) -> dict[str, int]:
+    """{part: seconds} as run.sh's `timed` logged them (results/times.txt, copied from outputs/ by hand: the last
     line per part; a resumed part's time is that of its last try only)."""
     path = Path(results) / "times.txt"
     if not path.exists():
@@ -854,7 +863,17 @@ def wall_times(results: Path = RESULTS) -> str:
         if line.startswith("== ") and line.endswith(" s"):
             name, seconds = line[3:-2].rsplit(": ", 1)
             times[name] = int(seconds)
-    return ", ".join(f"{name} {seconds / 60:.0f} min" for name, seconds in times.items())
+    return times
+
+
+def wall_times(results: Path = RESULTS) -> str:
+    """Each part's wall time (`_times`), in minutes."""
+    return ", ".join(f"{name} {seconds / 60:.0f} min" for name, seconds in _times(results).items())
+
+
+def part_minutes(name: str, results: Path = RESULTS) -> str:
+    """One part's wall time, e.g. "14 min"."""
+    return f"{_times(results)[name] / 60:.0f} min"
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -956,6 +975,15 @@ def norm_summary(results: Path = RESULTS, tier: str = STUDY_TIER) -> str:
             f"raw and {matched:+.1f}% norm-matched ({len(table['seeds'])} SAE seeds, {table['n_sentences']} sentences)")
 
 
+def norm_span(langs: str, key: str = "norm_matched", results: Path = RESULTS, layers: str = "") -> str:
+    """"a to b": the range of the seed-mean `key` ("raw", "norm_matched", "resid_norm_pct") over the cells of `langs`
+    (comma-separated) at `layers` (comma-separated; all of the run's by default)."""
+    table = _load(NORM, results)
+    wanted = layers.split(",") if layers else [str(layer) for layer in table["layers"]]
+    values = [_seed_mean_of(table["cells"][lang][layer], key) for lang in langs.split(",") for layer in wanted]
+    return f"{min(values):+.1f} to {max(values):+.1f}"
+
+
 def norm_table(results: Path = RESULTS) -> str:
     """Per language and layer: the raw and the norm-matched disparity (means over SAE seeds, and the range of the
     seeds' 95% sentence CIs), the residual norm's disparity, and the verdict."""
@@ -969,7 +997,7 @@ def norm_table(results: Path = RESULTS) -> str:
             highs = [r["norm_matched_ci"][1] for r in cell.values()]
             lines.append(f"| {lang} | {_tier(lang)} | {layer} | {_seed_mean_of(cell, 'raw'):+.1f}% | "
                          f"{_seed_mean_of(cell, 'norm_matched'):+.1f}% ({min(lows):+.1f} to {max(highs):+.1f}) | "
-                         f"{_seed_mean_of(cell, 'resid_norm_pct'):+.1f}% | {norm_verdict(cell) or 'no deficit'} |")
+                         f"{_seed_mean_of(cell, 'resid_norm_pct'):+.1f}% | {norm_verdict(cell) or 'no raw deficit'} |")
     lines += ["", f"Disparity of `{table['metric']}` vs {table['reference_lang']} in %, the mean over SAE seeds "
               f"{', '.join(map(str, table['seeds']))}; norm-matched: every token's residual rescaled about the SAE's "
               f"b_dec to {table['reference_lang']}'s centred RMS at the layer before encoding (docs/method.md §1c); "
