@@ -404,3 +404,29 @@ def test_norm_matched_verdicts_counts_and_sentence_follow_the_rule(tables, tmp_p
     rows = tables.norm_table(results).splitlines()
     assert "| ml | medium_low | 15 | -40.0% | -23.3% (-32.0 to -8.0) | -20.0% | mixed |" in rows
     assert "| es | high | 15 | -10.0% | -9.0% (-10.0 to -8.0) | -20.0% | beyond the scale |" in rows
+
+
+def test_norm_matched_parts_over_other_layers_merge_and_overlapping_ones_do_not(tables, tmp_path):
+    def shifted(seed: int, by: int) -> dict:  # the same summary with its layers renamed 15, 16 -> 15 - by, 16 - by
+        text = json.dumps(_norm_summary(seed))
+        for layer in (15, 16):
+            text = text.replace(f'"{layer}"', f'"{layer - by}"')
+        summary = json.loads(text)
+        summary["layers"] = [15 - by, 16 - by]
+        return summary
+
+    out, results = tmp_path / "outputs", tmp_path / "results"
+    for part, by in (("norm_map", 0), ("norm_map_12_14", 3)):
+        for seed in range(3):
+            folder = out / part / "analysis" / f"sae_seed_{seed}"
+            folder.mkdir(parents=True)
+            (folder / "summary.json").write_text(json.dumps(shifted(seed, by)))
+    tables.copy_norm(out, results)
+    table = json.loads((results / tables.NORM).read_text())
+    assert table["layers"] == [12, 13, 15, 16] and set(table["cells"]["hi"]) == {"12", "13", "15", "16"}
+    assert table["cells"]["hi"]["12"] == table["cells"]["hi"]["15"] and table["targets"]["0"] == {
+        "12": 10.0, "13": 12.0, "15": 10.0, "16": 12.0}
+    assert tables.norm_counts(results=results) == {"beyond the scale": 2, "scale": 2, "mixed": 2}
+    one = tables.extract_norm_matched({s: shifted(s, 0) for s in range(3)})
+    with pytest.raises(ValueError, match="cover layers"):
+        tables.merge_norm_matched([one, one])

@@ -18,6 +18,8 @@
 #   depth_map    task=analyze at DEPTH_LAYERS with those SAEs, the same 204 sentences and seeds; tables.py takes these
 #                layers from it and every other layer from the map (`tables.py copy depth`)
 #   norm_map     task=analyze analysis.norm_matched=true at layers 15-17 with the depth SAEs (scale or features?)
+#   rest_saes    the first run's SAEs at layers 12-14 trained again (3 seeds), for
+#   norm_rest    the same norm-matched analysis at layers 12-14
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
@@ -61,6 +63,14 @@ NORM_LAYERS="layers=[15,16,17]"
 part_norm_map() {
   timed norm_map $MAP $NORM_LAYERS analysis.norm_matched=true sae=local \
     "sae.path_template=$OUT/saes_balanced_depth/saes" "sae.seeds=[0,1,2]"
+}
+# The rest of the deep band (12-14): their first-run SAEs are trained again (same recipe, data and seeds: real_small
+# has no per-depth entry there), then analysed with the norm-matched pass; tables.py merges both parts.
+REST_LAYERS="layers=[12,13,14]"
+part_rest_saes() { timed saes_balanced_12_14 task=train_saes $M $LANGS $REST_LAYERS $SEEDS sae_train.lang_mix=balanced; }
+part_norm_rest() {
+  timed norm_map_12_14 $MAP $REST_LAYERS analysis.norm_matched=true sae=local \
+    "sae.path_template=$OUT/saes_balanced_12_14/saes" "sae.seeds=[0,1,2]"
 }
 
 parts=("$@")

@@ -884,7 +884,9 @@ def part_minutes(name: str, results: Path = RESULTS) -> str:
 
 NORM = "norm_map/norm_matched.json"
 """Written by `copy norm` from run.sh's norm_map part (each seed's summary.json, `extract_norm_matched`)."""
-NORM_PART = "norm_map"
+NORM_PARTS = ("norm_map", "norm_map_12_14")
+"""run.sh's norm-matched analysis parts (layers 15-17 with the depth re-run's SAEs; 12-14 with the first run's SAEs
+trained again); `copy norm` merges those that finished."""
 
 
 def extract_norm_matched(summaries: dict[int, dict]) -> dict:
@@ -911,17 +913,39 @@ def extract_norm_matched(summaries: dict[int, dict]) -> dict:
             "targets": {str(s): summaries[s]["norm_matched_target"] for s in seeds}, "cells": cells}
 
 
+def merge_norm_matched(parts: list[dict]) -> dict:
+    """Several `extract_norm_matched` tables over other layers, on the same seeds, sentences, languages and metric,
+    as one (layers in order)."""
+    merged = json.loads(json.dumps(parts[0]))
+    for part in parts[1:]:
+        for key in ("seeds", "reference_lang", "metric", "langs", "n_sentences", "bootstrap", "centre"):
+            if part[key] != merged[key]:
+                raise ValueError(f"the norm-matched parts differ in {key}: {part[key]!r} vs {merged[key]!r}")
+        if set(part["layers"]) & set(merged["layers"]):
+            raise ValueError(f"two norm-matched parts cover layers {sorted(set(part['layers']) & set(merged['layers']))}")
+        merged["layers"] = sorted(merged["layers"] + part["layers"])
+        for lang in merged["langs"]:
+            merged["cells"][lang].update(part["cells"][lang])
+        for seed, targets in part["targets"].items():
+            merged["targets"][seed].update(targets)
+    return merged
+
+
 def copy_norm(out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
-    """`NORM` from the norm_map part's per-seed summaries; writes nothing if they are missing."""
-    summaries = _seed_summaries(out, NORM_PART)
-    if not summaries:
-        raise FileNotFoundError(f"not there (has run.sh norm_map finished?): {Path(out) / NORM_PART}/analysis/"
+    """`NORM` from the finished norm-matched parts' per-seed summaries (`NORM_PARTS`, merged); writes nothing if none
+    finished."""
+    parts = []
+    for part in NORM_PARTS:
+        summaries = _seed_summaries(out, part)
+        if summaries:
+            parts.append(extract_norm_matched({int(path.parent.name.rsplit("_", 1)[1]): json.loads(path.read_text())
+                                               for path in summaries}))
+    if not parts:
+        raise FileNotFoundError(f"not there (has run.sh norm_map finished?): {Path(out) / NORM_PARTS[0]}/analysis/"
                                 "sae_seed_<s>/summary.json")
-    table = extract_norm_matched({int(path.parent.name.rsplit("_", 1)[1]): json.loads(path.read_text())
-                                  for path in summaries})
     target = Path(results) / NORM
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(table, indent=1) + "\n")
+    target.write_text(json.dumps(merge_norm_matched(parts), indent=1) + "\n")
     return [target]
 
 
