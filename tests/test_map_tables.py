@@ -430,3 +430,22 @@ def test_norm_matched_parts_over_other_layers_merge_and_overlapping_ones_do_not(
     one = tables.extract_norm_matched({s: shifted(s, 0) for s in range(3)})
     with pytest.raises(ValueError, match="cover layers"):
         tables.merge_norm_matched([one, one])
+
+
+def test_the_sae_check_of_layers_trained_again_counts_bar_misses_and_the_largest_fvu_gap(tables, tmp_path):
+    results = _build(tmp_path, tables)
+    first = json.loads((results / "saes_balanced" / "fidelity.json").read_text())
+    again = {layer: json.loads(json.dumps(first[layer])) for layer in ("12", "13", "14")}
+    for layer, row in again.items():
+        for seed, record in row["seeds"].items():
+            record["fvu"] += 0.0007 if (layer, seed) == ("13", "2") else -0.0002
+    (results / tables.REST_SAES).mkdir()
+    (results / tables.REST_SAES / "fidelity.json").write_text(json.dumps(again))
+    # _write_saes gives Hindi FVU 0.5 outside the mix layers: every one of the 9 misses the bar.
+    assert tables.rest_saes_check(results) == ("the 9 SAEs trained again at layers 12, 13, 14: 9 miss the bar, pooled "
+                                               "FVU within 0.0007 of the first run's SAEs of the same layer and seed")
+    for row in again.values():
+        for record in row["seeds"].values():
+            record["per_lang"]["hi"]["fvu"] = 0.2
+    (results / tables.REST_SAES / "fidelity.json").write_text(json.dumps(again))
+    assert "9 SAEs trained again at layers 12, 13, 14: all meet the bar" in tables.rest_saes_check(results)

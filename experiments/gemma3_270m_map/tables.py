@@ -946,7 +946,32 @@ def copy_norm(out: Path = OUTPUTS, results: Path = RESULTS) -> list[Path]:
     target = Path(results) / NORM
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(merge_norm_matched(parts), indent=1) + "\n")
-    return [target]
+    written = [target]
+    for file in ("fidelity.json", "train_data.json"):  # the SAEs trained again for layers 12-14, where they exist
+        source = Path(out) / REST_SAES / "saes" / file
+        if source.exists():
+            copied = Path(results) / REST_SAES / file
+            copied.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, copied)
+            written.append(copied)
+    return written
+
+
+REST_SAES = "saes_balanced_12_14"
+"""run.sh's rest_saes part: the first run's SAEs at layers 12-14 trained again (same recipe, data and seeds)."""
+
+
+def rest_saes_check(results: Path = RESULTS) -> str:
+    """One clause: whether the SAEs trained again at layers 12-14 meet issue 27's bar, and how far their pooled FVU
+    lies from the first run's SAEs' (same recipe, data and seeds; another CPU's rounding)."""
+    again = json.loads((Path(results) / REST_SAES / "fidelity.json").read_text())
+    first = fidelity("balanced", results, merged=False)
+    records = [(layer, seed, record) for layer, row in again.items() for seed, record in row["seeds"].items()]
+    misses = sum(bool(_bar_misses(record)) for _, _, record in records)
+    gap = max(abs(record["fvu"] - first[layer]["seeds"][seed]["fvu"]) for layer, seed, record in records)
+    bar = "all meet the bar" if not misses else f"{misses} miss the bar"
+    return (f"the {len(records)} SAEs trained again at layers {', '.join(sorted(again, key=int))}: {bar}, pooled "
+            f"FVU within {gap:.4f} of the first run's SAEs of the same layer and seed")
 
 
 def norm_verdict(cell: dict) -> str | None:
