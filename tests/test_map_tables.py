@@ -357,7 +357,7 @@ NORM_PLANTED = {  # (lang, layer): per seed (raw, norm-matched, its CI half-widt
     ("hi", 15): [(-40.0, -30.0, 2.0)] * 3,                                    # beyond the scale
     ("hi", 16): [(-40.0, -2.0, 3.0)] * 3,                                     # scale: every CI reaches 0
     ("ml", 15): [(-40.0, -30.0, 2.0), (-40.0, -30.0, 2.0), (-40.0, -10.0, 2.0)],  # mixed: one seed under half
-    ("ml", 16): [(5.0, 4.0, 1.0)] * 3,                                        # no deficit
+    ("ml", 16): [(5.0, -4.0, 1.0)] * 3,                                       # no raw deficit, a norm-matched one
     ("es", 15): [(-10.0, -9.0, 1.0)] * 3,                                     # high resource: not the tier's
     ("es", 16): [(-10.0, -9.0, 1.0)] * 3,
 }
@@ -399,11 +399,21 @@ def test_norm_matched_verdicts_counts_and_sentence_follow_the_rule(tables, tmp_p
     sentence = tables.norm_summary(results)
     assert "of the 3 medium-to-low resource deficits (ml, hi;" in sentence
     assert "1 are beyond the scale" in sentence and "1 are scale" in sentence and "1 mixed" in sentence
-    # Means over languages, layers and seeds: raw (-40 x 3 + 5) / 4; norm-matched (-30 - 2 - 70/3 + 4) / 4.
-    assert "-28.8% raw and -12.8% norm-matched (3 SAE seeds, 204 sentences)" in sentence
+    # Means over languages, layers and seeds: raw (-40 x 3 + 5) / 4; norm-matched (-30 - 2 - 70/3 - 4) / 4.
+    assert "-28.8% raw and -14.8% norm-matched (3 SAE seeds, 204 sentences)" in sentence
     rows = tables.norm_table(results).splitlines()
     assert "| ml | medium_low | 15 | -40.0% | -23.3% (-32.0 to -8.0) | -20.0% | mixed |" in rows
     assert "| es | high | 15 | -10.0% | -9.0% (-10.0 to -8.0) | -20.0% | beyond the scale |" in rows
+    assert tables.norm_hidden("ml,es", results) == "1 of 1 cells (-4.0 to -4.0%)"
+    assert tables.norm_hidden("hi,es", results) == "0 of 0 cells"
+    # The map's answer names what the norm-matched run measured, and the deep band's layers it did not.
+    mapped = _build(tmp_path / "map", tables)
+    tables.copy_norm(out, mapped)
+    text = tables.answer(mapped)
+    assert text.endswith("measured with the centred, norm-matched disparity at layers 15-16, 1 of the tier's 3 deficits "
+                         "there are beyond the scale, i.e. in the residual's direction (1 mixed, 1 scale alone; the "
+                         "tier's mean there -28.8% raw, -14.8% norm-matched); layers 12, 13, 14, 17 of the deep band "
+                         "were not measured this way")
 
 
 def test_norm_matched_parts_over_other_layers_merge_and_overlapping_ones_do_not(tables, tmp_path):

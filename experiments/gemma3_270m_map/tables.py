@@ -517,10 +517,19 @@ def answer(results: Path = RESULTS) -> str:
         table = _load(NORM, results)
         counts = norm_counts(results=results)
         layers = f"{min(table['layers'])}-{max(table['layers'])}"
+        langs = [lang for lang in table["langs"] if _tier(lang) == STUDY_TIER]
+        cells = [table["cells"][lang][str(layer)] for lang in langs for layer in table["layers"]]
+        raw = statistics.mean(_seed_mean_of(cell, "raw") for cell in cells)
+        matched = statistics.mean(_seed_mean_of(cell, "norm_matched") for cell in cells)
         text += (f"; measured with the centred, norm-matched disparity at layers {layers}, {counts['beyond the scale']} of "
-                 f"the tier's {sum(counts.values())} deficits there are beyond the scale ({counts['mixed']} mixed, "
-                 f"{counts['scale']} scale alone), so there the gap is in the residual's direction; the band's other "
-                 "layers were not measured this way")
+                 f"the tier's {sum(counts.values())} deficits there are beyond the scale, i.e. in the residual's "
+                 f"direction ({counts['mixed']} mixed, {counts['scale']} scale alone; the tier's mean there "
+                 f"{raw:+.1f}% raw, {matched:+.1f}% norm-matched)")
+        measured = [band for band, band_layers in spread["bands"].items() if set(band_layers) & set(table["layers"])]
+        missing = sorted({layer for band in measured for layer in spread["bands"][band]} - set(table["layers"]))
+        if missing:
+            text += (f"; layers {', '.join(map(str, missing))} of the {' and '.join(measured)} band were not measured "
+                     "this way")
     return text
 
 
@@ -1031,6 +1040,26 @@ def norm_span(langs: str, key: str = "norm_matched", results: Path = RESULTS, la
     wanted = layers.split(",") if layers else [str(layer) for layer in table["layers"]]
     values = [_seed_mean_of(table["cells"][lang][layer], key) for lang in langs.split(",") for layer in wanted]
     return f"{min(values):+.1f} to {max(values):+.1f}"
+
+
+def norm_hidden(langs: str, results: Path = RESULTS) -> str:
+    """How many of `langs`' (comma-separated) cells have no raw deficit under every seed yet a norm-matched one
+    (every seed's CI below 0), and the range of those norm-matched disparities: "k of n cells (a to b%)"."""
+    table = _load(NORM, results)
+    cells = [table["cells"][lang][str(layer)] for lang in langs.split(",") for layer in table["layers"]]
+    no_raw = [cell for cell in cells if norm_verdict(cell) is None]
+    hidden = [cell for cell in no_raw if all(r["norm_matched_ci"][1] < 0 for r in cell.values())]
+    values = [_seed_mean_of(cell, "norm_matched") for cell in hidden]
+    span = f" ({min(values):+.1f} to {max(values):+.1f}%)" if values else ""
+    return f"{len(hidden)} of {len(no_raw)} cells{span}"
+
+
+def norm_cells_with(verdict: str, langs: str, results: Path = RESULTS) -> str:
+    """The cells of `langs` (comma-separated) the rule gives `verdict`, e.g. "mr 12, hi 15" ("none" if none)."""
+    table = _load(NORM, results)
+    cells = [f"{lang} {layer}" for lang in langs.split(",") for layer in table["layers"]
+             if norm_verdict(table["cells"][lang][str(layer)]) == verdict]
+    return ", ".join(cells) or "none"
 
 
 def norm_table(results: Path = RESULTS) -> str:
