@@ -73,8 +73,10 @@ class NormMatchedSAE(nn.Module):
         return self.sae.W_dec.dtype
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        centre = self.sae.b_dec.to(x.dtype)
-        return self.sae.encode(norm_matched(x, self.target_norm, centre).to(self.sae.W_dec.dtype))
+        # In float32 whatever the model's dtype: a bf16 norm of a residual whose constant part is thousands wide
+        # would round the small centred part away.
+        rescaled = norm_matched(x.float(), self.target_norm, self.sae.b_dec.float())
+        return self.sae.encode(rescaled.to(self.sae.W_dec.dtype))
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         return self.sae.decode(feature_acts)

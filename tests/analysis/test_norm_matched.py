@@ -128,3 +128,12 @@ def test_without_the_pass_the_keys_are_null(languages):
     summary = summarize({lang: {0: sums_of(x, sae)} for lang, x in langs.items()}, "en",
                         AnalysisConfig(bootstrap=0, max_fvu=None))
     assert summary["disparity_pct_norm_matched"] is None and summary["norm_matched_target"] is None
+
+
+def test_a_bf16_residual_is_rescaled_in_float32(languages):
+    centre, langs = languages
+    sae = one_feature_sae(centre)
+    wrapped = NormMatchedSAE(sae, 2.0)
+    x = langs["en"][:10]
+    expected = sae.encode(norm_matched(x.bfloat16().float(), 2.0, centre))
+    torch.testing.assert_close(wrapped.encode(x.bfloat16()), expected)
