@@ -517,10 +517,7 @@ def answer(results: Path = RESULTS) -> str:
         table = _load(NORM, results)
         counts = norm_counts(results=results)
         layers = f"{min(table['layers'])}-{max(table['layers'])}"
-        langs = [lang for lang in table["langs"] if _tier(lang) == STUDY_TIER]
-        cells = [table["cells"][lang][str(layer)] for lang in langs for layer in table["layers"]]
-        raw = statistics.mean(_seed_mean_of(cell, "raw") for cell in cells)
-        matched = statistics.mean(_seed_mean_of(cell, "norm_matched") for cell in cells)
+        raw, matched = norm_tier_means(results)
         text += (f"; measured with the centred, norm-matched disparity at layers {layers}, {counts['beyond the scale']} of "
                  f"the tier's {sum(counts.values())} deficits there are beyond the scale, i.e. in the residual's "
                  f"direction ({counts['mixed']} mixed, {counts['scale']} scale alone; the tier's mean there "
@@ -999,6 +996,7 @@ def norm_verdict(cell: dict) -> str | None:
 
 
 def _seed_mean_of(cell: dict, key: str) -> float:
+    """The mean over seeds of one key of a norm_matched.json cell ({seed: record})."""
     return statistics.mean(r[key] for r in cell.values())
 
 
@@ -1015,17 +1013,23 @@ def norm_counts(tier: str = STUDY_TIER, results: Path = RESULTS) -> dict[str, in
     return counts
 
 
+def norm_tier_means(results: Path = RESULTS, tier: str = STUDY_TIER) -> tuple[float, float]:
+    """(raw, norm-matched): the tier's mean disparity at the norm_map layers, over languages, layers and seeds."""
+    table = _load(NORM, results)
+    cells = [table["cells"][lang][str(layer)] for lang in table["langs"] if _tier(lang) == tier
+             for layer in table["layers"]]
+    return tuple(statistics.mean(_seed_mean_of(cell, key) for cell in cells) for key in ("raw", "norm_matched"))
+
+
 def norm_summary(results: Path = RESULTS, tier: str = STUDY_TIER) -> str:
     """One sentence: the tier's deficits at the norm_map layers by verdict, and its mean raw and norm-matched
     disparity there (means over languages, layers and seeds)."""
     table = _load(NORM, results)
     langs = [lang for lang in table["langs"] if _tier(lang) == tier]
-    cells = [table["cells"][lang][str(layer)] for lang in langs for layer in table["layers"]]
     counts = norm_counts(tier, results)
     n = sum(counts.values())
     layers = ", ".join(map(str, table["layers"]))
-    raw = statistics.mean(_seed_mean_of(cell, "raw") for cell in cells)
-    matched = statistics.mean(_seed_mean_of(cell, "norm_matched") for cell in cells)
+    raw, matched = norm_tier_means(results, tier)
     return (f"at layers {layers}, of the {n} medium-to-low resource deficits ({', '.join(langs)}; every SAE seed's "
             f"disparity negative), {counts['beyond the scale']} are beyond the scale (norm-matched still a deficit under"
             f" every seed, CI below 0, at least half the raw), {counts['scale']} are scale (norm-matched CI reaching 0 "
